@@ -1,0 +1,2 @@
+//! Test and demo infrastructure: a local Kubernetes control plane and the end-to-end tests.
+//! Real users run real clusters; nothing in the product depends on this crate.

@@ -1,0 +1,125 @@
+//! The Starling API: custom resources in group `starling.dev`, version `v1alpha1`.
+//!
+//! These types are the single source of the CRD YAML under `crds/` (see [`crate::crdgen`]).
+//! Everything a schema can say (types, ranges, enums, defaults, simple cross-field CEL rules)
+//! is said here so the API server rejects bad objects at `kubectl apply` time; what a schema
+//! cannot say lives in [`validation`].
+
+// Each `printcolumn(...)` in a `#[kube]` attribute repeats keys like `type_`; that is the
+// derive's syntax, not a mistake.
+#![allow(clippy::duplicated_attributes)]
+
+mod member_cluster;
+mod model;
+mod trainer_group;
+mod training_run;
+pub mod validation;
+
+use std::fmt;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use member_cluster::{
+    Bandwidth, GpuCapacity, MemberCluster, MemberClusterSpec, MemberClusterStatus, Tier,
+};
+pub use model::{LlamaConfig, ModelPreset};
+pub use trainer_group::{
+    PodState, RunReference, TrainerGroup, TrainerGroupSpec, TrainerGroupStatus, TrainerPodTemplate,
+};
+pub use training_run::{
+    AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
+    CorpusSource, DataSpec, HubPublishSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState,
+    PeerStatus, PeersSpec, Phase, PlacementSpec, ScheduleSpec, ScoringSpec, TrainingRun,
+    TrainingRunSpec, TrainingRunStatus, ValueBits,
+};
+
+/// API group of every Starling resource.
+pub const GROUP: &str = "starling.dev";
+/// The one served (and stored) version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Every Starling CRD, in a stable order (the order `crdgen` writes and tests check).
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![
+        MemberCluster::crd(),
+        TrainingRun::crd(),
+        TrainerGroup::crd(),
+    ]
+}
+
+/// Identity of one trainer peer within a run, e.g. `p0`, `p1`.
+///
+/// Peers are numbered once, when the run is placed, and keep their id when re-placed on
+/// another member: the id (not the pod) owns the data slice, the credential and the rating.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(try_from = "String", into = "String")]
+pub struct PeerId(u32);
+
+impl PeerId {
+    pub fn new(index: u32) -> Self {
+        Self(index)
+    }
+
+    pub fn index(&self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+impl TryFrom<String> for PeerId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.strip_prefix('p')
+            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()) && (*d == "0" || !d.starts_with('0')))
+            .and_then(|digits| digits.parse().ok())
+            .map(PeerId)
+            .ok_or_else(|| format!("invalid peer id {s:?}: expected `p` followed by a number"))
+    }
+}
+
+impl From<PeerId> for String {
+    fn from(id: PeerId) -> Self {
+        id.to_string()
+    }
+}
+
+impl JsonSchema for PeerId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PeerId".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^p(0|[1-9][0-9]*)$",
+            "description": "Peer id within a run: `p` followed by its index, e.g. `p0`."
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_round_trips_through_its_string_form() {
+        let id: PeerId = serde_json::from_str("\"p12\"").unwrap();
+        assert_eq!(id.index(), 12);
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"p12\"");
+        for bad in ["\"12\"", "\"p\"", "\"p+1\"", "\"q1\"", "\"p-1\"", "\"p01\""] {
+            assert!(
+                serde_json::from_str::<PeerId>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}

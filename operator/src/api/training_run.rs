@@ -1,0 +1,684 @@
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, SecretKeySelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{LlamaConfig, ModelPreset, PeerId, Tier};
+
+/// One federated training run: a model, its data, the round schedule, and how peers are
+/// compressed, placed, scored and checkpointed.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "starling.dev",
+    version = "v1alpha1",
+    kind = "TrainingRun",
+    namespaced,
+    shortname = "tr",
+    category = "starling",
+    status = "TrainingRunStatus",
+    derive = "PartialEq",
+    doc = "A federated SparseLoCo training run over Starling member clusters.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Round", type_ = "integer", json_path = ".status.round"),
+    printcolumn(
+        name = "Peers",
+        type_ = "integer",
+        description = "Peers currently training",
+        json_path = ".status.activePeers"
+    ),
+    printcolumn(name = "Loss", type_ = "number", json_path = ".status.lastLoss"),
+    printcolumn(
+        name = "Ratio",
+        type_ = "number",
+        description = "Dense fp32 bytes / bytes sent on the wire",
+        json_path = ".status.compressionRatio"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingRunSpec {
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+    #[serde(default)]
+    pub compression: CompressionSpec,
+    pub peers: PeersSpec,
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    #[serde(default)]
+    pub scoring: ScoringSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// Seeds initialisation and every peer's data assignment, so evaluators can recompute
+    /// exactly what each peer should have trained on.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// The architecture: a preset, or an explicit config. Exactly one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.preset) != has(self.config)").message("set exactly one of preset and config"))]
+pub struct ModelSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<ModelPreset>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<LlamaConfig>,
+    /// Start from published weights instead of a random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<HubRef>,
+}
+
+/// A repository on the Hugging Face Hub at a revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HubRef {
+    /// `owner/name`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub repo_id: String,
+    /// Branch, tag or commit.
+    #[serde(default = "default_revision")]
+    #[schemars(length(min = 1))]
+    pub revision: String,
+}
+
+fn default_revision() -> String {
+    "main".into()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataSpec {
+    pub corpus: CorpusSource,
+    /// `bytes` (built in, 256 tokens) or the repo id of a Hub `tokenizer.json`.
+    #[serde(default = "default_tokenizer")]
+    #[schemars(regex(
+        pattern = r"^(bytes|[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)$"
+    ))]
+    pub tokenizer: String,
+    /// Tokens per training sequence.
+    #[serde(default = "default_sequence_length")]
+    #[schemars(range(min = 8, max = 131072))]
+    pub sequence_length: u32,
+}
+
+fn default_tokenizer() -> String {
+    "bytes".into()
+}
+
+fn default_sequence_length() -> u32 {
+    128
+}
+
+impl DataSpec {
+    /// The vocabulary the tokenizer implies, when it is known without fetching anything.
+    pub fn builtin_vocab_size(&self) -> Option<u32> {
+        (self.tokenizer == "bytes").then_some(256)
+    }
+}
+
+/// Where the training text comes from. Exactly one.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("[has(self.builtin), has(self.path), has(self.hubDataset)].filter(x, x).size() == 1").message("set exactly one of builtin, path and hubDataset"))]
+pub struct CorpusSource {
+    /// A corpus shipped inside the trainer image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinCorpus>,
+    /// A file or directory of UTF-8 text inside the trainer pod (e.g. a mounted volume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub path: Option<String>,
+    /// A dataset repository on the Hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_dataset: Option<HubRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BuiltinCorpus {
+    /// 36 public-domain plays; a few are held out for validation.
+    Shakespeare,
+}
+
+/// The round schedule: `outerRounds` rounds of `innerSteps` local AdamW steps each.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    #[serde(default = "default_outer_rounds")]
+    #[schemars(range(min = 1))]
+    pub outer_rounds: u32,
+    /// Local optimiser steps per round (H in DiLoCo).
+    #[serde(default = "default_inner_steps")]
+    #[schemars(range(min = 1))]
+    pub inner_steps: u32,
+    /// Sequences per inner step on each peer.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1))]
+    pub batch_size: u32,
+    /// Sequences per forward/backward pass; gradients accumulate up to `batchSize`.
+    /// Unset means the whole batch at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub micro_batch_size: Option<u32>,
+    #[serde(default)]
+    pub inner_optimizer: AdamWSpec,
+    /// Outer learning rate α in θ ← θ − α·mean(Δ).
+    #[serde(default = "default_outer_lr")]
+    #[schemars(range(min = 0.0))]
+    pub outer_lr: f64,
+}
+
+fn default_outer_rounds() -> u32 {
+    20
+}
+fn default_inner_steps() -> u32 {
+    30
+}
+fn default_batch_size() -> u32 {
+    8
+}
+fn default_outer_lr() -> f64 {
+    1.0
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            outer_rounds: default_outer_rounds(),
+            inner_steps: default_inner_steps(),
+            batch_size: default_batch_size(),
+            micro_batch_size: None,
+            inner_optimizer: AdamWSpec::default(),
+            outer_lr: default_outer_lr(),
+        }
+    }
+}
+
+/// The inner optimiser: AdamW with linear warmup then cosine decay.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdamWSpec {
+    #[serde(default = "default_lr")]
+    #[schemars(range(min = 0.0))]
+    pub lr: f64,
+    #[serde(default = "default_beta1")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta2: f64,
+    #[serde(default = "default_weight_decay")]
+    #[schemars(range(min = 0.0))]
+    pub weight_decay: f64,
+    /// Inner steps of linear warmup, counted over the whole run.
+    #[serde(default = "default_warmup_steps")]
+    pub warmup_steps: u32,
+    /// Clip the global gradient norm to this value; unset means no clipping.
+    #[serde(default = "default_grad_clip", skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub grad_clip: Option<f64>,
+}
+
+fn default_lr() -> f64 {
+    1e-3
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_warmup_steps() -> u32 {
+    50
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+
+impl Default for AdamWSpec {
+    fn default() -> Self {
+        Self {
+            lr: default_lr(),
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            weight_decay: default_weight_decay(),
+            warmup_steps: default_warmup_steps(),
+            grad_clip: default_grad_clip(),
+        }
+    }
+}
+
+/// How peers' pseudo-gradients travel: SparseLoCo by default, or a dense baseline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.density) && has(self.kPerChunk))").message("set at most one of density and kPerChunk"))]
+pub struct CompressionSpec {
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Elements per chunk; top-k is taken within each chunk.
+    #[serde(default = "default_chunk_size")]
+    #[schemars(range(min = 64, max = 1048576))]
+    pub chunk_size: u32,
+    /// Fraction of each chunk to send (e.g. 0.0156 = 64 of 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub density: Option<f64>,
+    /// Entries to send per chunk. If neither this nor `density` is set, 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub k_per_chunk: Option<u32>,
+    #[serde(default)]
+    pub value_bits: ValueBits,
+    /// Error-feedback decay β in e ← β·e + Δ.
+    #[serde(default = "default_error_feedback_decay")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub error_feedback_decay: f64,
+}
+
+fn default_chunk_size() -> u32 {
+    4096
+}
+fn default_error_feedback_decay() -> f64 {
+    0.95
+}
+
+/// Entries per chunk when neither `density` nor `kPerChunk` is given.
+pub const DEFAULT_K_PER_CHUNK: u32 = 64;
+
+impl CompressionSpec {
+    /// Entries kept per chunk, resolving `density` against the chunk size (at least 1).
+    pub fn k(&self) -> u32 {
+        match (self.k_per_chunk, self.density) {
+            (Some(k), _) => k,
+            (None, Some(d)) => ((d * f64::from(self.chunk_size)).round() as u32).max(1),
+            (None, None) => DEFAULT_K_PER_CHUNK,
+        }
+    }
+}
+
+impl Default for CompressionSpec {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::default(),
+            chunk_size: default_chunk_size(),
+            density: None,
+            k_per_chunk: None,
+            value_bits: ValueBits::default(),
+            error_feedback_decay: default_error_feedback_decay(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Algorithm {
+    /// Chunked top-k + low-bit values + error feedback (the default).
+    #[default]
+    #[serde(rename = "sparseloco")]
+    SparseLoCo,
+    /// Dense pseudo-gradients with Nesterov outer momentum: a baseline.
+    #[serde(rename = "diloco")]
+    DiLoCo,
+    /// Dense gradient averaging every inner step: the data-parallel baseline.
+    #[serde(rename = "ddp")]
+    Ddp,
+}
+
+/// Bits per transmitted value: 2, 4 or 8.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum ValueBits {
+    #[default]
+    Two,
+    Four,
+    Eight,
+}
+
+impl ValueBits {
+    pub fn bits(self) -> u8 {
+        match self {
+            ValueBits::Two => 2,
+            ValueBits::Four => 4,
+            ValueBits::Eight => 8,
+        }
+    }
+}
+
+impl TryFrom<u8> for ValueBits {
+    type Error = String;
+
+    fn try_from(bits: u8) -> Result<Self, Self::Error> {
+        match bits {
+            2 => Ok(ValueBits::Two),
+            4 => Ok(ValueBits::Four),
+            8 => Ok(ValueBits::Eight),
+            other => Err(format!("valueBits must be 2, 4 or 8, not {other}")),
+        }
+    }
+}
+
+impl From<ValueBits> for u8 {
+    fn from(bits: ValueBits) -> u8 {
+        bits.bits()
+    }
+}
+
+impl JsonSchema for ValueBits {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ValueBits".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "integer",
+            "enum": [2, 4, 8],
+            "default": 2,
+            "description": "Bits per transmitted value."
+        })
+    }
+}
+
+/// How many trainer peers, and what each one gets.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.min <= self.max").message("min must not exceed max"))]
+pub struct PeersSpec {
+    /// Below this many live peers the run stops making progress (and is `Degraded`).
+    #[schemars(range(min = 1))]
+    pub min: u32,
+    #[schemars(range(min = 1, max = 1024))]
+    pub max: u32,
+    /// Per-peer resources, e.g. `limits: {nvidia.com/gpu: 1}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Trainer image; defaults to the release matching the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+}
+
+/// Where peers may run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Matches `MemberCluster.spec.labels`; unset selects every member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_selector: Option<LabelSelector>,
+    #[serde(default = "default_tiers")]
+    #[schemars(length(min = 1))]
+    pub tiers: Vec<Tier>,
+    /// Caps how many of this run's peers one member hosts, limiting what one member
+    /// going dark can take with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_peers_per_member: Option<u32>,
+    /// Members declaring less upload bandwidth than this are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_bandwidth_mbps: Option<u32>,
+    /// A round closes this long after it opens even if some peers have not sent.
+    #[serde(default = "default_round_deadline_seconds")]
+    #[schemars(range(min = 1))]
+    pub round_deadline_seconds: u32,
+}
+
+fn default_tiers() -> Vec<Tier> {
+    vec![Tier::Cloud, Tier::Home]
+}
+fn default_round_deadline_seconds() -> u32 {
+    300
+}
+
+impl Default for PlacementSpec {
+    fn default() -> Self {
+        Self {
+            member_selector: None,
+            tiers: default_tiers(),
+            max_peers_per_member: None,
+            min_bandwidth_mbps: None,
+            round_deadline_seconds: default_round_deadline_seconds(),
+        }
+    }
+}
+
+/// Gauntlet-style scoring: evaluators measure each update's effect on loss, scores feed
+/// OpenSkill ratings, ratings set peer weights.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScoringSpec {
+    /// Peers that also score the others' updates each round.
+    #[serde(default = "default_evaluators")]
+    #[schemars(range(min = 0))]
+    pub evaluators: u32,
+    /// Batches per scored update (half from the peer's assigned slice, half random).
+    #[serde(default = "default_eval_batches")]
+    #[schemars(range(min = 1))]
+    pub eval_batches: u32,
+    #[serde(default)]
+    pub open_skill: OpenSkillSpec,
+    /// A peer whose mean score (loss before minus loss after applying its update alone)
+    /// is at or below this gets weight zero for the next round.
+    #[serde(default)]
+    pub exclusion_threshold: f64,
+}
+
+fn default_evaluators() -> u32 {
+    1
+}
+fn default_eval_batches() -> u32 {
+    4
+}
+
+impl Default for ScoringSpec {
+    fn default() -> Self {
+        Self {
+            evaluators: default_evaluators(),
+            eval_batches: default_eval_batches(),
+            open_skill: OpenSkillSpec::default(),
+            exclusion_threshold: 0.0,
+        }
+    }
+}
+
+/// Weng-Lin (OpenSkill) rating parameters; the defaults are OpenSkill's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenSkillSpec {
+    #[serde(default = "default_mu")]
+    pub mu: f64,
+    #[serde(default = "default_sigma")]
+    #[schemars(range(min = 0.0))]
+    pub sigma: f64,
+    #[serde(default = "default_beta")]
+    #[schemars(range(min = 0.0))]
+    pub beta: f64,
+    /// Additive dynamics: keeps ratings able to move as peers change over time.
+    #[serde(default = "default_tau")]
+    #[schemars(range(min = 0.0))]
+    pub tau: f64,
+}
+
+fn default_mu() -> f64 {
+    25.0
+}
+fn default_sigma() -> f64 {
+    25.0 / 3.0
+}
+fn default_beta() -> f64 {
+    25.0 / 6.0
+}
+fn default_tau() -> f64 {
+    25.0 / 300.0
+}
+
+impl Default for OpenSkillSpec {
+    fn default() -> Self {
+        Self {
+            mu: default_mu(),
+            sigma: default_sigma(),
+            beta: default_beta(),
+            tau: default_tau(),
+        }
+    }
+}
+
+/// When to checkpoint, how many to keep, and where to publish.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointSpec {
+    /// Checkpoint every this many rounds, and always after the last one.
+    #[serde(default = "default_every_rounds")]
+    #[schemars(range(min = 1))]
+    pub every_rounds: u32,
+    #[serde(default = "default_keep_last")]
+    #[schemars(range(min = 1))]
+    pub keep_last: u32,
+    /// Publish each checkpoint to the Hugging Face Hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubPublishSpec>,
+}
+
+fn default_every_rounds() -> u32 {
+    5
+}
+fn default_keep_last() -> u32 {
+    3
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every_rounds: default_every_rounds(),
+            keep_last: default_keep_last(),
+            hub: None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HubPublishSpec {
+    /// `owner/name` of the model repository (created if missing).
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub repo_id: String,
+    /// Secret in the run's namespace holding a Hub token with write access.
+    pub token_secret_ref: SecretKeySelector,
+    #[serde(default)]
+    pub private: bool,
+}
+
+/// What the operator last observed of a run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingRunStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Last completed outer round (0 before the first completes).
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default)]
+    pub tokens_seen: u64,
+    /// Mean training loss of the peers over the last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_loss: Option<f64>,
+    /// Peers currently in state `Running`.
+    #[serde(default)]
+    pub active_peers: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Bytes of updates sent to the exchange by all peers.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes of updates fetched from the exchange by all peers.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Dense fp32 pseudo-gradient bytes divided by bytes sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_ratio: Option<f64>,
+    /// Hash of the newest ledger entry (hex SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_head: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Placing,
+    Running,
+    Publishing,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    /// A finished run: nothing more will happen to it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One row of the per-peer table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub id: PeerId,
+    /// Member cluster hosting the peer.
+    pub member: String,
+    pub state: PeerState,
+    /// OpenSkill ordinal (μ − 3σ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rating: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_score: Option<f64>,
+    /// Weight of this peer's update in the next aggregate (0 = excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PeerState {
+    Pending,
+    Running,
+    /// Its member went dark or its pod failed; it is being re-placed.
+    Lost,
+    /// Scored as harmful or copied; its updates carry no weight.
+    Excluded,
+    Finished,
+}
+
+/// A checkpoint the run wrote.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRecord {
+    pub round: u32,
+    /// Where the exchange keeps it.
+    pub location: String,
+    /// Commit on the Hub, once published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_commit: Option<String>,
+    pub time: Time,
+}

@@ -1,0 +1,2 @@
+//! The Starling trainer: the SparseLoCo codec, the model, data, the gRPC exchange and the
+//! `train` / `exchange` / `evaluate` roles.
