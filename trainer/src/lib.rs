@@ -1,2 +1,5 @@
 //! The Starling trainer: the SparseLoCo codec, the model, data, the gRPC exchange and the
 //! `train` / `exchange` / `evaluate` roles.
+
+pub mod bench;
+pub mod codec;
