@@ -1,0 +1,53 @@
+//! Training data: text → tokens → on-disk shards → each peer's deterministic slice.
+//!
+//! * [`Tokenizer`]: the built-in byte tokenizer (256 tokens).
+//! * [`Corpus`]: the text, split into training and held-out validation documents; the
+//!   built-in Shakespeare corpus is embedded in the binary.
+//! * [`Shards`]: the tokenised corpus, written to disk once and reopened afterwards.
+//! * [`Assignment`]: which training windows a peer trains on in a round, a pure function
+//!   of (run seed, peer, round) so evaluators can recompute it exactly.
+
+mod assignment;
+mod corpus;
+mod shards;
+mod tokenizer;
+
+pub use assignment::{Assignment, Batch};
+pub use corpus::Corpus;
+pub use shards::Shards;
+pub use tokenizer::Tokenizer;
+
+use std::path::PathBuf;
+
+/// A token id.
+pub type Token = u32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("unsupported tokenizer {0:?}: only `bytes` is built in")]
+    UnsupportedTokenizer(String),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not UTF-8 text")]
+    NotText { path: PathBuf },
+    #[error("corpus at {path} has no {what} documents")]
+    Empty { path: PathBuf, what: &'static str },
+    #[error("token shard {path} is corrupt: {reason}")]
+    CorruptShard { path: PathBuf, reason: String },
+    #[error("{what}: need at least {needed} tokens, the corpus has {available}")]
+    TooSmall {
+        what: &'static str,
+        needed: u64,
+        available: u64,
+    },
+}
+
+impl DataError {
+    fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| DataError::Io { path, source }
+    }
+}
