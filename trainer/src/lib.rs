@@ -4,3 +4,4 @@
 pub mod bench;
 pub mod codec;
 pub mod data;
+pub mod model;

@@ -1,0 +1,160 @@
+use candle_core::{Tensor, Var, backprop::GradStore};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+use super::{Llama, ModelError};
+use crate::data::Batch;
+
+/// AdamW hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; `None` disables clipping.
+    pub grad_clip: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.1,
+            eps: 1e-8,
+            grad_clip: Some(1.0),
+        }
+    }
+}
+
+/// Linear warmup to `peak`, then cosine decay to `peak · floor` at `total` steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub peak: f64,
+    pub warmup: u64,
+    pub total: u64,
+    pub floor: f64,
+}
+
+impl LrSchedule {
+    pub fn at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.peak * (self.floor + (1.0 - self.floor) * cosine)
+    }
+}
+
+/// The inner loop's optimiser: one [`InnerOptimizer::step`] per batch, with gradient
+/// accumulation over micro-batches and global-norm clipping.
+pub struct InnerOptimizer {
+    adamw: AdamW,
+    vars: Vec<Var>,
+    config: AdamWConfig,
+    schedule: LrSchedule,
+    step: u64,
+}
+
+impl InnerOptimizer {
+    pub fn new(
+        model: &Llama,
+        config: AdamWConfig,
+        schedule: LrSchedule,
+    ) -> Result<Self, ModelError> {
+        let vars: Vec<Var> = model.params().iter().map(|(_, v)| v.clone()).collect();
+        let adamw = AdamW::new(
+            vars.clone(),
+            ParamsAdamW {
+                lr: schedule.at(0),
+                beta1: config.beta1,
+                beta2: config.beta2,
+                eps: config.eps,
+                weight_decay: config.weight_decay,
+            },
+        )?;
+        Ok(Self {
+            adamw,
+            vars,
+            config,
+            schedule,
+            step: 0,
+        })
+    }
+
+    /// Steps taken so far (the schedule's position).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One optimiser step on `batch`, forwarding `micro_rows` sequences at a time.
+    /// Returns the batch's mean loss. A non-finite loss is refused before any parameter
+    /// changes.
+    pub fn step(
+        &mut self,
+        model: &Llama,
+        batch: &Batch,
+        micro_rows: usize,
+    ) -> Result<f32, ModelError> {
+        let micro_rows = micro_rows.clamp(1, batch.rows.max(1));
+        let device = model.device();
+        let mut total: Option<GradStore> = None;
+        let mut loss_sum = 0.0f32;
+        for start in (0..batch.rows).step_by(micro_rows) {
+            let rows = micro_rows.min(batch.rows - start);
+            let span = start * batch.seq..(start + rows) * batch.seq;
+            let inputs =
+                Tensor::from_slice(&batch.inputs[span.clone()], (rows, batch.seq), device)?;
+            let targets = Tensor::from_slice(&batch.targets[span], (rows, batch.seq), device)?;
+            let loss = model.loss(&inputs, &targets)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(ModelError::Diverged(value));
+            }
+            loss_sum += value * rows as f32;
+            // Weight each micro-batch by its share of the rows: the sum is the batch mean.
+            let grads = (loss * (rows as f64 / batch.rows as f64))?.backward()?;
+            total = Some(match total {
+                None => grads,
+                Some(mut acc) => {
+                    for v in &self.vars {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let Some(mut grads) = total else {
+            return Ok(0.0);
+        };
+        if let Some(clip) = self.config.grad_clip {
+            let mut sq = 0.0f64;
+            for v in &self.vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+                }
+            }
+            let norm = sq.sqrt();
+            if norm > clip {
+                let scale = clip / norm;
+                for v in &self.vars {
+                    if let Some(g) = grads.remove(v.as_tensor()) {
+                        grads.insert(v.as_tensor(), (g * scale)?);
+                    }
+                }
+            }
+        }
+        self.adamw.set_learning_rate(self.schedule.at(self.step));
+        self.adamw.step(&grads)?;
+        self.step += 1;
+        Ok(loss_sum / batch.rows as f32)
+    }
+}
