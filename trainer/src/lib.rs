@@ -5,3 +5,6 @@ pub mod bench;
 pub mod codec;
 pub mod data;
 pub mod model;
+pub mod outer;
+#[cfg(test)]
+mod testing;

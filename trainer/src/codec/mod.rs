@@ -543,7 +543,8 @@ impl CodecError {
         }
     }
 
-    fn in_tensor(self, tensor: &str) -> Self {
+    /// Names the tensor an error concerns (unless it already names one).
+    pub fn in_tensor(self, tensor: &str) -> Self {
         match self {
             e @ (CodecError::InChunk { .. } | CodecError::InTensor { .. }) => e,
             e => CodecError::InTensor {

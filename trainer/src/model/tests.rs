@@ -1,22 +1,8 @@
 use candle_core::{Device, Tensor};
 
 use super::*;
-use crate::data::{Assignment, Corpus, Tokenizer};
-
-fn small() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 256,
-        hidden_size: 64,
-        intermediate_size: 176,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 128,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        tie_word_embeddings: true,
-    }
-}
+use crate::data::{Assignment, Tokenizer};
+use crate::testing::{loss_on, shakespeare, small_config as small};
 
 fn params_of(m: &Llama) -> Vec<Vec<f32>> {
     m.params()
@@ -102,22 +88,13 @@ fn an_untrained_model_predicts_uniformly_and_attention_is_causal() {
 /// Trains `steps` inner steps on Shakespeare; returns (initial, final) validation loss and
 /// the model.
 fn train_shakespeare(steps: u64, seed: u64) -> (f32, f32, Llama) {
-    let tok = Tokenizer::Bytes;
-    let corpus = Corpus::shakespeare();
-    let (train, validation) = (tok.encode(&corpus.train), tok.encode(&corpus.validation));
     let seq = 64;
     let batch_rows = 16;
+    let (train, val) = shakespeare(seq);
     let a = Assignment::new(seed, 1, batch_rows as u64 * steps, seq, train.len()).unwrap();
     let windows = a.peer_round(0, 0);
-    let val_a = Assignment::new(0, 1, 32, seq, validation.len()).unwrap();
-    let val = val_a.batch(&validation, &val_a.peer_round(0, 0));
     let m = Llama::new(small(), seed, &Device::Cpu).unwrap();
-    let val_loss = |m: &Llama| {
-        let x = Tensor::from_slice(&val.inputs, (val.rows, seq), &Device::Cpu).unwrap();
-        let y = Tensor::from_slice(&val.targets, (val.rows, seq), &Device::Cpu).unwrap();
-        m.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap()
-    };
-    let before = val_loss(&m);
+    let before = loss_on(&m, &val);
     let schedule = LrSchedule {
         peak: 3e-3,
         warmup: 10,
@@ -130,7 +107,7 @@ fn train_shakespeare(steps: u64, seed: u64) -> (f32, f32, Llama) {
         opt.step(&m, &batch, 8).unwrap();
     }
     assert_eq!(opt.steps(), steps);
-    (before, val_loss(&m), m)
+    (before, loss_on(&m, &val), m)
 }
 
 #[test]
