@@ -1,4 +1,5 @@
-//! One peer's side of a SparseLoCo round, independent of how updates travel.
+//! One peer's side of an outer round, independent of how updates travel: SparseLoCo
+//! ([`RoundState`]) and, as a baseline, dense DiLoCo ([`DilocoState`]).
 //!
 //! Every peer starts a round holding the same global parameters θ. After its inner steps
 //! it holds θᵢ; [`RoundState::make_update`] compresses the pseudo-gradient Δᵢ = θ − θᵢ with
@@ -11,6 +12,21 @@ use candle_core::Tensor;
 use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, aggregate};
 use crate::model::{Llama, ModelError};
 
+/// What a peer does at the end of its inner steps, and when a round closes.
+pub trait OuterLoop {
+    type Update;
+    /// This peer's update for the round, from the model after its inner steps.
+    fn make_update(&mut self, model: &Llama) -> Result<Self::Update, RoundError>;
+    /// Applies the round's accepted updates (same order on every peer) to the global θ
+    /// and writes it to the model.
+    fn apply(
+        &mut self,
+        model: &Llama,
+        updates: &[(&Self::Update, f32)],
+        outer_lr: f32,
+    ) -> Result<(), RoundError>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RoundError {
     #[error(transparent)]
@@ -22,12 +38,15 @@ pub enum RoundError {
         tensor: String,
         source: candle_core::Error,
     },
+    #[error("dense update: {0}")]
+    Dense(String),
 }
 
 /// A peer's state across rounds: the global θ of the current round and the error
 /// feedback of every tensor.
 pub struct RoundState {
     compressor: Compressor,
+    rule: AggregationRule,
     /// θ at the start of the round, per parameter (model order).
     global: Vec<Vec<f32>>,
     error_feedback: Vec<Vec<f32>>,
@@ -49,13 +68,50 @@ fn read(model: &Llama) -> Result<Vec<Vec<f32>>, RoundError> {
         .collect()
 }
 
+/// Writes `global` (model order) into the model's parameters.
+fn write(model: &Llama, global: &[Vec<f32>]) -> Result<(), RoundError> {
+    for ((name, var), values) in model.params().iter().zip(global) {
+        Tensor::from_slice(values, var.dims(), var.device())
+            .and_then(|t| var.set(&t))
+            .map_err(|source| RoundError::Tensor {
+                tensor: name.clone(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Pseudo-gradients θ − θᵢ of every tensor into `deltas`, all checked finite before any
+/// is used, so a diverged peer changes no state.
+fn pseudo_gradients<'a>(
+    model: &Llama,
+    global: &[Vec<f32>],
+    deltas: &'a mut Vec<Vec<f32>>,
+) -> Result<Vec<Finite<'a>>, RoundError> {
+    let local = read(model)?;
+    *deltas = local.iter().map(|l| vec![0.0; l.len()]).collect();
+    deltas
+        .iter_mut()
+        .zip(global.iter().zip(&local))
+        .zip(model.params())
+        .map(|((d, (g, l)), (name, _))| {
+            Finite::pseudo_gradient(g, l, d).map_err(|e| e.in_tensor(name).into())
+        })
+        .collect()
+}
+
 impl RoundState {
     /// Starts from the model's current parameters as the global θ.
-    pub fn new(model: &Llama, compressor: Compressor) -> Result<Self, RoundError> {
+    pub fn new(
+        model: &Llama,
+        compressor: Compressor,
+        rule: AggregationRule,
+    ) -> Result<Self, RoundError> {
         let global = read(model)?;
         let error_feedback = global.iter().map(|g| vec![0.0; g.len()]).collect();
         Ok(Self {
             compressor,
+            rule,
             global,
             error_feedback,
         })
@@ -69,25 +125,18 @@ impl RoundState {
             .map(|(n, v)| (n.clone(), v.dims().iter().map(|&d| d as u64).collect()))
             .collect()
     }
+}
 
-    /// Compresses this peer's pseudo-gradient θ − θᵢ (θᵢ: the model after its inner
-    /// steps). A diverged model (non-finite Δ) is refused and leaves error feedback as it
-    /// was.
-    pub fn make_update(&mut self, model: &Llama) -> Result<Update, RoundError> {
-        let local = read(model)?;
-        // Every pseudo-gradient is computed and checked before any is compressed, so a
-        // non-finite tensor anywhere leaves all error feedback untouched.
-        let mut deltas: Vec<Vec<f32>> = local.iter().map(|l| vec![0.0; l.len()]).collect();
-        let finite = deltas
-            .iter_mut()
-            .zip(self.global.iter().zip(&local))
-            .zip(model.params())
-            .map(|((d, (g, l)), (name, _))| {
-                Finite::pseudo_gradient(g, l, d).map_err(|e| e.in_tensor(name))
-            })
-            .collect::<Result<Vec<Finite<'_>>, CodecError>>()?;
-        let mut tensors = Vec::with_capacity(finite.len());
-        for (i, ((name, var), delta)) in model.params().iter().zip(finite).enumerate() {
+impl OuterLoop for RoundState {
+    type Update = Update;
+
+    /// Compresses this peer's pseudo-gradient θ − θᵢ with its error feedback. A diverged
+    /// model (non-finite Δ anywhere) is refused and leaves error feedback as it was.
+    fn make_update(&mut self, model: &Llama) -> Result<Update, RoundError> {
+        let mut buffers = Vec::new();
+        let deltas = pseudo_gradients(model, &self.global, &mut buffers)?;
+        let mut tensors = Vec::with_capacity(deltas.len());
+        for (i, ((name, var), delta)) in model.params().iter().zip(deltas).enumerate() {
             let shape: Vec<u64> = var.dims().iter().map(|&d| d as u64).collect();
             let ef = &mut self.error_feedback[i];
             tensors.push(self.compressor.compress(name, &shape, delta, ef)?);
@@ -95,14 +144,11 @@ impl RoundState {
         Ok(Update::new(self.compressor.config(), tensors)?)
     }
 
-    /// Ends the round: θ ← θ − `outer_lr` · aggregate(`updates`), written to the model and
-    /// kept as the next round's global θ. `updates` must be in the same order on every
-    /// peer (e.g. by peer id) for replicas to stay bit-identical.
-    pub fn apply(
+    /// θ ← θ − `outer_lr` · aggregate(`updates`) under the state's aggregation rule.
+    fn apply(
         &mut self,
         model: &Llama,
         updates: &[(&Update, f32)],
-        rule: AggregationRule,
         outer_lr: f32,
     ) -> Result<(), RoundError> {
         let layout = Self::layout(model);
@@ -110,24 +156,141 @@ impl RoundState {
             update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
         }
         let mut step = Vec::new();
-        for (i, (name, var)) in model.params().iter().enumerate() {
+        for (i, (name, _)) in model.params().iter().enumerate() {
             let inputs: Vec<_> = updates
                 .iter()
                 .map(|(u, w)| (u.tensor(name).expect("layout checked"), *w))
                 .collect();
             step.resize(self.global[i].len(), 0.0);
-            aggregate(rule, &inputs, &mut step)?;
+            aggregate(self.rule, &inputs, &mut step)?;
             for (g, s) in self.global[i].iter_mut().zip(&step) {
                 *g -= outer_lr * s;
             }
-            Tensor::from_slice(&self.global[i], var.dims(), var.device())
-                .and_then(|t| var.set(&t))
-                .map_err(|source| RoundError::Tensor {
-                    tensor: name.clone(),
-                    source,
-                })?;
         }
-        Ok(())
+        write(model, &self.global)
+    }
+}
+
+/// A dense pseudo-gradient: every tensor in fp32, carried as a safetensors file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseUpdate {
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl DenseUpdate {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let bytes: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .expect("shape matches data");
+                (name.clone(), view)
+            });
+        safetensors::tensor::serialize(views, None).expect("in-memory serialisation")
+    }
+
+    /// Parses and checks an update: fp32 only, every value finite.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RoundError> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| RoundError::Dense(e.to_string()))?;
+        let mut tensors = vec![];
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(RoundError::Dense(format!("{name}: not float32")));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            Finite::new(&values).map_err(|e| e.in_tensor(&name))?;
+            tensors.push((name, view.shape().to_vec(), values));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { tensors })
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<&[f32], RoundError> {
+        match self.tensors.iter().find(|t| t.0 == name) {
+            Some((_, s, v)) if s == shape => Ok(v),
+            Some((_, s, _)) => Err(RoundError::Dense(format!(
+                "{name}: shape {s:?}, the model has {shape:?}"
+            ))),
+            None => Err(RoundError::Dense(format!("{name} is missing"))),
+        }
+    }
+}
+
+/// Dense DiLoCo (Douillard et al., 2023), the baseline SparseLoCo is measured against:
+/// peers send full fp32 pseudo-gradients, the mean is applied with Nesterov momentum,
+/// v ← μ·v + Δ̄, θ ← θ − α·(Δ̄ + μ·v).
+pub struct DilocoState {
+    global: Vec<Vec<f32>>,
+    velocity: Vec<Vec<f32>>,
+    momentum: f32,
+}
+
+impl DilocoState {
+    pub fn new(model: &Llama, momentum: f32) -> Result<Self, RoundError> {
+        let global = read(model)?;
+        let velocity = global.iter().map(|g| vec![0.0; g.len()]).collect();
+        Ok(Self {
+            global,
+            velocity,
+            momentum,
+        })
+    }
+}
+
+impl OuterLoop for DilocoState {
+    type Update = DenseUpdate;
+
+    fn make_update(&mut self, model: &Llama) -> Result<DenseUpdate, RoundError> {
+        let mut deltas = Vec::new();
+        pseudo_gradients(model, &self.global, &mut deltas)?;
+        let tensors = model
+            .params()
+            .iter()
+            .zip(deltas)
+            .map(|((name, var), d)| (name.clone(), var.dims().to_vec(), d))
+            .collect();
+        Ok(DenseUpdate { tensors })
+    }
+
+    fn apply(
+        &mut self,
+        model: &Llama,
+        updates: &[(&DenseUpdate, f32)],
+        outer_lr: f32,
+    ) -> Result<(), RoundError> {
+        let total: f32 = updates.iter().map(|(_, w)| w).sum();
+        if total <= 0.0 {
+            return Ok(()); // nothing accepted: θ stays
+        }
+        let mut mean = Vec::new();
+        for (i, (name, var)) in model.params().iter().enumerate() {
+            mean.clear();
+            mean.resize(self.global[i].len(), 0.0f32);
+            for (u, w) in updates {
+                for (m, d) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
+                    *m += w / total * d;
+                }
+            }
+            let (g, v) = (&mut self.global[i], &mut self.velocity[i]);
+            for ((g, v), m) in g.iter_mut().zip(v.iter_mut()).zip(&mean) {
+                *v = self.momentum * *v + m;
+                *g -= outer_lr * (m + self.momentum * *v);
+            }
+        }
+        write(model, &self.global)
     }
 }
 
@@ -150,70 +313,120 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn peers_training_together_improve_and_stay_bit_identical() {
+    struct Outcome {
+        before: f32,
+        after: f32,
+        /// Dense fp32 bytes of all pseudo-gradients / bytes actually sent.
+        ratio: f64,
+    }
+
+    /// Three peers train for six rounds of 15 inner steps with `outer`; replicas must be
+    /// bit-identical after every round.
+    fn federate<S: OuterLoop>(
+        outer: impl Fn(&Llama) -> S,
+        outer_lr: f32,
+        bytes: impl Fn(&S::Update) -> usize,
+    ) -> Outcome {
         let (peers, rounds, inner, rows, seq) = (3usize, 6u32, 15usize, 16usize, 64usize);
         let (train, val) = shakespeare(seq);
         let assignment =
             Assignment::new(9, peers as u32, (inner * rows) as u64, seq, train.len()).unwrap();
-        let codec = CodecConfig::new(4096, 64, ValueBits::Two).unwrap();
         let schedule = LrSchedule {
             peak: 3e-3,
             warmup: 10,
             total: u64::from(rounds) * inner as u64,
             floor: 0.1,
         };
-        let mut models = vec![];
-        let mut opts = vec![];
-        let mut states = vec![];
-        for _ in 0..peers {
-            let m = Llama::new(small(), 9, &Device::Cpu).unwrap();
-            opts.push(InnerOptimizer::new(&m, AdamWConfig::default(), schedule.clone()).unwrap());
-            states.push(RoundState::new(&m, Compressor::new(codec, 0.95).unwrap()).unwrap());
-            models.push(m);
-        }
+        let models: Vec<Llama> = (0..peers)
+            .map(|_| Llama::new(small(), 9, &Device::Cpu).unwrap())
+            .collect();
+        let mut opts: Vec<_> = models
+            .iter()
+            .map(|m| InnerOptimizer::new(m, AdamWConfig::default(), schedule.clone()).unwrap())
+            .collect();
+        let mut states: Vec<S> = models.iter().map(&outer).collect();
         let before = loss_on(&models[0], &val);
-        let dense_bytes = 4 * models[0].parameter_count();
         let mut sent = 0;
         for round in 0..rounds {
             let mut updates = vec![];
             for p in 0..peers {
-                let windows = assignment.peer_round(p as u32, round);
-                for w in windows.chunks(rows) {
+                for w in assignment.peer_round(p as u32, round).chunks(rows) {
                     opts[p]
                         .step(&models[p], &assignment.batch(&train, w), rows)
                         .unwrap();
                 }
                 let u = states[p].make_update(&models[p]).unwrap();
-                sent += u.to_bytes().len();
+                sent += bytes(&u);
                 updates.push(u);
             }
             let weighted: Vec<_> = updates.iter().map(|u| (u, 1.0)).collect();
-            for p in 0..peers {
-                states[p]
-                    .apply(&models[p], &weighted, AggregationRule::WeightedMean, 1.0)
-                    .unwrap();
+            for (state, model) in states.iter_mut().zip(&models) {
+                state.apply(model, &weighted, outer_lr).unwrap();
             }
             let reference = bits(&models[0]);
             for m in &models[1..] {
                 assert!(bits(m) == reference, "replicas diverged in round {round}");
             }
         }
-        let after = loss_on(&models[0], &val);
-        let ratio = (dense_bytes * peers * rounds as usize) as f64 / sent as f64;
-        eprintln!("validation loss {before} -> {after}, {ratio:.0}x less than dense");
-        assert!(
-            after < before - 1.0,
-            "validation loss only fell from {before} to {after}"
+        let dense = 4 * models[0].parameter_count() * peers * rounds as usize;
+        Outcome {
+            before,
+            after: loss_on(&models[0], &val),
+            ratio: dense as f64 / sent as f64,
+        }
+    }
+
+    #[test]
+    fn sparseloco_peers_improve_together_on_a_hundredth_of_the_traffic() {
+        let codec = CodecConfig::new(4096, 64, ValueBits::Two).unwrap();
+        let sparse = federate(
+            |m| {
+                let c = Compressor::new(codec, 0.95).unwrap();
+                RoundState::new(m, c, AggregationRule::WeightedMean).unwrap()
+            },
+            1.0,
+            |u| u.to_bytes().len(),
         );
-        assert!(ratio > 50.0, "updates only {ratio:.1}x smaller than dense");
+        let dense = federate(
+            |m| DilocoState::new(m, 0.9).unwrap(),
+            0.7,
+            |u| u.to_bytes().len(),
+        );
+        eprintln!(
+            "held-out loss: SparseLoCo {:.3} -> {:.3} ({:.0}x less traffic), DiLoCo {:.3} -> {:.3} ({:.2}x)",
+            sparse.before, sparse.after, sparse.ratio, dense.before, dense.after, dense.ratio
+        );
+        assert!(
+            sparse.after < sparse.before - 1.0,
+            "SparseLoCo: {} -> {}",
+            sparse.before,
+            sparse.after
+        );
+        assert!(
+            dense.after < dense.before - 1.0,
+            "DiLoCo: {} -> {}",
+            dense.before,
+            dense.after
+        );
+        assert!(
+            sparse.ratio > 50.0,
+            "SparseLoCo sent only {:.1}x less than dense",
+            sparse.ratio
+        );
+        assert!(
+            (0.95..1.0).contains(&dense.ratio),
+            "dense ratio {}",
+            dense.ratio
+        );
     }
 
     #[test]
     fn a_diverged_peer_is_refused_and_keeps_its_error_feedback() {
         let m = Llama::new(small(), 1, &Device::Cpu).unwrap();
         let codec = CodecConfig::new(4096, 64, ValueBits::Two).unwrap();
-        let mut state = RoundState::new(&m, Compressor::new(codec, 0.95).unwrap()).unwrap();
+        let c = Compressor::new(codec, 0.95).unwrap();
+        let mut state = RoundState::new(&m, c, AggregationRule::WeightedMean).unwrap();
+        let mut diloco = DilocoState::new(&m, 0.9).unwrap();
         let (name, var) = &m.params()[3];
         let poisoned = (var.as_tensor() * f64::NAN).unwrap();
         var.set(&poisoned).unwrap();
@@ -221,5 +434,40 @@ mod tests {
         assert!(err.to_string().contains(name.as_str()), "{err}");
         assert!(err.to_string().contains("non-finite"), "{err}");
         assert!(state.error_feedback.iter().flatten().all(|&e| e == 0.0));
+        assert!(diloco.make_update(&m).is_err());
+    }
+
+    #[test]
+    fn dense_updates_round_trip_and_bad_ones_are_refused() {
+        let m = Llama::new(small(), 2, &Device::Cpu).unwrap();
+        let mut state = DilocoState::new(&m, 0.9).unwrap();
+        let (_, var) = &m.params()[0];
+        var.set(&(var.as_tensor() * 0.5).unwrap()).unwrap();
+        let update = state.make_update(&m).unwrap();
+        let bytes = update.to_bytes();
+        let parsed = DenseUpdate::from_bytes(&bytes).unwrap();
+        let embed = var.dims().to_vec();
+        assert_eq!(
+            parsed.tensor("model.embed_tokens.weight", &embed).unwrap(),
+            update.tensor("model.embed_tokens.weight", &embed).unwrap()
+        );
+        assert!(DenseUpdate::from_bytes(&bytes[..bytes.len() / 2]).is_err());
+        assert!(DenseUpdate::from_bytes(b"not safetensors").is_err());
+        // A NaN smuggled into the payload is caught on parse.
+        let mut poisoned = bytes.clone();
+        let at = poisoned.len() - 4;
+        poisoned[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+        let err = DenseUpdate::from_bytes(&poisoned).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        // Applying an update for another model names the problem.
+        let wrong = DenseUpdate {
+            tensors: vec![("model.norm.weight".into(), vec![3], vec![0.0; 3])],
+        };
+        let err = state.apply(&m, &[(&wrong, 1.0)], 0.7).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("model.embed_tokens.weight is missing"),
+            "{err}"
+        );
     }
 }
