@@ -68,6 +68,15 @@ fn read(model: &Llama) -> Result<Vec<Vec<f32>>, RoundError> {
         .collect()
 }
 
+/// The model's parameters as the starting global θ, and a zeroed per-parameter buffer of
+/// the same shapes (error feedback, or momentum).
+#[allow(clippy::type_complexity)]
+fn global_and_zeros(model: &Llama) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), RoundError> {
+    let global = read(model)?;
+    let zeros = global.iter().map(|g| vec![0.0; g.len()]).collect();
+    Ok((global, zeros))
+}
+
 /// Writes `global` (model order) into the model's parameters.
 fn write(model: &Llama, global: &[Vec<f32>]) -> Result<(), RoundError> {
     for ((name, var), values) in model.params().iter().zip(global) {
@@ -107,8 +116,7 @@ impl RoundState {
         compressor: Compressor,
         rule: AggregationRule,
     ) -> Result<Self, RoundError> {
-        let global = read(model)?;
-        let error_feedback = global.iter().map(|g| vec![0.0; g.len()]).collect();
+        let (global, error_feedback) = global_and_zeros(model)?;
         Ok(Self {
             compressor,
             rule,
@@ -240,8 +248,7 @@ pub struct DilocoState {
 
 impl DilocoState {
     pub fn new(model: &Llama, momentum: f32) -> Result<Self, RoundError> {
-        let global = read(model)?;
-        let velocity = global.iter().map(|g| vec![0.0; g.len()]).collect();
+        let (global, velocity) = global_and_zeros(model)?;
         Ok(Self {
             global,
             velocity,

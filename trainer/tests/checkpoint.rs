@@ -8,8 +8,18 @@
 use std::path::Path;
 use std::process::Command;
 
-fn trainer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_starling-trainer"))
+/// Runs the trainer binary with `args`, asserting it succeeds; returns its stdout.
+fn trainer(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let out = Command::new(env!("CARGO_BIN_EXE_starling-trainer"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 #[test]
@@ -17,39 +27,30 @@ fn init_writes_a_hugging_face_checkpoint_that_sample_and_python_read() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("round-0");
-    let out = trainer()
-        .args(["init", "--seed", "42", "--config"])
-        .arg(fixtures.join("fixtures/tiny-config.json"))
-        .arg("--out")
-        .arg(&ckpt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("820352 parameters"));
+    let config = fixtures.join("fixtures/tiny-config.json");
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    let stdout = trainer(&[
+        os("init"),
+        os("--seed"),
+        os("42"),
+        os("--config"),
+        config.as_os_str(),
+        os("--out"),
+        ckpt.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&stdout).contains("820352 parameters"));
 
-    let out = trainer()
-        .args([
-            "sample",
-            "--prompt",
-            "ROMEO:",
-            "--tokens",
-            "20",
-            "--checkpoint",
-        ])
-        .arg(&ckpt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = trainer(&[
+        os("sample"),
+        os("--prompt"),
+        os("ROMEO:"),
+        os("--tokens"),
+        os("20"),
+        os("--checkpoint"),
+        ckpt.as_os_str(),
+    ]);
     // 20 byte tokens after the prompt (an untrained model's bytes may not be UTF-8).
-    assert!(out.stdout.starts_with(b"ROMEO:") && out.stdout.len() > 20);
+    assert!(stdout.starts_with(b"ROMEO:") && stdout.len() > 20);
 
     match std::env::var_os("STARLING_PYTHON") {
         Some(python) => {
