@@ -4,7 +4,10 @@
 pub mod bench;
 pub mod codec;
 pub mod data;
+pub mod exchange;
 pub mod model;
 pub mod outer;
+pub mod peer;
+pub mod run;
 #[cfg(test)]
 mod testing;

@@ -1,5 +1,6 @@
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -7,7 +8,11 @@ use clap::{Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
+use starling_trainer::exchange::Tokens;
+use starling_trainer::exchange::server::{Exchange, ExchangeOptions};
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
+use starling_trainer::peer::{self, PeerOptions};
+use starling_trainer::run::RunConfig;
 
 /// Starling trainer: runs in every trainer pod (and as each run's exchange).
 #[derive(Parser)]
@@ -19,6 +24,69 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train as one peer of a run, through the run's exchange.
+    Train {
+        #[command(flatten)]
+        run: RunConfig,
+        /// The exchange's URL, e.g. `http://run-exchange:7070`.
+        #[arg(long, env = "STARLING_EXCHANGE")]
+        exchange: String,
+        /// This peer's bearer token (it also says which peer this is).
+        #[arg(long, env = "STARLING_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Cap upload and download at this many megabits per second (home links).
+        #[arg(long, env = "STARLING_BANDWIDTH_MBPS")]
+        bandwidth_mbps: Option<f64>,
+        /// Seconds to keep retrying an unreachable exchange before giving up.
+        #[arg(long, env = "STARLING_RETRY_FOR", default_value_t = 300)]
+        retry_for: u64,
+        /// Where the token shards are built (once).
+        #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+        data_dir: PathBuf,
+        /// Write this peer's final parameters here, in the Hugging Face layout.
+        #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+        checkpoint_dir: Option<PathBuf>,
+    },
+    /// Serve a run's exchange: rounds, membership, the global state and checkpoints.
+    Exchange {
+        #[command(flatten)]
+        run: RunConfig,
+        #[arg(long, env = "STARLING_LISTEN", default_value = "0.0.0.0:7070")]
+        listen: std::net::SocketAddr,
+        /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
+        #[arg(long, env = "STARLING_TOKENS_FILE")]
+        tokens_file: PathBuf,
+        /// Updates needed before a round closes early (when every live peer has sent).
+        #[arg(long, env = "STARLING_MIN_PEERS", default_value_t = 1)]
+        min_peers: u32,
+        /// Seconds a round stays open after its first update.
+        #[arg(long, env = "STARLING_ROUND_DEADLINE", default_value_t = 120.0)]
+        round_deadline: f64,
+        /// Seconds without a heartbeat after which a peer is not waited for.
+        #[arg(long, env = "STARLING_LIVENESS", default_value_t = 15.0)]
+        liveness: f64,
+        /// Largest update accepted, in bytes (default: the model's dense fp32 size).
+        #[arg(long, env = "STARLING_MAX_UPDATE_BYTES")]
+        max_update_bytes: Option<u64>,
+        /// Closed rounds kept for fetching.
+        #[arg(long, env = "STARLING_KEEP_ROUNDS", default_value_t = 4)]
+        keep_rounds: usize,
+        #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+        data_dir: PathBuf,
+        /// Where the global state is kept across restarts.
+        #[arg(long, env = "STARLING_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Where checkpoints are written (`round-NNNNNN/`).
+        #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+        checkpoint_dir: Option<PathBuf>,
+        #[arg(long, env = "STARLING_CHECKPOINT_EVERY", default_value_t = 10)]
+        checkpoint_every: u32,
+        /// Held-out sequences the validation loss is measured on after each round.
+        #[arg(long, env = "STARLING_EVAL_ROWS", default_value_t = 16)]
+        eval_rows: u32,
+        #[arg(long, env = "STARLING_RUN", default_value = "local")]
+        run_name: String,
+    },
     /// Write a freshly initialised model as a checkpoint (round 0 of a run).
     Init {
         /// Model architecture: a Hugging Face `config.json` for LlamaForCausalLM.
@@ -77,7 +145,89 @@ enum Bench {
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
     match Cli::parse().command {
+        Command::Train {
+            run,
+            exchange,
+            token,
+            bandwidth_mbps,
+            retry_for,
+            data_dir,
+            checkpoint_dir,
+        } => {
+            let run = run.load(&data_dir)?;
+            let opts = PeerOptions {
+                exchange,
+                token,
+                bandwidth_mbps,
+                retry_for: Duration::from_secs(retry_for),
+                heartbeat: Duration::from_secs(1),
+                checkpoint_dir,
+            };
+            let report = peer::train(&run, opts)?;
+            println!(
+                "{} finished: {} rounds trained, {} updates accepted, {} resyncs, {} bytes sent",
+                report.peer,
+                report.rounds_trained,
+                report.updates_accepted,
+                report.resyncs,
+                report.bytes_sent
+            );
+        }
+        Command::Exchange {
+            run,
+            listen,
+            tokens_file,
+            min_peers,
+            round_deadline,
+            liveness,
+            max_update_bytes,
+            keep_rounds,
+            data_dir,
+            state_dir,
+            checkpoint_dir,
+            checkpoint_every,
+            eval_rows,
+            run_name,
+        } => {
+            let run = run.load(&data_dir)?;
+            let opts = ExchangeOptions {
+                tokens: Tokens::read(&tokens_file).map_err(anyhow::Error::msg)?,
+                min_peers,
+                deadline: Duration::from_secs_f64(round_deadline),
+                liveness: Duration::from_secs_f64(liveness),
+                max_update_bytes,
+                keep_rounds,
+                state_dir,
+                checkpoint_dir,
+                checkpoint_every,
+                eval_rows,
+                run_name,
+            };
+            let exchange = Exchange::new(run, opts)?;
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                // Tests and scripts read the port from this line.
+                println!("exchange listening on {}", listener.local_addr()?);
+                std::io::stdout().flush()?;
+                exchange
+                    .serve(listener, async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    })
+                    .await?;
+                anyhow::Ok(())
+            })?;
+        }
         Command::Init { config, seed, out } => {
             let text = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;

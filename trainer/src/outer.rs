@@ -10,7 +10,9 @@
 use candle_core::Tensor;
 
 use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, aggregate};
-use crate::model::{Llama, ModelError};
+use crate::data::Batch;
+use crate::model::{InnerOptimizer, Llama, ModelError};
+use crate::run::{Algorithm, RunConfig};
 
 /// What a peer does at the end of its inner steps, and when a round closes.
 pub trait OuterLoop {
@@ -187,6 +189,10 @@ pub struct DenseUpdate {
 
 impl DenseUpdate {
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with(None)
+    }
+
+    fn to_bytes_with(&self, meta: Option<std::collections::HashMap<String, String>>) -> Vec<u8> {
         let bytes: Vec<Vec<u8>> = self
             .tensors
             .iter()
@@ -202,7 +208,7 @@ impl DenseUpdate {
                         .expect("shape matches data");
                 (name.clone(), view)
             });
-        safetensors::tensor::serialize(views, None).expect("in-memory serialisation")
+        safetensors::tensor::serialize(views, meta).expect("in-memory serialisation")
     }
 
     /// Parses and checks an update: fp32 only, every value finite.
@@ -298,6 +304,235 @@ impl OuterLoop for DilocoState {
             }
         }
         write(model, &self.global)
+    }
+}
+
+/// A run's outer loop as the exchange and every peer hold it: the global state, and how
+/// updates — as the bytes that travel — are made and applied. Peers that apply the same
+/// updates with the same weights in the same order stay bit-identical, and so does the
+/// exchange, which is how it can hand a late peer the state everyone else has.
+pub enum Outer {
+    SparseLoCo(RoundState),
+    DiLoCo(DilocoState),
+    /// Data-parallel baseline: updates are gradients and the "outer" step is the shared
+    /// AdamW step, so no state beyond the model and its optimiser.
+    Ddp,
+}
+
+/// Prefix of the outer momentum tensors in an exported state.
+const VELOCITY: &str = "outer.velocity.";
+
+impl Outer {
+    pub fn new(run: &RunConfig, model: &Llama) -> Result<Self, RoundError> {
+        Ok(match run.algorithm {
+            Algorithm::SparseLoCo => {
+                let codec = run.codec().map_err(|e| RoundError::Dense(e.to_string()))?;
+                Outer::SparseLoCo(RoundState::new(model, codec, run.aggregation())?)
+            }
+            Algorithm::DiLoCo => Outer::DiLoCo(DilocoState::new(model, run.outer_momentum)?),
+            Algorithm::Ddp => Outer::Ddp,
+        })
+    }
+
+    /// A peer's work for one round on `batches`: H inner steps and the compressed (or
+    /// dense) pseudo-gradient, or for DDP the gradient of one batch. Returns the encoded
+    /// update and the mean training loss.
+    pub fn local_round(
+        &mut self,
+        model: &Llama,
+        inner: &mut InnerOptimizer,
+        batches: &[Batch],
+        micro_rows: usize,
+    ) -> Result<(Vec<u8>, f32), RoundError> {
+        if let Outer::Ddp = self {
+            let batch = batches
+                .first()
+                .ok_or(RoundError::Dense("no batch".into()))?;
+            let (grads, loss) = inner.gradients(model, batch, micro_rows)?;
+            let mut tensors = Vec::with_capacity(model.params().len());
+            for (name, var) in model.params() {
+                let g = match grads.get(var.as_tensor()) {
+                    Some(g) => g.flatten_all().and_then(|g| g.to_vec1::<f32>()),
+                    None => Ok(vec![0.0; var.elem_count()]),
+                }
+                .map_err(|source| RoundError::Tensor {
+                    tensor: name.clone(),
+                    source,
+                })?;
+                Finite::new(&g).map_err(|e| e.in_tensor(name))?;
+                tensors.push((name.clone(), var.dims().to_vec(), g));
+            }
+            return Ok((DenseUpdate { tensors }.to_bytes(), loss));
+        }
+        let mut loss = 0.0;
+        for batch in batches {
+            loss += inner.step(model, batch, micro_rows)?;
+        }
+        let loss = loss / batches.len().max(1) as f32;
+        let bytes = match self {
+            Outer::SparseLoCo(s) => s.make_update(model)?.to_bytes(),
+            Outer::DiLoCo(s) => s.make_update(model)?.to_bytes(),
+            Outer::Ddp => unreachable!("handled above"),
+        };
+        Ok((bytes, loss))
+    }
+
+    /// Checks that `bytes` is an update this run can apply to `model`: it decodes, every
+    /// value is finite and every tensor has the model's name and shape. The exchange
+    /// accepts nothing that fails this.
+    pub fn check(&self, model: &Llama, bytes: &[u8]) -> Result<(), RoundError> {
+        match self {
+            Outer::SparseLoCo(_) => {
+                let update = Update::from_bytes(bytes)?;
+                let layout = RoundState::layout(model);
+                update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
+            }
+            Outer::DiLoCo(_) | Outer::Ddp => {
+                let update = DenseUpdate::from_bytes(bytes)?;
+                if update.tensors.len() != model.params().len() {
+                    return Err(RoundError::Dense(format!(
+                        "{} tensors, the model has {}",
+                        update.tensors.len(),
+                        model.params().len()
+                    )));
+                }
+                for (name, var) in model.params() {
+                    update.tensor(name, var.dims())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a closed round's accepted updates (peer order, with weights) to the global
+    /// state and the model. DDP needs the optimiser whose step the gradients feed.
+    pub fn apply(
+        &mut self,
+        model: &Llama,
+        inner: Option<&mut InnerOptimizer>,
+        updates: &[(&[u8], f32)],
+        outer_lr: f32,
+    ) -> Result<(), RoundError> {
+        match self {
+            Outer::SparseLoCo(s) => {
+                let parsed = updates
+                    .iter()
+                    .map(|(b, w)| Ok((Update::from_bytes(b)?, *w)))
+                    .collect::<Result<Vec<_>, RoundError>>()?;
+                let refs: Vec<_> = parsed.iter().map(|(u, w)| (u, *w)).collect();
+                s.apply(model, &refs, outer_lr)
+            }
+            Outer::DiLoCo(s) => {
+                let parsed = parse_dense(updates)?;
+                let refs: Vec<_> = parsed.iter().map(|(u, w)| (u, *w)).collect();
+                s.apply(model, &refs, outer_lr)
+            }
+            Outer::Ddp => {
+                let inner = inner.ok_or(RoundError::Dense(
+                    "DDP needs the optimiser to apply gradients".into(),
+                ))?;
+                let parsed = parse_dense(updates)?;
+                let total: f32 = parsed.iter().map(|(_, w)| w).sum();
+                if total <= 0.0 {
+                    return Ok(()); // nothing accepted: no step on any replica
+                }
+                let mut grads = candle_core::backprop::GradStore::default();
+                for (name, var) in model.params() {
+                    let mut mean = vec![0.0f32; var.elem_count()];
+                    for (u, w) in &parsed {
+                        for (m, g) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
+                            *m += w / total * g;
+                        }
+                    }
+                    let g =
+                        Tensor::from_slice(&mean, var.dims(), var.device()).map_err(|source| {
+                            RoundError::Tensor {
+                                tensor: name.clone(),
+                                source,
+                            }
+                        })?;
+                    grads.insert(var.as_tensor(), g);
+                }
+                Ok(inner.apply(grads)?)
+            }
+        }
+    }
+
+    /// The global state at the start of `round` as a safetensors file: the parameters
+    /// under their model names, outer momentum under `outer.velocity.<name>`.
+    pub fn export(&self, model: &Llama, round: Round) -> Result<Vec<u8>, RoundError> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let global = match self {
+            Outer::SparseLoCo(s) => s.global.clone(),
+            Outer::DiLoCo(s) => s.global.clone(),
+            Outer::Ddp => read(model)?,
+        };
+        for ((name, var), g) in model.params().iter().zip(global) {
+            tensors.push((name.clone(), var.dims().to_vec(), g));
+        }
+        if let Outer::DiLoCo(s) = self {
+            for ((name, var), v) in model.params().iter().zip(&s.velocity) {
+                tensors.push((format!("{VELOCITY}{name}"), var.dims().to_vec(), v.clone()));
+            }
+        }
+        let meta = [("round".to_owned(), round.0.to_string())].into();
+        Ok(DenseUpdate { tensors }.to_bytes_with(Some(meta)))
+    }
+
+    /// Replaces the global state (and the model's parameters) with an exported one and
+    /// returns the round it belongs to.
+    pub fn import(&mut self, model: &Llama, bytes: &[u8]) -> Result<Round, RoundError> {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| RoundError::Dense(format!("state: {e}")))?;
+        let round = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("round"))
+            .and_then(|r| r.parse().ok())
+            .map(Round)
+            .ok_or(RoundError::Dense("state has no round".into()))?;
+        let state = DenseUpdate::from_bytes(bytes)?;
+        let mut global = Vec::with_capacity(model.params().len());
+        for (name, var) in model.params() {
+            global.push(state.tensor(name, var.dims())?.to_vec());
+        }
+        match self {
+            Outer::SparseLoCo(s) => s.global = global.clone(),
+            Outer::DiLoCo(s) => {
+                s.global = global.clone();
+                for (i, (name, var)) in model.params().iter().enumerate() {
+                    s.velocity[i] = state
+                        .tensor(&format!("{VELOCITY}{name}"), var.dims())?
+                        .to_vec();
+                }
+            }
+            Outer::Ddp => {}
+        }
+        write(model, &global)?;
+        Ok(round)
+    }
+}
+
+fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, f32)>, RoundError> {
+    updates
+        .iter()
+        .map(|(b, w)| Ok((DenseUpdate::from_bytes(b)?, *w)))
+        .collect()
+}
+
+/// An outer round's number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Round(pub u32);
+
+impl Round {
+    pub fn next(self) -> Self {
+        Round(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::data::{Assignment, Batch, Corpus, Tokenizer};
+use crate::data::{Batch, Corpus, Tokenizer};
 use crate::model::{Llama, ModelConfig};
 
 /// A model small enough to train in seconds on a CPU.
@@ -25,9 +25,7 @@ pub fn small_config() -> ModelConfig {
 pub fn shakespeare(seq: usize) -> (Vec<u32>, Batch) {
     let tok = Tokenizer::Bytes;
     let corpus = Corpus::shakespeare();
-    let validation = tok.encode(&corpus.validation);
-    let a = Assignment::new(0, 1, 32, seq, validation.len()).unwrap();
-    let batch = a.batch(&validation, &a.peer_round(0, 0));
+    let batch = crate::run::validation_batch(&tok.encode(&corpus.validation), 32, seq).unwrap();
     (tok.encode(&corpus.train), batch)
 }
 

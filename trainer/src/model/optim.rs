@@ -89,6 +89,12 @@ impl InnerOptimizer {
         self.step
     }
 
+    /// Moves the schedule to `steps` steps taken: a peer that joins a run mid-way starts
+    /// its learning rate where the others are.
+    pub fn set_steps(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
     /// One optimiser step on `batch`, forwarding `micro_rows` sequences at a time.
     /// Returns the batch's mean loss. A non-finite loss is refused before any parameter
     /// changes.
@@ -98,9 +104,22 @@ impl InnerOptimizer {
         batch: &Batch,
         micro_rows: usize,
     ) -> Result<f32, ModelError> {
+        let (grads, loss) = self.gradients(model, batch, micro_rows)?;
+        self.apply(grads)?;
+        Ok(loss)
+    }
+
+    /// The gradient of the mean loss over `batch` (accumulated over micro-batches of
+    /// `micro_rows`), and that loss; the parameters do not change.
+    pub fn gradients(
+        &self,
+        model: &Llama,
+        batch: &Batch,
+        micro_rows: usize,
+    ) -> Result<(GradStore, f32), ModelError> {
         let micro_rows = micro_rows.clamp(1, batch.rows.max(1));
         let device = model.device();
-        let mut total: Option<GradStore> = None;
+        let mut total = GradStore::default();
         let mut loss_sum = 0.0f32;
         for start in (0..batch.rows).step_by(micro_rows) {
             let rows = micro_rows.min(batch.rows - start);
@@ -116,25 +135,21 @@ impl InnerOptimizer {
             loss_sum += value * rows as f32;
             // Weight each micro-batch by its share of the rows: the sum is the batch mean.
             let grads = (loss * (rows as f64 / batch.rows as f64))?.backward()?;
-            total = Some(match total {
-                None => grads,
-                Some(mut acc) => {
-                    for v in &self.vars {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(a) => (a + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
+            for v in &self.vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let sum = match total.get(v.as_tensor()) {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    };
+                    total.insert(v.as_tensor(), sum);
                 }
-            });
+            }
         }
-        let Some(mut grads) = total else {
-            return Ok(0.0);
-        };
+        Ok((total, loss_sum / batch.rows.max(1) as f32))
+    }
+
+    /// Clips `grads` to the configured global norm and takes one AdamW step with them.
+    pub fn apply(&mut self, mut grads: GradStore) -> Result<(), ModelError> {
         if let Some(clip) = self.config.grad_clip {
             let mut sq = 0.0f64;
             for v in &self.vars {
@@ -155,6 +170,6 @@ impl InnerOptimizer {
         self.adamw.set_learning_rate(self.schedule.at(self.step));
         self.adamw.step(&grads)?;
         self.step += 1;
-        Ok(loss_sum / batch.rows as f32)
+        Ok(())
     }
 }

@@ -1,0 +1,339 @@
+//! A peer's (or the operator's) connection to the exchange: bearer token on every call,
+//! retries with backoff while the exchange is unreachable, and an optional bandwidth cap
+//! for home links.
+
+use std::time::{Duration, Instant};
+
+use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::proto::{self, exchange_client};
+use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Refusal};
+use crate::outer::Round;
+
+type Grpc = exchange_client::ExchangeClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the exchange refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("the exchange at {url} stayed unreachable for {waited:?}: {last}")]
+    Unreachable {
+        url: String,
+        waited: Duration,
+        last: Status,
+    },
+    #[error("unexpected answer from the exchange: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            ClientError::Refused(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// How the client reaches the exchange.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub url: String,
+    pub token: String,
+    /// Fingerprint of the caller's run configuration.
+    pub fingerprint: String,
+    /// Cap on upload and download speed, in megabits per second.
+    pub bandwidth_mbps: Option<f64>,
+    /// How long to keep retrying an unreachable exchange before giving up.
+    pub retry_for: Duration,
+}
+
+#[derive(Clone)]
+pub struct ExchangeClient {
+    grpc: Grpc,
+    opts: ClientOptions,
+}
+
+/// One accepted update of a closed round.
+pub struct Entry {
+    pub peer: PeerId,
+    pub weight: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ExchangeClient {
+    /// Connects lazily: the first call dials, and a restarted exchange is redialled.
+    pub fn new(opts: ClientOptions) -> Result<Self, ClientError> {
+        let channel = Endpoint::from_shared(opts.url.clone())
+            .map_err(|e| ClientError::Protocol(format!("exchange URL {}: {e}", opts.url)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let header = format!("Bearer {}", opts.token)
+            .parse()
+            .map_err(|_| ClientError::Protocol("the token is not valid header text".into()))?;
+        let grpc = exchange_client::ExchangeClient::with_interceptor(channel, Bearer(header))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { grpc, opts })
+    }
+
+    /// Runs `call` until it succeeds, is refused, or the exchange has been unreachable for
+    /// `retry_for`; waits between attempts grow from 100 ms to 5 s.
+    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let status = match call(self.grpc.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(status) => status,
+            };
+            if let Some(refusal) = Refusal::from_status(&status) {
+                return Err(refusal.into());
+            }
+            if !transient(&status) {
+                return Err(ClientError::Protocol(status.to_string()));
+            }
+            if start.elapsed() >= self.opts.retry_for {
+                return Err(ClientError::Unreachable {
+                    url: self.opts.url.clone(),
+                    waited: start.elapsed(),
+                    last: status,
+                });
+            }
+            tracing::debug!(%status, ?wait, "exchange unreachable; retrying");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Admits this peer; returns who the token says it is, the open round and the run's
+    /// round count.
+    pub async fn join(&self) -> Result<(PeerId, Round, Round), ClientError> {
+        let fingerprint = self.opts.fingerprint.clone();
+        let reply = self
+            .retrying(|mut g| {
+                let req = proto::JoinRequest {
+                    config_fingerprint: fingerprint.clone(),
+                };
+                async move { g.join(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let peer = reply
+            .peer
+            .parse()
+            .map_err(|e: String| ClientError::Protocol(e))?;
+        Ok((peer, Round(reply.open_round), Round(reply.rounds)))
+    }
+
+    /// One heartbeat, without retries (the next one will come soon).
+    pub async fn heartbeat(&self, round: Round) -> Result<Round, Status> {
+        let reply = self
+            .grpc
+            .clone()
+            .heartbeat(proto::HeartbeatRequest { round: round.0 })
+            .await?;
+        Ok(Round(reply.into_inner().open_round))
+    }
+
+    /// Uploads this peer's update for `round`, paced to the bandwidth cap. Safe to
+    /// repeat: the exchange accepts the same update twice as once.
+    pub async fn put_update(
+        &self,
+        round: Round,
+        bytes: &[u8],
+        train_loss: f32,
+    ) -> Result<u64, ClientError> {
+        let header = proto::UpdateHeader {
+            round: round.0,
+            size: bytes.len() as u64,
+            train_loss,
+            config_fingerprint: self.opts.fingerprint.clone(),
+        };
+        let reply = self
+            .retrying(|mut g| {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let header = header.clone();
+                let data: Vec<Vec<u8>> = bytes.chunks(CHUNK_BYTES).map(<[u8]>::to_vec).collect();
+                let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
+                tokio::spawn(async move {
+                    use proto::update_chunk::Item;
+                    let first = proto::UpdateChunk {
+                        item: Some(Item::Header(header)),
+                    };
+                    if tx.send(first).await.is_err() {
+                        return;
+                    }
+                    for d in data {
+                        pacer.pace(d.len()).await;
+                        let chunk = proto::UpdateChunk {
+                            item: Some(Item::Data(d)),
+                        };
+                        if tx.send(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+                async move { g.put_update(stream).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(reply.accepted_bytes)
+    }
+
+    /// Waits for `round` to close and downloads its accepted updates, in peer order.
+    pub async fn fetch_round(&self, round: Round) -> Result<Vec<Entry>, ClientError> {
+        let bandwidth = self.opts.bandwidth_mbps;
+        self.retrying(|mut g| async move {
+            use proto::round_chunk::Item;
+            let mut stream = g
+                .fetch_round(proto::FetchRoundRequest { round: round.0 })
+                .await?
+                .into_inner();
+            let mut pacer = Pacer::new(bandwidth);
+            let mut entries: Vec<Entry> = Vec::new();
+            let mut expected = None;
+            while let Some(chunk) = stream.next().await {
+                match chunk?.item {
+                    Some(Item::Round(h)) if h.round == round.0 => expected = Some(h.updates),
+                    Some(Item::Entry(e)) => entries.push(Entry {
+                        peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
+                        weight: e.weight,
+                        bytes: Vec::with_capacity(e.size as usize),
+                    }),
+                    Some(Item::Data(d)) => {
+                        pacer.pace(d.len()).await;
+                        entries
+                            .last_mut()
+                            .ok_or_else(|| Status::internal("data before any entry"))?
+                            .bytes
+                            .extend_from_slice(&d);
+                    }
+                    _ => return Err(Status::internal("malformed round stream")),
+                }
+            }
+            match expected {
+                Some(n) if n as usize == entries.len() => Ok(entries),
+                _ => Err(Status::unavailable("the round stream ended early")),
+            }
+        })
+        .await
+    }
+
+    /// Downloads the global state and the round it starts.
+    pub async fn fetch_state(&self) -> Result<(Round, Vec<u8>), ClientError> {
+        let bandwidth = self.opts.bandwidth_mbps;
+        self.retrying(|mut g| async move {
+            use proto::state_chunk::Item;
+            let mut stream = g
+                .fetch_state(proto::FetchStateRequest {})
+                .await?
+                .into_inner();
+            let mut pacer = Pacer::new(bandwidth);
+            let mut header = None;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                match chunk?.item {
+                    Some(Item::Header(h)) => {
+                        bytes.reserve(h.size as usize);
+                        header = Some(h);
+                    }
+                    Some(Item::Data(d)) => {
+                        pacer.pace(d.len()).await;
+                        bytes.extend_from_slice(&d);
+                    }
+                    None => return Err(Status::internal("empty state chunk")),
+                }
+            }
+            match header {
+                Some(h) if h.size == bytes.len() as u64 => Ok((Round(h.round), bytes)),
+                _ => Err(Status::unavailable("the state stream ended early")),
+            }
+        })
+        .await
+    }
+
+    /// Operator: sets per-peer weights.
+    pub async fn set_weights(
+        &self,
+        weights: impl IntoIterator<Item = (PeerId, f32)>,
+    ) -> Result<(), ClientError> {
+        let weights: std::collections::HashMap<String, f32> = weights
+            .into_iter()
+            .map(|(p, w)| (p.to_string(), w))
+            .collect();
+        self.retrying(|mut g| {
+            let req = proto::SetWeightsRequest {
+                weights: weights.clone(),
+            };
+            async move { g.set_weights(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Operator: where the run stands.
+    pub async fn run_state(&self) -> Result<proto::RunState, ClientError> {
+        self.retrying(|mut g| async move {
+            g.get_run_state(proto::RunStateRequest {})
+                .await
+                .map(|r| r.into_inner())
+        })
+        .await
+    }
+}
+
+/// Errors worth retrying: the exchange is down, restarting, or the link dropped.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+/// Keeps a transfer at or under a bit rate by sleeping between chunks.
+struct Pacer {
+    bits_per_second: Option<f64>,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(mbps: Option<f64>) -> Self {
+        Self {
+            bits_per_second: mbps.filter(|m| *m > 0.0).map(|m| m * 1e6),
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    async fn pace(&mut self, bytes: usize) {
+        let Some(bps) = self.bits_per_second else {
+            return;
+        };
+        self.bytes += bytes as u64;
+        let due = Duration::from_secs_f64(self.bytes as f64 * 8.0 / bps);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The exchange: the run's gRPC rendezvous for compressed updates ([`server`]), and the
+//! peer's side of it ([`client`]).
+//!
+//! Refusals carry a machine-readable [`Reason`] in the `x-starling-reason` response
+//! metadata next to the gRPC code and message, so a peer reacts to *why* it was refused
+//! (fetch the closed round, resync, give up) without parsing text.
+
+pub mod client;
+pub mod server;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use tonic::{Code, Status};
+
+/// The generated gRPC code for `proto/exchange.proto`.
+pub mod proto {
+    tonic::include_proto!("starling.exchange.v1");
+}
+
+/// Updates, rounds and states travel in chunks of at most this many bytes.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// The largest single gRPC message either side accepts: a chunk and its framing.
+pub const MAX_MESSAGE_BYTES: usize = CHUNK_BYTES + 64 * 1024;
+const REASON_KEY: &str = "x-starling-reason";
+
+/// A peer within a run: `p` followed by its index, which also picks its data slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(u32);
+
+impl PeerId {
+    pub fn new(index: u32) -> Self {
+        Self(index)
+    }
+
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+impl FromStr for PeerId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.strip_prefix('p')
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|d| *d == "0" || !d.starts_with('0'))
+            .and_then(|d| d.parse().ok())
+            .map(PeerId)
+            .ok_or_else(|| format!("invalid peer id {s:?}: expected `p` followed by a number"))
+    }
+}
+
+/// Who a bearer token belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Peer(PeerId),
+    /// The operator: may set weights and read the run state, never submit updates.
+    Operator,
+}
+
+/// The run's bearer tokens, from a file of `<identity> <token>` lines (`p0 …`,
+/// `operator …`), as the operator mounts it from a Secret.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens(HashMap<String, Identity>);
+
+impl Tokens {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut map = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (who, token) = line
+                .split_once(char::is_whitespace)
+                .map(|(w, t)| (w, t.trim()))
+                .ok_or_else(|| format!("line {}: expected `<identity> <token>`", n + 1))?;
+            let identity = match who {
+                "operator" => Identity::Operator,
+                peer => Identity::Peer(peer.parse().map_err(|e| format!("line {}: {e}", n + 1))?),
+            };
+            if token.len() < 16 {
+                return Err(format!(
+                    "line {}: token for {who} is shorter than 16 characters",
+                    n + 1
+                ));
+            }
+            if map.insert(token.to_owned(), identity).is_some() {
+                return Err(format!("line {}: token reused", n + 1));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn insert(&mut self, token: impl Into<String>, identity: Identity) {
+        self.0.insert(token.into(), identity);
+    }
+
+    fn identify(&self, token: &str) -> Option<Identity> {
+        self.0.get(token).copied()
+    }
+}
+
+/// Why the exchange refused a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No or unknown bearer token.
+    Unauthenticated,
+    /// The token is valid but may not make this call.
+    Forbidden,
+    /// The caller's run configuration differs from the exchange's.
+    ConfigMismatch,
+    /// The update came after its round closed; the round's result can still be fetched.
+    RoundClosed,
+    /// The caller is on a round the exchange no longer keeps or has not reached: fetch
+    /// the state and continue from its round.
+    Resync,
+    /// All rounds are done.
+    RunDone,
+    /// The update does not decode or does not fit the model.
+    CorruptUpdate,
+    /// The update is larger than the exchange accepts.
+    TooLarge,
+    /// A malformed request.
+    BadRequest,
+}
+
+impl Reason {
+    const ALL: [Reason; 9] = [
+        Reason::Unauthenticated,
+        Reason::Forbidden,
+        Reason::ConfigMismatch,
+        Reason::RoundClosed,
+        Reason::Resync,
+        Reason::RunDone,
+        Reason::CorruptUpdate,
+        Reason::TooLarge,
+        Reason::BadRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unauthenticated => "unauthenticated",
+            Reason::Forbidden => "forbidden",
+            Reason::ConfigMismatch => "config-mismatch",
+            Reason::RoundClosed => "round-closed",
+            Reason::Resync => "resync",
+            Reason::RunDone => "run-done",
+            Reason::CorruptUpdate => "corrupt-update",
+            Reason::TooLarge => "too-large",
+            Reason::BadRequest => "bad-request",
+        }
+    }
+
+    fn code(self) -> Code {
+        match self {
+            Reason::Unauthenticated => Code::Unauthenticated,
+            Reason::Forbidden => Code::PermissionDenied,
+            Reason::ConfigMismatch | Reason::RunDone => Code::FailedPrecondition,
+            Reason::RoundClosed => Code::Aborted,
+            Reason::Resync => Code::OutOfRange,
+            Reason::CorruptUpdate | Reason::BadRequest => Code::InvalidArgument,
+            Reason::TooLarge => Code::ResourceExhausted,
+        }
+    }
+}
+
+/// A refusal: the reason and a sentence a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} ({})", reason.as_str())]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The refusal a status carries, if it is one (and not, say, a transport error).
+    pub fn from_status(status: &Status) -> Option<Self> {
+        let reason = status.metadata().get(REASON_KEY)?.to_str().ok()?;
+        let reason = Reason::ALL.into_iter().find(|r| r.as_str() == reason)?;
+        Some(Self::new(reason, status.message()))
+    }
+}
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Self {
+        let mut status = Status::new(r.reason.code(), r.message);
+        status.metadata_mut().insert(
+            REASON_KEY,
+            r.reason.as_str().parse().expect("reasons are ASCII"),
+        );
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_file_names_peers_and_the_operator_and_rejects_mistakes() {
+        let t = Tokens::parse("# run tokens\np0 aaaaaaaaaaaaaaaa\noperator bbbbbbbbbbbbbbbb\n")
+            .unwrap();
+        assert_eq!(
+            t.identify("aaaaaaaaaaaaaaaa"),
+            Some(Identity::Peer(PeerId::new(0)))
+        );
+        assert_eq!(t.identify("bbbbbbbbbbbbbbbb"), Some(Identity::Operator));
+        assert_eq!(t.identify("cccccccccccccccc"), None);
+        let short = Tokens::parse("p1 short").unwrap_err();
+        assert!(short.contains("shorter than 16"), "{short}");
+        let bad = Tokens::parse("peer1 aaaaaaaaaaaaaaaa").unwrap_err();
+        assert!(bad.contains("invalid peer id"), "{bad}");
+        let reused = Tokens::parse("p0 aaaaaaaaaaaaaaaa\np1 aaaaaaaaaaaaaaaa").unwrap_err();
+        assert!(reused.contains("line 2: token reused"), "{reused}");
+    }
+
+    #[test]
+    fn refusals_survive_the_trip_through_a_grpc_status() {
+        for reason in Reason::ALL {
+            let status = Status::from(Refusal::new(reason, "because"));
+            assert_eq!(status.code(), reason.code());
+            assert_eq!(
+                Refusal::from_status(&status),
+                Some(Refusal::new(reason, "because"))
+            );
+        }
+        assert_eq!(Refusal::from_status(&Status::unavailable("down")), None);
+    }
+
+    #[test]
+    fn peer_ids_parse_strictly() {
+        assert_eq!("p12".parse::<PeerId>().unwrap().index(), 12);
+        for bad in ["12", "p", "p01", "q1", "p-1"] {
+            assert!(bad.parse::<PeerId>().is_err(), "{bad}");
+        }
+    }
+}

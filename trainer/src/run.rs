@@ -1,0 +1,242 @@
+//! A run's configuration, shared by its exchange and every peer: the model, the data, the
+//! schedule and the outer algorithm. The operator passes it as `STARLING_*` environment
+//! variables; the exchange refuses peers whose configuration differs from its own.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::codec::{AggregationRule, CodecConfig, Compressor, ValueBits};
+use crate::data::{Assignment, Batch, Corpus, Shards, Tokenizer};
+use crate::model::{AdamWConfig, LrSchedule, ModelConfig};
+
+/// How peers combine their work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    /// H local AdamW steps, then top-k + 2-bit compressed pseudo-gradients with error
+    /// feedback, averaged and applied with the outer learning rate.
+    #[value(name = "sparseloco")]
+    SparseLoCo,
+    /// H local AdamW steps, then dense fp32 pseudo-gradients applied with Nesterov
+    /// momentum: the baseline SparseLoCo is measured against.
+    #[value(name = "diloco")]
+    DiLoCo,
+    /// Every step: dense gradients averaged over peers, one shared AdamW step (what
+    /// data-parallel training does inside a datacenter).
+    #[value(name = "ddp")]
+    Ddp,
+}
+
+/// Everything that must be the same on every peer of a run.
+#[derive(Args, Clone, Debug, Serialize)]
+pub struct RunConfig {
+    /// The model: a Hugging Face `config.json` for LlamaForCausalLM.
+    #[arg(long, env = "STARLING_MODEL_CONFIG")]
+    #[serde(skip)] // its content is part of the fingerprint, not where it lies
+    pub model_config: PathBuf,
+    /// Seed of the initial weights and of the data assignment.
+    #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, env = "STARLING_ALGORITHM", value_enum, default_value_t = Algorithm::SparseLoCo)]
+    pub algorithm: Algorithm,
+    /// Most peers the run can have (fixes each peer's data slice for the whole run).
+    #[arg(long, env = "STARLING_MAX_PEERS", default_value_t = 4)]
+    pub max_peers: u32,
+    /// Outer rounds (for `ddp`: optimiser steps).
+    #[arg(long, env = "STARLING_ROUNDS", default_value_t = 12)]
+    pub rounds: u32,
+    /// Inner steps per round (ignored by `ddp`, whose rounds are single steps).
+    #[arg(long, env = "STARLING_INNER_STEPS", default_value_t = 20)]
+    pub inner_steps: u32,
+    /// Sequences per peer per inner step.
+    #[arg(long, env = "STARLING_BATCH", default_value_t = 8)]
+    pub batch: u32,
+    /// Sequences per forward pass (gradient accumulation reaches the batch).
+    #[arg(long, env = "STARLING_MICRO_BATCH", default_value_t = 8)]
+    pub micro_batch: u32,
+    #[arg(long, env = "STARLING_SEQUENCE_LENGTH", default_value_t = 128)]
+    pub sequence_length: u32,
+    /// Peak inner (AdamW) learning rate.
+    #[arg(long, env = "STARLING_LR", default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, env = "STARLING_WARMUP_STEPS", default_value_t = 20)]
+    pub warmup_steps: u64,
+    #[arg(long, env = "STARLING_OUTER_LR", default_value_t = 1.0)]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum (`diloco`).
+    #[arg(long, env = "STARLING_OUTER_MOMENTUM", default_value_t = 0.9)]
+    pub outer_momentum: f32,
+    #[arg(long, env = "STARLING_CHUNK", default_value_t = 4096)]
+    pub chunk: u32,
+    /// Values kept per chunk.
+    #[arg(long, env = "STARLING_TOPK", default_value_t = 64)]
+    pub k: u32,
+    #[arg(long, env = "STARLING_VALUE_BITS", default_value_t = 2)]
+    pub bits: u8,
+    /// Error-feedback decay β.
+    #[arg(long, env = "STARLING_ERROR_FEEDBACK", default_value_t = 0.95)]
+    pub error_feedback: f32,
+    /// Text corpus (see `Corpus::from_path`); the built-in Shakespeare when absent.
+    #[arg(long, env = "STARLING_CORPUS")]
+    #[serde(skip)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long, env = "STARLING_TOKENIZER", default_value = "bytes")]
+    pub tokenizer: String,
+}
+
+/// A loaded run: the configuration made concrete.
+pub struct Run {
+    pub config: RunConfig,
+    pub model: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub shards: Shards,
+    pub assignment: Assignment,
+    /// Hash of everything peers must agree on.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("model config {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+    #[error("invalid run: {0}")]
+    Invalid(String),
+}
+
+impl RunConfig {
+    /// Reads the model config and builds (or reopens) the token shards under `data_dir`.
+    pub fn load(self, data_dir: &Path) -> Result<Run, RunError> {
+        let model_error = |message: String| RunError::Model {
+            path: self.model_config.clone(),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(&self.model_config).map_err(|e| model_error(e.to_string()))?;
+        let model: ModelConfig =
+            serde_json::from_str(&text).map_err(|e| model_error(e.to_string()))?;
+        model.validate().map_err(|e| model_error(e.to_string()))?;
+        let tokenizer = Tokenizer::from_spec(&self.tokenizer)?;
+        if (tokenizer.vocab_size() as usize) > model.vocab_size {
+            return Err(RunError::Invalid(format!(
+                "tokenizer {} has {} tokens but the model's vocab_size is {}",
+                tokenizer.name(),
+                tokenizer.vocab_size(),
+                model.vocab_size
+            )));
+        }
+        if self.sequence_length as usize > model.max_position_embeddings {
+            return Err(RunError::Invalid(format!(
+                "sequence length {} exceeds the model's max_position_embeddings {}",
+                self.sequence_length, model.max_position_embeddings
+            )));
+        }
+        if self.batch == 0 || self.rounds == 0 || self.max_peers == 0 {
+            return Err(RunError::Invalid(
+                "batch, rounds and max peers must be positive".into(),
+            ));
+        }
+        self.codec()?;
+        let corpus = match &self.corpus {
+            Some(path) => Corpus::from_path(path)?,
+            None => Corpus::shakespeare(),
+        };
+        let (shards, _) = Shards::build_or_open(data_dir, &corpus, tokenizer)?;
+        let assignment = Assignment::new(
+            self.seed,
+            self.max_peers,
+            u64::from(self.steps_per_round()) * u64::from(self.batch),
+            self.sequence_length as usize,
+            shards.train.len(),
+        )?;
+        let fingerprint = fingerprint(&serde_json::json!({
+            "config": &self,
+            "model": &model,
+            "corpus": corpus.fingerprint(),
+        }));
+        Ok(Run {
+            config: self,
+            model,
+            tokenizer,
+            shards,
+            assignment,
+            fingerprint,
+        })
+    }
+
+    /// Inner steps in one round: one for `ddp`.
+    pub fn steps_per_round(&self) -> u32 {
+        match self.algorithm {
+            Algorithm::Ddp => 1,
+            _ => self.inner_steps.max(1),
+        }
+    }
+
+    pub fn codec(&self) -> Result<Compressor, RunError> {
+        let config = CodecConfig::new(self.chunk, self.k, ValueBits::try_from(self.bits)?)?;
+        Ok(Compressor::new(config, self.error_feedback)?)
+    }
+
+    pub fn aggregation(&self) -> AggregationRule {
+        AggregationRule::WeightedMean
+    }
+
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            peak: self.lr,
+            warmup: self.warmup_steps,
+            total: u64::from(self.rounds) * u64::from(self.steps_per_round()),
+            floor: 0.1,
+        }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig::default()
+    }
+}
+
+impl Run {
+    /// The batches peer `peer` trains on in `round`, one per inner step.
+    pub fn batches(&self, peer: u32, round: u32) -> Vec<Batch> {
+        let windows = self.assignment.peer_round(peer, round);
+        windows
+            .chunks(self.config.batch as usize)
+            .map(|w| self.assignment.batch(&self.shards.train, w))
+            .collect()
+    }
+
+    /// A fixed batch of `rows` held-out sequences: the run's validation loss is measured
+    /// on it.
+    pub fn validation_batch(&self, rows: u32) -> Result<Batch, RunError> {
+        Ok(validation_batch(
+            &self.shards.validation,
+            rows,
+            self.config.sequence_length as usize,
+        )?)
+    }
+}
+
+/// `rows` held-out sequences of `seq` tokens, the same for everyone who asks.
+pub fn validation_batch(
+    tokens: &[crate::data::Token],
+    rows: u32,
+    seq: usize,
+) -> Result<Batch, crate::data::DataError> {
+    let a = Assignment::new(0, 1, u64::from(rows), seq, tokens.len())?;
+    Ok(a.batch(tokens, &a.peer_round(0, 0)))
+}
+
+/// FNV-1a over the canonical JSON: a mismatch detector, not a security measure.
+fn fingerprint(value: &serde_json::Value) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in value.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
