@@ -115,51 +115,30 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
         current.store(round.0, Ordering::Relaxed);
         let started = Instant::now();
         let batches = run.batches(peer.index(), round.0);
-        match outer.local_round(&model, &mut inner, &batches, micro) {
-            Ok((bytes, loss)) => {
+        let update = match outer.local_round(&model, &mut inner, &batches, micro) {
+            Ok(update) => {
                 report.rounds_trained += 1;
-                report.last_train_loss = loss;
-                let computed = started.elapsed();
-                match rt.block_on(client.put_update(round, &bytes, loss)) {
-                    Ok(n) => {
-                        report.updates_accepted += 1;
-                        report.bytes_sent += n;
-                    }
-                    Err(e) => match e.refusal().map(|r| r.reason) {
-                        Some(Reason::RoundClosed) => {
-                            tracing::warn!(%peer, round = round.0, error = %e, "update not counted")
-                        }
-                        Some(Reason::Resync) => {
-                            round = resync(
-                                &rt,
-                                &client,
-                                &model,
-                                &mut outer,
-                                &mut inner,
-                                run,
-                                &mut report,
-                            )?;
-                            continue;
-                        }
-                        Some(Reason::RunDone) => break,
-                        _ => return Err(e.into()),
-                    },
-                }
-                tracing::info!(
-                    %peer,
-                    round = format!("{}/{}", round.0 + 1, rounds.0),
-                    train_loss = format!("{loss:.4}"),
-                    update_bytes = bytes.len(),
-                    compression = format!("{:.1}x", dense as f64 / bytes.len() as f64),
-                    compute_s = format!("{:.2}", computed.as_secs_f64()),
-                    "update sent"
-                );
+                report.last_train_loss = update.1;
+                Some(update)
             }
-            // A diverged step: skip this round's update, take everyone else's.
-            Err(e) => tracing::warn!(%peer, round = round.0, error = %e, "no update this round"),
-        }
-        let entries = match rt.block_on(client.fetch_round(round)) {
-            Ok(entries) => entries,
+            // A diverged step: no update this round; take everyone else's.
+            Err(e) => {
+                tracing::warn!(%peer, round = round.0, error = %e, "no update this round");
+                None
+            }
+        };
+        let computed = started.elapsed();
+        let result = rt.block_on(
+            client.exchange_round(round, update.as_ref().map(|(b, l)| (b.as_slice(), *l))),
+        );
+        let entries = match result {
+            Ok(result) => {
+                if let Some(n) = result.accepted_bytes {
+                    report.updates_accepted += 1;
+                    report.bytes_sent += n;
+                }
+                result.entries
+            }
             Err(e) => match e.refusal().map(|r| r.reason) {
                 Some(Reason::Resync) => {
                     round = resync(
@@ -177,6 +156,19 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
                 _ => return Err(e.into()),
             },
         };
+        if let Some((bytes, loss)) = &update {
+            tracing::info!(
+                %peer,
+                round = format!("{}/{}", round.0 + 1, rounds.0),
+                train_loss = format!("{loss:.4}"),
+                update_bytes = bytes.len(),
+                compression = format!("{:.1}x", dense as f64 / bytes.len() as f64),
+                compute_s = format!("{:.2}", computed.as_secs_f64()),
+                round_s = format!("{:.2}", started.elapsed().as_secs_f64()),
+                updates = entries.len(),
+                "round done"
+            );
+        }
         let updates: Vec<(&[u8], f32)> = entries
             .iter()
             .map(|e| (e.bytes.as_slice(), e.weight))

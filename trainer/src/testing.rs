@@ -35,3 +35,37 @@ pub fn loss_on(model: &Llama, batch: &Batch) -> f32 {
     let y = Tensor::from_slice(&batch.targets, (batch.rows, batch.seq), &Device::Cpu).unwrap();
     model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// A run of [`small_config`] on Shakespeare with short sequences, set up under `dir`;
+/// `args` are `train`/`exchange` run flags that override the defaults here.
+pub fn small_run(dir: &std::path::Path, args: &[&str]) -> crate::run::Run {
+    use clap::Parser;
+    #[derive(Parser)]
+    #[command(args_override_self = true)]
+    struct Flags {
+        #[command(flatten)]
+        run: crate::run::RunConfig,
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("model.json");
+    std::fs::write(&config, serde_json::to_vec(&small_config()).unwrap()).unwrap();
+    let mut argv = vec!["run", "--model-config", config.to_str().unwrap()];
+    argv.extend([
+        "--max-peers",
+        "3",
+        "--rounds",
+        "3",
+        "--inner-steps",
+        "2",
+        "--batch",
+        "2",
+        "--micro-batch",
+        "2",
+        "--sequence-length",
+        "32",
+        "--warmup-steps",
+        "2",
+    ]);
+    argv.extend(args);
+    Flags::parse_from(argv).run.load(&dir.join("data")).unwrap()
+}

@@ -10,7 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::proto::{self, exchange_client};
-use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Refusal};
+use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal};
 use crate::outer::Round;
 
 type Grpc = exchange_client::ExchangeClient<InterceptedService<Channel, Bearer>>;
@@ -68,6 +68,14 @@ pub struct ExchangeClient {
     opts: ClientOptions,
 }
 
+/// A closed round as a peer sees it.
+pub struct RoundResult {
+    /// The accepted updates, in peer order.
+    pub entries: Vec<Entry>,
+    /// Bytes of this peer's update the exchange accepted; `None` if it was not counted.
+    pub accepted_bytes: Option<u64>,
+}
+
 /// One accepted update of a closed round.
 pub struct Entry {
     pub peer: PeerId,
@@ -104,26 +112,71 @@ impl ExchangeClient {
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
         loop {
-            let status = match call(self.grpc.clone()).await {
+            match call(self.grpc.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(status) => status,
-            };
-            if let Some(refusal) = Refusal::from_status(&status) {
-                return Err(refusal.into());
+                Err(status) => self.back_off(status, start, &mut wait).await?,
             }
-            if !transient(&status) {
-                return Err(ClientError::Protocol(status.to_string()));
+        }
+    }
+
+    /// Turns a failed call into its error, or — when the exchange is merely unreachable
+    /// and `retry_for` has not run out — waits before the next attempt.
+    async fn back_off(
+        &self,
+        status: Status,
+        start: Instant,
+        wait: &mut Duration,
+    ) -> Result<(), ClientError> {
+        if let Some(refusal) = Refusal::from_status(&status) {
+            return Err(refusal.into());
+        }
+        if !transient(&status) {
+            return Err(ClientError::Protocol(status.to_string()));
+        }
+        if start.elapsed() >= self.opts.retry_for {
+            return Err(ClientError::Unreachable {
+                url: self.opts.url.clone(),
+                waited: start.elapsed(),
+                last: status,
+            });
+        }
+        tracing::debug!(%status, ?wait, "exchange unreachable; retrying");
+        tokio::time::sleep(*wait).await;
+        *wait = (*wait * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// One round from this peer's side: upload its update (if it has one), then wait for
+    /// the round's accepted updates. If the exchange drops while this peer waits it may
+    /// have restarted without the update, so the update is sent again before waiting
+    /// again. An update that arrives after the round closed is reported and skipped.
+    pub async fn exchange_round(
+        &self,
+        round: Round,
+        update: Option<(&[u8], f32)>,
+    ) -> Result<RoundResult, ClientError> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let mut accepted_bytes = None;
+            if let Some((bytes, loss)) = update {
+                match self.put_update(round, bytes, loss).await {
+                    Ok(n) => accepted_bytes = Some(n),
+                    Err(ClientError::Refused(r)) if r.reason == Reason::RoundClosed => {
+                        tracing::warn!(round = round.0, refusal = %r, "update not counted");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            if start.elapsed() >= self.opts.retry_for {
-                return Err(ClientError::Unreachable {
-                    url: self.opts.url.clone(),
-                    waited: start.elapsed(),
-                    last: status,
-                });
+            match self.fetch_round_once(round).await {
+                Ok(entries) => {
+                    return Ok(RoundResult {
+                        entries,
+                        accepted_bytes,
+                    });
+                }
+                Err(status) => self.back_off(status, start, &mut wait).await?,
             }
-            tracing::debug!(%status, ?wait, "exchange unreachable; retrying");
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -201,43 +254,42 @@ impl ExchangeClient {
         Ok(reply.accepted_bytes)
     }
 
-    /// Waits for `round` to close and downloads its accepted updates, in peer order.
-    pub async fn fetch_round(&self, round: Round) -> Result<Vec<Entry>, ClientError> {
-        let bandwidth = self.opts.bandwidth_mbps;
-        self.retrying(|mut g| async move {
-            use proto::round_chunk::Item;
-            let mut stream = g
-                .fetch_round(proto::FetchRoundRequest { round: round.0 })
-                .await?
-                .into_inner();
-            let mut pacer = Pacer::new(bandwidth);
-            let mut entries: Vec<Entry> = Vec::new();
-            let mut expected = None;
-            while let Some(chunk) = stream.next().await {
-                match chunk?.item {
-                    Some(Item::Round(h)) if h.round == round.0 => expected = Some(h.updates),
-                    Some(Item::Entry(e)) => entries.push(Entry {
-                        peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
-                        weight: e.weight,
-                        bytes: Vec::with_capacity(e.size as usize),
-                    }),
-                    Some(Item::Data(d)) => {
-                        pacer.pace(d.len()).await;
-                        entries
-                            .last_mut()
-                            .ok_or_else(|| Status::internal("data before any entry"))?
-                            .bytes
-                            .extend_from_slice(&d);
-                    }
-                    _ => return Err(Status::internal("malformed round stream")),
+    /// Waits for `round` to close and downloads its accepted updates, in peer order;
+    /// one attempt.
+    async fn fetch_round_once(&self, round: Round) -> Result<Vec<Entry>, Status> {
+        use proto::round_chunk::Item;
+        let mut stream = self
+            .grpc
+            .clone()
+            .fetch_round(proto::FetchRoundRequest { round: round.0 })
+            .await?
+            .into_inner();
+        let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut expected = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk?.item {
+                Some(Item::Round(h)) if h.round == round.0 => expected = Some(h.updates),
+                Some(Item::Entry(e)) => entries.push(Entry {
+                    peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
+                    weight: e.weight,
+                    bytes: Vec::with_capacity(e.size as usize),
+                }),
+                Some(Item::Data(d)) => {
+                    pacer.pace(d.len()).await;
+                    entries
+                        .last_mut()
+                        .ok_or_else(|| Status::internal("data before any entry"))?
+                        .bytes
+                        .extend_from_slice(&d);
                 }
+                _ => return Err(Status::internal("malformed round stream")),
             }
-            match expected {
-                Some(n) if n as usize == entries.len() => Ok(entries),
-                _ => Err(Status::unavailable("the round stream ended early")),
-            }
-        })
-        .await
+        }
+        match expected {
+            Some(n) if n as usize == entries.len() => Ok(entries),
+            _ => Err(Status::unavailable("the round stream ended early")),
+        }
     }
 
     /// Downloads the global state and the round it starts.

@@ -215,45 +215,4 @@ impl From<Refusal> for Status {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_file_names_peers_and_the_operator_and_rejects_mistakes() {
-        let t = Tokens::parse("# run tokens\np0 aaaaaaaaaaaaaaaa\noperator bbbbbbbbbbbbbbbb\n")
-            .unwrap();
-        assert_eq!(
-            t.identify("aaaaaaaaaaaaaaaa"),
-            Some(Identity::Peer(PeerId::new(0)))
-        );
-        assert_eq!(t.identify("bbbbbbbbbbbbbbbb"), Some(Identity::Operator));
-        assert_eq!(t.identify("cccccccccccccccc"), None);
-        let short = Tokens::parse("p1 short").unwrap_err();
-        assert!(short.contains("shorter than 16"), "{short}");
-        let bad = Tokens::parse("peer1 aaaaaaaaaaaaaaaa").unwrap_err();
-        assert!(bad.contains("invalid peer id"), "{bad}");
-        let reused = Tokens::parse("p0 aaaaaaaaaaaaaaaa\np1 aaaaaaaaaaaaaaaa").unwrap_err();
-        assert!(reused.contains("line 2: token reused"), "{reused}");
-    }
-
-    #[test]
-    fn refusals_survive_the_trip_through_a_grpc_status() {
-        for reason in Reason::ALL {
-            let status = Status::from(Refusal::new(reason, "because"));
-            assert_eq!(status.code(), reason.code());
-            assert_eq!(
-                Refusal::from_status(&status),
-                Some(Refusal::new(reason, "because"))
-            );
-        }
-        assert_eq!(Refusal::from_status(&Status::unavailable("down")), None);
-    }
-
-    #[test]
-    fn peer_ids_parse_strictly() {
-        assert_eq!("p12".parse::<PeerId>().unwrap().index(), 12);
-        for bad in ["12", "p", "p01", "q1", "p-1"] {
-            assert!(bad.parse::<PeerId>().is_err(), "{bad}");
-        }
-    }
-}
+mod tests;

@@ -486,7 +486,12 @@ impl Exchange {
         };
         self.check_fingerprint(&header.config_fingerprint)?;
         let round = Round(header.round);
-        self.check_round(peer, round)?;
+        if self.check_round(peer, round)? {
+            return Ok(proto::PutUpdateReply {
+                round: round.0,
+                accepted_bytes: header.size,
+            });
+        }
         let limit = self.shared.max_update;
         if header.size > limit {
             return Err(Refusal::new(
@@ -574,8 +579,9 @@ impl Exchange {
         })
     }
 
-    /// Whether `peer` may submit for `round` now.
-    fn check_round(&self, peer: PeerId, round: Round) -> Result<(), Refusal> {
+    /// Whether `peer` may submit for `round` now; `Ok(true)` when the exchange already
+    /// holds its update for that round (a retry after a lost reply).
+    fn check_round(&self, peer: PeerId, round: Round) -> Result<bool, Refusal> {
         let state = self.state();
         if state.open >= self.rounds() {
             return Err(Refusal::new(
@@ -592,22 +598,24 @@ impl Exchange {
                 ),
             ));
         }
-        let accepted_earlier = state
+        let held = state
             .closed
             .iter()
-            .any(|c| c.round == round && c.entries.iter().any(|(p, _, _)| *p == peer));
+            .any(|c| c.round == round && c.entries.iter().any(|(p, _, _)| *p == peer))
+            || (round == state.open && state.closing && state.submissions.contains_key(&peer));
+        if held {
+            return Ok(true);
+        }
         if round < state.open || state.closing {
-            let why = if accepted_earlier {
-                "already has this peer's update"
-            } else {
-                "is closed; this update came too late and is not counted"
-            };
             return Err(Refusal::new(
                 Reason::RoundClosed,
-                format!("round {round} {why}; fetch its result and go on"),
+                format!(
+                    "round {round} is closed; this update came too late and is not counted. \
+                     Fetch the round's result and go on"
+                ),
             ));
         }
-        Ok(())
+        Ok(false)
     }
 }
 

@@ -1,0 +1,290 @@
+//! The exchange in process: what it refuses and why, and that every algorithm keeps the
+//! peers and the exchange bit-identical.
+
+use std::time::Duration;
+
+use candle_core::Device;
+
+use super::client::{ClientError, ClientOptions, ExchangeClient};
+use super::server::{Exchange, ExchangeOptions};
+use super::{Identity, PeerId, Reason, Refusal, Tokens};
+use crate::model::{InnerOptimizer, Llama, load_checkpoint};
+use crate::outer::{Outer, Round};
+use crate::peer::{PeerOptions, train};
+use crate::run::Run;
+use crate::testing::{small_config, small_run};
+use tonic::Status;
+
+const OPERATOR: &str = "operator-token-0000";
+
+fn token(peer: u32) -> String {
+    format!("peer-token-{peer:08}")
+}
+
+fn options(dir: &std::path::Path) -> ExchangeOptions {
+    let mut tokens = Tokens::default();
+    for p in 0..3 {
+        tokens.insert(token(p), Identity::Peer(PeerId::new(p)));
+    }
+    tokens.insert(OPERATOR, Identity::Operator);
+    ExchangeOptions {
+        tokens,
+        min_peers: 2,
+        deadline: Duration::from_secs(60),
+        liveness: Duration::from_secs(60),
+        max_update_bytes: None,
+        keep_rounds: 2,
+        state_dir: None,
+        checkpoint_dir: Some(dir.join("exchange")),
+        checkpoint_every: 100,
+        eval_rows: 4,
+        run_name: "test".into(),
+    }
+}
+
+/// Serves an exchange for `run` on a loopback port; returns its URL.
+async fn serve(run: Run, opts: ExchangeOptions) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let exchange = Exchange::new(run, opts).unwrap();
+    tokio::spawn(exchange.serve(listener, std::future::pending()));
+    url
+}
+
+fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClient {
+    ExchangeClient::new(ClientOptions {
+        url: url.into(),
+        token: token.into(),
+        fingerprint: fingerprint.into(),
+        bandwidth_mbps: None,
+        retry_for: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+/// A real round-0 update of peer `p`.
+fn update(run: &Run, p: u32) -> Vec<u8> {
+    let model = Llama::new(run.model.clone(), run.config.seed, &Device::Cpu).unwrap();
+    let mut outer = Outer::new(&run.config, &model).unwrap();
+    let mut inner = InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule()).unwrap();
+    outer
+        .local_round(&model, &mut inner, &run.batches(p, 0), 2)
+        .unwrap()
+        .0
+}
+
+fn reason(e: ClientError) -> (Reason, String) {
+    let r = e.refusal().unwrap_or_else(|| panic!("not a refusal: {e}"));
+    (r.reason, r.message.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let (good0, good1) = (update(&run, 0), update(&run, 1));
+    let foreign = {
+        let mut config = small_config();
+        config.num_hidden_layers = 1;
+        let model = Llama::new(config, 0, &Device::Cpu).unwrap();
+        let mut outer = Outer::new(&run.config, &model).unwrap();
+        let mut inner =
+            InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule()).unwrap();
+        outer
+            .local_round(&model, &mut inner, &run.batches(0, 0), 2)
+            .unwrap()
+            .0
+    };
+    let mut opts = options(dir.path());
+    opts.max_update_bytes = Some(3 * good0.len() as u64);
+    let other = small_run(&dir.path().join("other"), &["--lr", "0.1"]);
+    let url = serve(run, opts).await;
+    let p0 = client(&url, &token(0), &fp);
+    let p1 = client(&url, &token(1), &fp);
+    let operator = client(&url, OPERATOR, &fp);
+
+    let (r, m) = reason(
+        client(&url, "not-a-token-at-all", &fp)
+            .join()
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::Unauthenticated, "{m}");
+    let (r, _) = reason(
+        operator
+            .put_update(Round(0), &good0, 1.0)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::Forbidden);
+    let (r, _) = reason(p0.run_state().await.unwrap_err());
+    assert_eq!(r, Reason::Forbidden);
+    let (r, m) = reason(
+        client(&url, &token(0), &other.fingerprint)
+            .join()
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::ConfigMismatch);
+    assert!(m.contains(&other.fingerprint), "{m}");
+
+    assert_eq!(
+        p0.join().await.unwrap(),
+        (PeerId::new(0), Round(0), Round(3))
+    );
+    let (r, m) = reason(p0.put_update(Round(0), b"garbage", 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::CorruptUpdate, "{m}");
+    // Damaged in transit.
+    let mut flipped = good0.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0xff;
+    let (r, m) = reason(p0.put_update(Round(0), &flipped, 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::CorruptUpdate);
+    eprintln!("flipped byte: {m}");
+    // Well-formed, but made for another model.
+    let (r, m) = reason(p0.put_update(Round(0), &foreign, 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::CorruptUpdate);
+    eprintln!("foreign model: {m}");
+    let huge = vec![0u8; 4 * good0.len()];
+    let (r, m) = reason(p0.put_update(Round(0), &huge, 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::TooLarge);
+    assert!(m.contains("exceeds the limit"), "{m}");
+    let (r, _) = reason(p0.put_update(Round(2), &good0, 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::Resync);
+
+    // None of that touched the round: two good updates close it at quorum.
+    p1.join().await.unwrap();
+    let (a, b) = tokio::join!(
+        p0.exchange_round(Round(0), Some((&good0, 2.0))),
+        p1.exchange_round(Round(0), Some((&good1, 3.0)))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let peers: Vec<_> = a.entries.iter().map(|e| e.peer).collect();
+    assert_eq!(peers, [PeerId::new(0), PeerId::new(1)]);
+    assert_eq!(a.entries[0].bytes, good0);
+    assert_eq!(b.entries[1].bytes, good1);
+    assert_eq!(a.accepted_bytes, Some(good0.len() as u64));
+
+    // Too late for round 0 (p2 never sent), and a retry of an accepted update is fine.
+    let p2 = client(&url, &token(2), &fp);
+    let (r, m) = reason(p2.put_update(Round(0), &good1, 1.0).await.unwrap_err());
+    assert_eq!(r, Reason::RoundClosed);
+    assert!(m.contains("too late"), "{m}");
+    assert_eq!(
+        p0.put_update(Round(0), &good0, 2.0).await.unwrap(),
+        good0.len() as u64
+    );
+
+    let state = operator.run_state().await.unwrap();
+    assert_eq!(state.open_round, 1);
+    let p0_state = &state.peers[0];
+    assert_eq!(
+        (p0_state.updates_accepted, p0_state.updates_rejected),
+        (1, 5)
+    );
+    assert!(p0_state.last_rejection.contains("resync"), "{p0_state:?}");
+    assert_eq!(state.peers[1].updates_rejected, 0);
+    assert_eq!(state.recent[0].contributors, ["p0", "p1"]);
+    assert!(state.recent[0].validation_loss.is_finite());
+    let (r, _) = reason(
+        operator
+            .set_weights([(PeerId::new(1), f32::NAN)])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::BadRequest);
+}
+
+/// Two peers (threads) and the exchange run `algorithm` for three rounds; everyone ends
+/// with the same bytes.
+fn federate(algorithm: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &["--algorithm", algorithm, "--max-peers", "2"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(serve(run, options(dir.path())));
+    let peers: Vec<_> = (0..2)
+        .map(|p| {
+            let (url, dir) = (url.clone(), dir.path().to_owned());
+            let algorithm = algorithm.to_owned();
+            std::thread::spawn(move || {
+                let run = small_run(&dir, &["--algorithm", &algorithm, "--max-peers", "2"]);
+                let opts = PeerOptions {
+                    exchange: url,
+                    token: token(p),
+                    bandwidth_mbps: None,
+                    retry_for: Duration::from_secs(10),
+                    heartbeat: Duration::from_millis(200),
+                    checkpoint_dir: Some(dir.join(format!("peer{p}"))),
+                };
+                train(&run, opts).unwrap()
+            })
+        })
+        .collect();
+    for p in peers {
+        let report = p.join().unwrap();
+        assert_eq!(report.updates_accepted, 3, "{report:?}");
+    }
+    let bytes = |d: &str| std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();
+    let exchange = bytes("exchange/round-000003");
+    assert!(bytes("peer0") == exchange, "{algorithm}: peer 0 differs");
+    assert!(bytes("peer1") == exchange, "{algorithm}: peer 1 differs");
+    let (_, meta) =
+        load_checkpoint(&dir.path().join("exchange/round-000003"), &Device::Cpu).unwrap();
+    assert_eq!(meta["round"], 3);
+    assert_eq!(meta["contributors"], serde_json::json!(["p0", "p1"]));
+}
+
+#[test]
+fn sparseloco_keeps_peers_and_exchange_bit_identical() {
+    federate("sparseloco");
+}
+
+#[test]
+fn diloco_keeps_peers_and_exchange_bit_identical() {
+    federate("diloco");
+}
+
+#[test]
+fn ddp_keeps_peers_and_exchange_bit_identical() {
+    federate("ddp");
+}
+
+#[test]
+fn tokens_file_names_peers_and_the_operator_and_rejects_mistakes() {
+    let t =
+        Tokens::parse("# run tokens\np0 aaaaaaaaaaaaaaaa\noperator bbbbbbbbbbbbbbbb\n").unwrap();
+    assert_eq!(
+        t.identify("aaaaaaaaaaaaaaaa"),
+        Some(Identity::Peer(PeerId::new(0)))
+    );
+    assert_eq!(t.identify("bbbbbbbbbbbbbbbb"), Some(Identity::Operator));
+    assert_eq!(t.identify("cccccccccccccccc"), None);
+    let short = Tokens::parse("p1 short").unwrap_err();
+    assert!(short.contains("shorter than 16"), "{short}");
+    let bad = Tokens::parse("peer1 aaaaaaaaaaaaaaaa").unwrap_err();
+    assert!(bad.contains("invalid peer id"), "{bad}");
+    let reused = Tokens::parse("p0 aaaaaaaaaaaaaaaa\np1 aaaaaaaaaaaaaaaa").unwrap_err();
+    assert!(reused.contains("line 2: token reused"), "{reused}");
+}
+
+#[test]
+fn refusals_survive_the_trip_through_a_grpc_status() {
+    for reason in Reason::ALL {
+        let status = Status::from(Refusal::new(reason, "because"));
+        assert_eq!(status.code(), reason.code());
+        assert_eq!(
+            Refusal::from_status(&status),
+            Some(Refusal::new(reason, "because"))
+        );
+    }
+    assert_eq!(Refusal::from_status(&Status::unavailable("down")), None);
+}
+
+#[test]
+fn peer_ids_parse_strictly() {
+    assert_eq!("p12".parse::<PeerId>().unwrap().index(), 12);
+    for bad in ["12", "p", "p01", "q1", "p-1"] {
+        assert!(bad.parse::<PeerId>().is_err(), "{bad}");
+    }
+}
