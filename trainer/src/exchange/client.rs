@@ -85,6 +85,7 @@ pub struct Entry {
 
 impl ExchangeClient {
     /// Connects lazily: the first call dials, and a restarted exchange is redialled.
+    /// Must be called within a Tokio runtime, which the connection then runs on.
     pub fn new(opts: ClientOptions) -> Result<Self, ClientError> {
         let channel = Endpoint::from_shared(opts.url.clone())
             .map_err(|e| ClientError::Protocol(format!("exchange URL {}: {e}", opts.url)))?
