@@ -5,6 +5,7 @@ pub mod bench;
 pub mod codec;
 pub mod data;
 pub mod exchange;
+pub mod local;
 pub mod model;
 pub mod outer;
 pub mod peer;

@@ -1,0 +1,183 @@
+//! A federation on one machine: an exchange and its peers as child processes of a
+//! `starling-trainer` binary on loopback, each with its own data directory and log. The
+//! convergence benchmark and the multi-process tests run runs this way.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
+use crate::exchange::proto::RunState;
+
+const OPERATOR: &str = "operator-token-local-0000";
+
+/// The token of peer `p` in a local federation.
+pub fn token(p: u32) -> String {
+    format!("peer-token-local-{p:08}")
+}
+
+pub struct LocalFederation {
+    binary: PathBuf,
+    dir: PathBuf,
+    run_args: Vec<String>,
+    exchange: Option<Child>,
+    port: u16,
+    rt: tokio::runtime::Runtime,
+}
+
+impl LocalFederation {
+    /// A federation of up to `max_peers` peers running `binary` with the run flags
+    /// `run_args`, working under `dir`.
+    pub fn new(
+        binary: &Path,
+        dir: &Path,
+        max_peers: u32,
+        run_args: Vec<String>,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let tokens: String = (0..max_peers)
+            .map(|p| format!("p{p} {}\n", token(p)))
+            .chain([format!("operator {OPERATOR}\n")])
+            .collect();
+        std::fs::write(dir.join("tokens"), tokens)?;
+        Ok(Self {
+            binary: binary.to_owned(),
+            dir: dir.to_owned(),
+            run_args,
+            exchange: None,
+            port: 0,
+            rt: tokio::runtime::Runtime::new()?,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn command(&self, role: &str, name: &str) -> std::io::Result<Command> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg(role)
+            .args(&self.run_args)
+            .arg("--data-dir")
+            .arg(self.path(&format!("data-{name}")))
+            // One thread per process: the peers and the exchange share one machine.
+            .env("RAYON_NUM_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(self.path(&format!("{name}.log")))?);
+        Ok(cmd)
+    }
+
+    /// Starts the exchange, or restarts it on the port it had. Its final checkpoint goes
+    /// to `exchange/round-<rounds>`.
+    pub fn start_exchange(&mut self, extra: &[&str]) -> std::io::Result<()> {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let mut child = self
+            .command("exchange", "exchange")?
+            .args(["--listen", &listen, "--tokens-file"])
+            .arg(self.path("tokens"))
+            .arg("--checkpoint-dir")
+            .arg(self.path("exchange"))
+            .args(["--checkpoint-every", "1000000"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .strip_prefix("exchange listening on ")
+            .and_then(|addr| addr.rsplit(':').next())
+            .and_then(|port| port.parse().ok());
+        let Some(port) = port else {
+            let _ = child.kill();
+            return Err(std::io::Error::other(format!(
+                "the exchange did not start:\n{}",
+                self.log("exchange")
+            )));
+        };
+        self.port = port;
+        self.exchange = Some(child);
+        Ok(())
+    }
+
+    /// Kills the exchange as a power cut would.
+    pub fn kill_exchange(&mut self) -> std::io::Result<()> {
+        if let Some(mut child) = self.exchange.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts peer `p`; its final parameters go to `peer<p>/`.
+    pub fn start_peer(&self, p: u32) -> std::io::Result<Child> {
+        self.command("train", &format!("p{p}"))?
+            .args(["--exchange", &format!("http://127.0.0.1:{}", self.port)])
+            .args(["--token", &token(p)])
+            .arg("--checkpoint-dir")
+            .arg(self.path(&format!("peer{p}")))
+            .stdout(Stdio::piped())
+            .spawn()
+    }
+
+    /// Waits for peer `p` to exit; its output, or its log when it failed.
+    pub fn finish(&self, p: u32, child: Child) -> Result<String, String> {
+        let Output { status, stdout, .. } = child.wait_with_output().map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&stdout).into_owned();
+        if status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "p{p} failed ({status}):\n{stdout}\n{}",
+                self.log(&format!("p{p}"))
+            ))
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The exchange's view of the run, as the operator reads it.
+    pub fn run_state(&self) -> Result<RunState, ClientError> {
+        let opts = ClientOptions {
+            url: format!("http://127.0.0.1:{}", self.port),
+            token: OPERATOR.into(),
+            fingerprint: String::new(),
+            bandwidth_mbps: None,
+            retry_for: Duration::from_secs(30),
+        };
+        self.rt
+            .block_on(async { ExchangeClient::new(opts)?.run_state().await })
+    }
+
+    /// Polls the run state until `done` holds, for at most `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&RunState) -> bool,
+    ) -> Result<RunState, String> {
+        let start = Instant::now();
+        loop {
+            let state = self.run_state().map_err(|e| e.to_string())?;
+            if done(&state) {
+                return Ok(state);
+            }
+            if start.elapsed() > timeout {
+                return Err(format!(
+                    "timed out waiting for {what}: {state:?}\n{}",
+                    self.log("exchange")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LocalFederation {
+    fn drop(&mut self) {
+        let _ = self.kill_exchange();
+    }
+}
