@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::codec::{CodecConfig, Compressor, Finite, Update, ValueBits};
+use crate::run::Algorithm;
 
 /// One configuration's measurements.
 #[derive(Debug, Serialize)]
@@ -231,4 +232,180 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .and_then(|n| n.checked_mul(mult))
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("not a size: {s:?} (try 16M)"))
+}
+
+/// One algorithm's outcome in the convergence benchmark.
+#[derive(Debug, Serialize)]
+pub struct ConvergenceRow {
+    pub algorithm: Algorithm,
+    pub peers: u32,
+    pub rounds: u32,
+    /// Tokens trained on by accepted updates, all peers together.
+    pub tokens: u64,
+    pub initial_validation_loss: f32,
+    pub final_validation_loss: f32,
+    /// Bytes of updates each peer sent (mean over peers).
+    pub bytes_sent_per_peer: u64,
+    /// The same updates as dense fp32: the baseline of the ratio.
+    pub dense_bytes_per_peer: u64,
+    pub ratio_vs_dense: f64,
+    pub wall_s: f64,
+}
+
+/// The convergence benchmark: the same model, data and token budget trained by a local
+/// federation (exchange + peers as processes on loopback) with each algorithm.
+pub struct ConvergenceBench {
+    /// The `starling-trainer` binary to run the exchange and the peers with.
+    pub binary: std::path::PathBuf,
+    pub work_dir: std::path::PathBuf,
+    /// A model `config.json`; the tiny preset when `None`.
+    pub model_config: Option<std::path::PathBuf>,
+    pub algorithms: Vec<Algorithm>,
+    pub peers: u32,
+    pub rounds: u32,
+    pub inner_steps: u32,
+    pub batch: u32,
+    pub sequence_length: u32,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub chunk: u32,
+    pub k: u32,
+    pub bits: u8,
+    pub error_feedback: f32,
+    pub sparseloco_outer_lr: f32,
+    pub diloco_outer_lr: f32,
+    pub diloco_momentum: f32,
+    pub eval_rows: u32,
+    pub seed: u64,
+}
+
+/// The `tiny` preset (the operator's `tiny`, byte vocabulary).
+pub const TINY_CONFIG: &str = include_str!("../tests/fixtures/tiny-config.json");
+
+impl ConvergenceBench {
+    pub fn run(
+        &self,
+        mut report: impl FnMut(&ConvergenceRow),
+    ) -> anyhow::Result<Vec<ConvergenceRow>> {
+        std::fs::create_dir_all(&self.work_dir)?;
+        let model_config = match &self.model_config {
+            Some(path) => path.clone(),
+            None => {
+                let path = self.work_dir.join("tiny-config.json");
+                std::fs::write(&path, TINY_CONFIG)?;
+                path
+            }
+        };
+        let mut rows = vec![];
+        for &algorithm in &self.algorithms {
+            // Same tokens for everyone: DDP's rounds are single steps.
+            let (rounds, inner) = match algorithm {
+                Algorithm::Ddp => (self.rounds * self.inner_steps, 1),
+                _ => (self.rounds, self.inner_steps),
+            };
+            let outer_lr = match algorithm {
+                Algorithm::SparseLoCo => self.sparseloco_outer_lr,
+                Algorithm::DiLoCo => self.diloco_outer_lr,
+                Algorithm::Ddp => 1.0,
+            };
+            let args: Vec<String> = [
+                ("--model-config", model_config.display().to_string()),
+                ("--algorithm", format!("{algorithm:?}").to_lowercase()),
+                ("--seed", self.seed.to_string()),
+                ("--max-peers", self.peers.to_string()),
+                ("--rounds", rounds.to_string()),
+                ("--inner-steps", inner.to_string()),
+                ("--batch", self.batch.to_string()),
+                ("--micro-batch", self.batch.to_string()),
+                ("--sequence-length", self.sequence_length.to_string()),
+                ("--lr", self.lr.to_string()),
+                ("--warmup-steps", self.warmup_steps.to_string()),
+                ("--outer-lr", outer_lr.to_string()),
+                ("--outer-momentum", self.diloco_momentum.to_string()),
+                ("--chunk", self.chunk.to_string()),
+                ("--k", self.k.to_string()),
+                ("--bits", self.bits.to_string()),
+                ("--error-feedback", self.error_feedback.to_string()),
+            ]
+            .into_iter()
+            .flat_map(|(flag, value)| [flag.to_owned(), value])
+            .collect();
+            let dir = self.work_dir.join(format!("{algorithm:?}").to_lowercase());
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut federation =
+                crate::local::LocalFederation::new(&self.binary, &dir, self.peers, args)?;
+            let start = Instant::now();
+            federation.start_exchange(&[
+                "--min-peers",
+                &self.peers.to_string(),
+                "--round-deadline",
+                "600",
+                "--eval-rows",
+                &self.eval_rows.to_string(),
+            ])?;
+            let children = (0..self.peers)
+                .map(|p| federation.start_peer(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            for (p, child) in children.into_iter().enumerate() {
+                federation
+                    .finish(p as u32, child)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let wall_s = start.elapsed().as_secs_f64();
+            let state = federation.run_state()?;
+            let last = state
+                .recent
+                .last()
+                .ok_or_else(|| anyhow::anyhow!("{algorithm:?}: no round closed"))?;
+            let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
+            let dense_bytes_per_peer = state.dense_update_bytes * u64::from(rounds);
+            let row = ConvergenceRow {
+                algorithm,
+                peers: self.peers,
+                rounds,
+                tokens: state.tokens,
+                initial_validation_loss: state.initial_validation_loss,
+                final_validation_loss: last.validation_loss,
+                bytes_sent_per_peer,
+                dense_bytes_per_peer,
+                ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
+                wall_s,
+            };
+            report(&row);
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+pub fn convergence_table_header() -> String {
+    format!(
+        "{:<11} {:>5} {:>6} {:>9} {:>8} {:>8} {:>13} {:>13} {:>9} {:>8}",
+        "algorithm",
+        "peers",
+        "rounds",
+        "tokens",
+        "val0",
+        "val",
+        "sent/peer",
+        "dense/peer",
+        "vs dense",
+        "wall s"
+    )
+}
+
+pub fn convergence_table_row(r: &ConvergenceRow) -> String {
+    format!(
+        "{:<11} {:>5} {:>6} {:>9} {:>8.4} {:>8.4} {:>13} {:>13} {:>8.1}x {:>8.1}",
+        format!("{:?}", r.algorithm).to_lowercase(),
+        r.peers,
+        r.rounds,
+        r.tokens,
+        r.initial_validation_loss,
+        r.final_validation_loss,
+        r.bytes_sent_per_peer,
+        r.dense_bytes_per_peer,
+        r.ratio_vs_dense,
+        r.wall_s
+    )
 }
