@@ -288,7 +288,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("{} is not a model config", config.display()))?;
             let model = Llama::new(config, seed, &Device::Cpu)?;
             let meta = serde_json::json!({"round": 0, "seed": seed, "tokenizer": "bytes"});
-            save_checkpoint(&out, &model, &meta)?;
+            save_checkpoint(&out, &model, &meta, &[])?;
             println!(
                 "wrote {} ({} parameters)",
                 out.display(),
@@ -303,8 +303,9 @@ fn main() -> anyhow::Result<()> {
             seed,
         } => {
             let (model, meta) = load_checkpoint(&checkpoint, &Device::Cpu)?;
-            let tokenizer = Tokenizer::from_spec(meta["tokenizer"].as_str().unwrap_or("bytes"))?;
-            let out = model.generate(&tokenizer.encode(&prompt), tokens, temperature, seed)?;
+            let _ = meta;
+            let tokenizer = Tokenizer::of_checkpoint(&checkpoint)?;
+            let out = model.generate(&tokenizer.encode(&prompt)?, tokens, temperature, seed)?;
             println!("{prompt}{}", tokenizer.decode(&out));
         }
         Command::Bench(Bench::Convergence {

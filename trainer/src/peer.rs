@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-
 use crate::exchange::PeerId;
 use crate::exchange::Reason;
 use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
@@ -48,6 +46,8 @@ pub enum PeerError {
     Round(#[from] crate::outer::RoundError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
     #[error("runtime: {0}")]
     Runtime(#[from] std::io::Error),
 }
@@ -71,7 +71,7 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
     let (peer, open, rounds) = rt.block_on(client.join())?;
     tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
 
-    let model = Llama::new(run.model.clone(), config.seed, &Device::Cpu)?;
+    let model = run.initial_model()?;
     let mut outer = Outer::new(config, &model)?;
     let mut inner = InnerOptimizer::new(&model, config.adamw(), config.schedule())?;
     let mut report = PeerReport {
@@ -186,7 +186,7 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
             "algorithm": config.algorithm,
             "tokenizer": run.tokenizer.name(),
         });
-        save_checkpoint(dir, &model, &meta)?;
+        save_checkpoint(dir, &model, &meta, &run.tokenizer.files())?;
     }
     tracing::info!(%peer, ?report, "run finished");
     Ok(report)

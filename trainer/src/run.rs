@@ -9,7 +9,9 @@ use serde::Serialize;
 
 use crate::codec::{AggregationRule, CodecConfig, Compressor, ValueBits};
 use crate::data::{Assignment, Batch, Corpus, Shards, Tokenizer};
-use crate::model::{AdamWConfig, LrSchedule, ModelConfig};
+use candle_core::Device;
+
+use crate::model::{AdamWConfig, Llama, LrSchedule, ModelConfig, load_checkpoint};
 
 /// How peers combine their work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -82,8 +84,14 @@ pub struct RunConfig {
     #[arg(long, env = "STARLING_CORPUS")]
     #[serde(skip)]
     pub corpus: Option<PathBuf>,
+    /// `bytes`, or the path of a Hugging Face `tokenizer.json`.
     #[arg(long, env = "STARLING_TOKENIZER", default_value = "bytes")]
     pub tokenizer: String,
+    /// Start from this checkpoint (a Hugging Face model directory with
+    /// `model.safetensors` and a matching `config.json`) instead of random weights.
+    #[arg(long, env = "STARLING_INIT_FROM")]
+    #[serde(skip)]
+    pub init_from: Option<PathBuf>,
 }
 
 /// A loaded run: the configuration made concrete.
@@ -146,7 +154,7 @@ impl RunConfig {
             Some(path) => Corpus::from_path(path)?,
             None => Corpus::shakespeare(),
         };
-        let (shards, _) = Shards::build_or_open(data_dir, &corpus, tokenizer)?;
+        let (shards, _) = Shards::build_or_open(data_dir, &corpus, &tokenizer)?;
         let assignment = Assignment::new(
             self.seed,
             self.max_peers,
@@ -154,10 +162,29 @@ impl RunConfig {
             self.sequence_length as usize,
             shards.train.len(),
         )?;
+        // A checkpoint is named by its weights file's size and time: hashing gigabytes
+        // on every start would be slow, and a mismatch is what this must catch.
+        let init = match &self.init_from {
+            Some(dir) => {
+                let weights = dir.join("model.safetensors");
+                let meta = std::fs::metadata(&weights).map_err(|e| {
+                    RunError::Invalid(format!("initial checkpoint {}: {e}", weights.display()))
+                })?;
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs());
+                serde_json::json!({"size": meta.len(), "modified": modified})
+            }
+            None => serde_json::Value::Null,
+        };
         let fingerprint = fingerprint(&serde_json::json!({
             "config": &self,
             "model": &model,
             "corpus": corpus.fingerprint(),
+            "tokenizer": tokenizer.name(),
+            "init": init,
         }));
         Ok(Run {
             config: self,
@@ -201,6 +228,24 @@ impl RunConfig {
 }
 
 impl Run {
+    /// The run's starting parameters: the initial checkpoint if there is one, else
+    /// random weights from the run's seed. Every peer and the exchange get the same.
+    pub fn initial_model(&self) -> Result<Llama, RunError> {
+        let Some(dir) = &self.config.init_from else {
+            return Llama::new(self.model.clone(), self.config.seed, &Device::Cpu)
+                .map_err(|e| RunError::Invalid(e.to_string()));
+        };
+        let (model, _) = load_checkpoint(dir, &Device::Cpu)
+            .map_err(|e| RunError::Invalid(format!("initial checkpoint: {e}")))?;
+        if model.config() != &self.model {
+            return Err(RunError::Invalid(format!(
+                "initial checkpoint {} has a different architecture from the run's model",
+                dir.display()
+            )));
+        }
+        Ok(model)
+    }
+
     /// The batches peer `peer` trains on in `round`, one per inner step.
     pub fn batches(&self, peer: u32, round: u32) -> Vec<Batch> {
         let windows = self.assignment.peer_round(peer, round);

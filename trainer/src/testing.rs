@@ -25,8 +25,9 @@ pub fn small_config() -> ModelConfig {
 pub fn shakespeare(seq: usize) -> (Vec<u32>, Batch) {
     let tok = Tokenizer::Bytes;
     let corpus = Corpus::shakespeare();
-    let batch = crate::run::validation_batch(&tok.encode(&corpus.validation), 32, seq).unwrap();
-    (tok.encode(&corpus.train), batch)
+    let batch =
+        crate::run::validation_batch(&tok.encode(&corpus.validation).unwrap(), 32, seq).unwrap();
+    (tok.encode(&corpus.train).unwrap(), batch)
 }
 
 /// The model's mean loss on `batch`.

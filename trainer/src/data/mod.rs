@@ -1,6 +1,7 @@
 //! Training data: text → tokens → on-disk shards → each peer's deterministic slice.
 //!
-//! * [`Tokenizer`]: the built-in byte tokenizer (256 tokens).
+//! * [`Tokenizer`]: the built-in byte tokenizer (256 tokens), or a Hugging Face
+//!   `tokenizer.json`.
 //! * [`Corpus`]: the text, split into training and held-out validation documents; the
 //!   built-in Shakespeare corpus is embedded in the binary.
 //! * [`Shards`]: the tokenised corpus, written to disk once and reopened afterwards.
@@ -15,7 +16,7 @@ mod tokenizer;
 pub use assignment::{Assignment, Batch};
 pub use corpus::Corpus;
 pub use shards::Shards;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TOKENIZER_FILE, Tokenizer};
 
 use std::path::PathBuf;
 
@@ -24,8 +25,12 @@ pub type Token = u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("unsupported tokenizer {0:?}: only `bytes` is built in")]
+    #[error(
+        "tokenizer {0:?} is neither `bytes` nor a tokenizer.json file (or a directory with one)"
+    )]
     UnsupportedTokenizer(String),
+    #[error("tokenizer {path}: {message}")]
+    BadTokenizer { path: PathBuf, message: String },
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,

@@ -32,7 +32,7 @@ impl Shards {
     pub fn build_or_open(
         dir: &Path,
         corpus: &Corpus,
-        tokenizer: Tokenizer,
+        tokenizer: &Tokenizer,
     ) -> Result<(Self, bool), DataError> {
         let meta = Meta {
             tokenizer: tokenizer.name().to_owned(),
@@ -50,8 +50,8 @@ impl Shards {
             return Ok((shards, true));
         }
         let shards = Self {
-            train: tokenizer.encode(&corpus.train),
-            validation: tokenizer.encode(&corpus.validation),
+            train: tokenizer.encode(&corpus.train)?,
+            validation: tokenizer.encode(&corpus.validation)?,
         };
         std::fs::create_dir_all(dir).map_err(DataError::io(dir))?;
         let width = token_width(tokenizer.vocab_size());
@@ -141,10 +141,12 @@ mod tests {
             train: "to be or not to be".into(),
             validation: "that is the question".into(),
         };
-        let (built, reused) = Shards::build_or_open(dir.path(), &corpus, Tokenizer::Bytes).unwrap();
+        let (built, reused) =
+            Shards::build_or_open(dir.path(), &corpus, &Tokenizer::Bytes).unwrap();
         assert!(!reused);
-        assert_eq!(built.train, Tokenizer::Bytes.encode(&corpus.train));
-        let (again, reused) = Shards::build_or_open(dir.path(), &corpus, Tokenizer::Bytes).unwrap();
+        assert_eq!(built.train, Tokenizer::Bytes.encode(&corpus.train).unwrap());
+        let (again, reused) =
+            Shards::build_or_open(dir.path(), &corpus, &Tokenizer::Bytes).unwrap();
         assert!(reused);
         assert_eq!(again, built);
         // One byte per token on disk for a 256-token vocabulary.
@@ -158,7 +160,7 @@ mod tests {
             ..corpus.clone()
         };
         let (rebuilt, reused) =
-            Shards::build_or_open(dir.path(), &other, Tokenizer::Bytes).unwrap();
+            Shards::build_or_open(dir.path(), &other, &Tokenizer::Bytes).unwrap();
         assert!(!reused);
         assert_eq!(rebuilt.train.len(), "something else".len());
     }
@@ -170,15 +172,15 @@ mod tests {
             train: "abcdef".into(),
             validation: "ghi".into(),
         };
-        Shards::build_or_open(dir.path(), &corpus, Tokenizer::Bytes).unwrap();
+        Shards::build_or_open(dir.path(), &corpus, &Tokenizer::Bytes).unwrap();
         let path = dir.path().join("train.tokens");
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[17] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        let err = Shards::build_or_open(dir.path(), &corpus, Tokenizer::Bytes).unwrap_err();
+        let err = Shards::build_or_open(dir.path(), &corpus, &Tokenizer::Bytes).unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         std::fs::write(&path, b"short").unwrap();
-        let err = Shards::build_or_open(dir.path(), &corpus, Tokenizer::Bytes).unwrap_err();
+        let err = Shards::build_or_open(dir.path(), &corpus, &Tokenizer::Bytes).unwrap_err();
         assert!(err.to_string().contains("not a token shard"), "{err}");
     }
 

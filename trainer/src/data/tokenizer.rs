@@ -1,36 +1,103 @@
+use std::path::{Path, PathBuf};
+
 use super::{DataError, Token};
 
 /// Turns text into tokens and back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Tokenizer {
     /// One token per UTF-8 byte: no vocabulary file, works on any text.
     Bytes,
+    /// A Hugging Face `tokenizer.json`.
+    HuggingFace {
+        /// `tokenizer.json:<hash of the file>`: names this exact vocabulary.
+        name: String,
+        json: Vec<u8>,
+        inner: Box<tokenizers::Tokenizer>,
+    },
 }
 
+/// The file name a Hugging Face tokenizer has in a checkpoint.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
 impl Tokenizer {
-    /// From a TrainingRun's `data.tokenizer` (`bytes`, or a Hub repo id).
+    /// From a TrainingRun's `data.tokenizer`: `bytes`, or the path of a `tokenizer.json`
+    /// (or of a directory holding one, such as a checkpoint).
     pub fn from_spec(spec: &str) -> Result<Self, DataError> {
-        match spec {
-            "bytes" => Ok(Tokenizer::Bytes),
-            other => Err(DataError::UnsupportedTokenizer(other.to_owned())),
+        if spec == "bytes" {
+            return Ok(Tokenizer::Bytes);
+        }
+        let path = Path::new(spec);
+        let file = if path.is_dir() {
+            path.join(TOKENIZER_FILE)
+        } else {
+            path.to_owned()
+        };
+        if !file.is_file() {
+            return Err(DataError::UnsupportedTokenizer(spec.to_owned()));
+        }
+        let json = std::fs::read(&file).map_err(DataError::io(&file))?;
+        Self::from_json(json, &file)
+    }
+
+    /// The tokenizer a checkpoint was trained with: its `tokenizer.json` if it has one,
+    /// else bytes.
+    pub fn of_checkpoint(dir: &Path) -> Result<Self, DataError> {
+        let file = dir.join(TOKENIZER_FILE);
+        if file.is_file() {
+            Self::from_spec(&file.to_string_lossy())
+        } else {
+            Ok(Tokenizer::Bytes)
         }
     }
 
-    pub fn name(&self) -> &'static str {
+    fn from_json(json: Vec<u8>, file: &Path) -> Result<Self, DataError> {
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&json).map_err(|e| DataError::BadTokenizer {
+                path: PathBuf::from(file),
+                message: e.to_string(),
+            })?;
+        let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Ok(Tokenizer::HuggingFace {
+            name: format!("{TOKENIZER_FILE}:{hash:016x}"),
+            json,
+            inner: Box::new(inner),
+        })
+    }
+
+    pub fn name(&self) -> &str {
         match self {
             Tokenizer::Bytes => "bytes",
+            Tokenizer::HuggingFace { name, .. } => name,
         }
     }
 
     pub fn vocab_size(&self) -> u32 {
         match self {
             Tokenizer::Bytes => 256,
+            Tokenizer::HuggingFace { inner, .. } => inner.get_vocab_size(true) as u32,
         }
     }
 
-    pub fn encode(&self, text: &str) -> Vec<Token> {
+    /// Files a checkpoint must carry for this tokenizer (none for bytes).
+    pub fn files(&self) -> Vec<(&'static str, &[u8])> {
         match self {
-            Tokenizer::Bytes => text.bytes().map(Token::from).collect(),
+            Tokenizer::Bytes => vec![],
+            Tokenizer::HuggingFace { json, .. } => vec![(TOKENIZER_FILE, json.as_slice())],
+        }
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<Token>, DataError> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(Token::from).collect()),
+            Tokenizer::HuggingFace { inner, name, .. } => inner
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| DataError::BadTokenizer {
+                    path: PathBuf::from(name),
+                    message: e.to_string(),
+                }),
         }
     }
 
@@ -41,6 +108,7 @@ impl Tokenizer {
                 let bytes: Vec<u8> = tokens.iter().map(|&t| t.min(255) as u8).collect();
                 String::from_utf8_lossy(&bytes).into_owned()
             }
+            Tokenizer::HuggingFace { inner, .. } => inner.decode(tokens, true).unwrap_or_default(),
         }
     }
 }
@@ -54,6 +122,7 @@ mod tests {
         let t = Tokenizer::from_spec("bytes").unwrap();
         let text = "To be, or not to be — «that» is the question.";
         let tokens = t.encode(text);
+        let tokens = tokens.unwrap();
         assert_eq!(tokens.len(), text.len());
         assert!(tokens.iter().all(|&x| x < t.vocab_size()));
         assert_eq!(t.decode(&tokens), text);
@@ -61,8 +130,39 @@ mod tests {
     }
 
     #[test]
-    fn hub_tokenizers_are_refused_by_name() {
+    fn hub_repo_ids_are_refused_by_name() {
         let err = Tokenizer::from_spec("meta-llama/Llama-3.2-1B").unwrap_err();
         assert!(err.to_string().contains("meta-llama/Llama-3.2-1B"), "{err}");
+    }
+
+    /// A word-level vocabulary in the `tokenizer.json` format.
+    const WORDS: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+        "decoder":null,"model":{"type":"WordLevel","unk_token":"[UNK]",
+        "vocab":{"[UNK]":0,"to":1,"be":2,"or":3,"not":4}}}"#;
+
+    #[test]
+    fn hugging_face_tokenizer_json_loads_from_a_file_or_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(TOKENIZER_FILE), WORDS).unwrap();
+        let from_dir = Tokenizer::from_spec(dir.path().to_str().unwrap()).unwrap();
+        let file = dir.path().join(TOKENIZER_FILE);
+        let t = Tokenizer::from_spec(file.to_str().unwrap()).unwrap();
+        assert_eq!(t.name(), from_dir.name());
+        assert!(t.name().starts_with("tokenizer.json:"), "{}", t.name());
+        assert_eq!(t.vocab_size(), 5);
+        let ids = t.encode("to be or not to be").unwrap();
+        assert_eq!(ids, [1, 2, 3, 4, 1, 2]);
+        assert_eq!(t.decode(&ids), "to be or not to be");
+        assert_eq!(t.encode("to sleep").unwrap(), [1, 0]);
+        assert_eq!(t.files()[0].1, WORDS.as_bytes());
+        assert_eq!(
+            Tokenizer::of_checkpoint(dir.path()).unwrap().name(),
+            t.name()
+        );
+
+        std::fs::write(&file, "{not json").unwrap();
+        let err = Tokenizer::from_spec(file.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 }

@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -165,8 +164,7 @@ impl Exchange {
     /// Sets up the run's global state, resuming from `state_dir` when it holds one.
     pub fn new(run: Run, opts: ExchangeOptions) -> Result<Self, ExchangeError> {
         let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
-        let model =
-            Llama::new(run.model.clone(), run.config.seed, &Device::Cpu).map_err(|e| init(&e))?;
+        let model = run.initial_model().map_err(|e| init(&e))?;
         let mut outer = Outer::new(&run.config, &model).map_err(|e| init(&e))?;
         let inner = match run.config.algorithm {
             Algorithm::Ddp => Some(
@@ -464,7 +462,8 @@ impl Exchange {
                 "contributors": entries.iter().map(|(p, _, _)| p.to_string()).collect::<Vec<_>>(),
             });
             let path = dir.join(format!("round-{:06}", next.0));
-            save_checkpoint(&path, &g.model, &meta).map_err(|e| e.to_string())?;
+            save_checkpoint(&path, &g.model, &meta, &shared.run.tokenizer.files())
+                .map_err(|e| e.to_string())?;
             tracing::info!(round = next.0, path = %path.display(), "checkpoint written");
         }
         Ok((bytes, validation))

@@ -197,18 +197,31 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
 }
 
 /// Two peers (threads) and the exchange run `algorithm` for three rounds; everyone ends
-/// with the same bytes.
-fn federate(algorithm: &str) {
+/// with the same bytes. Returns the directory, with `exchange/round-000003/`.
+fn federate(algorithm: &str) -> tempfile::TempDir {
+    federate_with(algorithm, |_| vec![])
+}
+
+fn federate_with(
+    algorithm: &str,
+    setup: impl Fn(&std::path::Path) -> Vec<String>,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &["--algorithm", algorithm, "--max-peers", "2"]);
+    let mut args = vec!["--algorithm".to_owned(), algorithm.to_owned()];
+    args.extend(["--max-peers".to_owned(), "2".to_owned()]);
+    args.extend(setup(dir.path()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = small_run(dir.path(), &args);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = rt.block_on(serve(run, options(dir.path())));
     let peers: Vec<_> = (0..2)
         .map(|p| {
             let (url, dir) = (url.clone(), dir.path().to_owned());
-            let algorithm = algorithm.to_owned();
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
             std::thread::spawn(move || {
-                let run = small_run(&dir, &["--algorithm", &algorithm, "--max-peers", "2"]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // Its own model file and shards: peers start at once.
+                let run = small_run(&dir.join(format!("p{p}-run")), &args);
                 let opts = PeerOptions {
                     exchange: url,
                     token: token(p),
@@ -233,6 +246,49 @@ fn federate(algorithm: &str) {
         load_checkpoint(&dir.path().join("exchange/round-000003"), &Device::Cpu).unwrap();
     assert_eq!(meta["round"], 3);
     assert_eq!(meta["contributors"], serde_json::json!(["p0", "p1"]));
+    dir
+}
+
+#[test]
+fn a_run_starts_from_a_checkpoint_and_keeps_its_hugging_face_tokenizer() {
+    let words = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,
+        "decoder":null,"model":{"type":"WordLevel","unk_token":"[UNK]",
+        "vocab":{"[UNK]":0,"the":1,"and":2,"I":3,"to":4,"of":5,",":6,".":7}}}"#;
+    let dir = federate_with("sparseloco", |dir| {
+        let init = Llama::new(small_config(), 42, &Device::Cpu).unwrap();
+        crate::model::save_checkpoint(&dir.join("init"), &init, &serde_json::json!({}), &[])
+            .unwrap();
+        std::fs::write(dir.join("tokenizer.json"), words).unwrap();
+        ["--init-from", "--tokenizer"]
+            .into_iter()
+            .zip(["init", "tokenizer.json"])
+            .flat_map(|(flag, file)| [flag.to_owned(), dir.join(file).display().to_string()])
+            .collect()
+    });
+    let out = dir.path().join("exchange/round-000003");
+    assert_eq!(
+        std::fs::read_to_string(out.join("tokenizer.json")).unwrap(),
+        words
+    );
+    // The run started from the checkpoint, not from its own seed: three small rounds
+    // stay far closer to the checkpoint's weights than to the seed's.
+    let (trained, _) = load_checkpoint(&out, &Device::Cpu).unwrap();
+    let (init, _) = load_checkpoint(&dir.path().join("init"), &Device::Cpu).unwrap();
+    let seeded = Llama::new(small_config(), 0, &Device::Cpu).unwrap();
+    let distance = |a: &Llama, b: &Llama| -> f32 {
+        let (x, y) = (&a.params()[0].1, &b.params()[0].1);
+        (x.as_tensor() - y.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let (near, far) = (distance(&trained, &init), distance(&trained, &seeded));
+    assert!(near < 0.5 * far, "{near} vs {far}");
 }
 
 #[test]

@@ -15,13 +15,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
-/// Writes `model.safetensors`, `config.json`, `generation_config.json` and
-/// `starling.json` (`meta`: run, round, tokens, loss, codec) into `dir`, replacing any
-/// checkpoint already there only once the new one is complete.
+/// Writes `model.safetensors`, `config.json`, `generation_config.json`,
+/// `starling.json` (`meta`: run, round, tokens, loss, codec) and `files` (the tokenizer's)
+/// into `dir`, replacing any checkpoint already there only once the new one is complete.
 pub fn save_checkpoint(
     dir: &Path,
     model: &Llama,
     meta: &serde_json::Value,
+    files: &[(&str, &[u8])],
 ) -> Result<(), ModelError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -42,17 +43,21 @@ pub fn save_checkpoint(
         .collect();
     candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
     let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
-    let files = [
-        ("config.json", model.config().to_hf_json()),
+    let json_files = [
+        ("config.json", json(&model.config().to_hf_json())),
         (
             "generation_config.json",
-            serde_json::json!({"_from_model_config": true}),
+            json(&serde_json::json!({"_from_model_config": true})),
         ),
-        ("starling.json", meta.clone()),
+        ("starling.json", json(meta)),
     ];
-    for (file, value) in files {
+    let all = json_files
+        .iter()
+        .map(|(f, b)| (*f, b.as_slice()))
+        .chain(files.iter().copied());
+    for (file, bytes) in all {
         let path = tmp.join(file);
-        std::fs::write(&path, json(&value)).map_err(io(&path))?;
+        std::fs::write(&path, bytes).map_err(io(&path))?;
     }
     if dir.exists() {
         let old = parent.join(format!(".{name}.old"));

@@ -130,16 +130,22 @@ fn training_lowers_held_out_loss_and_is_deterministic() {
 
     // What it learned shows in its text: mostly letters and spaces, like the plays.
     let tok = Tokenizer::Bytes;
-    let text = tok.decode(&m1.generate(&tok.encode("ROMEO:\n"), 200, 0.8, 1).unwrap());
+    let text = tok.decode(
+        &m1.generate(&tok.encode("ROMEO:\n").unwrap(), 200, 0.8, 1)
+            .unwrap(),
+    );
     let plain = text
         .chars()
         .filter(|c| c.is_ascii_alphabetic() || " \n,.'".contains(*c))
         .count();
     assert!(plain * 10 >= text.chars().count() * 9, "{text:?}");
-    let greedy = m1.generate(&tok.encode("ROMEO:\n"), 20, 0.0, 1).unwrap();
+    let greedy = m1
+        .generate(&tok.encode("ROMEO:\n").unwrap(), 20, 0.0, 1)
+        .unwrap();
     assert_eq!(
         greedy,
-        m1.generate(&tok.encode("ROMEO:\n"), 20, 0.0, 2).unwrap()
+        m1.generate(&tok.encode("ROMEO:\n").unwrap(), 20, 0.0, 2)
+            .unwrap()
     );
 }
 
@@ -164,7 +170,7 @@ fn checkpoints_round_trip_and_bad_ones_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("round-3");
     let meta = serde_json::json!({"run": "test", "round": 3});
-    save_checkpoint(&ckpt, &m, &meta).unwrap();
+    save_checkpoint(&ckpt, &m, &meta, &[]).unwrap();
     for f in [
         "model.safetensors",
         "config.json",
@@ -182,7 +188,7 @@ fn checkpoints_round_trip_and_bad_ones_are_reported() {
     assert_eq!(loaded_meta, meta);
     // Overwriting replaces the checkpoint whole, and leaves no partial directories.
     let m2 = Llama::new(small(), 12, &Device::Cpu).unwrap();
-    save_checkpoint(&ckpt, &m2, &meta).unwrap();
+    save_checkpoint(&ckpt, &m2, &meta, &[]).unwrap();
     assert_eq!(
         params_of(&load_checkpoint(&ckpt, &Device::Cpu).unwrap().0),
         params_of(&m2)
