@@ -2,8 +2,12 @@
 //! process: training together, a peer killed mid-round, a peer joining late, and the
 //! exchange restarted under the peers.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
+
+use common::{python_check, trainer};
 
 use starling_trainer::exchange::proto::RunState;
 use starling_trainer::local::LocalFederation;
@@ -125,6 +129,24 @@ fn three_peers_train_tiny_together_and_end_bit_identical() {
     let dense = 3 * u64::from(rounds) * state.dense_update_bytes;
     assert!(dense > 100 * state.bytes_received, "{state:?}");
     f.assert_identical(&[0, 1, 2], rounds);
+
+    // The trained checkpoint is what Hugging Face tooling reads, and it writes.
+    let checkpoint = f.local.path(&format!("exchange/round-{rounds:06}"));
+    if let Some(report) = python_check(&checkpoint) {
+        assert!(report.contains("LlamaForCausalLM layout OK"), "{report}");
+    }
+    let sample = trainer(&[
+        "sample".as_ref(),
+        "--prompt".as_ref(),
+        "ROMEO:".as_ref(),
+        "--tokens".as_ref(),
+        "40".as_ref(),
+        "--checkpoint".as_ref(),
+        checkpoint.as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&sample);
+    eprintln!("sample: {text}");
+    assert!(text.starts_with("ROMEO:") && text.len() > 40, "{text}");
 }
 
 #[test]
