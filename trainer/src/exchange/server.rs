@@ -243,19 +243,63 @@ impl Exchange {
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
-    /// Serves the exchange on `listener` until `shutdown` completes.
+    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, and
+    /// Prometheus metrics at `GET /metrics` (plain HTTP/1.1, no token, as scrapers expect).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        let this = self.clone();
+        let metrics = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = prometheus(&this.run_state());
+                async move { text }
+            }),
+        );
+        let routes = tonic::service::Routes::from(metrics).add_service(self.into_service());
         tonic::transport::Server::builder()
-            .add_service(self.into_service())
+            .accept_http1(true)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown,
             )
             .await
+    }
+
+    /// Where the run stands, as the operator polls it and `/metrics` reports it.
+    pub fn run_state(&self) -> proto::RunState {
+        let state = self.state();
+        let liveness = self.shared.opts.liveness;
+        let peers = state
+            .peers
+            .iter()
+            .map(|(p, r)| proto::PeerState {
+                peer: p.to_string(),
+                alive: r.last_seen.elapsed() < liveness,
+                last_seen_ms_ago: r.last_seen.elapsed().as_millis() as u64,
+                weight: state.weights.get(p).copied().unwrap_or(1.0),
+                updates_accepted: r.accepted,
+                updates_rejected: r.rejected,
+                bytes_received: r.bytes,
+                last_train_loss: r.last_train_loss,
+                last_rejection: r.last_rejection.clone(),
+            })
+            .collect();
+        proto::RunState {
+            open_round: state.open.0,
+            rounds: self.rounds().0,
+            done: state.open >= self.rounds(),
+            peers,
+            recent: state.summaries.iter().cloned().collect(),
+            bytes_received: state.bytes_received,
+            bytes_sent: state.bytes_sent,
+            dense_update_bytes: self.shared.dense_bytes,
+            initial_validation_loss: state.initial_validation_loss,
+            tokens: state.tokens,
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -618,6 +662,109 @@ impl Exchange {
     }
 }
 
+/// The run state in the Prometheus text format.
+pub fn prometheus(state: &proto::RunState) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP starling_exchange_{name} {help}");
+        let _ = writeln!(out, "# TYPE starling_exchange_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "starling_exchange_{name}{labels} {value}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    let per_peer = |f: &dyn Fn(&proto::PeerState) -> f64| {
+        state
+            .peers
+            .iter()
+            .map(|p| (format!("{{peer=\"{}\"}}", p.peer), f(p)))
+            .collect()
+    };
+    let last = state.recent.last();
+    metric(
+        "open_round",
+        "gauge",
+        "The round accepting updates.",
+        one(f64::from(state.open_round)),
+    );
+    metric(
+        "rounds",
+        "gauge",
+        "Rounds in the run.",
+        one(f64::from(state.rounds)),
+    );
+    metric(
+        "done",
+        "gauge",
+        "1 once every round has closed.",
+        one(f64::from(u8::from(state.done))),
+    );
+    metric(
+        "tokens_total",
+        "counter",
+        "Tokens trained on by accepted updates.",
+        one(state.tokens as f64),
+    );
+    metric(
+        "bytes_received_total",
+        "counter",
+        "Update bytes accepted.",
+        one(state.bytes_received as f64),
+    );
+    metric(
+        "bytes_sent_total",
+        "counter",
+        "Update and state bytes served to peers.",
+        one(state.bytes_sent as f64),
+    );
+    metric(
+        "dense_update_bytes",
+        "gauge",
+        "Bytes of one dense fp32 update of the model.",
+        one(state.dense_update_bytes as f64),
+    );
+    metric(
+        "validation_loss",
+        "gauge",
+        "Held-out loss of the global model after the last closed round.",
+        one(last.map_or(f64::from(state.initial_validation_loss), |r| {
+            f64::from(r.validation_loss)
+        })),
+    );
+    metric(
+        "train_loss",
+        "gauge",
+        "Mean training loss the last round's peers reported.",
+        one(last.map_or(f64::NAN, |r| f64::from(r.train_loss))),
+    );
+    metric(
+        "peer_alive",
+        "gauge",
+        "1 while the peer heartbeats.",
+        per_peer(&|p| f64::from(u8::from(p.alive))),
+    );
+    metric(
+        "peer_weight",
+        "gauge",
+        "The peer's aggregation weight.",
+        per_peer(&|p| f64::from(p.weight)),
+    );
+    metric(
+        "updates_accepted_total",
+        "counter",
+        "Updates accepted per peer.",
+        per_peer(&|p| f64::from(p.updates_accepted)),
+    );
+    metric(
+        "updates_rejected_total",
+        "counter",
+        "Updates refused per peer.",
+        per_peer(&|p| f64::from(p.updates_rejected)),
+    );
+    out
+}
+
 /// The persisted global state, inside `state_dir`.
 const STATE_FILE: &str = "state.safetensors";
 
@@ -810,34 +957,6 @@ impl proto::exchange_server::Exchange for Exchange {
         req: Request<proto::RunStateRequest>,
     ) -> Result<Response<proto::RunState>, Status> {
         Self::operator(&req)?;
-        let state = self.state();
-        let liveness = self.shared.opts.liveness;
-        let peers = state
-            .peers
-            .iter()
-            .map(|(p, r)| proto::PeerState {
-                peer: p.to_string(),
-                alive: r.last_seen.elapsed() < liveness,
-                last_seen_ms_ago: r.last_seen.elapsed().as_millis() as u64,
-                weight: state.weights.get(p).copied().unwrap_or(1.0),
-                updates_accepted: r.accepted,
-                updates_rejected: r.rejected,
-                bytes_received: r.bytes,
-                last_train_loss: r.last_train_loss,
-                last_rejection: r.last_rejection.clone(),
-            })
-            .collect();
-        Ok(Response::new(proto::RunState {
-            open_round: state.open.0,
-            rounds: self.rounds().0,
-            done: state.open >= self.rounds(),
-            peers,
-            recent: state.summaries.iter().cloned().collect(),
-            bytes_received: state.bytes_received,
-            bytes_sent: state.bytes_sent,
-            dense_update_bytes: self.shared.dense_bytes,
-            initial_validation_loss: state.initial_validation_loss,
-            tokens: state.tokens,
-        }))
+        Ok(Response::new(self.run_state()))
     }
 }

@@ -73,6 +73,18 @@ fn update(run: &Run, p: u32) -> Vec<u8> {
         .0
 }
 
+/// A plain HTTP/1.1 GET, as a Prometheus scraper makes it.
+async fn http_get(url: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 fn reason(e: ClientError) -> (Reason, String) {
     let r = e.refusal().unwrap_or_else(|| panic!("not a refusal: {e}"));
     (r.reason, r.message.clone())
@@ -187,6 +199,17 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert_eq!(state.peers[1].updates_rejected, 0);
     assert_eq!(state.recent[0].contributors, ["p0", "p1"]);
     assert!(state.recent[0].validation_loss.is_finite());
+    let metrics = http_get(&url, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for line in [
+        "starling_exchange_open_round 1",
+        "starling_exchange_updates_rejected_total{peer=\"p0\"} 5",
+        "starling_exchange_updates_accepted_total{peer=\"p1\"} 1",
+        "# TYPE starling_exchange_bytes_received_total counter",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
+
     let (r, _) = reason(
         operator
             .set_weights([(PeerId::new(1), f32::NAN)])
