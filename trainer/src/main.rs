@@ -46,6 +46,9 @@ enum Command {
         /// Write this peer's final parameters here, in the Hugging Face layout.
         #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
         checkpoint_dir: Option<PathBuf>,
+        /// CA certificate (PEM) to verify an `https://` exchange with.
+        #[arg(long, env = "STARLING_TLS_CA")]
+        tls_ca: Option<PathBuf>,
     },
     /// Serve a run's exchange: rounds, membership, the global state and checkpoints.
     Exchange {
@@ -86,6 +89,12 @@ enum Command {
         eval_rows: u32,
         #[arg(long, env = "STARLING_RUN", default_value = "local")]
         run_name: String,
+        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+        #[arg(long, env = "STARLING_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, env = "STARLING_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Write a freshly initialised model as a checkpoint (round 0 of a run).
     Init {
@@ -197,6 +206,10 @@ enum Bench {
     },
 }
 
+fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -215,6 +228,7 @@ fn main() -> anyhow::Result<()> {
             retry_for,
             data_dir,
             checkpoint_dir,
+            tls_ca,
         } => {
             let run = run.load(&data_dir)?;
             let opts = PeerOptions {
@@ -224,6 +238,7 @@ fn main() -> anyhow::Result<()> {
                 retry_for: Duration::from_secs(retry_for),
                 heartbeat: Duration::from_secs(1),
                 checkpoint_dir,
+                tls_ca: tls_ca.as_deref().map(read).transpose()?,
             };
             let report = peer::train(&run, opts)?;
             println!(
@@ -250,6 +265,8 @@ fn main() -> anyhow::Result<()> {
             checkpoint_every,
             eval_rows,
             run_name,
+            tls_cert,
+            tls_key,
         } => {
             let run = run.load(&data_dir)?;
             let opts = ExchangeOptions {
@@ -264,6 +281,10 @@ fn main() -> anyhow::Result<()> {
                 checkpoint_every,
                 eval_rows,
                 run_name,
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some((read(&cert)?, read(&key)?)),
+                    _ => None,
+                },
             };
             let exchange = Exchange::new(run, opts)?;
             tokio::runtime::Runtime::new()?.block_on(async move {

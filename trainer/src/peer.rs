@@ -23,6 +23,8 @@ pub struct PeerOptions {
     pub bandwidth_mbps: Option<f64>,
     pub retry_for: Duration,
     pub heartbeat: Duration,
+    /// CA certificate (PEM) of an `https://` exchange.
+    pub tls_ca: Option<Vec<u8>>,
     /// The peer's final θ is written here (Hugging Face layout) when the run ends.
     pub checkpoint_dir: Option<PathBuf>,
 }
@@ -67,6 +69,7 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
         fingerprint: run.fingerprint.clone(),
         bandwidth_mbps: opts.bandwidth_mbps,
         retry_for: opts.retry_for,
+        tls_ca: opts.tls_ca.clone(),
     })?;
     let (peer, open, rounds) = rt.block_on(client.join())?;
     tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");

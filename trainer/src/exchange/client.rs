@@ -60,6 +60,8 @@ pub struct ClientOptions {
     pub bandwidth_mbps: Option<f64>,
     /// How long to keep retrying an unreachable exchange before giving up.
     pub retry_for: Duration,
+    /// CA certificate (PEM) to verify an `https://` exchange with.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -87,8 +89,16 @@ impl ExchangeClient {
     /// Connects lazily: the first call dials, and a restarted exchange is redialled.
     /// Must be called within a Tokio runtime, which the connection then runs on.
     pub fn new(opts: ClientOptions) -> Result<Self, ClientError> {
-        let channel = Endpoint::from_shared(opts.url.clone())
-            .map_err(|e| ClientError::Protocol(format!("exchange URL {}: {e}", opts.url)))?
+        let bad_url = |e: &dyn std::fmt::Display| {
+            ClientError::Protocol(format!("exchange URL {}: {e}", opts.url))
+        };
+        let mut endpoint = Endpoint::from_shared(opts.url.clone()).map_err(|e| bad_url(&e))?;
+        if let Some(ca) = &opts.tls_ca {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).map_err(|e| bad_url(&e))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

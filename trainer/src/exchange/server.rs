@@ -47,6 +47,8 @@ pub struct ExchangeOptions {
     /// Held-out sequences the validation loss is measured on after every round.
     pub eval_rows: u32,
     pub run_name: String,
+    /// Certificate chain and key (PEM) to serve TLS with; plain HTTP/2 when `None`.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The gRPC service type, ready to be served.
@@ -176,16 +178,17 @@ impl Exchange {
         let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
         let initial_validation_loss = validation_loss(&model, &validation);
         let mut open = Round(0);
-        if let Some(path) = opts.state_dir.as_ref().map(|d| d.join(STATE_FILE)) {
-            if let Ok(bytes) = std::fs::read(&path) {
-                open = outer
-                    .import(&model, &bytes)
-                    .map_err(|e| ExchangeError::Resume {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?;
-                tracing::info!(round = open.0, path = %path.display(), "resumed the run's state");
-            }
+        let saved = opts.state_dir.as_ref().map(|d| d.join(STATE_FILE));
+        if let Some(path) = saved
+            && let Ok(bytes) = std::fs::read(&path)
+        {
+            open = outer
+                .import(&model, &bytes)
+                .map_err(|e| ExchangeError::Resume {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            tracing::info!(round = open.0, path = %path.display(), "resumed the run's state");
         }
         let state_bytes = Arc::new(outer.export(&model, open).map_err(|e| init(&e))?);
         let dense_bytes = 4 * model.parameter_count() as u64;
@@ -258,8 +261,14 @@ impl Exchange {
                 async move { text }
             }),
         );
+        let mut server = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.shared.opts.tls {
+            let identity = tonic::transport::Identity::from_pem(cert, key);
+            server =
+                server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        }
         let routes = tonic::service::Routes::from(metrics).add_service(self.into_service());
-        tonic::transport::Server::builder()
+        server
             .accept_http1(true)
             .add_routes(routes)
             .serve_with_incoming_shutdown(
@@ -490,7 +499,7 @@ impl Exchange {
         let every = shared.opts.checkpoint_every.max(1);
         let done = next.0 >= shared.run.config.rounds;
         if let Some(dir) = &shared.opts.checkpoint_dir
-            && (next.0 % every == 0 || done)
+            && (next.0.is_multiple_of(every) || done)
         {
             let config = &shared.run.config;
             let meta = serde_json::json!({

@@ -39,6 +39,7 @@ fn options(dir: &std::path::Path) -> ExchangeOptions {
         checkpoint_every: 100,
         eval_rows: 4,
         run_name: "test".into(),
+        tls: None,
     }
 }
 
@@ -58,6 +59,7 @@ fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClient {
         fingerprint: fingerprint.into(),
         bandwidth_mbps: None,
         retry_for: Duration::from_secs(5),
+        tls_ca: None,
     })
     .unwrap()
 }
@@ -251,6 +253,7 @@ fn federate_with(
                     bandwidth_mbps: None,
                     retry_for: Duration::from_secs(10),
                     heartbeat: Duration::from_millis(200),
+                    tls_ca: None,
                     checkpoint_dir: Some(dir.join(format!("peer{p}"))),
                 };
                 train(&run, opts).unwrap()
@@ -366,4 +369,33 @@ fn peer_ids_parse_strictly() {
     for bad in ["12", "p", "p01", "q1", "p-1"] {
         assert!(bad.parse::<PeerId>().is_err(), "{bad}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_reach_a_tls_exchange_only_through_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let read = |f: &str| std::fs::read(tls.join(f)).unwrap();
+    let mut opts = options(dir.path());
+    opts.tls = Some((read("server.pem"), read("server.key")));
+    let url = serve(run, opts).await;
+    let https = url.replace("http://127.0.0.1", "https://localhost");
+    let connect = |url: &str, ca: Option<Vec<u8>>| {
+        ExchangeClient::new(ClientOptions {
+            url: url.into(),
+            token: token(0),
+            fingerprint: fp.clone(),
+            bandwidth_mbps: None,
+            retry_for: Duration::from_millis(300),
+            tls_ca: ca,
+        })
+        .unwrap()
+    };
+    let (peer, _, _) = connect(&https, Some(read("ca.pem"))).join().await.unwrap();
+    assert_eq!(peer, PeerId::new(0));
+    // Without the CA the certificate is not trusted; in plain text nothing is served.
+    assert!(connect(&https, None).join().await.is_err());
+    assert!(connect(&url, None).join().await.is_err());
 }
