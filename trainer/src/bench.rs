@@ -254,29 +254,81 @@ pub struct ConvergenceRow {
 
 /// The convergence benchmark: the same model, data and token budget trained by a local
 /// federation (exchange + peers as processes on loopback) with each algorithm.
+#[derive(clap::Args, Debug)]
 pub struct ConvergenceBench {
     /// The `starling-trainer` binary to run the exchange and the peers with.
+    #[arg(skip)]
     pub binary: std::path::PathBuf,
+    /// Where the runs work (kept afterwards for their logs and checkpoints).
+    #[arg(long, default_value = ".starling/bench-convergence")]
     pub work_dir: std::path::PathBuf,
-    /// A model `config.json`; the tiny preset when `None`.
+    /// A model `config.json`; the tiny preset by default.
+    #[arg(long)]
     pub model_config: Option<std::path::PathBuf>,
+    /// Algorithms to run, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "ddp,diloco,sparseloco"
+    )]
     pub algorithms: Vec<Algorithm>,
+    #[arg(long, default_value_t = 4)]
     pub peers: u32,
+    #[arg(long, default_value_t = 12)]
     pub rounds: u32,
+    #[arg(long, default_value_t = 20)]
     pub inner_steps: u32,
+    #[arg(long, default_value_t = 8)]
     pub batch: u32,
+    #[arg(long, default_value_t = 128)]
     pub sequence_length: u32,
+    #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    #[arg(long, default_value_t = 20)]
     pub warmup_steps: u64,
+    #[arg(long, default_value_t = 4096)]
     pub chunk: u32,
+    #[arg(long, default_value_t = 64)]
     pub k: u32,
+    #[arg(long, default_value_t = 2)]
     pub bits: u8,
+    #[arg(long, default_value_t = 0.95)]
     pub error_feedback: f32,
+    #[arg(long, default_value_t = 1.0)]
     pub sparseloco_outer_lr: f32,
+    #[arg(long, default_value_t = 0.7)]
     pub diloco_outer_lr: f32,
+    #[arg(long, default_value_t = 0.9)]
     pub diloco_momentum: f32,
+    /// Held-out sequences the validation loss is measured on.
+    #[arg(long, default_value_t = 64)]
     pub eval_rows: u32,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Prints each row as soon as it is measured (big configurations take a while): a table
+/// under `header`, or one JSON object per line.
+pub fn printer<R: Serialize>(
+    json: bool,
+    header: String,
+    table_row: fn(&R) -> String,
+) -> impl FnMut(&R) {
+    use std::io::Write;
+    if !json {
+        println!("{header}");
+    }
+    move |row| {
+        let line = if json {
+            serde_json::to_string(row).expect("rows serialise")
+        } else {
+            table_row(row)
+        };
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}");
+        let _ = stdout.flush();
+    }
 }
 
 /// The `tiny` preset (the operator's `tiny`, byte vocabulary).

@@ -8,7 +8,7 @@ pub mod exchange;
 pub mod local;
 pub mod model;
 pub mod outer;
-pub mod peer;
+pub mod roles;
 pub mod run;
 #[cfg(test)]
 mod testing;

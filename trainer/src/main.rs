@@ -11,8 +11,8 @@ use starling_trainer::data::Tokenizer;
 use starling_trainer::exchange::Tokens;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions};
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
-use starling_trainer::peer::{self, PeerOptions};
-use starling_trainer::run::{Algorithm, RunConfig};
+use starling_trainer::roles::train::{self, PeerOptions};
+use starling_trainer::run::RunConfig;
 
 /// Starling trainer: runs in every trainer pod (and as each run's exchange).
 #[derive(Parser)]
@@ -154,53 +154,9 @@ enum Bench {
     /// Train the same model on the same tokens with DDP, dense DiLoCo and SparseLoCo,
     /// each as an exchange plus peers on loopback; compare loss and bytes sent.
     Convergence {
-        /// Algorithms to run, in order.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            value_enum,
-            default_value = "ddp,diloco,sparseloco"
-        )]
-        algorithms: Vec<Algorithm>,
-        #[arg(long, default_value_t = 4)]
-        peers: u32,
-        /// A model `config.json`; the tiny preset by default.
-        #[arg(long)]
-        model_config: Option<PathBuf>,
-        #[arg(long, default_value_t = 12)]
-        rounds: u32,
-        #[arg(long, default_value_t = 20)]
-        inner_steps: u32,
-        #[arg(long, default_value_t = 8)]
-        batch: u32,
-        #[arg(long, default_value_t = 128)]
-        sequence_length: u32,
-        #[arg(long, default_value_t = 3e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 20)]
-        warmup_steps: u64,
-        #[arg(long, default_value_t = 4096)]
-        chunk: u32,
-        #[arg(long, default_value_t = 64)]
-        k: u32,
-        #[arg(long, default_value_t = 2)]
-        bits: u8,
-        #[arg(long, default_value_t = 0.95)]
-        error_feedback: f32,
-        #[arg(long, default_value_t = 1.0)]
-        sparseloco_outer_lr: f32,
-        #[arg(long, default_value_t = 0.7)]
-        diloco_outer_lr: f32,
-        #[arg(long, default_value_t = 0.9)]
-        diloco_momentum: f32,
-        /// Held-out sequences the validation loss is measured on.
-        #[arg(long, default_value_t = 64)]
-        eval_rows: u32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Where the runs work (kept afterwards for their logs and checkpoints).
-        #[arg(long, default_value = ".starling/bench-convergence")]
-        work_dir: PathBuf,
+        #[command(flatten)]
+        bench: ConvergenceBench,
+        /// One JSON object per algorithm instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -240,7 +196,7 @@ fn main() -> anyhow::Result<()> {
                 checkpoint_dir,
                 tls_ca: tls_ca.as_deref().map(read).transpose()?,
             };
-            let report = peer::train(&run, opts)?;
+            let report = train::train(&run, opts)?;
             println!(
                 "{} finished: {} rounds trained, {} updates accepted, {} resyncs, {} bytes sent",
                 report.peer,
@@ -329,63 +285,10 @@ fn main() -> anyhow::Result<()> {
             let out = model.generate(&tokenizer.encode(&prompt)?, tokens, temperature, seed)?;
             println!("{prompt}{}", tokenizer.decode(&out));
         }
-        Command::Bench(Bench::Convergence {
-            algorithms,
-            peers,
-            model_config,
-            rounds,
-            inner_steps,
-            batch,
-            sequence_length,
-            lr,
-            warmup_steps,
-            chunk,
-            k,
-            bits,
-            error_feedback,
-            sparseloco_outer_lr,
-            diloco_outer_lr,
-            diloco_momentum,
-            eval_rows,
-            seed,
-            work_dir,
-            json,
-        }) => {
-            let bench = ConvergenceBench {
-                binary: std::env::current_exe()?,
-                work_dir,
-                model_config,
-                algorithms,
-                peers,
-                rounds,
-                inner_steps,
-                batch,
-                sequence_length,
-                lr,
-                warmup_steps,
-                chunk,
-                k,
-                bits,
-                error_feedback,
-                sparseloco_outer_lr,
-                diloco_outer_lr,
-                diloco_momentum,
-                eval_rows,
-                seed,
-            };
-            let mut stdout = std::io::stdout().lock();
-            if !json {
-                writeln!(stdout, "{}", bench::convergence_table_header())?;
-            }
-            bench.run(|row| {
-                let line = if json {
-                    serde_json::to_string(row).expect("rows serialise")
-                } else {
-                    bench::convergence_table_row(row)
-                };
-                let _ = writeln!(stdout, "{line}");
-                let _ = stdout.flush();
-            })?;
+        Command::Bench(Bench::Convergence { mut bench, json }) => {
+            bench.binary = std::env::current_exe()?;
+            let header = bench::convergence_table_header();
+            bench.run(bench::printer(json, header, bench::convergence_table_row))?;
         }
         Command::Bench(Bench::Codec {
             params,
@@ -402,20 +305,8 @@ fn main() -> anyhow::Result<()> {
                 bits: ValueBits::try_from(bits)?,
                 repeats,
             };
-            let mut stdout = std::io::stdout().lock();
-            if !json {
-                writeln!(stdout, "{}", bench::codec_table_header())?;
-            }
-            bench.run(|row| {
-                let line = if json {
-                    serde_json::to_string(row).expect("rows serialise")
-                } else {
-                    bench::codec_table_row(row)
-                };
-                // Printed as each configuration finishes: large ones take a while.
-                let _ = writeln!(stdout, "{line}");
-                let _ = stdout.flush();
-            })?;
+            let header = bench::codec_table_header();
+            bench.run(bench::printer(json, header, bench::codec_table_row))?;
         }
     }
     Ok(())

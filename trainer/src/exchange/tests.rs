@@ -10,7 +10,7 @@ use super::server::{Exchange, ExchangeOptions};
 use super::{Identity, PeerId, Reason, Refusal, Tokens};
 use crate::model::{InnerOptimizer, Llama, load_checkpoint};
 use crate::outer::{Outer, Round};
-use crate::peer::{PeerOptions, train};
+use crate::roles::train::{PeerOptions, train};
 use crate::run::Run;
 use crate::testing::{small_config, small_run};
 use tonic::Status;

@@ -75,8 +75,12 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
     tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
 
     let model = run.initial_model()?;
-    let mut outer = Outer::new(config, &model)?;
-    let mut inner = InnerOptimizer::new(&model, config.adamw(), config.schedule())?;
+    let mut replica = Replica {
+        run,
+        outer: Outer::new(config, &model)?,
+        inner: InnerOptimizer::new(&model, config.adamw(), config.schedule())?,
+        model,
+    };
     let mut report = PeerReport {
         peer,
         rounds_trained: 0,
@@ -87,15 +91,7 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
     };
     let mut round = Round(0);
     if open > round {
-        round = resync(
-            &rt,
-            &client,
-            &model,
-            &mut outer,
-            &mut inner,
-            run,
-            &mut report,
-        )?;
+        round = resync(&rt, &client, &mut replica, &mut report)?;
     }
 
     // Heartbeats keep this peer in the membership while it computes.
@@ -112,13 +108,19 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
         })
     };
 
-    let dense = 4 * model.parameter_count();
+    let dense = 4 * replica.model.parameter_count();
     let micro = config.micro_batch as usize;
     while round < rounds {
         current.store(round.0, Ordering::Relaxed);
         let started = Instant::now();
         let batches = run.batches(peer.index(), round.0);
-        let update = match outer.local_round(&model, &mut inner, &batches, micro) {
+        let Replica {
+            model,
+            outer,
+            inner,
+            ..
+        } = &mut replica;
+        let update = match outer.local_round(model, inner, &batches, micro) {
             Ok(update) => {
                 report.rounds_trained += 1;
                 report.last_train_loss = update.1;
@@ -144,15 +146,7 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
             }
             Err(e) => match e.refusal().map(|r| r.reason) {
                 Some(Reason::Resync) => {
-                    round = resync(
-                        &rt,
-                        &client,
-                        &model,
-                        &mut outer,
-                        &mut inner,
-                        run,
-                        &mut report,
-                    )?;
+                    round = resync(&rt, &client, &mut replica, &mut report)?;
                     continue;
                 }
                 Some(Reason::RunDone) => break,
@@ -176,7 +170,13 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
             .iter()
             .map(|e| (e.bytes.as_slice(), e.weight))
             .collect();
-        outer.apply(&model, Some(&mut inner), &updates, config.outer_lr)?;
+        let Replica {
+            model,
+            outer,
+            inner,
+            ..
+        } = &mut replica;
+        outer.apply(model, Some(inner), &updates, config.outer_lr)?;
         tracing::debug!(%peer, round = round.0, updates = entries.len(), "round applied");
         round = round.next();
     }
@@ -189,27 +189,33 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
             "algorithm": config.algorithm,
             "tokenizer": run.tokenizer.name(),
         });
-        save_checkpoint(dir, &model, &meta, &run.tokenizer.files())?;
+        save_checkpoint(dir, &replica.model, &meta, &run.tokenizer.files())?;
     }
     tracing::info!(%peer, ?report, "run finished");
     Ok(report)
+}
+
+/// A peer's copy of the run: its model and the optimisers that move it.
+struct Replica<'a> {
+    run: &'a Run,
+    model: Llama,
+    outer: Outer,
+    inner: InnerOptimizer,
 }
 
 /// Replaces this peer's state with the exchange's and returns the round to work on.
 fn resync(
     rt: &tokio::runtime::Runtime,
     client: &ExchangeClient,
-    model: &Llama,
-    outer: &mut Outer,
-    inner: &mut InnerOptimizer,
-    run: &Run,
+    replica: &mut Replica,
     report: &mut PeerReport,
 ) -> Result<Round, PeerError> {
     let (round, bytes) = rt.block_on(client.fetch_state())?;
-    let imported = outer.import(model, &bytes)?;
-    inner.set_steps(u64::from(imported.0) * u64::from(run.config.steps_per_round()));
+    let imported = replica.outer.import(&replica.model, &bytes)?;
+    let steps = u64::from(imported.0) * u64::from(replica.run.config.steps_per_round());
+    replica.inner.set_steps(steps);
     report.resyncs += 1;
-    if run.config.algorithm == Algorithm::Ddp {
+    if replica.run.config.algorithm == Algorithm::Ddp {
         // DDP's shared state includes the optimiser moments, which the exchange does
         // not send: a DDP peer that resyncs trains on, but no longer bit-identically.
         tracing::warn!("resynced a DDP peer: its optimiser moments start afresh");
