@@ -1,2 +1,3 @@
 //! Test and demo infrastructure: a local Kubernetes control plane and the end-to-end tests.
 //! Real users run real clusters; nothing in the product depends on this crate.
+pub mod apiserver;

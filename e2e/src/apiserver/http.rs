@@ -1,0 +1,477 @@
+//! The HTTP surface: discovery, and every verb on every served resource.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::ApiServer;
+use super::error::ApiError;
+use super::registry::{Registry, ResourceType};
+use super::selector::Selector;
+use super::store::{Change, Part, resource_name};
+use super::table::table;
+
+pub fn router(server: ApiServer) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(server)
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(code, &self.status())
+    }
+}
+
+/// A request on a resource, from its path.
+struct Target {
+    resource: ResourceType,
+    namespace: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn query(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Percent-decoding (and `+` as space), as query strings are encoded.
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+async fn handle(
+    State(server): State<ApiServer>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match route(&server, &method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(
+    server: &ApiServer,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let path = uri.path();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["version"] => return Ok(json_response(StatusCode::OK, &version_info())),
+        ["api"] => {
+            let versions = json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]});
+            return Ok(json_response(StatusCode::OK, &versions));
+        }
+        ["apis"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &server.registry().group_list(),
+            ));
+        }
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(ApiError::no_route(path)),
+    };
+    if rest.is_empty() {
+        return match server.registry().resource_list(group, version) {
+            Some(list) => Ok(json_response(StatusCode::OK, &list)),
+            None => Err(ApiError::no_route(path)),
+        };
+    }
+    let target =
+        target(&server.registry(), group, version, rest).ok_or_else(|| ApiError::no_route(path))?;
+    let q = query(uri);
+    resource(server, method, headers, body, target, &q).await
+}
+
+/// Parses `<plural>[/<name>[/<sub>]]` or `namespaces/<ns>/<plural>[/<name>[/<sub>]]`.
+fn target(registry: &Registry, group: &str, version: &str, rest: &[&str]) -> Option<Target> {
+    let namespaced = rest.len() >= 3
+        && rest[0] == "namespaces"
+        && registry
+            .find(group, version, rest[2])
+            .is_some_and(|t| t.namespaced);
+    let (namespace, rest) = if namespaced {
+        (rest[1].to_owned(), &rest[2..])
+    } else {
+        (String::new(), rest)
+    };
+    let resource = registry.find(group, version, rest[0])?.clone();
+    if rest.len() > 3 || (!namespaced && resource.namespaced && rest.len() > 1) {
+        return None;
+    }
+    Some(Target {
+        resource,
+        namespace,
+        name: rest.get(1).map(|s| s.to_string()),
+        subresource: rest.get(2).map(|s| s.to_string()),
+    })
+}
+
+fn version_info() -> Value {
+    json!({
+        "major": "1", "minor": "32", "gitVersion": "v1.32.0-starling-e2e",
+        "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "n/a", "compiler": "rustc", "platform": "linux/amd64",
+    })
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let parsed = if content_type.contains("yaml") {
+        serde_yaml::from_slice::<Value>(body).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice::<Value>(body).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+}
+
+async fn resource(
+    server: &ApiServer,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Bytes,
+    target: Target,
+    q: &[(String, String)],
+) -> Result<Response, ApiError> {
+    let t = &target.resource;
+    let ns = target.namespace.as_str();
+    let part = match target.subresource.as_deref() {
+        None => Part::Main,
+        Some("status") if t.status => Part::Status,
+        Some(other) => {
+            return Err(ApiError::no_route(&format!("{}/{other}", t.plural)));
+        }
+    };
+    let ok = |v: &Value| Ok(json_response(StatusCode::OK, v));
+    match (method, target.name.as_deref()) {
+        (&Method::GET, None) => {
+            let selector = Selector::parse(param(q, "labelSelector"), param(q, "fieldSelector"))?;
+            let all_namespaces = !t.namespaced || target.namespace.is_empty();
+            let namespace = (!all_namespaces).then_some(ns);
+            if matches!(param(q, "watch"), Some("true" | "1")) {
+                return watch(server, t, namespace, selector, q);
+            }
+            let store = server.store();
+            let items: Vec<Value> = store
+                .list(t, namespace)
+                .into_iter()
+                .filter(|o| selector.matches(o))
+                .collect();
+            if wants_table(headers) {
+                return ok(&table(t, &items, store.resource_version()));
+            }
+            ok(&json!({
+                "kind": format!("{}List", t.kind),
+                "apiVersion": t.api_version(),
+                "metadata": {"resourceVersion": store.resource_version().to_string()},
+                "items": items,
+            }))
+        }
+        (&Method::GET, Some(name)) => {
+            let store = server.store();
+            let object = store.get(t, ns, name)?;
+            if wants_table(headers) {
+                return ok(&table(t, &[object], store.resource_version()));
+            }
+            ok(&object)
+        }
+        (&Method::POST, None) => {
+            let object = parse_body(headers, &body)?;
+            let created = server.store().create(t, ns, object)?;
+            after_write(server, t, &created)?;
+            Ok(json_response(StatusCode::CREATED, &created))
+        }
+        (&Method::PUT, Some(name)) => {
+            let object = parse_body(headers, &body)?;
+            let updated = server.store().update(t, ns, name, object, part)?;
+            after_write(server, t, &updated)?;
+            ok(&updated)
+        }
+        (&Method::PATCH, Some(name)) => {
+            let patched = patch(server, t, ns, name, part, headers, &body, q)?;
+            after_write(server, t, &patched.0)?;
+            Ok(json_response(patched.1, &patched.0))
+        }
+        (&Method::DELETE, Some(name)) => {
+            let deleted = server.store().delete(t, ns, name)?;
+            if t.plural == "customresourcedefinitions"
+                && deleted["metadata"]["deletionTimestamp"].is_null()
+            {
+                let spec = &deleted["spec"];
+                server.registry_mut().unregister(
+                    spec["group"].as_str().unwrap_or_default(),
+                    spec["names"]["plural"].as_str().unwrap_or_default(),
+                );
+            }
+            ok(&deleted)
+        }
+        _ => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on {}",
+            resource_name(t)
+        ))),
+    }
+}
+
+/// Applies a patch of the request's content type. Server-side apply creates the object
+/// when it does not exist and otherwise merges (field ownership is not tracked).
+#[allow(clippy::too_many_arguments)]
+fn patch(
+    server: &ApiServer,
+    t: &ResourceType,
+    ns: &str,
+    name: &str,
+    part: Part,
+    headers: &HeaderMap,
+    body: &Bytes,
+    _q: &[(String, String)],
+) -> Result<(Value, StatusCode), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut store = server.store();
+    let current = match store.get(t, ns, name) {
+        Ok(c) => c,
+        Err(e) if content_type.starts_with("application/apply-patch") && part == Part::Main => {
+            let _ = e;
+            let mut object = parse_body(headers, body)?;
+            object["metadata"]["name"] = json!(name);
+            return Ok((store.create(t, ns, object)?, StatusCode::CREATED));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut object = current.clone();
+    match content_type.split(';').next().unwrap_or_default() {
+        "application/merge-patch+json"
+        | "application/strategic-merge-patch+json"
+        | "application/apply-patch+yaml"
+        | "application/apply-patch+json" => {
+            let patch = parse_body(headers, body)?;
+            json_patch::merge(&mut object, &patch);
+        }
+        "application/json-patch+json" => {
+            let ops: json_patch::Patch = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            json_patch::patch(&mut object, &ops).map_err(|e| {
+                ApiError::invalid(&t.kind, name, vec![("patch".into(), e.to_string())])
+            })?;
+        }
+        other => return Err(ApiError::unsupported_media_type(other)),
+    }
+    // A patch is made against what is stored: only an explicit resourceVersion in the
+    // patch itself is checked.
+    if object["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
+        && let Some(m) = object["metadata"].as_object_mut()
+    {
+        m.remove("resourceVersion");
+    }
+    Ok((store.update(t, ns, name, object, part)?, StatusCode::OK))
+}
+
+/// Side effects of writing some kinds: a CustomResourceDefinition starts (or changes)
+/// serving its resource and reports itself established.
+fn after_write(server: &ApiServer, t: &ResourceType, object: &Value) -> Result<(), ApiError> {
+    if t.plural != "customresourcedefinitions"
+        || object["metadata"]["deletionTimestamp"].is_string()
+    {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let types = Registry::from_crd(object)
+        .map_err(|e| ApiError::invalid(&t.kind, &name, vec![("spec".into(), e)]))?;
+    server.registry_mut().register(types);
+    if object["status"]["conditions"].is_null() {
+        let mut established = object.clone();
+        established["status"] = json!({
+            "acceptedNames": object["spec"]["names"],
+            "storedVersions": object["spec"]["versions"].as_array().map(|v| {
+                v.iter().filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect::<Vec<_>>()
+            }),
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                 "message": "no conflicts found", "lastTransitionTime": object["metadata"]["creationTimestamp"]},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                 "message": "the initial names have been accepted", "lastTransitionTime": object["metadata"]["creationTimestamp"]},
+            ],
+        });
+        server
+            .store()
+            .update(t, "", &name, established, Part::Status)?;
+    }
+    Ok(())
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// A watch: the requested history (or, without a resourceVersion, the current objects
+/// as ADDED), then live changes, as newline-delimited JSON events. A resourceVersion
+/// older than the change log gets an ERROR event with 410, as a real server sends.
+fn watch(
+    server: &ApiServer,
+    t: &ResourceType,
+    namespace: Option<&str>,
+    selector: Selector,
+    q: &[(String, String)],
+) -> Result<Response, ApiError> {
+    let namespace = namespace.map(str::to_owned);
+    let in_scope = {
+        let (t, namespace) = (t.clone(), namespace.clone());
+        move |c: &Change| {
+            c.group == t.group
+                && c.plural == t.plural
+                && namespace.as_ref().is_none_or(|n| *n == c.namespace)
+        }
+    };
+    let bookmarks = matches!(param(q, "allowWatchBookmarks"), Some("true" | "1"));
+    let timeout = param(q, "timeoutSeconds")
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let (initial, mut rx, mut last) = {
+        let store = server.store();
+        let rx = store.subscribe();
+        let current = store.resource_version();
+        let initial: Vec<Bytes> =
+            match param(q, "resourceVersion").and_then(|v| v.parse::<u64>().ok()) {
+                Some(rv) if rv > 0 => match store.changes_since(t, rv) {
+                    Ok(changes) => changes
+                        .iter()
+                        .filter(|c| in_scope(c) && selector.matches(&c.object))
+                        .map(|c| watch_line(c.kind, &c.object))
+                        .collect(),
+                    Err(gone) => {
+                        let line = watch_line("ERROR", &gone.status());
+                        let body = Body::from(line);
+                        return Ok(stream_response(body));
+                    }
+                },
+                _ => store
+                    .list(t, namespace.as_deref())
+                    .iter()
+                    .filter(|o| selector.matches(o))
+                    .map(|o| watch_line("ADDED", o))
+                    .collect(),
+            };
+        (initial, rx, current)
+    };
+    let mut epoch = server.inner.watch_epoch.subscribe();
+    epoch.mark_unchanged();
+    let (t, api_version) = (t.clone(), t.api_version());
+    let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        for line in initial {
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut bookmark = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            // Biased: a cut watch must not deliver changes made after the cut.
+            let line = tokio::select! {
+                biased;
+                _ = epoch.changed() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = bookmark.tick(), if bookmarks => {
+                    let object = json!({"kind": t.kind, "apiVersion": api_version,
+                        "metadata": {"resourceVersion": last.to_string()}});
+                    watch_line("BOOKMARK", &object)
+                }
+                change = rx.recv() => match change {
+                    Ok(c) => {
+                        last = last.max(c.rv);
+                        if !(in_scope(&c) && selector.matches(&c.object)) {
+                            continue;
+                        }
+                        watch_line(c.kind, &c.object)
+                    }
+                    // Too slow to keep up: end the watch; the client resumes or relists.
+                    Err(_) => return,
+                },
+            };
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(stream_response(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(out),
+    )))
+}
+
+fn stream_response(body: Body) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("a valid response")
+}

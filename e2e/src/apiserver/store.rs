@@ -1,0 +1,419 @@
+//! The in-memory object store: one resourceVersion counter for everything, a bounded
+//! log of changes for watches, and the write rules a real server applies (optimistic
+//! concurrency, generation, status subresource, finalizers).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::error::ApiError;
+use super::registry::ResourceType;
+
+/// Changes kept for watches; a watch from an older resourceVersion gets 410 Gone.
+const LOG_LIMIT: usize = 4096;
+
+/// Where an object lives: group, plural, namespace ("" when cluster-scoped), name.
+pub type Key = (String, String, String, String);
+
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub rv: u64,
+    pub group: String,
+    pub plural: String,
+    pub namespace: String,
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind: &'static str,
+    pub object: Value,
+}
+
+pub struct Store {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    log: VecDeque<Change>,
+    /// The oldest resourceVersion a watch may still start from.
+    horizon: u64,
+    tx: broadcast::Sender<Change>,
+    uids: u64,
+}
+
+/// Which part of an object a write may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// Everything but `status` (when the type has a status subresource).
+    Main,
+    /// Only `status`.
+    Status,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        let (tx, _) = broadcast::channel(LOG_LIMIT);
+        Self {
+            rv: 1,
+            objects: BTreeMap::new(),
+            log: VecDeque::new(),
+            horizon: 1,
+            tx,
+            uids: 0,
+        }
+    }
+}
+
+fn key(t: &ResourceType, namespace: &str, name: &str) -> Key {
+    (
+        t.group.clone(),
+        t.plural.clone(),
+        namespace.to_owned(),
+        name.to_owned(),
+    )
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+impl Store {
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.tx.subscribe()
+    }
+
+    fn record(&mut self, t: &ResourceType, namespace: &str, kind: &'static str, object: Value) {
+        let change = Change {
+            rv: self.rv,
+            group: t.group.clone(),
+            plural: t.plural.clone(),
+            namespace: namespace.to_owned(),
+            kind,
+            object,
+        };
+        self.log.push_back(change.clone());
+        while self.log.len() > LOG_LIMIT {
+            if let Some(old) = self.log.pop_front() {
+                self.horizon = old.rv;
+            }
+        }
+        let _ = self.tx.send(change);
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    pub fn get(&self, t: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        self.objects
+            .get(&key(t, namespace, name))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&resource_name(t), name))
+    }
+
+    /// Objects of `t`, in one namespace or (with `None`) all of them, in key order.
+    pub fn list(&self, t: &ResourceType, namespace: Option<&str>) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|((g, p, ns, _), _)| {
+                *g == t.group && *p == t.plural && namespace.is_none_or(|n| n == ns)
+            })
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Changes to `t` after `rv`, or 410 Gone when the log no longer reaches back that
+    /// far.
+    pub fn changes_since(&self, t: &ResourceType, rv: u64) -> Result<Vec<Change>, ApiError> {
+        if rv < self.horizon {
+            return Err(ApiError::gone(format!(
+                "too old resource version: {rv} ({})",
+                self.horizon
+            )));
+        }
+        Ok(self
+            .log
+            .iter()
+            .filter(|c| c.rv > rv && c.group == t.group && c.plural == t.plural)
+            .cloned()
+            .collect())
+    }
+
+    /// Forgets the change log, including the latest change, as a restarted server's
+    /// empty watch cache does: a watch from any version seen so far gets 410.
+    pub fn compact(&mut self) {
+        self.log.clear();
+        self.horizon = self.rv + 1;
+    }
+
+    pub fn create(
+        &mut self,
+        t: &ResourceType,
+        namespace: &str,
+        mut object: Value,
+    ) -> Result<Value, ApiError> {
+        check_type(t, &object)?;
+        let meta = object
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    &t.kind,
+                    "",
+                    vec![("metadata".into(), "Required value".into())],
+                )
+            })?;
+        if meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+        {
+            match meta.get("generateName").and_then(Value::as_str) {
+                Some(prefix) => {
+                    let name = format!("{prefix}{:05x}", self.rv + 1);
+                    meta.insert("name".into(), json!(name));
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        &t.kind,
+                        "",
+                        vec![(
+                            "metadata.name".into(),
+                            "Required value: name or generateName is required".into(),
+                        )],
+                    ));
+                }
+            }
+        }
+        let name = meta["name"].as_str().unwrap_or_default().to_owned();
+        if t.namespaced {
+            meta.insert("namespace".into(), json!(namespace));
+        } else {
+            meta.remove("namespace");
+        }
+        let k = key(t, namespace, &name);
+        if self.objects.contains_key(&k) {
+            return Err(ApiError::already_exists(&resource_name(t), &name));
+        }
+        if t.namespaced
+            && !self.objects.contains_key(&(
+                String::new(),
+                "namespaces".into(),
+                String::new(),
+                namespace.to_owned(),
+            ))
+        {
+            return Err(ApiError::not_found("namespaces", namespace));
+        }
+        self.uids += 1;
+        let rv = self.next_rv();
+        let meta = object["metadata"].as_object_mut().expect("checked above");
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-4000-8000-{:012x}", self.uids)),
+        );
+        meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        meta.insert("creationTimestamp".into(), json!(now()));
+        meta.insert("generation".into(), json!(1));
+        meta.remove("deletionTimestamp");
+        if t.status && !t.group.is_empty() {
+            // A custom resource's status is set through the subresource only.
+            if let Some(o) = object.as_object_mut() {
+                o.remove("status");
+            }
+        }
+        self.objects.insert(k, object.clone());
+        self.record(t, namespace, "ADDED", object.clone());
+        Ok(object)
+    }
+
+    /// Replaces an object (or, with [`Part::Status`], its status) with `object`, checking
+    /// its resourceVersion if it carries one.
+    pub fn update(
+        &mut self,
+        t: &ResourceType,
+        namespace: &str,
+        name: &str,
+        mut object: Value,
+        part: Part,
+    ) -> Result<Value, ApiError> {
+        check_type(t, &object)?;
+        let k = key(t, namespace, name);
+        let current = self
+            .objects
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&resource_name(t), name))?;
+        if object["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n != name)
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                object["metadata"]["name"]
+            )));
+        }
+        if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
+            && rv
+                != current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+        {
+            return Err(ApiError::conflict(&resource_name(t), name));
+        }
+        // What the caller may not change is taken from the stored object.
+        match part {
+            Part::Status => {
+                let status = object.get("status").cloned();
+                object = current.clone();
+                match status {
+                    Some(s) => object["status"] = s,
+                    None => {
+                        object.as_object_mut().map(|o| o.remove("status"));
+                    }
+                }
+            }
+            Part::Main if t.status => match current.get("status") {
+                Some(s) => object["status"] = s.clone(),
+                None => {
+                    object.as_object_mut().map(|o| o.remove("status"));
+                }
+            },
+            Part::Main => {}
+        }
+        let meta = object
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
+        for fixed in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "generation",
+            "namespace",
+        ] {
+            match current["metadata"].get(fixed) {
+                Some(v) => meta.insert(fixed.into(), v.clone()),
+                None => meta.remove(fixed),
+            };
+        }
+        meta.insert("name".into(), json!(name));
+        // The generation counts changes to everything but metadata and status.
+        let spec_changed = strip(&current) != strip(&object);
+        if spec_changed {
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+            object["metadata"]["generation"] = json!(generation);
+        }
+        if object == current_with_rv(&current, &object) {
+            return Ok(current); // nothing changed: no new resourceVersion, no event
+        }
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        // A deleted object whose last finalizer went away is gone now.
+        let finalizers_left = object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if object["metadata"]["deletionTimestamp"].is_string() && !finalizers_left {
+            self.objects.remove(&k);
+            self.record(t, namespace, "DELETED", object.clone());
+            return Ok(object);
+        }
+        self.objects.insert(k, object.clone());
+        self.record(t, namespace, "MODIFIED", object.clone());
+        Ok(object)
+    }
+
+    /// Deletes an object, or — while it has finalizers — marks it deleted and leaves it
+    /// for its finalizers' owners to release. Returns the object as it now is.
+    pub fn delete(
+        &mut self,
+        t: &ResourceType,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let k = key(t, namespace, name);
+        let mut object = self
+            .objects
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(&resource_name(t), name))?;
+        let has_finalizers = object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if has_finalizers {
+            if object["metadata"]["deletionTimestamp"].is_string() {
+                return Ok(object); // already being deleted
+            }
+            let rv = self.next_rv();
+            object["metadata"]["deletionTimestamp"] = json!(now());
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            self.objects.insert(k, object.clone());
+            self.record(t, namespace, "MODIFIED", object.clone());
+            return Ok(object);
+        }
+        self.objects.remove(&k);
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(t, namespace, "DELETED", object.clone());
+        Ok(object)
+    }
+}
+
+/// The object without metadata and status: what `generation` counts changes of.
+fn strip(object: &Value) -> Value {
+    let mut o = object.clone();
+    if let Some(map) = o.as_object_mut() {
+        map.remove("metadata");
+        map.remove("status");
+    }
+    o
+}
+
+/// `current` with `object`'s resourceVersion, so an unchanged write compares equal.
+fn current_with_rv(current: &Value, object: &Value) -> Value {
+    let mut c = current.clone();
+    c["metadata"]["resourceVersion"] = object["metadata"]["resourceVersion"].clone();
+    if object["metadata"].get("resourceVersion").is_none()
+        && let Some(m) = c["metadata"].as_object_mut()
+    {
+        m.remove("resourceVersion");
+    }
+    c
+}
+
+fn check_type(t: &ResourceType, object: &Value) -> Result<(), ApiError> {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let mut causes = vec![];
+    if object["apiVersion"].as_str() != Some(t.api_version().as_str()) {
+        causes.push((
+            "apiVersion".to_owned(),
+            format!(
+                "Invalid value: {}: must be {}",
+                object["apiVersion"],
+                t.api_version()
+            ),
+        ));
+    }
+    if object["kind"].as_str() != Some(t.kind.as_str()) {
+        causes.push((
+            "kind".to_owned(),
+            format!("Invalid value: {}: must be {}", object["kind"], t.kind),
+        ));
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&t.kind, name, causes))
+    }
+}
+
+/// How errors name a resource: `trainingruns.starling.dev`, or `pods` for core kinds.
+pub fn resource_name(t: &ResourceType) -> String {
+    if t.group.is_empty() {
+        t.plural.clone()
+    } else {
+        format!("{}.{}", t.plural, t.group)
+    }
+}

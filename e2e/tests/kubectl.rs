@@ -1,0 +1,167 @@
+//! The real `kubectl` against the test API server. Client-side validation is off
+//! (`--validate=false`) until the server publishes OpenAPI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use starling_e2e::apiserver::{ApiServer, Running};
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+    _server: Running,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Kubectl {
+    fn new() -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let server = rt.block_on(ApiServer::new().start(0)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, server.kubeconfig("test")).unwrap();
+        Self {
+            kubeconfig,
+            _dir: dir,
+            _server: server,
+            _rt: rt,
+        }
+    }
+
+    /// Runs kubectl; returns stdout, or stderr when `ok` is false (and asserts which).
+    fn run_expecting(&self, ok: bool, args: &[&str]) -> String {
+        let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .output()
+            .expect("kubectl is installed (set KUBECTL to its path otherwise)");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "kubectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        if ok { stdout } else { stderr }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        self.run_expecting(true, args)
+    }
+}
+
+#[test]
+fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
+    let k = Kubectl::new();
+    let out = k.run(&["apply", "--validate=false", "-f", "crds/"]);
+    assert!(
+        out.contains(
+            "customresourcedefinition.apiextensions.k8s.io/trainingruns.starling.dev created"
+        ),
+        "{out}"
+    );
+    let out = k.run(&["apply", "--validate=false", "-f", "crds/samples/"]);
+    for line in [
+        "membercluster.starling.dev/cloud-eu created",
+        "membercluster.starling.dev/home-lagos created",
+        "trainingrun.starling.dev/shakespeare created",
+    ] {
+        assert!(out.contains(line), "{out}");
+    }
+    // Applying again changes nothing.
+    let out = k.run(&["apply", "--validate=false", "-f", "crds/samples/"]);
+    assert!(
+        out.contains("trainingrun.starling.dev/shakespeare unchanged"),
+        "{out}"
+    );
+
+    // Printer columns, through the short name.
+    let out = k.run(&["get", "tr"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "ROUND", "PEERS", "LOSS", "RATIO", "AGE"]
+    );
+    assert!(
+        out.lines().nth(1).unwrap().starts_with("shakespeare"),
+        "{out}"
+    );
+
+    let out = k.run(&["get", "mc", "home-lagos", "-o", "yaml"]);
+    assert!(
+        out.contains("kind: MemberCluster") && out.contains("tier: home"),
+        "{out}"
+    );
+    assert!(
+        out.contains("resourceVersion:") && out.contains("uid:"),
+        "{out}"
+    );
+
+    // Status through its subresource shows in the columns.
+    let out = k.run(&[
+        "patch",
+        "tr",
+        "shakespeare",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Running","round":4}}"#,
+    ]);
+    assert!(
+        out.contains("trainingrun.starling.dev/shakespeare patched"),
+        "{out}"
+    );
+    let out = k.run(&["get", "tr", "shakespeare", "--no-headers"]);
+    let cells: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["shakespeare", "Running", "4"], "{out}");
+
+    // Server-side apply.
+    let out = k.run(&[
+        "apply",
+        "--server-side",
+        "--validate=false",
+        "-f",
+        "crds/samples/membercluster-cloud.yaml",
+    ]);
+    assert!(
+        out.contains("membercluster.starling.dev/cloud-eu serverside-applied"),
+        "{out}"
+    );
+
+    // A finalizer holds deletion until it is removed.
+    k.run(&[
+        "patch",
+        "tr",
+        "shakespeare",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["starling.dev/cleanup"]}}"#,
+    ]);
+    let out = k.run(&["delete", "tr", "shakespeare", "--wait=false"]);
+    assert!(out.contains("deleted"), "{out}");
+    let out = k.run(&[
+        "get",
+        "tr",
+        "shakespeare",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(!out.is_empty(), "deletionTimestamp is set");
+    k.run(&[
+        "patch",
+        "tr",
+        "shakespeare",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ]);
+    let err = k.run_expecting(false, &["get", "tr", "shakespeare"]);
+    assert!(
+        err.contains(r#"trainingruns.starling.dev "shakespeare" not found"#),
+        "{err}"
+    );
+}
