@@ -183,6 +183,61 @@ async fn crds_are_discovered_and_the_sample_run_round_trips() {
 }
 
 #[tokio::test]
+async fn custom_resources_are_defaulted_pruned_and_validated_by_their_schema() {
+    let (_server, client) = cluster().await;
+    let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<TrainingRun>(&()),
+    );
+    let mut object = serde_json::to_value(sample()).unwrap();
+    object["spec"]["compression"]
+        .as_object_mut()
+        .unwrap()
+        .remove("errorFeedbackDecay");
+    object["spec"]["notAField"] = json!(true);
+    let created = dynamic
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(object.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.data["spec"]["compression"]["errorFeedbackDecay"],
+        0.95
+    );
+    assert!(created.data["spec"].get("notAField").is_none());
+
+    object["metadata"]["name"] = json!("invalid");
+    object["spec"]["compression"]["valueBits"] = json!(3);
+    object["spec"]["seed"] = json!("forty-two");
+    let err = dynamic
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(object).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert!(
+        status
+            .message
+            .contains("spec.compression.valueBits: Unsupported value: 3"),
+        "{}",
+        status.message
+    );
+    assert!(
+        status.message.contains("spec.seed: Invalid value"),
+        "{}",
+        status.message
+    );
+}
+
+#[tokio::test]
 async fn deletion_waits_for_finalizers() {
     let (_server, client) = cluster().await;
     let runs: Api<TrainingRun> = Api::namespaced(client, "default");

@@ -10,6 +10,7 @@
 mod error;
 mod http;
 mod registry;
+mod schema;
 mod selector;
 mod store;
 mod table;

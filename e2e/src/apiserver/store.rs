@@ -224,6 +224,7 @@ impl Store {
                 o.remove("status");
             }
         }
+        admit(t, &mut object, &name)?;
         self.objects.insert(k, object.clone());
         self.record(t, namespace, "ADDED", object.clone());
         Ok(object)
@@ -300,6 +301,7 @@ impl Store {
             };
         }
         meta.insert("name".into(), json!(name));
+        admit(t, &mut object, name)?;
         // The generation counts changes to everything but metadata and status.
         let spec_changed = strip(&current) != strip(&object);
         if spec_changed {
@@ -381,6 +383,20 @@ fn current_with_rv(current: &Value, object: &Value) -> Value {
         m.remove("resourceVersion");
     }
     c
+}
+
+/// A custom resource against its schema: pruned, defaulted, and refused with every
+/// problem when invalid.
+fn admit(t: &ResourceType, object: &mut Value, name: &str) -> Result<(), ApiError> {
+    let Some(schema) = &t.schema else {
+        return Ok(());
+    };
+    let causes = super::schema::admit(schema, object);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&t.kind, name, causes))
+    }
 }
 
 fn check_type(t: &ResourceType, object: &Value) -> Result<(), ApiError> {

@@ -1,0 +1,310 @@
+//! Admission of custom resources against their CRD's structural schema, as a real server
+//! does it: unknown fields pruned, defaults applied, then types, enums, ranges, lengths,
+//! patterns and required fields checked, every problem reported with its field path.
+//! CEL rules (`x-kubernetes-validations`) are not evaluated here.
+
+use serde_json::{Map, Value};
+
+/// A problem with one field: its path and what is wrong.
+pub type Cause = (String, String);
+
+/// Prunes, defaults and validates `object` against `schema` (a CRD's
+/// `openAPIV3Schema`). `apiVersion`, `kind` and `metadata` are the server's business and
+/// left alone.
+pub fn admit(schema: &Value, object: &mut Value) -> Vec<Cause> {
+    let mut causes = vec![];
+    let Some(fields) = object.as_object_mut() else {
+        return vec![(String::new(), "must be an object".into())];
+    };
+    let properties = schema["properties"].as_object();
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    fields.retain(|k, _| {
+        matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+            || preserve
+            || properties.is_some_and(|p| p.contains_key(k))
+    });
+    if let Some(properties) = properties {
+        for (name, sub) in properties {
+            if matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
+                continue;
+            }
+            visit_field(fields, name, sub, name, &mut causes);
+        }
+        required(schema, fields, "", &mut causes);
+    }
+    causes
+}
+
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// Defaults a missing (or null, non-nullable) field, then visits it.
+fn visit_field(
+    fields: &mut Map<String, Value>,
+    name: &str,
+    schema: &Value,
+    path: &str,
+    causes: &mut Vec<Cause>,
+) {
+    let nullable = schema["nullable"] == true;
+    if fields.get(name).is_some_and(|v| v.is_null() && !nullable) {
+        fields.remove(name);
+    }
+    if !fields.contains_key(name)
+        && let Some(default) = schema.get("default")
+    {
+        fields.insert(name.to_owned(), default.clone());
+    }
+    if let Some(value) = fields.get_mut(name) {
+        visit(schema, value, path, causes);
+    }
+}
+
+fn required(schema: &Value, fields: &Map<String, Value>, path: &str, causes: &mut Vec<Cause>) {
+    for name in schema["required"].as_array().into_iter().flatten() {
+        if let Some(name) = name.as_str()
+            && !fields.contains_key(name)
+        {
+            causes.push((join(path, name), "Required value".into()));
+        }
+    }
+}
+
+fn type_error(path: &str, value: &Value, expected: &str) -> Cause {
+    (
+        path.to_owned(),
+        format!(
+            "Invalid value: {value}: {path} in body must be of type {expected}: \"{}\"",
+            kind(value)
+        ),
+    )
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>) {
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
+    if schema["x-kubernetes-int-or-string"] == true {
+        if !(value.is_string() || value.is_i64() || value.is_u64()) {
+            causes.push(type_error(path, value, "integer or string"));
+        }
+        return;
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(fields) = value.as_object_mut() else {
+                causes.push(type_error(path, value, "object"));
+                return;
+            };
+            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+            if let Some(properties) = schema["properties"].as_object() {
+                if !preserve {
+                    fields.retain(|k, _| properties.contains_key(k));
+                }
+                for (name, sub) in properties {
+                    visit_field(fields, name, sub, &join(path, name), causes);
+                }
+            } else if let Some(additional) =
+                schema.get("additionalProperties").filter(|a| a.is_object())
+            {
+                for (name, v) in fields.iter_mut() {
+                    visit(additional, v, &join(path, name), causes);
+                }
+            } else if !preserve {
+                fields.clear();
+            }
+            required(schema, fields, path, causes);
+        }
+        Some("array") => {
+            let Some(items) = value.as_array_mut() else {
+                causes.push(type_error(path, value, "array"));
+                return;
+            };
+            let n = items.len() as u64;
+            if let Some(min) = schema["minItems"].as_u64().filter(|m| n < *m) {
+                causes.push((
+                    path.into(),
+                    format!("Invalid value: {n}: must have at least {min} items"),
+                ));
+            }
+            if let Some(max) = schema["maxItems"].as_u64().filter(|m| n > *m) {
+                causes.push((
+                    path.into(),
+                    format!("Too many: {n}: must have at most {max} items"),
+                ));
+            }
+            for (i, item) in items.iter_mut().enumerate() {
+                visit(&schema["items"], item, &format!("{path}[{i}]"), causes);
+            }
+        }
+        Some("string") => {
+            let Some(s) = value.as_str() else {
+                causes.push(type_error(path, value, "string"));
+                return;
+            };
+            let len = s.chars().count() as u64;
+            if let Some(min) = schema["minLength"].as_u64().filter(|m| len < *m) {
+                causes.push((
+                    path.into(),
+                    format!(
+                        "Invalid value: \"{s}\": {path} in body should be at least {min} chars long"
+                    ),
+                ));
+            }
+            if let Some(max) = schema["maxLength"].as_u64().filter(|m| len > *m) {
+                causes.push((
+                    path.into(),
+                    format!("Too long: may not be more than {max} bytes"),
+                ));
+            }
+            if let Some(pattern) = schema["pattern"].as_str()
+                && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
+            {
+                causes.push((
+                    path.into(),
+                    format!("Invalid value: \"{s}\": {path} in body should match '{pattern}'"),
+                ));
+            }
+            check_enum(schema, value, path, causes);
+        }
+        Some(t @ ("integer" | "number")) => {
+            let ok = if t == "integer" {
+                value.is_i64() || value.is_u64()
+            } else {
+                value.is_number()
+            };
+            if !ok {
+                causes.push(type_error(path, value, t));
+                return;
+            }
+            let x = value.as_f64().unwrap_or_default();
+            let exclusive = |k: &str| schema[k] == true;
+            if let Some(min) = schema["minimum"].as_f64()
+                && (x < min || (exclusive("exclusiveMinimum") && x == min))
+            {
+                let op = if exclusive("exclusiveMinimum") {
+                    "greater than"
+                } else {
+                    "greater than or equal to"
+                };
+                causes.push((
+                    path.into(),
+                    format!("Invalid value: {value}: {path} in body should be {op} {min}"),
+                ));
+            }
+            if let Some(max) = schema["maximum"].as_f64()
+                && (x > max || (exclusive("exclusiveMaximum") && x == max))
+            {
+                let op = if exclusive("exclusiveMaximum") {
+                    "less than"
+                } else {
+                    "less than or equal to"
+                };
+                causes.push((
+                    path.into(),
+                    format!("Invalid value: {value}: {path} in body should be {op} {max}"),
+                ));
+            }
+            check_enum(schema, value, path, causes);
+        }
+        Some("boolean") if !value.is_boolean() => causes.push(type_error(path, value, "boolean")),
+        _ => check_enum(schema, value, path, causes),
+    }
+}
+
+fn check_enum(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
+        causes.push((
+            path.into(),
+            format!(
+                "Unsupported value: {value}: supported values: {}",
+                list.join(", ")
+            ),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn schema() -> Value {
+        json!({"type": "object", "properties": {
+            "spec": {"type": "object", "required": ["peers"], "properties": {
+                "peers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "bits": {"type": "integer", "enum": [2, 4, 8], "default": 2},
+                "name": {"type": "string", "pattern": "^p[0-9]+$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "size": {"x-kubernetes-int-or-string": true},
+                "list": {"type": "array", "maxItems": 2, "items": {"type": "string"}},
+                "density": {"type": "number", "exclusiveMinimum": true, "minimum": 0.0, "nullable": true},
+            }},
+            "status": {"type": "object", "properties": {"round": {"type": "integer"}}},
+        }})
+    }
+
+    #[test]
+    fn unknown_fields_are_pruned_and_defaults_applied() {
+        let mut o = json!({"apiVersion": "x/v1", "kind": "K", "metadata": {"name": "a"},
+            "spec": {"peers": 3, "extra": 1, "labels": {"a": "b"}, "free": {"any": [1]},
+                     "size": "10Gi", "density": null},
+            "junk": true});
+        assert_eq!(admit(&schema(), &mut o), vec![]);
+        assert_eq!(o["spec"]["bits"], 2);
+        assert!(o["spec"].get("extra").is_none() && o.get("junk").is_none());
+        assert_eq!(o["spec"]["free"]["any"], json!([1]));
+        assert_eq!(o["metadata"]["name"], "a");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let mut o = json!({"spec": {"bits": 3, "peers": 0, "name": "q1", "labels": {"a": 1},
+            "size": 1.5, "list": ["a", "b", "c"], "density": 0.0}});
+        let causes = admit(&schema(), &mut o);
+        let mut fields: Vec<&str> = causes.iter().map(|(f, _)| f.as_str()).collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                "spec.bits",
+                "spec.density",
+                "spec.labels.a",
+                "spec.list",
+                "spec.name",
+                "spec.peers",
+                "spec.size"
+            ],
+            "{causes:?}"
+        );
+        let bits = causes.iter().find(|(f, _)| f == "spec.bits").unwrap();
+        assert!(bits.1.starts_with("Unsupported value: 3"), "{causes:?}");
+        let mut missing = json!({"spec": {}});
+        assert_eq!(
+            admit(&schema(), &mut missing),
+            vec![("spec.peers".into(), "Required value".into())]
+        );
+    }
+}
