@@ -1,5 +1,4 @@
-//! The real `kubectl` against the test API server. Client-side validation is off
-//! (`--validate=false`) until the server publishes OpenAPI.
+//! The real `kubectl` against the test API server.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,6 +48,10 @@ impl Kubectl {
         if ok { stdout } else { stderr }
     }
 
+    fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     fn run(&self, args: &[&str]) -> String {
         self.run_expecting(true, args)
     }
@@ -57,14 +60,14 @@ impl Kubectl {
 #[test]
 fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let k = Kubectl::new();
-    let out = k.run(&["apply", "--validate=false", "-f", "crds/"]);
+    let out = k.run(&["apply", "-f", "crds/"]);
     assert!(
         out.contains(
             "customresourcedefinition.apiextensions.k8s.io/trainingruns.starling.dev created"
         ),
         "{out}"
     );
-    let out = k.run(&["apply", "--validate=false", "-f", "crds/samples/"]);
+    let out = k.run(&["apply", "-f", "crds/samples/"]);
     for line in [
         "membercluster.starling.dev/cloud-eu created",
         "membercluster.starling.dev/home-lagos created",
@@ -73,7 +76,7 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         assert!(out.contains(line), "{out}");
     }
     // Applying again changes nothing.
-    let out = k.run(&["apply", "--validate=false", "-f", "crds/samples/"]);
+    let out = k.run(&["apply", "-f", "crds/samples/"]);
     assert!(
         out.contains("trainingrun.starling.dev/shakespeare unchanged"),
         "{out}"
@@ -119,11 +122,25 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let cells: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(&cells[..3], ["shakespeare", "Running", "4"], "{out}");
 
+    // kubectl leaves validation to the server, which refuses unknown fields outright.
+    let typo = k.dir().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: starling.dev/v1alpha1\nkind: MemberCluster\nmetadata:\n  name: typo\n\
+         spec:\n  tier: home\n  regoin: lagos\n",
+    )
+    .unwrap();
+    let err = k.run_expecting(false, &["apply", "-f", typo.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "spec.regoin""#), "{err}");
+
+    let out = k.run(&["explain", "trainingrun.spec.compression"]);
+    assert!(out.contains("KIND:       TrainingRun"), "{out}");
+    assert!(out.contains("valueBits"), "{out}");
+
     // Server-side apply.
     let out = k.run(&[
         "apply",
         "--server-side",
-        "--validate=false",
         "-f",
         "crds/samples/membercluster-cloud.yaml",
     ]);

@@ -9,12 +9,12 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::ApiServer;
 use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
-use super::store::{Change, Part, resource_name};
+use super::store::{Change, FieldValidation, Part, resource_name};
 use super::table::table;
+use super::{ApiServer, openapi};
 
 pub fn router(server: ApiServer) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(server)
@@ -112,6 +112,20 @@ async fn route(
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]});
             return Ok(json_response(StatusCode::OK, &versions));
         }
+        ["openapi", "v3"] => {
+            let index = openapi::index(&server.registry());
+            return Ok(json_response(StatusCode::OK, &index));
+        }
+        ["openapi", "v3", "api", version] => {
+            return openapi::group_version(&server.registry(), "", version)
+                .map(|doc| json_response(StatusCode::OK, &doc))
+                .ok_or_else(|| ApiError::no_route(path));
+        }
+        ["openapi", "v3", "apis", group, version] => {
+            return openapi::group_version(&server.registry(), group, version)
+                .map(|doc| json_response(StatusCode::OK, &doc))
+                .ok_or_else(|| ApiError::no_route(path));
+        }
         ["apis"] => {
             return Ok(json_response(
                 StatusCode::OK,
@@ -164,6 +178,13 @@ fn version_info() -> Value {
         "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
         "goVersion": "n/a", "compiler": "rustc", "platform": "linux/amd64",
     })
+}
+
+fn validation(q: &[(String, String)]) -> FieldValidation {
+    match param(q, "fieldValidation") {
+        Some("Strict") => FieldValidation::Strict,
+        _ => FieldValidation::Ignore,
+    }
 }
 
 fn wants_table(headers: &HeaderMap) -> bool {
@@ -238,13 +259,15 @@ async fn resource(
         }
         (&Method::POST, None) => {
             let object = parse_body(headers, &body)?;
-            let created = server.store().create(t, ns, object)?;
+            let created = server.store().create(t, ns, object, validation(q))?;
             after_write(server, t, &created)?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::PUT, Some(name)) => {
             let object = parse_body(headers, &body)?;
-            let updated = server.store().update(t, ns, name, object, part)?;
+            let updated = server
+                .store()
+                .update(t, ns, name, object, part, validation(q))?;
             after_write(server, t, &updated)?;
             ok(&updated)
         }
@@ -284,7 +307,7 @@ fn patch(
     part: Part,
     headers: &HeaderMap,
     body: &Bytes,
-    _q: &[(String, String)],
+    q: &[(String, String)],
 ) -> Result<(Value, StatusCode), ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -298,7 +321,10 @@ fn patch(
             let _ = e;
             let mut object = parse_body(headers, body)?;
             object["metadata"]["name"] = json!(name);
-            return Ok((store.create(t, ns, object)?, StatusCode::CREATED));
+            return Ok((
+                store.create(t, ns, object, validation(q))?,
+                StatusCode::CREATED,
+            ));
         }
         Err(e) => return Err(e),
     };
@@ -327,7 +353,10 @@ fn patch(
     {
         m.remove("resourceVersion");
     }
-    Ok((store.update(t, ns, name, object, part)?, StatusCode::OK))
+    Ok((
+        store.update(t, ns, name, object, part, validation(q))?,
+        StatusCode::OK,
+    ))
 }
 
 /// Side effects of writing some kinds: a CustomResourceDefinition starts (or changes)
@@ -359,9 +388,14 @@ fn after_write(server: &ApiServer, t: &ResourceType, object: &Value) -> Result<(
                  "message": "the initial names have been accepted", "lastTransitionTime": object["metadata"]["creationTimestamp"]},
             ],
         });
-        server
-            .store()
-            .update(t, "", &name, established, Part::Status)?;
+        server.store().update(
+            t,
+            "",
+            &name,
+            established,
+            Part::Status,
+            FieldValidation::Ignore,
+        )?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 mod error;
 mod http;
+mod openapi;
 mod registry;
 mod schema;
 mod selector;
@@ -91,7 +92,7 @@ impl ApiServer {
                 "metadata": {"name": ns}, "status": {"phase": "Active"},
             });
             store
-                .create(&namespaces, "", object)
+                .create(&namespaces, "", object, Default::default())
                 .expect("a fresh store");
         }
         let (watch_epoch, _) = watch::channel(0);

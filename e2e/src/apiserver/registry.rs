@@ -74,6 +74,8 @@ impl ResourceType {
 #[derive(Clone, Debug)]
 pub struct Registry {
     types: Vec<ResourceType>,
+    /// Bumped on every change: clients key their OpenAPI caches on it.
+    generation: u64,
 }
 
 /// (group, version, kind, plural, namespaced, short names, status subresource)
@@ -198,7 +200,18 @@ impl Registry {
                 },
             )
             .collect();
-        Self { types }
+        Self {
+            types,
+            generation: 1,
+        }
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = &ResourceType> {
+        self.types.iter()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&ResourceType> {
@@ -277,11 +290,13 @@ impl Registry {
                 .retain(|old| !(old.group == t.group && old.plural == t.plural));
         }
         self.types.extend(types);
+        self.generation += 1;
     }
 
     pub fn unregister(&mut self, group: &str, plural: &str) {
         self.types
             .retain(|t| !(t.group == group && t.plural == plural));
+        self.generation += 1;
     }
 
     /// `/apis`: every group but the legacy core one, with its versions.

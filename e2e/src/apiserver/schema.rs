@@ -8,18 +8,44 @@ use serde_json::{Map, Value};
 /// A problem with one field: its path and what is wrong.
 pub type Cause = (String, String);
 
+/// What admission found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Admission {
+    /// Invalid fields.
+    pub causes: Vec<Cause>,
+    /// Unknown fields that were dropped (an error under `fieldValidation=Strict`).
+    pub pruned: Vec<String>,
+}
+
+/// Drops the fields of `fields` that `keep` refuses, noting their paths.
+fn prune(
+    fields: &mut Map<String, Value>,
+    path: &str,
+    out: &mut Admission,
+    keep: impl Fn(&str) -> bool,
+) {
+    fields.retain(|k, _| {
+        let kept = keep(k);
+        if !kept {
+            out.pruned.push(join(path, k));
+        }
+        kept
+    });
+}
+
 /// Prunes, defaults and validates `object` against `schema` (a CRD's
 /// `openAPIV3Schema`). `apiVersion`, `kind` and `metadata` are the server's business and
 /// left alone.
-pub fn admit(schema: &Value, object: &mut Value) -> Vec<Cause> {
-    let mut causes = vec![];
+pub fn admit(schema: &Value, object: &mut Value) -> Admission {
+    let mut out = Admission::default();
     let Some(fields) = object.as_object_mut() else {
-        return vec![(String::new(), "must be an object".into())];
+        out.causes.push((String::new(), "must be an object".into()));
+        return out;
     };
     let properties = schema["properties"].as_object();
     let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
-    fields.retain(|k, _| {
-        matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+    prune(fields, "", &mut out, |k| {
+        matches!(k, "apiVersion" | "kind" | "metadata")
             || preserve
             || properties.is_some_and(|p| p.contains_key(k))
     });
@@ -28,11 +54,11 @@ pub fn admit(schema: &Value, object: &mut Value) -> Vec<Cause> {
             if matches!(name.as_str(), "apiVersion" | "kind" | "metadata") {
                 continue;
             }
-            visit_field(fields, name, sub, name, &mut causes);
+            visit_field(fields, name, sub, name, &mut out);
         }
-        required(schema, fields, "", &mut causes);
+        required(schema, fields, "", &mut out);
     }
-    causes
+    out
 }
 
 fn join(path: &str, field: &str) -> String {
@@ -49,7 +75,7 @@ fn visit_field(
     name: &str,
     schema: &Value,
     path: &str,
-    causes: &mut Vec<Cause>,
+    out: &mut Admission,
 ) {
     let nullable = schema["nullable"] == true;
     if fields.get(name).is_some_and(|v| v.is_null() && !nullable) {
@@ -61,16 +87,16 @@ fn visit_field(
         fields.insert(name.to_owned(), default.clone());
     }
     if let Some(value) = fields.get_mut(name) {
-        visit(schema, value, path, causes);
+        visit(schema, value, path, out);
     }
 }
 
-fn required(schema: &Value, fields: &Map<String, Value>, path: &str, causes: &mut Vec<Cause>) {
+fn required(schema: &Value, fields: &Map<String, Value>, path: &str, out: &mut Admission) {
     for name in schema["required"].as_array().into_iter().flatten() {
         if let Some(name) = name.as_str()
             && !fields.contains_key(name)
         {
-            causes.push((join(path, name), "Required value".into()));
+            out.causes.push((join(path, name), "Required value".into()));
         }
     }
 }
@@ -97,71 +123,72 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>) {
+fn visit(schema: &Value, value: &mut Value, path: &str, out: &mut Admission) {
     if value.is_null() && schema["nullable"] == true {
         return;
     }
     if schema["x-kubernetes-int-or-string"] == true {
         if !(value.is_string() || value.is_i64() || value.is_u64()) {
-            causes.push(type_error(path, value, "integer or string"));
+            out.causes
+                .push(type_error(path, value, "integer or string"));
         }
         return;
     }
     match schema["type"].as_str() {
         Some("object") => {
             let Some(fields) = value.as_object_mut() else {
-                causes.push(type_error(path, value, "object"));
+                out.causes.push(type_error(path, value, "object"));
                 return;
             };
             let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
             if let Some(properties) = schema["properties"].as_object() {
                 if !preserve {
-                    fields.retain(|k, _| properties.contains_key(k));
+                    prune(fields, path, out, |k| properties.contains_key(k));
                 }
                 for (name, sub) in properties {
-                    visit_field(fields, name, sub, &join(path, name), causes);
+                    visit_field(fields, name, sub, &join(path, name), out);
                 }
             } else if let Some(additional) =
                 schema.get("additionalProperties").filter(|a| a.is_object())
             {
                 for (name, v) in fields.iter_mut() {
-                    visit(additional, v, &join(path, name), causes);
+                    visit(additional, v, &join(path, name), out);
                 }
             } else if !preserve {
-                fields.clear();
+                prune(fields, path, out, |_| false);
             }
-            required(schema, fields, path, causes);
+            required(schema, fields, path, out);
         }
         Some("array") => {
             let Some(items) = value.as_array_mut() else {
-                causes.push(type_error(path, value, "array"));
+                out.causes.push(type_error(path, value, "array"));
                 return;
             };
             let n = items.len() as u64;
             if let Some(min) = schema["minItems"].as_u64().filter(|m| n < *m) {
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Invalid value: {n}: must have at least {min} items"),
                 ));
             }
             if let Some(max) = schema["maxItems"].as_u64().filter(|m| n > *m) {
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Too many: {n}: must have at most {max} items"),
                 ));
             }
             for (i, item) in items.iter_mut().enumerate() {
-                visit(&schema["items"], item, &format!("{path}[{i}]"), causes);
+                visit(&schema["items"], item, &format!("{path}[{i}]"), out);
             }
         }
         Some("string") => {
             let Some(s) = value.as_str() else {
-                causes.push(type_error(path, value, "string"));
+                out.causes.push(type_error(path, value, "string"));
                 return;
             };
             let len = s.chars().count() as u64;
             if let Some(min) = schema["minLength"].as_u64().filter(|m| len < *m) {
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!(
                         "Invalid value: \"{s}\": {path} in body should be at least {min} chars long"
@@ -169,7 +196,7 @@ fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>)
                 ));
             }
             if let Some(max) = schema["maxLength"].as_u64().filter(|m| len > *m) {
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Too long: may not be more than {max} bytes"),
                 ));
@@ -177,12 +204,12 @@ fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>)
             if let Some(pattern) = schema["pattern"].as_str()
                 && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
             {
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Invalid value: \"{s}\": {path} in body should match '{pattern}'"),
                 ));
             }
-            check_enum(schema, value, path, causes);
+            check_enum(schema, value, path, out);
         }
         Some(t @ ("integer" | "number")) => {
             let ok = if t == "integer" {
@@ -191,7 +218,7 @@ fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>)
                 value.is_number()
             };
             if !ok {
-                causes.push(type_error(path, value, t));
+                out.causes.push(type_error(path, value, t));
                 return;
             }
             let x = value.as_f64().unwrap_or_default();
@@ -204,7 +231,7 @@ fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>)
                 } else {
                     "greater than or equal to"
                 };
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Invalid value: {value}: {path} in body should be {op} {min}"),
                 ));
@@ -217,24 +244,26 @@ fn visit(schema: &Value, value: &mut Value, path: &str, causes: &mut Vec<Cause>)
                 } else {
                     "less than or equal to"
                 };
-                causes.push((
+                out.causes.push((
                     path.into(),
                     format!("Invalid value: {value}: {path} in body should be {op} {max}"),
                 ));
             }
-            check_enum(schema, value, path, causes);
+            check_enum(schema, value, path, out);
         }
-        Some("boolean") if !value.is_boolean() => causes.push(type_error(path, value, "boolean")),
-        _ => check_enum(schema, value, path, causes),
+        Some("boolean") if !value.is_boolean() => {
+            out.causes.push(type_error(path, value, "boolean"))
+        }
+        _ => check_enum(schema, value, path, out),
     }
 }
 
-fn check_enum(schema: &Value, value: &Value, path: &str, causes: &mut Vec<Cause>) {
+fn check_enum(schema: &Value, value: &Value, path: &str, out: &mut Admission) {
     if let Some(allowed) = schema["enum"].as_array()
         && !allowed.contains(value)
     {
         let list: Vec<String> = allowed.iter().map(Value::to_string).collect();
-        causes.push((
+        out.causes.push((
             path.into(),
             format!(
                 "Unsupported value: {value}: supported values: {}",
@@ -272,7 +301,9 @@ mod tests {
             "spec": {"peers": 3, "extra": 1, "labels": {"a": "b"}, "free": {"any": [1]},
                      "size": "10Gi", "density": null},
             "junk": true});
-        assert_eq!(admit(&schema(), &mut o), vec![]);
+        let admission = admit(&schema(), &mut o);
+        assert_eq!(admission.causes, vec![]);
+        assert_eq!(admission.pruned, ["junk", "spec.extra"]);
         assert_eq!(o["spec"]["bits"], 2);
         assert!(o["spec"].get("extra").is_none() && o.get("junk").is_none());
         assert_eq!(o["spec"]["free"]["any"], json!([1]));
@@ -283,7 +314,7 @@ mod tests {
     fn every_problem_is_reported_with_its_path() {
         let mut o = json!({"spec": {"bits": 3, "peers": 0, "name": "q1", "labels": {"a": 1},
             "size": 1.5, "list": ["a", "b", "c"], "density": 0.0}});
-        let causes = admit(&schema(), &mut o);
+        let causes = admit(&schema(), &mut o).causes;
         let mut fields: Vec<&str> = causes.iter().map(|(f, _)| f.as_str()).collect();
         fields.sort();
         assert_eq!(
@@ -303,7 +334,7 @@ mod tests {
         assert!(bits.1.starts_with("Unsupported value: 3"), "{causes:?}");
         let mut missing = json!({"spec": {}});
         assert_eq!(
-            admit(&schema(), &mut missing),
+            admit(&schema(), &mut missing).causes,
             vec![("spec.peers".into(), "Required value".into())]
         );
     }

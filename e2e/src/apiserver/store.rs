@@ -152,6 +152,7 @@ impl Store {
         t: &ResourceType,
         namespace: &str,
         mut object: Value,
+        validation: FieldValidation,
     ) -> Result<Value, ApiError> {
         check_type(t, &object)?;
         let meta = object
@@ -224,7 +225,7 @@ impl Store {
                 o.remove("status");
             }
         }
-        admit(t, &mut object, &name)?;
+        admit(t, &mut object, &name, validation)?;
         self.objects.insert(k, object.clone());
         self.record(t, namespace, "ADDED", object.clone());
         Ok(object)
@@ -239,6 +240,7 @@ impl Store {
         name: &str,
         mut object: Value,
         part: Part,
+        validation: FieldValidation,
     ) -> Result<Value, ApiError> {
         check_type(t, &object)?;
         let k = key(t, namespace, name);
@@ -301,7 +303,7 @@ impl Store {
             };
         }
         meta.insert("name".into(), json!(name));
-        admit(t, &mut object, name)?;
+        admit(t, &mut object, name, validation)?;
         // The generation counts changes to everything but metadata and status.
         let spec_changed = strip(&current) != strip(&object);
         if spec_changed {
@@ -385,17 +387,44 @@ fn current_with_rv(current: &Value, object: &Value) -> Value {
     c
 }
 
+/// How unknown fields are treated (`fieldValidation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Dropped silently.
+    #[default]
+    Ignore,
+    /// Refused with 400, as `fieldValidation=Strict` asks (kubectl's default).
+    Strict,
+}
+
 /// A custom resource against its schema: pruned, defaulted, and refused with every
 /// problem when invalid.
-fn admit(t: &ResourceType, object: &mut Value, name: &str) -> Result<(), ApiError> {
+fn admit(
+    t: &ResourceType,
+    object: &mut Value,
+    name: &str,
+    validation: FieldValidation,
+) -> Result<(), ApiError> {
     let Some(schema) = &t.schema else {
         return Ok(());
     };
-    let causes = super::schema::admit(schema, object);
-    if causes.is_empty() {
+    let admission = super::schema::admit(schema, object);
+    if validation == FieldValidation::Strict && !admission.pruned.is_empty() {
+        let unknown: Vec<String> = admission
+            .pruned
+            .iter()
+            .map(|p| format!("unknown field \"{p}\""))
+            .collect();
+        return Err(ApiError::bad_request(format!(
+            "{} in body: strict decoding error: {}",
+            t.kind,
+            unknown.join(", ")
+        )));
+    }
+    if admission.causes.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(&t.kind, name, causes))
+        Err(ApiError::invalid(&t.kind, name, admission.causes))
     }
 }
 
