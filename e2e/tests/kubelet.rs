@@ -1,0 +1,226 @@
+//! The process kubelet runs Pods as processes and reports them as a kubelet would.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, PostParams};
+use kube::{Client, Config};
+use serde_json::json;
+use starling_e2e::apiserver::{ApiServer, Running};
+use starling_e2e::kubelet::{Kubelet, KubeletConfig, NodeConfig};
+
+struct Cluster {
+    pods: Api<Pod>,
+    client: Client,
+    work_dir: tempfile::TempDir,
+    _server: Running,
+    _kubelet: tokio::task::JoinHandle<kube::Result<()>>,
+}
+
+async fn cluster() -> Cluster {
+    let server = ApiServer::new().start(0).await.unwrap();
+    let client = Client::try_from(Config::new(server.url.parse().unwrap())).unwrap();
+    let work_dir = tempfile::tempdir().unwrap();
+    let mut node = NodeConfig::new("node-a", 4.0, 8.0, 1);
+    node.labels
+        .insert("starling.dev/tier".into(), "home".into());
+    let config = KubeletConfig {
+        nodes: vec![node],
+        images: vec![("example.com/sh".into(), PathBuf::from("/bin/sh"))],
+        work_dir: work_dir.path().to_owned(),
+    };
+    let kubelet = tokio::spawn(Kubelet::new(client.clone(), config).run());
+    Cluster {
+        pods: Api::namespaced(client.clone(), "default"),
+        client,
+        work_dir,
+        _server: server,
+        _kubelet: kubelet,
+    }
+}
+
+fn pod(name: &str, restart: &str, script: &str, extra: serde_json::Value) -> Pod {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"restartPolicy": restart, "containers": [{
+            "name": "main", "image": "example.com/sh", "command": ["sh", "-c", script]}]},
+    });
+    json_patch::merge(&mut pod, &extra);
+    serde_json::from_value(pod).unwrap()
+}
+
+impl Cluster {
+    /// Polls `name` until `done` holds (10 s at most); returns it.
+    async fn wait(&self, name: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
+        let start = std::time::Instant::now();
+        loop {
+            let pod = self.pods.get(name).await.unwrap();
+            if done(&pod) {
+                return pod;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{name} never {what}: {:?}",
+                pod.status
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+fn container(p: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    p.status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .clone()
+}
+
+#[tokio::test]
+async fn pods_run_as_processes_and_report_phase_exit_codes_and_restarts() {
+    let c = cluster().await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+    let capacity = loop {
+        let node = nodes.get("node-a").await;
+        if let Some(capacity) = node.ok().and_then(|n| n.status?.capacity) {
+            break capacity;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(capacity["nvidia.com/gpu"].0, "1");
+
+    let create = async |p: Pod| c.pods.create(&PostParams::default(), &p).await.unwrap();
+    create(pod("ok", "Never", "sleep 1; exit 0", json!({}))).await;
+    create(pod("fails", "Never", "exit 3", json!({}))).await;
+    // Fails once, then succeeds: its working directory survives the restart.
+    let flaky = "if [ -e marker ]; then exit 0; fi; touch marker; exit 1";
+    create(pod("flaky", "OnFailure", flaky, json!({}))).await;
+
+    let running = c.wait("ok", "ran", |p| phase(p) == "Running").await;
+    assert!(container(&running).state.unwrap().running.is_some());
+    assert_eq!(running.spec.unwrap().node_name.as_deref(), Some("node-a"));
+    let done = c.wait("ok", "succeeded", |p| phase(p) == "Succeeded").await;
+    let exit = container(&done).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (exit.exit_code, exit.reason.as_deref()),
+        (0, Some("Completed"))
+    );
+
+    let failed = c.wait("fails", "failed", |p| phase(p) == "Failed").await;
+    assert_eq!(
+        container(&failed)
+            .state
+            .unwrap()
+            .terminated
+            .unwrap()
+            .exit_code,
+        3
+    );
+
+    let flaky = c
+        .wait("flaky", "succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let status = container(&flaky);
+    assert_eq!(status.restart_count, 1);
+    assert_eq!(status.last_state.unwrap().terminated.unwrap().exit_code, 1);
+}
+
+#[tokio::test]
+async fn pods_get_their_environment_and_are_scheduled_only_where_they_fit() {
+    let c = cluster().await;
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), "default");
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "run-tokens"},
+        "data": {"p0": "c2VjcmV0LXRva2Vu"}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).unwrap(),
+        )
+        .await
+        .unwrap();
+    let env = json!({"spec": {"containers": [{"name": "main", "image": "example.com/sh",
+        "command": ["sh", "-c", "echo token=$TOKEN pod=$POD"],
+        "env": [
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "run-tokens", "key": "p0"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}]}});
+    let mut p = pod("env", "Never", "", json!({}));
+    let mut value = serde_json::to_value(&p).unwrap();
+    json_patch::merge(&mut value, &env);
+    p = serde_json::from_value(value).unwrap();
+    c.pods.create(&PostParams::default(), &p).await.unwrap();
+    c.wait("env", "succeeded", |p| phase(p) == "Succeeded")
+        .await;
+    let log = std::fs::read_to_string(c.work_dir.path().join("default_env/main.log")).unwrap();
+    assert_eq!(log.trim(), "token=secret-token pod=env");
+
+    let greedy = json!({"spec": {"containers": [{"name": "main", "image": "example.com/sh",
+        "command": ["sh", "-c", "true"], "resources": {"limits": {"nvidia.com/gpu": "2"}}}]}});
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("greedy", "Never", "true", greedy),
+        )
+        .await
+        .unwrap();
+    let elsewhere = json!({"spec": {"nodeSelector": {"starling.dev/tier": "cloud"}}});
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("elsewhere", "Never", "true", elsewhere),
+        )
+        .await
+        .unwrap();
+    let unschedulable = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled"))
+            .filter(|c| c.status == "False")
+            .and_then(|c| c.message.clone())
+    };
+    let greedy = c
+        .wait("greedy", "was refused", |p| unschedulable(p).is_some())
+        .await;
+    assert!(
+        unschedulable(&greedy)
+            .unwrap()
+            .contains("1 Insufficient nvidia.com/gpu")
+    );
+    let elsewhere = c
+        .wait("elsewhere", "was refused", |p| unschedulable(p).is_some())
+        .await;
+    assert!(
+        unschedulable(&elsewhere)
+            .unwrap()
+            .contains("didn't match Pod's node affinity/selector")
+    );
+
+    let foreign = json!({"spec": {"containers": [{"name": "main", "image": "nginx:1.27"}]}});
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("foreign", "Never", "", foreign),
+        )
+        .await
+        .unwrap();
+    let foreign = c
+        .wait("foreign", "was refused", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some()
+        })
+        .await;
+    let waiting = container(&foreign).state.unwrap().waiting.unwrap();
+    assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
+}
