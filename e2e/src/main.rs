@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use starling_e2e::apiserver::ApiServer;
+use starling_e2e::harness::{ClusterSpec, LocalFederation, starling_images};
 
 /// Starling's local control plane and demo: a whole federation on one machine.
 #[derive(Parser)]
@@ -24,6 +25,16 @@ enum Command {
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
     },
+    /// Run a hub and member clusters (API server + process kubelet each) until stopped,
+    /// with a kubeconfig per cluster for kubectl.
+    Clusters {
+        /// Members as `name:gpus`, e.g. `cloud-eu:2,home-lagos:1`.
+        #[arg(long, value_delimiter = ',', default_value = "cloud-eu:2,home-lagos:1")]
+        members: Vec<String>,
+        /// Where kubeconfigs and pods' directories go.
+        #[arg(long, default_value = ".starling/clusters")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -42,6 +53,35 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     std::fs::write(&path, running.kubeconfig("local"))?;
                 }
                 println!("API server listening on {}", running.url);
+                tokio::signal::ctrl_c().await?;
+                anyhow::Ok(())
+            })?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Clusters { members, dir } => {
+            let members = members
+                .iter()
+                .map(|m| {
+                    let (name, gpus) = m.split_once(':').unwrap_or((m, "1"));
+                    let gpus = gpus
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("{m}: expected name:gpus"))?;
+                    Ok(ClusterSpec::single_node(name, gpus))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let exe = std::env::current_exe()?;
+            let images = starling_images(exe.parent().unwrap_or(std::path::Path::new(".")));
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let hub = ClusterSpec::single_node("hub", 0);
+                let federation = LocalFederation::start(&hub, &members, &images, &dir).await?;
+                for c in std::iter::once(&federation.hub).chain(&federation.members) {
+                    println!(
+                        "{:<12} {}  kubectl --kubeconfig {}",
+                        c.name,
+                        c.url,
+                        c.kubeconfig.display()
+                    );
+                }
                 tokio::signal::ctrl_c().await?;
                 anyhow::Ok(())
             })?;

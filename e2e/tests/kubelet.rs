@@ -224,3 +224,49 @@ async fn pods_get_their_environment_and_are_scheduled_only_where_they_fit() {
     let waiting = container(&foreign).state.unwrap().waiting.unwrap();
     assert_eq!(waiting.reason.as_deref(), Some("ErrImagePull"));
 }
+
+#[tokio::test]
+async fn a_federation_of_local_clusters_runs_pods_and_a_member_can_go_dark() {
+    use starling_e2e::harness::{ClusterSpec, LocalFederation};
+    let dir = tempfile::tempdir().unwrap();
+    let images = vec![("example.com/sh".to_owned(), PathBuf::from("/bin/sh"))];
+    let members = [
+        ClusterSpec::single_node("cloud-eu", 2),
+        ClusterSpec::single_node("home-lagos", 1),
+    ];
+    let mut federation = LocalFederation::start(
+        &ClusterSpec::single_node("hub", 0),
+        &members,
+        &images,
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let home = federation.member("home-lagos").unwrap();
+    assert!(home.kubeconfig.starts_with(dir.path()));
+    let pods: Api<Pod> = Api::namespaced(home.client.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &pod("hello", "Never", "exit 0", json!({})),
+    )
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    while phase(&pods.get("hello").await.unwrap()) != "Succeeded" {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the pod never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = dir.path().join("home-lagos/pods/default_hello/main.log");
+    assert!(log.exists(), "{}", log.display());
+
+    home.go_dark();
+    assert!(
+        pods.get("hello").await.is_err(),
+        "a dark member still answers"
+    );
+    let hub_pods: Api<Pod> = Api::namespaced(federation.hub.client.clone(), "default");
+    assert!(hub_pods.list(&Default::default()).await.is_ok());
+}
