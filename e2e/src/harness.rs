@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kube::{Client, Config};
+use kube::Client;
 
 use crate::apiserver::{ApiServer, Running};
 use crate::kubelet::{Kubelet, KubeletConfig, NodeConfig};
@@ -48,7 +48,7 @@ impl LocalCluster {
         let server = ApiServer::new().start(0).await?;
         let kubeconfig = home.join("kubeconfig");
         std::fs::write(&kubeconfig, server.kubeconfig(&spec.name))?;
-        let client = Client::try_from(Config::new(server.url.parse()?))?;
+        let client = server.client();
         let config = KubeletConfig {
             nodes: spec.nodes.clone(),
             images: images.to_vec(),

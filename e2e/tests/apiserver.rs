@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{Controller, controller::Action, watcher};
-use kube::{Client, Config, Discovery, ResourceExt};
+use kube::{Client, Discovery, ResourceExt};
 use serde_json::json;
 use starling_e2e::apiserver::{ApiServer, Running};
 use starling_operator::api::TrainingRun;
@@ -19,8 +19,7 @@ fn repo(path: &str) -> std::path::PathBuf {
 }
 
 async fn client(running: &Running) -> Client {
-    let config = Config::new(running.url.parse().unwrap());
-    Client::try_from(config).unwrap()
+    running.client()
 }
 
 /// A server with Starling's CRDs created from `crds/`.
@@ -347,4 +346,93 @@ async fn a_controller_reconciles_creates_updates_and_deletes() {
         .unwrap();
     assert_eq!(next().await, ("shakespeare".into(), 6));
     controller.abort();
+}
+
+#[tokio::test]
+async fn rbac_confines_a_restricted_token_to_what_its_role_grants() {
+    let (server, admin) = cluster().await;
+    let apply = |kind: &str, body: serde_json::Value| {
+        let (admin, kind) = (admin.clone(), kind.to_owned());
+        async move {
+            let (group, plural) = match kind.as_str() {
+                "Namespace" => ("", "namespaces"),
+                "Role" => ("rbac.authorization.k8s.io", "roles"),
+                _ => ("rbac.authorization.k8s.io", "rolebindings"),
+            };
+            let gvk = kube::api::GroupVersionKind::gvk(group, "v1", &kind);
+            let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+            let ns = body["metadata"]["namespace"].as_str().map(str::to_owned);
+            let api: Api<kube::api::DynamicObject> = match ns {
+                Some(ns) => Api::namespaced_with(admin, &ns, &ar),
+                None => Api::all_with(admin, &ar),
+            };
+            api.create(
+                &PostParams::default(),
+                &serde_json::from_value(body).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let ns = "starling-member-home";
+    apply(
+        "Namespace",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .await;
+    apply(
+        "Role",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "agent", "namespace": ns},
+        "rules": [{"apiGroups": ["starling.dev"], "resources": ["trainingruns"],
+                   "verbs": ["get", "list", "watch"]}]}),
+    )
+    .await;
+    apply(
+        "RoleBinding",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "agent", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "agent"},
+        "subjects": [{"kind": "ServiceAccount", "name": "agent", "namespace": ns}]}),
+    )
+    .await;
+    server.server.add_token(
+        "agent-token-0000",
+        starling_e2e::apiserver::User::service_account(ns, "agent"),
+    );
+    let agent = server.client_with_token("agent-token-0000");
+
+    let mine: Api<TrainingRun> = Api::namespaced(agent.clone(), ns);
+    assert!(
+        mine.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let (status, reason) = code(
+        mine.create(&PostParams::default(), &sample())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status, reason.as_str()), (403, "Forbidden"));
+    let theirs: Api<TrainingRun> = Api::namespaced(agent, "default");
+    let err = theirs.list(&Default::default()).await.unwrap_err();
+    let kube::Error::Api(e) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(e.code, 403);
+    assert_eq!(
+        e.message,
+        "trainingruns.starling.dev is forbidden: User \"system:serviceaccount:starling-member-home:agent\" \
+         cannot list resource \"trainingruns\" in API group \"starling.dev\" in the namespace \"default\""
+    );
+    let stranger = server.client_with_token("no-such-token");
+    let (status, _) = code(
+        Api::<TrainingRun>::namespaced(stranger, ns)
+            .list(&Default::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, 401);
 }

@@ -8,7 +8,7 @@ use starling_e2e::apiserver::{ApiServer, Running};
 struct Kubectl {
     kubeconfig: PathBuf,
     _dir: tempfile::TempDir,
-    _server: Running,
+    server: Running,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -22,7 +22,7 @@ impl Kubectl {
         Self {
             kubeconfig,
             _dir: dir,
-            _server: server,
+            server,
             _rt: rt,
         }
     }
@@ -136,6 +136,45 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let out = k.run(&["explain", "trainingrun.spec.compression"]);
     assert!(out.contains("KIND:       TrainingRun"), "{out}");
     assert!(out.contains("valueBits"), "{out}");
+
+    // What a restricted token may do, as kubectl auth can-i sees it.
+    k.server.server.add_token(
+        "viewer-token-0000",
+        starling_e2e::apiserver::User {
+            name: "viewer".into(),
+            groups: vec!["system:authenticated".into()],
+        },
+    );
+    let role = k.dir().join("viewer.yaml");
+    std::fs::write(
+        &role,
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: runs-viewer\n\
+         rules:\n- apiGroups: [starling.dev]\n  resources: [trainingruns]\n  verbs: [get, list, watch]\n\
+         ---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: viewer\n\
+         \x20 namespace: default\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n\
+         \x20 name: runs-viewer\nsubjects:\n- kind: User\n  name: viewer\n",
+    )
+    .unwrap();
+    k.run(&["apply", "-f", role.to_str().unwrap()]);
+    let can = |args: &[&str]| {
+        let mut all = vec!["--token", "viewer-token-0000", "auth", "can-i"];
+        all.extend(args);
+        let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+            .arg("--kubeconfig")
+            .arg(&k.kubeconfig)
+            .args(&all)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(can(&["list", "tr", "-n", "default"]), "yes");
+    assert_eq!(can(&["delete", "tr", "-n", "default"]), "no");
+    assert_eq!(can(&["list", "tr", "-n", "kube-system"]), "no");
+    let err = k.run_expecting(false, &["--token", "viewer-token-0000", "get", "mc"]);
+    assert!(
+        err.contains(r#"User "viewer" cannot list resource "memberclusters" in API group "starling.dev" at the cluster scope"#),
+        "{err}"
+    );
 
     // Server-side apply.
     let out = k.run(&[

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::{Client, Config};
 use serde_json::json;
 use starling_e2e::apiserver::{ApiServer, Running};
 use starling_e2e::kubelet::{Kubelet, KubeletConfig, NodeConfig};
@@ -20,7 +20,7 @@ struct Cluster {
 
 async fn cluster() -> Cluster {
     let server = ApiServer::new().start(0).await.unwrap();
-    let client = Client::try_from(Config::new(server.url.parse().unwrap())).unwrap();
+    let client = server.client();
     let work_dir = tempfile::tempdir().unwrap();
     let mut node = NodeConfig::new("node-a", 4.0, 8.0, 1);
     node.labels

@@ -76,6 +76,15 @@ impl ApiError {
         .with_details(json!({"name": name, "kind": kind, "causes": causes}))
     }
 
+    pub fn unauthorized() -> Self {
+        Self::new(401, "Unauthorized", "Unauthorized")
+    }
+
+    pub fn forbidden(message: String, name: String, group: &str, resource: &str) -> Self {
+        Self::new(403, "Forbidden", message)
+            .with_details(json!({"name": name, "group": group, "kind": resource}))
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }

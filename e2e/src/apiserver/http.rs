@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::auth::{self, Attributes, User};
 use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
@@ -104,6 +105,15 @@ async fn route(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let path = uri.path();
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let user = server
+        .inner
+        .tokens
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .authenticate(token)?;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return Ok(json_response(StatusCode::OK, &version_info())),
@@ -142,10 +152,61 @@ async fn route(
             None => Err(ApiError::no_route(path)),
         };
     }
+    let q = query(uri);
+    if group == "authorization.k8s.io"
+        && rest == ["selfsubjectaccessreviews"]
+        && method == Method::POST
+    {
+        return access_review(server, &user, headers, &body);
+    }
     let target =
         target(&server.registry(), group, version, rest).ok_or_else(|| ApiError::no_route(path))?;
-    let q = query(uri);
+    let watching = matches!(param(&q, "watch"), Some("true" | "1"));
+    let attributes = Attributes {
+        verb: auth::verb(method, target.name.is_some(), watching).into(),
+        group: group.into(),
+        resource: target.resource.plural.clone(),
+        subresource: target.subresource.clone(),
+        namespace: target.namespace.clone(),
+        name: target.name.clone(),
+    };
+    if !auth::allowed(&server.store(), &user, &attributes) {
+        return Err(attributes.forbidden(&user));
+    }
     resource(server, method, headers, body, target, &q).await
+}
+
+/// `kubectl auth can-i`: may the caller do what the review describes?
+fn access_review(
+    server: &ApiServer,
+    user: &User,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    let protobuf = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.contains("protobuf"));
+    let mut review = if protobuf {
+        auth::review_from_protobuf(body)
+            .ok_or_else(|| ApiError::bad_request("undecodable SelfSubjectAccessReview"))?
+    } else {
+        parse_body(headers, body)?
+    };
+    let a = &review["spec"]["resourceAttributes"];
+    let text = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
+    let optional = |k: &str| a[k].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    let attributes = Attributes {
+        verb: text("verb"),
+        group: text("group"),
+        resource: text("resource"),
+        subresource: optional("subresource"),
+        namespace: text("namespace"),
+        name: optional("name"),
+    };
+    let allowed = auth::allowed(&server.store(), user, &attributes);
+    review["status"] = json!({"allowed": allowed});
+    Ok(json_response(StatusCode::CREATED, &review))
 }
 
 /// Parses `<plural>[/<name>[/<sub>]]` or `namespaces/<ns>/<plural>[/<name>[/<sub>]]`.
@@ -199,6 +260,9 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    if content_type.contains("protobuf") {
+        return Err(ApiError::unsupported_media_type(content_type));
+    }
     let parsed = if content_type.contains("yaml") {
         serde_yaml::from_slice::<Value>(body).map_err(|e| e.to_string())
     } else {

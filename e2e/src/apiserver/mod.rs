@@ -7,6 +7,7 @@
 //! It is test infrastructure, not an API server: see `e2e/README.md` for what it does
 //! not do.
 
+mod auth;
 mod error;
 mod http;
 mod openapi;
@@ -15,12 +16,14 @@ mod schema;
 mod selector;
 mod store;
 mod table;
+mod tls;
 
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::json;
 use tokio::sync::watch;
 
+pub use auth::User;
 pub use error::ApiError;
 pub use registry::{Registry, ResourceType};
 pub use store::Store;
@@ -32,23 +35,46 @@ pub struct ApiServer {
 }
 
 struct Inner {
+    tokens: RwLock<auth::Tokens>,
+    admin_token: String,
     registry: RwLock<Registry>,
     store: Mutex<Store>,
     /// Bumped to end every open watch (as an API server restart would).
     watch_epoch: watch::Sender<u64>,
 }
 
-/// A server listening on loopback.
+/// A server listening on loopback over HTTPS.
 pub struct Running {
     pub url: String,
     pub server: ApiServer,
+    /// The CA that signed the server's certificate (PEM).
+    pub ca_pem: String,
+    ca_der: Vec<u8>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// A kubeconfig for this server (no auth yet: every client is admin).
+    /// A kubeconfig for this server with its admin token.
     pub fn kubeconfig(&self, cluster: &str) -> String {
-        kubeconfig(&self.url, cluster)
+        kubeconfig(
+            &self.url,
+            cluster,
+            &self.ca_pem,
+            &self.server.inner.admin_token,
+        )
+    }
+
+    /// A kube client authenticated as `token`'s user.
+    pub fn client_with_token(&self, token: &str) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().expect("the server's own URL"));
+        config.auth_info.token = Some(token.to_owned().into());
+        config.root_cert = Some(vec![self.ca_der.clone()]);
+        kube::Client::try_from(config).expect("a client for the server")
+    }
+
+    /// A kube client with the admin token.
+    pub fn client(&self) -> kube::Client {
+        self.client_with_token(&self.server.inner.admin_token)
     }
 
     pub fn stop(self) {
@@ -62,12 +88,17 @@ impl Drop for Running {
     }
 }
 
-/// A kubeconfig with one cluster, user and context named `name`.
-pub fn kubeconfig(url: &str, name: &str) -> String {
+/// A kubeconfig with one cluster (trusting `ca_pem`), user (authenticated by `token`)
+/// and context named `name`.
+pub fn kubeconfig(url: &str, name: &str, ca_pem: &str, token: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n    server: {url}\n\
-         users:\n- name: {name}\n  user: {{}}\ncontexts:\n- name: {name}\n  context:\n    \
-         cluster: {name}\n    user: {name}\n    namespace: default\ncurrent-context: {name}\n"
+         \x20   certificate-authority-data: {ca}\n\
+         users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: {name}\n  \
+         context:\n    cluster: {name}\n    user: {name}\n    namespace: default\n\
+         current-context: {name}\n"
     )
 }
 
@@ -96,8 +127,20 @@ impl ApiServer {
                 .expect("a fresh store");
         }
         let (watch_epoch, _) = watch::channel(0);
+        // Unique per server, so a token from one cluster never works on another.
+        static SERVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let admin_token = format!("admin-{}-{n}-{:x}", std::process::id(), rand_suffix());
+        let mut tokens = auth::Tokens::default();
+        let admin = User {
+            name: "admin".into(),
+            groups: vec!["system:masters".into(), "system:authenticated".into()],
+        };
+        tokens.insert(admin_token.clone(), admin);
         Self {
             inner: Arc::new(Inner {
+                tokens: RwLock::new(tokens),
+                admin_token,
                 registry: RwLock::new(registry),
                 store: Mutex::new(store),
                 watch_epoch,
@@ -105,17 +148,22 @@ impl ApiServer {
         }
     }
 
-    /// Serves on `127.0.0.1:port` (0 picks a free port).
+    /// Serves HTTPS on `127.0.0.1:port` (0 picks a free port) with a certificate from a
+    /// new CA.
     pub async fn start(self, port: u16) -> std::io::Result<Running> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let (authority, acceptor) = tls::acceptor().map_err(std::io::Error::other)?;
+        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let url = format!("https://{}", tcp.local_addr()?);
         let app = http::router(self.clone());
+        let listener = tls::TlsListener { tcp, acceptor };
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Ok(Running {
             url,
             server: self,
+            ca_pem: authority.pem,
+            ca_der: authority.der,
             task,
         })
     }
@@ -138,10 +186,27 @@ impl ApiServer {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Makes `token` authenticate as `user`.
+    pub fn add_token(&self, token: &str, user: User) {
+        self.inner
+            .tokens
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token.to_owned(), user);
+    }
+
     /// Forgets the change history and ends every open watch, as an API server restart
     /// does: watchers come back with a version that is now too old (410) and relist.
     pub fn compact_and_drop_watches(&self) {
         self.store().compact();
         self.inner.watch_epoch.send_modify(|e| *e += 1);
     }
+}
+
+/// Some entropy for tokens without a random-number crate: the clock's nanoseconds.
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
 }

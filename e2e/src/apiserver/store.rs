@@ -114,13 +114,30 @@ impl Store {
 
     /// Objects of `t`, in one namespace or (with `None`) all of them, in key order.
     pub fn list(&self, t: &ResourceType, namespace: Option<&str>) -> Vec<Value> {
+        self.list_raw(&t.group, &t.plural, namespace)
+    }
+
+    /// [`Store::list`] by group and plural.
+    pub fn list_raw(&self, group: &str, plural: &str, namespace: Option<&str>) -> Vec<Value> {
         self.objects
             .iter()
             .filter(|((g, p, ns, _), _)| {
-                *g == t.group && *p == t.plural && namespace.is_none_or(|n| n == ns)
+                g == group && p == plural && namespace.is_none_or(|n| n == ns)
             })
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// One object by group, plural, namespace and name.
+    pub fn get_raw(
+        &self,
+        group: &str,
+        plural: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Value> {
+        self.objects
+            .get(&(group.into(), plural.into(), namespace.into(), name.into()))
     }
 
     /// Changes to `t` after `rv`, or 410 Gone when the log no longer reaches back that

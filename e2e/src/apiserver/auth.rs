@@ -1,0 +1,291 @@
+//! Authentication by bearer token and authorisation by the RBAC objects in the store,
+//! evaluated as Kubernetes' RBAC authoriser does: Roles through RoleBindings in their
+//! namespace, ClusterRoles through ClusterRoleBindings everywhere (or through a
+//! RoleBinding in its namespace); `system:masters` may do anything.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::store::Store;
+
+const RBAC: &str = "rbac.authorization.k8s.io";
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+impl User {
+    /// The user a ServiceAccount's token authenticates as.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        Self {
+            name: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+        }
+    }
+}
+
+/// Bearer tokens and who they are.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens(HashMap<String, User>);
+
+impl Tokens {
+    pub fn insert(&mut self, token: String, user: User) {
+        self.0.insert(token, user);
+    }
+
+    pub fn authenticate(&self, header: Option<&str>) -> Result<User, ApiError> {
+        header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|t| self.0.get(t.trim()))
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)
+    }
+}
+
+/// What a request does, in RBAC's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attributes {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: Option<String>,
+    /// Empty for cluster-scoped resources and cluster-wide lists.
+    pub namespace: String,
+    pub name: Option<String>,
+}
+
+impl Attributes {
+    /// The 403 a real server sends for these attributes.
+    pub fn forbidden(&self, user: &User) -> ApiError {
+        let resource = match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource),
+            None => self.resource.clone(),
+        };
+        let qualified = if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        };
+        let object = match &self.name {
+            Some(name) => format!("{qualified} \"{name}\""),
+            None => qualified,
+        };
+        let scope = if self.namespace.is_empty() {
+            "at the cluster scope".to_owned()
+        } else {
+            format!("in the namespace \"{}\"", self.namespace)
+        };
+        ApiError::forbidden(
+            format!(
+                "{object} is forbidden: User \"{}\" cannot {} resource \"{resource}\" in API group \"{}\" {scope}",
+                user.name, self.verb, self.group
+            ),
+            self.name.clone().unwrap_or_default(),
+            &self.group,
+            &self.resource,
+        )
+    }
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn rule_allows(rule: &Value, a: &Attributes) -> bool {
+    let any = |list: &[&str], x: &str| list.iter().any(|v| *v == "*" || *v == x);
+    let resource = match &a.subresource {
+        Some(sub) => format!("{}/{sub}", a.resource),
+        None => a.resource.clone(),
+    };
+    let names = strings(&rule["resourceNames"]);
+    any(&strings(&rule["verbs"]), &a.verb)
+        && any(&strings(&rule["apiGroups"]), &a.group)
+        && any(&strings(&rule["resources"]), &resource)
+        && (names.is_empty() || a.name.as_deref().is_some_and(|n| names.contains(&n)))
+}
+
+fn binds(binding: &Value, user: &User) -> bool {
+    binding["subjects"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|s| {
+            let name = s["name"].as_str().unwrap_or_default();
+            match s["kind"].as_str() {
+                Some("User") => name == user.name,
+                Some("Group") => user.groups.iter().any(|g| g == name),
+                Some("ServiceAccount") => {
+                    let ns = s["namespace"].as_str().unwrap_or_default();
+                    user.name == format!("system:serviceaccount:{ns}:{name}")
+                }
+                _ => false,
+            }
+        })
+}
+
+/// Whether `user` may do `a`, by the RBAC objects in `store`.
+pub fn allowed(store: &Store, user: &User, a: &Attributes) -> bool {
+    if user.groups.iter().any(|g| g == "system:masters") {
+        return true;
+    }
+    let role_rules = |kind: &str, name: &str, namespace: &str| -> Vec<Value> {
+        let (plural, ns) = match kind {
+            "ClusterRole" => ("clusterroles", ""),
+            _ => ("roles", namespace),
+        };
+        store
+            .get_raw(RBAC, plural, ns, name)
+            .and_then(|r| r["rules"].as_array().cloned())
+            .unwrap_or_default()
+    };
+    let granted = |binding: &Value, namespace: &str| {
+        let role = &binding["roleRef"];
+        binds(binding, user)
+            && role_rules(
+                role["kind"].as_str().unwrap_or_default(),
+                role["name"].as_str().unwrap_or_default(),
+                namespace,
+            )
+            .iter()
+            .any(|rule| rule_allows(rule, a))
+    };
+    store
+        .list_raw(RBAC, "clusterrolebindings", None)
+        .iter()
+        .any(|b| granted(b, ""))
+        || (!a.namespace.is_empty()
+            && store
+                .list_raw(RBAC, "rolebindings", Some(&a.namespace))
+                .iter()
+                .any(|b| granted(b, &a.namespace)))
+}
+
+/// A `SelfSubjectAccessReview` in Kubernetes' protobuf encoding (kubectl sends that
+/// for `auth can-i`): the `k8s\0` magic, then a `runtime.Unknown` wrapping the review.
+/// Only the resource attributes are read.
+pub fn review_from_protobuf(body: &[u8]) -> Option<Value> {
+    #[derive(prost::Message)]
+    struct Unknown {
+        #[prost(bytes = "vec", tag = "2")]
+        raw: Vec<u8>,
+    }
+    #[derive(prost::Message)]
+    struct Review {
+        #[prost(message, optional, tag = "2")]
+        spec: Option<Spec>,
+    }
+    #[derive(prost::Message)]
+    struct Spec {
+        #[prost(message, optional, tag = "1")]
+        resource_attributes: Option<ResourceAttributes>,
+    }
+    #[derive(prost::Message)]
+    struct ResourceAttributes {
+        #[prost(string, tag = "1")]
+        namespace: String,
+        #[prost(string, tag = "2")]
+        verb: String,
+        #[prost(string, tag = "3")]
+        group: String,
+        #[prost(string, tag = "4")]
+        version: String,
+        #[prost(string, tag = "5")]
+        resource: String,
+        #[prost(string, tag = "6")]
+        subresource: String,
+        #[prost(string, tag = "7")]
+        name: String,
+    }
+    use prost::Message;
+    let unknown = Unknown::decode(body.strip_prefix(b"k8s\0")?).ok()?;
+    let a = Review::decode(unknown.raw.as_slice())
+        .ok()?
+        .spec?
+        .resource_attributes?;
+    Some(serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {
+            "namespace": a.namespace, "verb": a.verb, "group": a.group, "version": a.version,
+            "resource": a.resource, "subresource": a.subresource, "name": a.name}},
+    }))
+}
+
+/// The verb of a request, as RBAC names it.
+pub fn verb(method: &axum::http::Method, named: bool, watch: bool) -> &'static str {
+    use axum::http::Method;
+    match (method, named) {
+        (&Method::GET, _) if watch => "watch",
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn attributes(verb: &str, resource: &str, namespace: &str) -> Attributes {
+        Attributes {
+            verb: verb.into(),
+            group: "starling.dev".into(),
+            resource: resource.into(),
+            subresource: None,
+            namespace: namespace.into(),
+            name: Some("x".into()),
+        }
+    }
+
+    #[test]
+    fn rules_match_verbs_groups_resources_subresources_and_names() {
+        let rule = json!({"apiGroups": ["starling.dev"], "resources": ["trainergroups",
+            "trainergroups/status"], "verbs": ["get", "list", "watch", "patch"]});
+        assert!(rule_allows(&rule, &attributes("get", "trainergroups", "m")));
+        assert!(!rule_allows(
+            &rule,
+            &attributes("delete", "trainergroups", "m")
+        ));
+        assert!(!rule_allows(&rule, &attributes("get", "trainingruns", "m")));
+        let mut status = attributes("patch", "trainergroups", "m");
+        status.subresource = Some("status".into());
+        assert!(rule_allows(&rule, &status));
+        let named = json!({"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"],
+            "resourceNames": ["y"]});
+        assert!(!rule_allows(
+            &named,
+            &attributes("get", "trainergroups", "m")
+        ));
+    }
+
+    #[test]
+    fn forbidden_messages_read_as_a_real_servers() {
+        let user = User::service_account("starling-member-home", "agent");
+        let e = attributes("list", "trainingruns", "default").forbidden(&user);
+        assert_eq!(e.code, 403);
+        assert_eq!(
+            e.message,
+            "trainingruns.starling.dev \"x\" is forbidden: User \
+             \"system:serviceaccount:starling-member-home:agent\" cannot list resource \
+             \"trainingruns\" in API group \"starling.dev\" in the namespace \"default\""
+        );
+    }
+}
