@@ -436,3 +436,86 @@ async fn rbac_confines_a_restricted_token_to_what_its_role_grants() {
     );
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn owners_take_dependents_with_them_and_namespaces_their_contents() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let (_server, client) = cluster().await;
+    let runs: Api<TrainingRun> = Api::namespaced(client.clone(), "default");
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let owned = async |run: &str, map: &str, finalizer: bool| {
+        let mut r = sample();
+        r.metadata.name = Some(run.into());
+        let r = runs.create(&PostParams::default(), &r).await.unwrap();
+        let mut meta = json!({"name": map, "ownerReferences": [{"apiVersion": "starling.dev/v1alpha1",
+            "kind": "TrainingRun", "name": run, "uid": r.metadata.uid, "blockOwnerDeletion": true}]});
+        if finalizer {
+            meta["finalizers"] = json!(["test.starling.dev/hold"]);
+        }
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta});
+        maps.create(&PostParams::default(), &serde_json::from_value(cm).unwrap())
+            .await
+            .unwrap();
+    };
+    let gone = |e: kube::Error| code(e).0 == 404;
+
+    owned("background", "bg", false).await;
+    runs.delete("background", &DeleteParams::background())
+        .await
+        .unwrap();
+    assert!(gone(maps.get("bg").await.unwrap_err()));
+
+    owned("orphaning", "orphan", false).await;
+    runs.delete("orphaning", &DeleteParams::orphan())
+        .await
+        .unwrap();
+    let orphan = maps.get("orphan").await.unwrap();
+    assert!(
+        orphan
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // Foreground: the owner waits, marked, until its held dependent goes.
+    owned("foreground", "held", true).await;
+    runs.delete("foreground", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let waiting = runs.get("foreground").await.unwrap();
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert!(
+        maps.get("held")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    maps.patch("held", &PatchParams::default(), &release)
+        .await
+        .unwrap();
+    assert!(gone(maps.get("held").await.unwrap_err()));
+    assert!(gone(runs.get("foreground").await.unwrap_err()));
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "doomed"}});
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(ns).unwrap())
+        .await
+        .unwrap();
+    let doomed: Api<ConfigMap> = Api::namespaced(client, "doomed");
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "inside"}});
+    doomed
+        .create(&PostParams::default(), &serde_json::from_value(cm).unwrap())
+        .await
+        .unwrap();
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(gone(doomed.get("inside").await.unwrap_err()));
+    assert!(gone(namespaces.get("doomed").await.unwrap_err()));
+}

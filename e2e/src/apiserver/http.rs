@@ -13,7 +13,7 @@ use super::auth::{self, Attributes, User};
 use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
-use super::store::{Change, FieldValidation, Part, resource_name};
+use super::store::{Change, FieldValidation, Part, Propagation, resource_name};
 use super::table::table;
 use super::{ApiServer, openapi};
 
@@ -341,7 +341,21 @@ async fn resource(
             Ok(json_response(patched.1, &patched.0))
         }
         (&Method::DELETE, Some(name)) => {
-            let deleted = server.store().delete(t, ns, name)?;
+            let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let policy = options["propagationPolicy"]
+                .as_str()
+                .or(param(q, "propagationPolicy"));
+            let propagation = match policy {
+                None | Some("Background") => Propagation::Background,
+                Some("Foreground") => Propagation::Foreground,
+                Some("Orphan") => Propagation::Orphan,
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "unknown propagationPolicy {other:?}"
+                    )));
+                }
+            };
+            let deleted = server.store().delete(t, ns, name, propagation)?;
             if t.plural == "customresourcedefinitions"
                 && deleted["metadata"]["deletionTimestamp"].is_null()
             {

@@ -82,12 +82,12 @@ impl Store {
         self.tx.subscribe()
     }
 
-    fn record(&mut self, t: &ResourceType, namespace: &str, kind: &'static str, object: Value) {
+    fn record(&mut self, k: &Key, kind: &'static str, object: Value) {
         let change = Change {
             rv: self.rv,
-            group: t.group.clone(),
-            plural: t.plural.clone(),
-            namespace: namespace.to_owned(),
+            group: k.0.clone(),
+            plural: k.1.clone(),
+            namespace: k.2.clone(),
             kind,
             object,
         };
@@ -243,8 +243,8 @@ impl Store {
             }
         }
         admit(t, &mut object, &name, validation)?;
+        self.record(&k, "ADDED", object.clone());
         self.objects.insert(k, object.clone());
-        self.record(t, namespace, "ADDED", object.clone());
         Ok(object)
     }
 
@@ -338,48 +338,217 @@ impl Store {
             .is_some_and(|f| !f.is_empty());
         if object["metadata"]["deletionTimestamp"].is_string() && !finalizers_left {
             self.objects.remove(&k);
-            self.record(t, namespace, "DELETED", object.clone());
+            self.record(&k, "DELETED", object.clone());
+            self.collect_garbage();
             return Ok(object);
         }
+        self.record(&k, "MODIFIED", object.clone());
         self.objects.insert(k, object.clone());
-        self.record(t, namespace, "MODIFIED", object.clone());
         Ok(object)
     }
 
     /// Deletes an object, or — while it has finalizers — marks it deleted and leaves it
-    /// for its finalizers' owners to release. Returns the object as it now is.
+    /// for its finalizers' owners to release. Dependents (by ownerReference) are deleted
+    /// after it (background), before it (foreground: it waits, marked, until they are
+    /// gone), or kept without the reference (orphan). Deleting a namespace deletes what is
+    /// in it. Returns the object as it now is.
     pub fn delete(
         &mut self,
         t: &ResourceType,
         namespace: &str,
         name: &str,
+        propagation: Propagation,
     ) -> Result<Value, ApiError> {
         let k = key(t, namespace, name);
-        let mut object = self
-            .objects
-            .get(&k)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(&resource_name(t), name))?;
+        if !self.objects.contains_key(&k) {
+            return Err(ApiError::not_found(&resource_name(t), name));
+        }
+        let uid = self.objects[&k]["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match propagation {
+            Propagation::Orphan => {
+                for dependent in self.dependents(&uid) {
+                    self.edit(&dependent, |o| {
+                        if let Some(refs) = o["metadata"]["ownerReferences"].as_array_mut() {
+                            refs.retain(|r| r["uid"] != uid.as_str());
+                        }
+                    });
+                }
+            }
+            Propagation::Foreground if !self.dependents(&uid).is_empty() => {
+                self.edit(&k, |o| {
+                    let finalizers = o["metadata"]["finalizers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    if !finalizers.contains(&json!(FOREGROUND)) {
+                        let mut f = finalizers;
+                        f.push(json!(FOREGROUND));
+                        o["metadata"]["finalizers"] = json!(f);
+                    }
+                });
+                for dependent in self.dependents(&uid) {
+                    self.delete_key(&dependent, Propagation::Foreground);
+                }
+            }
+            _ => {}
+        }
+        if t.plural == "namespaces" && t.group.is_empty() {
+            self.edit(&k, |o| o["status"]["phase"] = json!("Terminating"));
+            let inside: Vec<Key> = self
+                .objects
+                .keys()
+                .filter(|(_, _, ns, _)| ns == name)
+                .cloned()
+                .collect();
+            for object in inside {
+                self.delete_key(&object, Propagation::Background);
+            }
+            if self.objects.keys().any(|(_, _, ns, _)| ns == name) {
+                // Held until what is in it has gone.
+                self.edit(&k, |o| {
+                    o["metadata"]["finalizers"] = json!([NAMESPACE_CONTENT]);
+                });
+            }
+        }
+        let object = self.delete_key(&k, propagation);
+        self.collect_garbage();
+        Ok(object)
+    }
+
+    /// Deletes (or marks, while it has finalizers) the object at `k`.
+    fn delete_key(&mut self, k: &Key, propagation: Propagation) -> Value {
+        let Some(mut object) = self.objects.get(k).cloned() else {
+            return Value::Null;
+        };
         let has_finalizers = object["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
         if has_finalizers {
-            if object["metadata"]["deletionTimestamp"].is_string() {
-                return Ok(object); // already being deleted
+            if !object["metadata"]["deletionTimestamp"].is_string() {
+                self.edit(k, |o| o["metadata"]["deletionTimestamp"] = json!(now()));
             }
-            let rv = self.next_rv();
-            object["metadata"]["deletionTimestamp"] = json!(now());
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            self.objects.insert(k, object.clone());
-            self.record(t, namespace, "MODIFIED", object.clone());
-            return Ok(object);
+            return self.objects[k].clone();
         }
-        self.objects.remove(&k);
+        if propagation == Propagation::Foreground {
+            let uid = object["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            for dependent in self.dependents(&uid) {
+                self.delete_key(&dependent, Propagation::Foreground);
+            }
+        }
+        self.objects.remove(k);
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(t, namespace, "DELETED", object.clone());
-        Ok(object)
+        self.record(k, "DELETED", object.clone());
+        object
     }
+
+    /// Changes the stored object at `k` in place, as a new version.
+    fn edit(&mut self, k: &Key, change: impl FnOnce(&mut Value)) {
+        let Some(mut object) = self.objects.get(k).cloned() else {
+            return;
+        };
+        change(&mut object);
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(k, "MODIFIED", object.clone());
+        self.objects.insert(k.clone(), object);
+    }
+
+    /// Objects with an ownerReference to `uid`.
+    fn dependents(&self, uid: &str) -> Vec<Key> {
+        self.objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// The garbage collector, run to a fixpoint after every deletion: objects whose
+    /// owners are all gone are deleted; owners waiting in the foreground for dependents
+    /// that are gone, and namespaces that are empty, are released.
+    fn collect_garbage(&mut self) {
+        loop {
+            let uids: std::collections::HashSet<String> = self
+                .objects
+                .values()
+                .filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_owned))
+                .collect();
+            let orphaned: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(_, o)| {
+                    o["metadata"]["deletionTimestamp"].is_null()
+                        && o["metadata"]["ownerReferences"]
+                            .as_array()
+                            .is_some_and(|refs| {
+                                !refs.is_empty()
+                                    && refs.iter().all(|r| {
+                                        !uids.contains(r["uid"].as_str().unwrap_or_default())
+                                    })
+                            })
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            let released: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(k, o)| {
+                    let finalizers = o["metadata"]["finalizers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let uid = o["metadata"]["uid"].as_str().unwrap_or_default();
+                    (finalizers.contains(&json!(FOREGROUND)) && self.dependents(uid).is_empty())
+                        || (finalizers.contains(&json!(NAMESPACE_CONTENT))
+                            && !self.objects.keys().any(|(_, _, ns, _)| *ns == k.3))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            if orphaned.is_empty() && released.is_empty() {
+                return;
+            }
+            for k in orphaned {
+                self.delete_key(&k, Propagation::Background);
+            }
+            for k in released {
+                self.edit(&k, |o| {
+                    if let Some(f) = o["metadata"]["finalizers"].as_array_mut() {
+                        f.retain(|f| *f != FOREGROUND && *f != NAMESPACE_CONTENT);
+                    }
+                });
+                let left = self.objects[&k]["metadata"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty());
+                if !left {
+                    self.delete_key(&k, Propagation::Background);
+                }
+            }
+        }
+    }
+}
+
+/// The finalizer an owner carries while its dependents are deleted first.
+const FOREGROUND: &str = "foregroundDeletion";
+/// The finalizer a namespace carries until its objects are gone.
+const NAMESPACE_CONTENT: &str = "kubernetes";
+
+/// `propagationPolicy`: what happens to an object's dependents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Propagation {
+    #[default]
+    Background,
+    Foreground,
+    Orphan,
 }
 
 /// The object without metadata and status: what `generation` counts changes of.
