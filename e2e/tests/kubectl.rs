@@ -133,6 +133,15 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let err = k.run_expecting(false, &["apply", "-f", typo.to_str().unwrap()]);
     assert!(err.contains(r#"unknown field "spec.regoin""#), "{err}");
 
+    // Built-in kinds too: they are checked against their Kubernetes types.
+    std::fs::write(
+        &typo,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: typo\ndatas:\n  a: b\n",
+    )
+    .unwrap();
+    let err = k.run_expecting(false, &["apply", "-f", typo.to_str().unwrap()]);
+    assert!(err.contains(r#"unknown field "datas""#), "{err}");
+
     let out = k.run(&["explain", "trainingrun.spec.compression"]);
     assert!(out.contains("KIND:       TrainingRun"), "{out}");
     assert!(out.contains("valueBits"), "{out}");

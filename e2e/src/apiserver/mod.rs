@@ -8,6 +8,7 @@
 //! not do.
 
 mod auth;
+mod builtin;
 mod error;
 mod http;
 mod openapi;

@@ -591,10 +591,19 @@ fn admit(
     name: &str,
     validation: FieldValidation,
 ) -> Result<(), ApiError> {
-    let Some(schema) = &t.schema else {
-        return Ok(());
+    let admission = match &t.schema {
+        Some(schema) => super::schema::admit(schema, object),
+        None => match super::builtin::admit(&t.group, &t.kind, object) {
+            None => return Ok(()),
+            Some(Ok(admission)) => admission,
+            Some(Err(message)) => {
+                return Err(ApiError::bad_request(format!(
+                    "{} in body is invalid: {message}",
+                    t.kind
+                )));
+            }
+        },
     };
-    let admission = super::schema::admit(schema, object);
     if validation == FieldValidation::Strict && !admission.pruned.is_empty() {
         let unknown: Vec<String> = admission
             .pruned

@@ -1,0 +1,106 @@
+//! Admission of built-in kinds: the object must deserialise into its k8s-openapi type,
+//! and fields that type does not know are unknown fields (dropped, or refused under
+//! `fieldValidation=Strict`).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::events::v1::Event as EventV1;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+
+use super::schema::Admission;
+
+fn round_trip<T: DeserializeOwned + Serialize>(object: &Value) -> Result<Value, String> {
+    let typed: T = serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
+    serde_json::to_value(typed).map_err(|e| e.to_string())
+}
+
+/// Paths in `input` that `typed` (its round trip) lost: the unknown fields. Nulls are
+/// not fields.
+fn lost(input: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, typed) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let at = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get(k) {
+                    Some(w) => lost(v, w, &at, out),
+                    None if !v.is_null() => out.push(at),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                lost(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks a built-in object; `None` when the kind is not one this server types.
+pub fn admit(group: &str, kind: &str, object: &mut Value) -> Option<Result<Admission, String>> {
+    let typed = match (group, kind) {
+        ("", "Namespace") => round_trip::<Namespace>(object),
+        ("", "Pod") => round_trip::<Pod>(object),
+        ("", "Service") => round_trip::<Service>(object),
+        ("", "Secret") => round_trip::<Secret>(object),
+        ("", "ConfigMap") => round_trip::<ConfigMap>(object),
+        ("", "Event") => round_trip::<Event>(object),
+        ("", "ServiceAccount") => round_trip::<ServiceAccount>(object),
+        ("", "Node") => round_trip::<Node>(object),
+        ("events.k8s.io", "Event") => round_trip::<EventV1>(object),
+        ("coordination.k8s.io", "Lease") => round_trip::<Lease>(object),
+        ("apps", "Deployment") => round_trip::<Deployment>(object),
+        ("rbac.authorization.k8s.io", "Role") => round_trip::<Role>(object),
+        ("rbac.authorization.k8s.io", "RoleBinding") => round_trip::<RoleBinding>(object),
+        ("rbac.authorization.k8s.io", "ClusterRole") => round_trip::<ClusterRole>(object),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
+            round_trip::<ClusterRoleBinding>(object)
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            round_trip::<CustomResourceDefinition>(object)
+        }
+        _ => return None,
+    };
+    Some(typed.map(|typed| {
+        let mut admission = Admission::default();
+        lost(object, &typed, "", &mut admission.pruned);
+        if !admission.pruned.is_empty() {
+            *object = typed;
+        }
+        admission
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn unknown_fields_of_built_in_kinds_are_found_and_dropped() {
+        let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "i", "imagePolicy": "x"}],
+                     "restartPolicy": "Never", "nodeName": null}});
+        let admission = admit("", "Pod", &mut pod).unwrap().unwrap();
+        assert_eq!(admission.pruned, ["spec.containers[0].imagePolicy"]);
+        assert!(pod["spec"]["containers"][0].get("imagePolicy").is_none());
+        let mut bad = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": "not a list"}});
+        assert!(admit("", "Pod", &mut bad).unwrap().is_err());
+        assert!(admit("starling.dev", "TrainingRun", &mut bad).is_none());
+    }
+}
