@@ -270,3 +270,40 @@ async fn a_federation_of_local_clusters_runs_pods_and_a_member_can_go_dark() {
     let hub_pods: Api<Pod> = Api::namespaced(federation.hub.client.clone(), "default");
     assert!(hub_pods.list(&Default::default()).await.is_ok());
 }
+
+/// The pid of the process whose command line contains `marker`.
+fn find_process(marker: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(marker)
+                .then_some(pid)
+        })
+}
+
+#[tokio::test]
+async fn a_killed_pod_process_is_a_failed_pod() {
+    let c = cluster().await;
+    let marker = format!("sleep 30 # victim-{}", std::process::id());
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("victim", "Never", &marker, json!({})),
+        )
+        .await
+        .unwrap();
+    c.wait("victim", "ran", |p| phase(p) == "Running").await;
+    let pid = find_process(&marker).expect("the pod's process");
+    // SAFETY: signalling a process the test's own kubelet started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let failed = c.wait("victim", "failed", |p| phase(p) == "Failed").await;
+    let exit = container(&failed).state.unwrap().terminated.unwrap();
+    assert_eq!(
+        (exit.exit_code, exit.reason.as_deref()),
+        (137, Some("Error"))
+    );
+}
