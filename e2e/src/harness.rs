@@ -103,12 +103,12 @@ pub fn starling_images(exe_dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 /// A hub and its members.
-pub struct LocalFederation {
+pub struct LocalClusters {
     pub hub: LocalCluster,
     pub members: Vec<LocalCluster>,
 }
 
-impl LocalFederation {
+impl LocalClusters {
     pub async fn start(
         hub: &ClusterSpec,
         members: &[ClusterSpec],

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use starling_e2e::apiserver::ApiServer;
-use starling_e2e::harness::{ClusterSpec, LocalFederation, starling_images};
+use starling_e2e::harness::{ClusterSpec, LocalClusters, starling_images};
 
 /// Starling's local control plane and demo: a whole federation on one machine.
 #[derive(Parser)]
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             let images = starling_images(exe.parent().unwrap_or(std::path::Path::new(".")));
             tokio::runtime::Runtime::new()?.block_on(async {
                 let hub = ClusterSpec::single_node("hub", 0);
-                let federation = LocalFederation::start(&hub, &members, &images, &dir).await?;
+                let federation = LocalClusters::start(&hub, &members, &images, &dir).await?;
                 for c in std::iter::once(&federation.hub).chain(&federation.members) {
                     println!(
                         "{:<12} {}  kubectl --kubeconfig {}",

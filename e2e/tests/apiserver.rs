@@ -318,11 +318,12 @@ async fn a_watcher_sees_changes_and_relists_after_410_gone() {
 async fn a_controller_reconciles_creates_updates_and_deletes() {
     let (_server, client) = cluster().await;
     let runs: Api<TrainingRun> = Api::namespaced(client, "default");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64, bool)>();
     let controller = Controller::new(runs.clone(), watcher::Config::default())
         .run(
             move |run: std::sync::Arc<TrainingRun>, tx| async move {
-                let _ = tx.send((run.name_any(), run.spec.seed));
+                let deleting = run.metadata.deletion_timestamp.is_some();
+                let _ = tx.send((run.name_any(), run.spec.seed, deleting));
                 Ok::<_, kube::Error>(Action::await_change())
             },
             |_, _: &kube::Error, _| Action::await_change(),
@@ -336,15 +337,20 @@ async fn a_controller_reconciles_creates_updates_and_deletes() {
             .expect("a reconcile within 10 s")
             .unwrap()
     };
-    runs.create(&PostParams::default(), &sample())
-        .await
-        .unwrap();
-    assert_eq!(next().await, ("shakespeare".into(), 42));
+    let mut run = sample();
+    run.metadata.finalizers = Some(vec!["starling.dev/cleanup".into()]);
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    assert_eq!(next().await, ("shakespeare".into(), 42, false));
     let patch = Patch::Merge(json!({"spec": {"seed": 6}}));
     runs.patch("shakespeare", &PatchParams::default(), &patch)
         .await
         .unwrap();
-    assert_eq!(next().await, ("shakespeare".into(), 6));
+    assert_eq!(next().await, ("shakespeare".into(), 6, false));
+    // Deletion reaches the controller while the finalizer holds the object.
+    runs.delete("shakespeare", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(next().await, ("shakespeare".into(), 6, true));
     controller.abort();
 }
 

@@ -227,14 +227,14 @@ async fn pods_get_their_environment_and_are_scheduled_only_where_they_fit() {
 
 #[tokio::test]
 async fn a_federation_of_local_clusters_runs_pods_and_a_member_can_go_dark() {
-    use starling_e2e::harness::{ClusterSpec, LocalFederation};
+    use starling_e2e::harness::{ClusterSpec, LocalClusters};
     let dir = tempfile::tempdir().unwrap();
     let images = vec![("example.com/sh".to_owned(), PathBuf::from("/bin/sh"))];
     let members = [
         ClusterSpec::single_node("cloud-eu", 2),
         ClusterSpec::single_node("home-lagos", 1),
     ];
-    let mut federation = LocalFederation::start(
+    let mut federation = LocalClusters::start(
         &ClusterSpec::single_node("hub", 0),
         &members,
         &images,
