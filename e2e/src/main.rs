@@ -41,8 +41,8 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
         Command::Demo => {
             eprintln!(
-                "starling-e2e demo: not yet available. The local control plane and the \
-                 operator it needs are being built; see README.md for what works today."
+                "starling-e2e demo: not yet available. The operator it needs is being \
+                 built; see README.md for what works today."
             );
             Ok(std::process::ExitCode::from(2))
         }
