@@ -525,3 +525,31 @@ async fn owners_take_dependents_with_them_and_namespaces_their_contents() {
     assert!(gone(doomed.get("inside").await.unwrap_err()));
     assert!(gone(namespaces.get("doomed").await.unwrap_err()));
 }
+
+#[tokio::test]
+async fn strategic_merge_patches_merge_containers_by_name() {
+    use k8s_openapi::api::core::v1::Pod;
+    let (_server, client) = cluster().await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "two"},
+        "spec": {"containers": [{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}]}});
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(pod).unwrap(),
+    )
+    .await
+    .unwrap();
+    let patch = json!({"spec": {"containers": [{"name": "b", "image": "b:2"}]}});
+    let patched = pods
+        .patch("two", &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .unwrap();
+    let images: Vec<_> = patched
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .map(|c| c.image.unwrap())
+        .collect();
+    assert_eq!(images, ["a:1", "b:2"]);
+}

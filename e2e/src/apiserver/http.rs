@@ -15,7 +15,7 @@ use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
 use super::store::{Change, FieldValidation, Part, Propagation, resource_name};
 use super::table::table;
-use super::{ApiServer, openapi};
+use super::{ApiServer, openapi, strategic};
 
 pub fn router(server: ApiServer) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(server)
@@ -409,11 +409,14 @@ fn patch(
     let mut object = current.clone();
     match content_type.split(';').next().unwrap_or_default() {
         "application/merge-patch+json"
-        | "application/strategic-merge-patch+json"
         | "application/apply-patch+yaml"
         | "application/apply-patch+json" => {
             let patch = parse_body(headers, body)?;
             json_patch::merge(&mut object, &patch);
+        }
+        "application/strategic-merge-patch+json" => {
+            let patch = parse_body(headers, body)?;
+            strategic::merge(&mut object, &patch);
         }
         "application/json-patch+json" => {
             let ops: json_patch::Patch = serde_json::from_slice(body)

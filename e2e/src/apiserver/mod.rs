@@ -16,6 +16,7 @@ mod registry;
 mod schema;
 mod selector;
 mod store;
+mod strategic;
 mod table;
 mod tls;
 
