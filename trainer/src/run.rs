@@ -179,13 +179,17 @@ impl RunConfig {
             }
             None => serde_json::Value::Null,
         };
-        let fingerprint = fingerprint(&serde_json::json!({
-            "config": &self,
-            "model": &model,
-            "corpus": corpus.fingerprint(),
-            "tokenizer": tokenizer.name(),
-            "init": init,
-        }));
+        let fingerprint = crate::data::fingerprint(
+            serde_json::json!({
+                "config": &self,
+                "model": &model,
+                "corpus": corpus.fingerprint(),
+                "tokenizer": tokenizer.name(),
+                "init": init,
+            })
+            .to_string()
+            .as_bytes(),
+        );
         Ok(Run {
             config: self,
             model,
@@ -274,14 +278,4 @@ pub fn validation_batch(
 ) -> Result<Batch, crate::data::DataError> {
     let a = Assignment::new(0, 1, u64::from(rows), seq, tokens.len())?;
     Ok(a.batch(tokens, &a.peer_round(0, 0)))
-}
-
-/// FNV-1a over the canonical JSON: a mismatch detector, not a security measure.
-fn fingerprint(value: &serde_json::Value) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in value.to_string().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }

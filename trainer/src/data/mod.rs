@@ -23,6 +23,15 @@ use std::path::PathBuf;
 /// A token id.
 pub type Token = u32;
 
+/// FNV-1a of `bytes` as 16 hex digits: names content so mismatches are caught (the
+/// run configuration, a tokenizer file). Not a security measure.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error(

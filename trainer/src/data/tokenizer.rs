@@ -56,11 +56,8 @@ impl Tokenizer {
                 path: PathBuf::from(file),
                 message: e.to_string(),
             })?;
-        let hash = json.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
         Ok(Tokenizer::HuggingFace {
-            name: format!("{TOKENIZER_FILE}:{hash:016x}"),
+            name: format!("{TOKENIZER_FILE}:{}", super::fingerprint(&json)),
             json,
             inner: Box::new(inner),
         })
