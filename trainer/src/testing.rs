@@ -1,7 +1,5 @@
 //! Helpers shared by the unit tests.
 
-use candle_core::{Device, Tensor};
-
 use crate::data::{Batch, Corpus, Tokenizer};
 use crate::model::{Llama, ModelConfig};
 
@@ -32,9 +30,7 @@ pub fn shakespeare(seq: usize) -> (Vec<u32>, Batch) {
 
 /// The model's mean loss on `batch`.
 pub fn loss_on(model: &Llama, batch: &Batch) -> f32 {
-    let x = Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq), &Device::Cpu).unwrap();
-    let y = Tensor::from_slice(&batch.targets, (batch.rows, batch.seq), &Device::Cpu).unwrap();
-    model.loss(&x, &y).unwrap().to_scalar::<f32>().unwrap()
+    model.batch_loss(batch).unwrap()
 }
 
 /// A run of [`small_config`] on Shakespeare with short sequences, set up under `dir`;

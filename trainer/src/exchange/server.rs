@@ -790,14 +790,9 @@ fn mean(values: &[f32]) -> f32 {
     values.iter().sum::<f32>() / values.len().max(1) as f32
 }
 
+/// NaN when the loss cannot be computed: a gauge, not a reason to stop the run.
 fn validation_loss(model: &Llama, batch: &Batch) -> f32 {
-    let eval = || -> Result<f32, crate::model::ModelError> {
-        let dev = model.device();
-        let x = candle_core::Tensor::from_slice(&batch.inputs, (batch.rows, batch.seq), dev)?;
-        let y = candle_core::Tensor::from_slice(&batch.targets, (batch.rows, batch.seq), dev)?;
-        Ok(model.loss(&x, &y)?.to_scalar::<f32>()?)
-    };
-    eval().unwrap_or(f32::NAN)
+    model.batch_loss(batch).unwrap_or(f32::NAN)
 }
 
 fn chunks<T>(bytes: &[u8], wrap: impl Fn(Vec<u8>) -> T) -> impl Iterator<Item = T> {

@@ -221,6 +221,14 @@ impl Llama {
             &targets.flatten_all()?,
         )?)
     }
+
+    /// The mean loss on `batch`, without gradients (evaluation).
+    pub fn batch_loss(&self, batch: &crate::data::Batch) -> Result<f32, ModelError> {
+        let shape = (batch.rows, batch.seq);
+        let inputs = Tensor::from_slice(&batch.inputs, shape, &self.device)?;
+        let targets = Tensor::from_slice(&batch.targets, shape, &self.device)?;
+        Ok(self.loss(&inputs, &targets)?.to_scalar::<f32>()?)
+    }
 }
 
 /// `(name, shape)` of every parameter, in Hugging Face order.
