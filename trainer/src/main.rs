@@ -57,8 +57,16 @@ enum Command {
         #[arg(long, env = "STARLING_LISTEN", default_value = "0.0.0.0:7070")]
         listen: std::net::SocketAddr,
         /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
-        #[arg(long, env = "STARLING_TOKENS_FILE")]
-        tokens_file: PathBuf,
+        #[arg(long, env = "STARLING_TOKENS_FILE", required_unless_present = "tokens")]
+        tokens_file: Option<PathBuf>,
+        /// The same lines given directly (the operator passes them from a Secret).
+        #[arg(
+            long,
+            env = "STARLING_TOKENS",
+            hide_env_values = true,
+            conflicts_with = "tokens_file"
+        )]
+        tokens: Option<String>,
         /// Updates needed before a round closes early (when every live peer has sent).
         #[arg(long, env = "STARLING_MIN_PEERS", default_value_t = 1)]
         min_peers: u32,
@@ -210,6 +218,7 @@ fn main() -> anyhow::Result<()> {
             run,
             listen,
             tokens_file,
+            tokens,
             min_peers,
             round_deadline,
             liveness,
@@ -226,7 +235,12 @@ fn main() -> anyhow::Result<()> {
         } => {
             let run = run.load(&data_dir)?;
             let opts = ExchangeOptions {
-                tokens: Tokens::read(&tokens_file).map_err(anyhow::Error::msg)?,
+                tokens: match (tokens, tokens_file) {
+                    (Some(text), _) => Tokens::parse(&text),
+                    (None, Some(path)) => Tokens::read(&path),
+                    (None, None) => unreachable!("clap requires one of them"),
+                }
+                .map_err(anyhow::Error::msg)?,
                 min_peers,
                 deadline: Duration::from_secs_f64(round_deadline),
                 liveness: Duration::from_secs_f64(liveness),

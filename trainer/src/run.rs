@@ -34,10 +34,11 @@ pub enum Algorithm {
 /// Everything that must be the same on every peer of a run.
 #[derive(Args, Clone, Debug, Serialize)]
 pub struct RunConfig {
-    /// The model: a Hugging Face `config.json` for LlamaForCausalLM.
+    /// The model: a Hugging Face `config.json` for LlamaForCausalLM, as a path or as the
+    /// JSON itself (what the operator passes, so pods need no mounted file).
     #[arg(long, env = "STARLING_MODEL_CONFIG")]
     #[serde(skip)] // its content is part of the fingerprint, not where it lies
-    pub model_config: PathBuf,
+    pub model_config: String,
     /// Seed of the initial weights and of the data assignment.
     #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
     pub seed: u64,
@@ -107,8 +108,8 @@ pub struct Run {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("model config {path}: {message}")]
-    Model { path: PathBuf, message: String },
+    #[error("model config {origin}: {message}")]
+    Model { origin: String, message: String },
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
@@ -120,12 +121,20 @@ pub enum RunError {
 impl RunConfig {
     /// Reads the model config and builds (or reopens) the token shards under `data_dir`.
     pub fn load(self, data_dir: &Path) -> Result<Run, RunError> {
+        let inline = self.model_config.trim_start().starts_with('{');
         let model_error = |message: String| RunError::Model {
-            path: self.model_config.clone(),
+            origin: if inline {
+                "(inline JSON)".into()
+            } else {
+                self.model_config.clone()
+            },
             message,
         };
-        let text =
-            std::fs::read_to_string(&self.model_config).map_err(|e| model_error(e.to_string()))?;
+        let text = if inline {
+            self.model_config.clone()
+        } else {
+            std::fs::read_to_string(&self.model_config).map_err(|e| model_error(e.to_string()))?
+        };
         let model: ModelConfig =
             serde_json::from_str(&text).map_err(|e| model_error(e.to_string()))?;
         model.validate().map_err(|e| model_error(e.to_string()))?;
