@@ -80,8 +80,28 @@ pub fn admit(group: &str, kind: &str, object: &mut Value) -> Option<Result<Admis
         if !admission.pruned.is_empty() {
             *object = typed;
         }
+        if (group, kind) == ("", "Secret") {
+            fold_string_data(object);
+        }
         admission
     }))
+}
+
+/// A Secret's `stringData` is write-only: its entries are stored base64-encoded in
+/// `data`, overriding the same keys there, and it is never returned.
+fn fold_string_data(secret: &mut Value) {
+    use base64::Engine;
+    let Some(Value::Object(strings)) = secret.as_object_mut().and_then(|s| s.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret["data"].is_object() {
+        secret["data"] = Value::Object(Default::default());
+    }
+    for (key, value) in strings {
+        let text = value.as_str().unwrap_or_default();
+        secret["data"][key] = Value::String(base64::engine::general_purpose::STANDARD.encode(text));
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +109,15 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn secret_string_data_is_stored_as_data() {
+        let mut secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s"}, "data": {"a": "eA=="}, "stringData": {"b": "hi"}});
+        admit("", "Secret", &mut secret).unwrap().unwrap();
+        assert_eq!(secret["data"], json!({"a": "eA==", "b": "aGk="}));
+        assert!(secret.get("stringData").is_none());
+    }
 
     #[test]
     fn unknown_fields_of_built_in_kinds_are_found_and_dropped() {

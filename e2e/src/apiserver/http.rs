@@ -419,8 +419,16 @@ fn patch(
             strategic::merge(&mut object, &patch);
         }
         "application/json-patch+json" => {
-            let ops: json_patch::Patch = serde_json::from_slice(body)
+            let mut ops: json_patch::Patch = serde_json::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            // As in Kubernetes, testing a missing field against `null` passes (kube-rs's
+            // finalizer helper relies on it when an object has no finalizers yet).
+            ops.0.retain(|op| match op {
+                json_patch::PatchOperation::Test(t) => {
+                    !(t.value.is_null() && object.pointer(t.path.as_str()).is_none())
+                }
+                _ => true,
+            });
             json_patch::patch(&mut object, &ops).map_err(|e| {
                 ApiError::invalid(&t.kind, name, vec![("patch".into(), e.to_string())])
             })?;
@@ -443,6 +451,10 @@ fn patch(
 /// Side effects of writing some kinds: a CustomResourceDefinition starts (or changes)
 /// serving its resource and reports itself established.
 fn after_write(server: &ApiServer, t: &ResourceType, object: &Value) -> Result<(), ApiError> {
+    if t.group == "events.k8s.io" && t.kind == "Event" {
+        mirror_event(server, object);
+        return Ok(());
+    }
     if t.plural != "customresourcedefinitions"
         || object["metadata"]["deletionTimestamp"].is_string()
     {
@@ -589,4 +601,58 @@ fn stream_response(body: Body) -> Response {
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
         .expect("a valid response")
+}
+
+/// `events.k8s.io/v1` and core `v1` Events are one resource in two shapes on a real
+/// server; here a new-style Event is also stored as its core form, so `kubectl describe`
+/// (which lists core Events) shows what controllers record.
+fn mirror_event(server: &ApiServer, event: &Value) {
+    let Some(core) = server.registry().find("", "v1", "events").cloned() else {
+        return;
+    };
+    let meta = &event["metadata"];
+    let ns = meta["namespace"].as_str().unwrap_or_default();
+    let name = meta["name"].as_str().unwrap_or_default();
+    let time = event["eventTime"].clone();
+    let first = if event["deprecatedFirstTimestamp"].is_null() {
+        time.clone()
+    } else {
+        event["deprecatedFirstTimestamp"].clone()
+    };
+    let last = if event["series"]["lastObservedTime"].is_null() {
+        first.clone()
+    } else {
+        event["series"]["lastObservedTime"].clone()
+    };
+    let seconds = |t: &Value| {
+        t.as_str()
+            .and_then(|s| s.parse::<chrono::DateTime<chrono::Utc>>().ok())
+            .map(|t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+            .unwrap_or(Value::Null)
+    };
+    let core_event = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": ns, "labels": meta["labels"]},
+        "involvedObject": event["regarding"],
+        "related": event["related"],
+        "reason": event["reason"],
+        "message": event["note"],
+        "type": event["type"],
+        "action": event["action"],
+        "source": {"component": event["reportingController"]},
+        "reportingComponent": event["reportingController"],
+        "reportingInstance": event["reportingInstance"],
+        "eventTime": time,
+        "firstTimestamp": seconds(&first),
+        "lastTimestamp": seconds(&last),
+        "count": event["series"]["count"].as_i64().unwrap_or(1),
+    });
+    let mut store = server.store();
+    let written = match store.get(&core, ns, name) {
+        Ok(_) => store.update(&core, ns, name, core_event, Part::Main, Default::default()),
+        Err(_) => store.create(&core, ns, core_event, Default::default()),
+    };
+    if let Err(e) = written {
+        eprintln!("API test server: mirroring event {ns}/{name}: {e:?}");
+    }
 }

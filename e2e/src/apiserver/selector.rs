@@ -1,5 +1,6 @@
-//! Label selectors (`a=b,c!=d,e,!f,g in (x,y),h notin (z)`) and the field selectors
-//! Starling uses (`metadata.name`, `metadata.namespace`).
+//! Label selectors (`a=b,c!=d,e,!f,g in (x,y),h notin (z)`) and field selectors on any
+//! string field by its dotted path (`metadata.name`, `involvedObject.uid`, ...). A real
+//! server allows only some fields per kind; this one allows all.
 
 use serde_json::Value;
 
@@ -76,11 +77,6 @@ impl Selector {
                     "invalid field selector {term:?}"
                 )));
             };
-            if !matches!(field, "metadata.name" | "metadata.namespace") {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field}"
-                )));
-            }
             selector.fields.push((field.into(), equal, value.into()));
         }
         Ok(selector)
@@ -96,10 +92,10 @@ impl Selector {
             Requirement::NotExists(k) => label(k).is_none(),
         });
         let fields_ok = self.fields.iter().all(|(field, equal, value)| {
-            let actual = match field.as_str() {
-                "metadata.name" => object["metadata"]["name"].as_str(),
-                _ => object["metadata"]["namespace"].as_str(),
-            };
+            let actual = field
+                .split('.')
+                .try_fold(object, |v, key| v.get(key))
+                .and_then(Value::as_str);
             (actual.unwrap_or_default() == value) == *equal
         });
         labels_ok && fields_ok
@@ -115,7 +111,8 @@ mod tests {
     #[test]
     fn label_and_field_selectors_match_as_kubernetes_does() {
         let obj = json!({"metadata": {"name": "a", "namespace": "n",
-            "labels": {"tier": "home", "gpu": "4090"}}});
+            "labels": {"tier": "home", "gpu": "4090"}},
+            "involvedObject": {"kind": "Pod", "name": "a"}});
         let ok = |l: &str, f: &str| Selector::parse(Some(l), Some(f)).unwrap().matches(&obj);
         assert!(ok("", ""));
         assert!(ok("tier=home", "metadata.name=a"));
@@ -124,6 +121,8 @@ mod tests {
         assert!(!ok("tier notin (home)", ""));
         assert!(!ok("tier!=home", ""));
         assert!(!ok("", "metadata.name=b"));
-        assert!(Selector::parse(None, Some("spec.x=1")).is_err());
+        assert!(ok("", "involvedObject.kind=Pod,involvedObject.name!=b"));
+        assert!(!ok("", "involvedObject.name=b"));
+        assert!(Selector::parse(None, Some("spec.x")).is_err());
     }
 }
