@@ -3,17 +3,30 @@
 //! as a local process of the binary its image names, reporting phase, container state and
 //! restarts through the API, as a kubelet and a scheduler would.
 //!
+//! It also plays the two cluster services Starling's objects need: a Deployment
+//! controller (pods from a Deployment's template, replaced when they fail or the template
+//! changes) and a load balancer like k3s's ServiceLB (a `LoadBalancer` Service's ingress
+//! address is the address of a ready pod it selects).
+//!
+//! Networking: each pod gets its own loopback address (`127.a.b.c`, with `a.b` random per
+//! kubelet so concurrent clusters do not collide) as `status.podIP`; a pod listens on it
+//! at its container port, and `$(VAR)` references in env and args expand as in Kubernetes.
+//!
 //! It talks to its cluster only through the Kubernetes API (kube-rs), so the same code
-//! works against any API server. One container per Pod; init containers, probes, volumes
-//! and port mapping are not implemented.
+//! works against any API server. One container per Pod; init containers, probes and
+//! volume contents are not implemented (`workingDir` and every mount are the pod's
+//! directory).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, Node, Pod, Secret, Taint, Toleration,
+    ConfigMap, Container, EnvVar, Node, Pod, Secret, Service, Taint, Toleration,
 };
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -166,14 +179,20 @@ pub struct Kubelet {
     config: KubeletConfig,
     /// Running (or restarting) pods by namespace/name.
     processes: HashMap<(String, String), Process>,
+    /// Pod addresses by pod uid, and the next free one.
+    addresses: HashMap<String, Ipv4Addr>,
+    next_address: u32,
 }
 
 impl Kubelet {
     pub fn new(client: Client, config: KubeletConfig) -> Self {
+        let [a, b]: [u8; 2] = std::array::from_fn(|_| 1 + (rand_u32() % 254) as u8);
         Self {
             client,
             config,
             processes: HashMap::new(),
+            addresses: HashMap::new(),
+            next_address: u32::from(Ipv4Addr::new(127, a, b, 2)),
         }
     }
 
@@ -258,6 +277,8 @@ impl Kubelet {
             }
         }
         self.schedule(&all).await?;
+        self.deployments(&all).await?;
+        self.load_balancers(&all).await?;
         for pod in live.values() {
             if finished(pod) {
                 continue;
@@ -379,7 +400,8 @@ impl Kubelet {
             report(&pods, &name, status).await?;
             return Ok(());
         };
-        let env = match self.env(pod, container).await {
+        let ip = self.address(pod);
+        let env = match self.env(pod, container, ip).await {
             Ok(env) => env,
             Err(message) => {
                 let status = waiting(container, "CreateContainerConfigError", &message);
@@ -413,7 +435,7 @@ impl Kubelet {
             .flatten()
             .skip(1)
             .chain(container.args.iter().flatten())
-            .cloned()
+            .map(|a| expand(a, &env))
             .collect();
         let spawned = tokio::process::Command::new(&binary)
             .args(&args)
@@ -440,7 +462,8 @@ impl Kubelet {
         };
         let started = now();
         let status = json!({"status": {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
+            "phase": "Running", "hostIP": "127.0.0.1", "podIP": ip.to_string(),
+            "podIPs": [{"ip": ip.to_string()}],
             "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).map_or(json!(started), |t| json!(t)),
             "conditions": [
                 {"type": "PodScheduled", "status": "True"},
@@ -524,7 +547,12 @@ impl Kubelet {
     }
 
     /// The container's environment, with `valueFrom` resolved through the API.
-    async fn env(&self, pod: &Pod, container: &Container) -> Result<Vec<(String, String)>, String> {
+    async fn env(
+        &self,
+        pod: &Pod,
+        container: &Container,
+        ip: Ipv4Addr,
+    ) -> Result<Vec<(String, String)>, String> {
         let ns = pod.namespace().unwrap_or_default();
         let mut out = vec![];
         for EnvVar {
@@ -585,7 +613,8 @@ impl Kubelet {
                                 .as_ref()
                                 .and_then(|s| s.node_name.clone())
                                 .unwrap_or_default(),
-                            "status.podIP" | "status.hostIP" => "127.0.0.1".into(),
+                            "status.podIP" => ip.to_string(),
+                            "status.hostIP" => "127.0.0.1".into(),
                             other => return Err(format!("unsupported fieldRef {other}")),
                         }
                     } else {
@@ -594,10 +623,211 @@ impl Kubelet {
                 }
                 (None, None) => String::new(),
             };
+            // Only `value`s expand, and only names defined before them.
+            let resolved = if value.is_some() {
+                expand(&resolved, &out)
+            } else {
+                resolved
+            };
             out.push((name.clone(), resolved));
         }
         Ok(out)
     }
+}
+
+impl Kubelet {
+    /// The pod's loopback address, stable for the pod's life.
+    fn address(&mut self, pod: &Pod) -> Ipv4Addr {
+        let uid = pod.uid().unwrap_or_default();
+        if let Some(ip) = self.addresses.get(&uid) {
+            return *ip;
+        }
+        let ip = Ipv4Addr::from(self.next_address);
+        // Skip .0, .1 and .255 of each /24, keep within 127/8.
+        self.next_address += 1;
+        while matches!(self.next_address & 0xff, 0 | 1 | 255) {
+            self.next_address += 1;
+        }
+        if self.next_address >> 24 != 127 {
+            self.next_address = u32::from(Ipv4Addr::new(127, 1, 1, 2));
+        }
+        self.addresses.insert(uid, ip);
+        ip
+    }
+
+    /// Converges each Deployment's pods to its template and replica count. Pods carry a
+    /// hash of the template they were made from; a changed template replaces them
+    /// (the `Recreate` strategy).
+    async fn deployments(&self, all: &[Pod]) -> kube::Result<()> {
+        let deployments: Api<Deployment> = Api::all(self.client.clone());
+        for d in deployments.list(&ListParams::default()).await?.items {
+            if d.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let ns = d.namespace().unwrap_or_default();
+            let uid = d.uid().unwrap_or_default();
+            let spec = d.spec.clone();
+            let template = serde_json::to_value(&spec.template).unwrap_or_default();
+            let hash = format!(
+                "{:010x}",
+                fnv(template.to_string().as_bytes()) & 0xff_ffff_ffff
+            );
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+            let owned: Vec<&Pod> = all
+                .iter()
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.owner_references().iter().any(|o| o.uid == uid)
+                })
+                .collect();
+            let mut keep = vec![];
+            for p in owned {
+                let current = p.labels().get("pod-template-hash") == Some(&hash);
+                if current && !finished(p) {
+                    keep.push(p);
+                } else {
+                    let _ = pods.delete(&p.name_any(), &Default::default()).await;
+                }
+            }
+            let want = spec.replicas.unwrap_or(1).max(0) as usize;
+            for extra in keep.iter().skip(want) {
+                let _ = pods.delete(&extra.name_any(), &Default::default()).await;
+            }
+            for _ in keep.len()..want {
+                let mut pod = template.clone();
+                let name = format!("{}-{hash}-{:05x}", d.name_any(), rand_u32() & 0xfffff);
+                pod["apiVersion"] = json!("v1");
+                pod["kind"] = json!("Pod");
+                pod["metadata"]["name"] = json!(name);
+                pod["metadata"]["namespace"] = json!(ns);
+                pod["metadata"]["labels"]["pod-template-hash"] = json!(hash);
+                pod["metadata"]["ownerReferences"] = json!([{
+                    "apiVersion": "apps/v1", "kind": "Deployment", "name": d.name_any(),
+                    "uid": uid, "controller": true, "blockOwnerDeletion": true}]);
+                let pod: Pod = match serde_json::from_value(pod) {
+                    Ok(pod) => pod,
+                    Err(e) => {
+                        eprintln!("process kubelet: deployment {}: {e}", d.name_any());
+                        continue;
+                    }
+                };
+                pods.create(&Default::default(), &pod).await?;
+            }
+            let ready = keep
+                .iter()
+                .take(want)
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count() as i32;
+            let status = json!({"status": {
+                "observedGeneration": d.metadata.generation,
+                "replicas": keep.len().min(want), "updatedReplicas": keep.len().min(want),
+                "readyReplicas": ready, "availableReplicas": ready,
+            }});
+            let current = d
+                .status
+                .as_ref()
+                .map(|s| (s.ready_replicas, s.observed_generation));
+            if current != Some((Some(ready), d.metadata.generation)) {
+                deployments_in(&self.client, &ns)
+                    .patch_status(
+                        &d.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(status),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives each `LoadBalancer` Service the address of a running pod it selects.
+    async fn load_balancers(&self, all: &[Pod]) -> kube::Result<()> {
+        let services: Api<Service> = Api::all(self.client.clone());
+        for svc in services.list(&ListParams::default()).await?.items {
+            let Some(spec) = &svc.spec else { continue };
+            if spec.type_.as_deref() != Some("LoadBalancer") {
+                continue;
+            }
+            let ns = svc.namespace().unwrap_or_default();
+            let selector = spec.selector.clone().unwrap_or_default();
+            let ip = all
+                .iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
+                .filter_map(|p| {
+                    let s = p.status.as_ref()?;
+                    (s.phase.as_deref() == Some("Running")).then(|| s.pod_ip.clone())?
+                })
+                .next();
+            let ingress = ip.map_or(json!([]), |ip| json!([{"ip": ip}]));
+            let current = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .map_or(json!([]), |i| serde_json::to_value(i).unwrap_or_default());
+            if current != ingress {
+                let status = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+                Api::<Service>::namespaced(self.client.clone(), &ns)
+                    .patch_status(
+                        &svc.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(status),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deployments_in(client: &Client, ns: &str) -> Api<Deployment> {
+    Api::namespaced(client.clone(), ns)
+}
+
+/// Expands `$(NAME)` from `vars` as Kubernetes does: unknown references stay as they are
+/// and `$$` escapes a `$`.
+fn expand(text: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some((_, value)) = vars.iter().rev().find(|(k, _)| *k == inner[..end])
+        {
+            out.push_str(value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() as u32
 }
 
 /// Writes a pod's status (a merge patch of the status subresource).
@@ -638,6 +868,16 @@ async fn stop(child: &mut tokio::process::Child) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variable_references_expand_as_in_kubernetes() {
+        let vars = vec![("POD_IP".to_string(), "127.9.9.2".to_string())];
+        assert_eq!(expand("$(POD_IP):7070", &vars), "127.9.9.2:7070");
+        assert_eq!(
+            expand("$$(POD_IP) $(NOPE) $x", &vars),
+            "$(POD_IP) $(NOPE) $x"
+        );
+    }
 
     #[test]
     fn images_match_patterns_and_quantities_parse() {
