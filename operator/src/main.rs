@@ -19,10 +19,30 @@ enum Command {
         #[arg(long, default_value = "crds")]
         out: PathBuf,
     },
+    /// Run the hub controllers (on the hub cluster).
+    Hub(starling_operator::hub::HubConfig),
+    /// Run a member cluster's agent.
+    Agent(starling_operator::agent::AgentConfig),
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube_runtime=warn,h2=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
     match Cli::parse().command {
+        Command::Hub(config) => runtime()?.block_on(async {
+            let client = kube::Client::try_default().await?;
+            starling_operator::hub::run(client, config).await
+        })?,
+        Command::Agent(config) => runtime()?.block_on(async {
+            let client = kube::Client::try_default().await?;
+            starling_operator::agent::run(client, config).await
+        })?,
         Command::Crdgen { out } => {
             let written = starling_operator::crdgen::write_all(&out)
                 .with_context(|| format!("writing CRDs to {}", out.display()))?;
@@ -32,4 +52,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }

@@ -54,7 +54,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 ///
 /// Peers are numbered once, when the run is placed, and keep their id when re-placed on
 /// another member: the id (not the pod) owns the data slice, the credential and the rating.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(try_from = "String", into = "String")]
 pub struct PeerId(u32);
 
