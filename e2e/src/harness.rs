@@ -65,6 +65,23 @@ impl LocalCluster {
         })
     }
 
+    /// A kubeconfig for this cluster authenticating as `token` (which must be known to
+    /// the server, see [`ApiServer::add_token`]).
+    pub fn kubeconfig_with_token(&self, token: &str) -> Option<String> {
+        let running = self.server.as_ref()?;
+        Some(crate::apiserver::kubeconfig(
+            &running.url,
+            &self.name,
+            &running.ca_pem,
+            token,
+        ))
+    }
+
+    /// A client authenticating as `token`.
+    pub fn client_with_token(&self, token: &str) -> Option<Client> {
+        Some(self.server.as_ref()?.client_with_token(token))
+    }
+
     /// The cluster's server, for test hooks.
     pub fn server(&self) -> Option<&ApiServer> {
         self.server.as_ref().map(|r| &r.server)

@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a hub and three member clusters locally and train the Shakespeare sample.
-    Demo,
+    Demo(starling_e2e::demo::DemoOptions),
     /// Run the Kubernetes API test server alone (in memory, until stopped).
     Apiserver {
         /// Port on 127.0.0.1; 0 picks a free one.
@@ -39,12 +39,9 @@ enum Command {
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
-        Command::Demo => {
-            eprintln!(
-                "starling-e2e demo: not yet available. The operator it needs is being \
-                 built; see README.md for what works today."
-            );
-            Ok(std::process::ExitCode::from(2))
+        Command::Demo(opts) => {
+            tokio::runtime::Runtime::new()?.block_on(starling_e2e::demo::run(opts))?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Apiserver { port, kubeconfig } => {
             tokio::runtime::Runtime::new()?.block_on(async {

@@ -1,0 +1,232 @@
+//! The local demo: a hub and three members on this machine, the Shakespeare sample run
+//! applied as a user would, live progress until it succeeds, then text from the model.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun};
+
+use crate::federation::{Federation, MemberSpec, Timing};
+
+/// The run the demo applies: exactly the sample users read about.
+pub const SAMPLE: &str = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoOptions {
+    /// Where clusters, pods, logs and checkpoints go (emptied first).
+    #[arg(long, default_value = ".starling/demo")]
+    pub dir: PathBuf,
+    /// Stop the federation as soon as the run is done instead of waiting for Ctrl-C.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}
+
+/// The members: two clouds and a home box with a slow uplink its trainers honour.
+pub fn demo_members() -> Vec<MemberSpec> {
+    vec![
+        MemberSpec::new("cloud-eu", Tier::Cloud, "eu-west", 10_000, 2),
+        MemberSpec::new("cloud-us", Tier::Cloud, "us-east", 10_000, 2),
+        MemberSpec::new("home-lagos", Tier::Home, "lagos", 20, 1),
+    ]
+}
+
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let exe_dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+    build_siblings(&exe_dir)?;
+    if opts.dir.exists() {
+        std::fs::remove_dir_all(&opts.dir)
+            .with_context(|| format!("emptying {}", opts.dir.display()))?;
+    }
+    std::fs::create_dir_all(&opts.dir)?;
+    let dir = std::fs::canonicalize(&opts.dir)?;
+
+    println!(
+        "Starting a hub and 3 member clusters under {} ...",
+        dir.display()
+    );
+    let timing = Timing {
+        heartbeat_seconds: 2,
+        heartbeat_grace_seconds: 10,
+        lease_seconds: 10,
+    };
+    let federation = Federation::start(&demo_members(), timing, &dir, &exe_dir).await?;
+    for c in std::iter::once(&federation.clusters.hub).chain(&federation.clusters.members) {
+        println!("  {:<11} {}", c.name, c.url);
+    }
+    let hub = federation.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    let run: TrainingRun = serde_yaml::from_str(SAMPLE)?;
+    runs.create(&PostParams::default(), &run).await?;
+    println!(
+        "Applied TrainingRun default/shakespeare: {} peers, {} rounds of {} steps, SparseLoCo top-{} of {} with {}-bit values.\n",
+        run.spec.peers.max,
+        run.spec.schedule.outer_rounds,
+        run.spec.schedule.inner_steps,
+        run.spec.compression.k(),
+        run.spec.compression.chunk_size,
+        run.spec.compression.value_bits.bits(),
+    );
+
+    let started = Instant::now();
+    let tty = std::io::stdout().is_terminal();
+    let mut last_line = String::new();
+    let final_run = loop {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(opts.timeout),
+            "the run did not finish in {} s; logs are under {}",
+            opts.timeout,
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(run) = runs.get_opt("shakespeare").await? else {
+            continue;
+        };
+        let members = Api::<MemberCluster>::all(hub.clone())
+            .list(&ListParams::default())
+            .await?
+            .items;
+        let line = progress_line(&run, &members);
+        if tty || line != last_line {
+            let at = started.elapsed().as_secs();
+            if tty {
+                print!("\r\x1b[2K[{at:>4}s] {line}");
+            } else {
+                println!("[{at:>4}s] {line}");
+            }
+            std::io::stdout().flush()?;
+            last_line = line;
+        }
+        let status = run.status.clone().unwrap_or_default();
+        match status.phase {
+            Some(Phase::Succeeded) => break run,
+            Some(Phase::Failed) => anyhow::bail!("the run failed: see kubectl describe tr"),
+            _ => {}
+        }
+    };
+    if tty {
+        println!();
+    }
+    let status = final_run.status.clone().unwrap_or_default();
+    println!(
+        "\nSucceeded in {:.0} s: {} rounds, validation loss {}, {} on the wire ({}x less than dense fp32).",
+        started.elapsed().as_secs_f64(),
+        status.round,
+        status.last_loss.map_or("-".into(), |l| format!("{l:.3}")),
+        human_bytes(status.bytes_received),
+        status
+            .compression_ratio
+            .map_or("-".into(), |r| format!("{r:.0}")),
+    );
+
+    let pods: Api<Pod> = Api::namespaced(hub.clone(), "default");
+    let exchange_pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("the exchange pod is gone")?;
+    let name = exchange_pod.metadata.name.unwrap_or_default();
+    let checkpoint = federation
+        .hub_pod_dir("default", &name)
+        .join("checkpoints")
+        .join(format!("round-{:06}", status.round));
+    println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
+    let sample = std::process::Command::new(exe_dir.join("starling-trainer"))
+        .args([
+            "sample",
+            "--tokens",
+            "240",
+            "--temperature",
+            "0.7",
+            "--prompt",
+            "ROMEO:\n",
+        ])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .output()
+        .context("running starling-trainer sample")?;
+    println!("\nSampled from the trained model:\n");
+    for line in String::from_utf8_lossy(&sample.stdout).lines() {
+        println!("    {line}");
+    }
+    println!(
+        "\nInspect the federation with your own kubectl:\n\n    export KUBECONFIG={}\n    kubectl get tr,tg,mc -A\n    kubectl describe tr shakespeare\n",
+        federation.clusters.hub.kubeconfig.display()
+    );
+    if !opts.exit_when_done {
+        println!("The clusters keep running until Ctrl-C.");
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+fn progress_line(run: &TrainingRun, members: &[MemberCluster]) -> String {
+    let status = run.status.clone().unwrap_or_default();
+    let health: Vec<String> = members
+        .iter()
+        .map(|m| {
+            let ready = m.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            format!(
+                "{}{}",
+                m.metadata.name.clone().unwrap_or_default(),
+                if ready { "✓" } else { "✗" }
+            )
+        })
+        .collect();
+    format!(
+        "{:<9} round {:>2}/{}  loss {:>6}  peers {}/{}  wire {:>9}  ratio {:>5}  members {}",
+        status.phase.map_or("Pending".into(), |p| p.to_string()),
+        status.round,
+        run.spec.schedule.outer_rounds,
+        status.last_loss.map_or("-".into(), |l| format!("{l:.3}")),
+        status.active_peers,
+        run.spec.peers.max,
+        human_bytes(status.bytes_received),
+        status
+            .compression_ratio
+            .map_or("-".into(), |r| format!("{r:.0}x")),
+        health.join(" "),
+    )
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.0} KB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// The demo runs the trainer and operator binaries; under `cargo run` it makes sure they
+/// are built (in the same profile) next to this one.
+fn build_siblings(exe_dir: &Path) -> anyhow::Result<()> {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        return Ok(());
+    };
+    let release = exe_dir.file_name().is_some_and(|n| n == "release");
+    println!("Building starling-trainer and starling-operator ...");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-p", "starling-trainer", "-p", "starling-operator"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    anyhow::ensure!(status.success(), "building the trainer and operator failed");
+    Ok(())
+}

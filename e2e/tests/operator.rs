@@ -1,0 +1,410 @@
+//! The operator end to end: a hub and member clusters on loopback, the hub operator and
+//! one agent per member as processes, TrainingRuns applied through the API as a user
+//! would, and the trainers really training.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use starling_e2e::federation::{Federation, MemberSpec, Timing};
+use starling_operator::api::{MemberCluster, Phase, Tier, TrainerGroup, TrainingRun};
+
+/// Federations are CPU-heavy (every peer trains); one at a time keeps heartbeats on time
+/// on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn exe_dir() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+async fn federation(members: &[MemberSpec]) -> (Federation, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let federation = Federation::start(members, Timing::default(), dir.path(), &exe_dir())
+        .await
+        .unwrap();
+    (federation, dir)
+}
+
+fn three_members() -> Vec<MemberSpec> {
+    vec![
+        MemberSpec::new("cloud-eu", Tier::Cloud, "eu", 10_000, 2),
+        MemberSpec::new("cloud-us", Tier::Cloud, "us", 10_000, 2),
+        MemberSpec::new("home-lagos", Tier::Home, "lagos", 50, 1),
+    ]
+}
+
+/// A small run: 3 peers (one per member), a tiny LLaMA on Shakespeare.
+fn run(name: &str, rounds: u32) -> TrainingRun {
+    serde_json::from_value(json!({
+        "apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "seed": 7,
+            "model": {"preset": "tiny"},
+            "data": {"corpus": {"builtin": "shakespeare"}, "sequenceLength": 64},
+            "schedule": {"outerRounds": rounds, "innerSteps": 10, "batchSize": 4,
+                "innerOptimizer": {"lr": 0.003, "warmupSteps": 5}},
+            "peers": {"min": 2, "max": 3},
+            "placement": {"maxPeersPerMember": 1, "roundDeadlineSeconds": 60},
+            "checkpoint": {"everyRounds": 2, "keepLast": 2},
+        },
+    }))
+    .unwrap()
+}
+
+/// Polls the run until `done` holds; panics with the run's status after `secs`.
+async fn wait_run(
+    runs: &Api<TrainingRun>,
+    name: &str,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&TrainingRun) -> bool,
+) -> TrainingRun {
+    let start = Instant::now();
+    loop {
+        if let Some(run) = runs.get_opt(name).await.unwrap()
+            && done(&run)
+        {
+            return run;
+        }
+        if start.elapsed() > Duration::from_secs(secs) {
+            let run = runs.get_opt(name).await.unwrap();
+            panic!(
+                "{what}: not within {secs} s; run status: {:#?}",
+                run.and_then(|r| r.status)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn phase(run: &TrainingRun) -> Option<Phase> {
+    run.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition<'a>(run: &'a TrainingRun, type_: &str) -> Option<(&'a str, &'a str, &'a str)> {
+    run.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+}
+
+async fn trainer_pods(client: &Client) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), "starling-trainers")
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (fed, _dir) = federation(&three_members()).await;
+    let hub = fed.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+
+    // The schema accepts 5 heads for 128 dimensions; the controller's validator does not.
+    let mut bad = run("shakespeare", 6);
+    bad.spec.model.preset = None;
+    bad.spec.model.config = Some(
+        serde_json::from_value(json!({
+        "vocabSize": 256, "hiddenSize": 128, "numHiddenLayers": 2, "numAttentionHeads": 5,
+        "intermediateSize": 256, "maxPositionEmbeddings": 128}))
+        .unwrap(),
+    );
+    runs.create(&PostParams::default(), &bad).await.unwrap();
+    let invalid = wait_run(&runs, "shakespeare", "InvalidSpec", 30, |r| {
+        condition(r, "Ready").is_some_and(|(_, reason, _)| reason == "InvalidSpec")
+    })
+    .await;
+    let (status, _, message) = condition(&invalid, "Ready").unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("spec.model.config.numAttentionHeads"),
+        "{message}"
+    );
+    // Nothing was created for it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deployments = Api::<Deployment>::namespaced(hub.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(deployments.items.is_empty());
+    let groups = Api::<TrainerGroup>::all(hub.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(groups.items.is_empty());
+
+    // Fixing the spec makes it proceed.
+    let fix = json!({"spec": {"model": {"config": null, "preset": "tiny"}}});
+    runs.patch("shakespeare", &PatchParams::default(), &Patch::Merge(fix))
+        .await
+        .unwrap();
+
+    // A member's agent token reaches its own namespace and nothing else.
+    let eu = fed
+        .clusters
+        .hub
+        .client_with_token(&fed.agent_tokens["cloud-eu"])
+        .unwrap();
+    let own: Api<TrainerGroup> = Api::namespaced(eu.clone(), "starling-member-cloud-eu");
+    own.list(&ListParams::default()).await.unwrap();
+    let other: Api<TrainerGroup> = Api::namespaced(eu.clone(), "starling-member-cloud-us");
+    match other.list(&ListParams::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let secrets: Api<Secret> = Api::namespaced(eu.clone(), "default");
+    assert!(secrets.list(&ListParams::default()).await.is_err());
+    let mcs: Api<MemberCluster> = Api::all(eu);
+    assert!(mcs.get("cloud-eu").await.is_ok());
+    assert!(mcs.get("cloud-us").await.is_err());
+
+    let done = wait_run(&runs, "shakespeare", "Succeeded", 420, |r| {
+        phase(r) == Some(Phase::Succeeded)
+    })
+    .await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.round, 6);
+    // A byte-level model starts at about ln(256) = 5.55 nats.
+    let loss = status.last_loss.unwrap();
+    assert!(loss < 5.0, "final validation loss {loss}");
+    assert!(status.compression_ratio.unwrap() > 50.0, "{status:?}");
+    assert_eq!(
+        status
+            .checkpoints
+            .iter()
+            .map(|c| c.round)
+            .collect::<Vec<_>>(),
+        vec![4, 6]
+    );
+    let exchange = Api::<Pod>::namespaced(hub.clone(), "default")
+        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let weights = fed
+        .hub_pod_dir("default", &exchange.name_any())
+        .join("checkpoints/round-000006/model.safetensors");
+    assert!(weights.exists(), "{} missing", weights.display());
+    // Every peer ran on its own member.
+    let members: std::collections::BTreeSet<_> =
+        status.peers.iter().map(|p| p.member.clone()).collect();
+    assert_eq!(members.len(), 3, "{:?}", status.peers);
+
+    let table = kubectl(&fed.clusters.hub.kubeconfig, &["get", "tr", "shakespeare"]);
+    let row = table.lines().nth(1).unwrap();
+    assert!(row.contains("Succeeded") && row.contains(" 6 "), "{table}");
+    let described = kubectl(
+        &fed.clusters.hub.kubeconfig,
+        &["describe", "tr", "shakespeare"],
+    );
+    assert!(described.contains("Placed"), "{described}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_goes_dark_is_replaced_and_the_run_still_succeeds() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut members = three_members();
+    members.push(MemberSpec::new("cloud-ap", Tier::Cloud, "ap", 10_000, 1));
+    let (mut fed, _dir) = federation(&members).await;
+    let hub = fed.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    runs.create(&PostParams::default(), &run("dark", 6))
+        .await
+        .unwrap();
+    let running = wait_run(&runs, "dark", "round 1", 240, |r| {
+        r.status.as_ref().is_some_and(|s| s.round >= 1)
+    })
+    .await;
+    let placed = running.status.unwrap().peers;
+    let victim = placed[0].member.clone();
+    let spare: Vec<String> = members
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|m| !placed.iter().any(|p| p.member == *m))
+        .collect();
+    assert_eq!(spare.len(), 1, "{placed:?}");
+
+    let went_dark = Instant::now();
+    fed.go_dark(&victim).await;
+    let mcs: Api<MemberCluster> = Api::all(hub.clone());
+    wait_until("the member turns Ready=False", 30, || async {
+        mcs.get(&victim).await.unwrap().status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "HeartbeatMissed")
+        })
+    })
+    .await;
+    // Grace (8 s) plus one heartbeat and a reconcile.
+    assert!(went_dark.elapsed() < Duration::from_secs(20));
+    let degraded = wait_run(&runs, "dark", "Degraded", 30, |r| {
+        condition(r, "Degraded").is_some_and(|(s, _, _)| s == "True")
+    })
+    .await;
+    assert_eq!(phase(&degraded), Some(Phase::Running));
+    let moved = wait_run(&runs, "dark", "peer re-placed", 30, |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.peers[0].member == spare[0])
+    })
+    .await;
+    assert_ne!(moved.status.unwrap().peers[0].member, victim);
+
+    let done = wait_run(&runs, "dark", "Succeeded", 420, |r| {
+        phase(r) == Some(Phase::Succeeded)
+    })
+    .await;
+    assert_eq!(done.status.unwrap().round, 6);
+    // The re-placed peer ran on the spare member.
+    let pods = trainer_pods(&fed.member(&spare[0]).client).await;
+    assert_eq!(pods.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_restarts_mid_run_and_deleting_the_run_cleans_every_member() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut fed, _dir) = federation(&three_members()).await;
+    let hub = fed.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    runs.create(&PostParams::default(), &run("restart", 40))
+        .await
+        .unwrap();
+    let before = wait_run(&runs, "restart", "round 1", 240, |r| {
+        r.status.as_ref().is_some_and(|s| s.round >= 1)
+    })
+    .await;
+    let uids = |items: Vec<TrainerGroup>| {
+        let mut v: Vec<String> = items.iter().filter_map(|g| g.uid()).collect();
+        v.sort();
+        v
+    };
+    let groups: Api<TrainerGroup> = Api::all(hub.clone());
+    let groups_before = uids(groups.list(&ListParams::default()).await.unwrap().items);
+    assert_eq!(groups_before.len(), 3);
+    let mut pods_before = vec![];
+    for m in &fed.clusters.members {
+        pods_before.extend(trainer_pods(&m.client).await.iter().filter_map(|p| p.uid()));
+    }
+    assert_eq!(pods_before.len(), 3);
+
+    fed.kill_operator().await;
+    let round_at_kill = runs.get("restart").await.unwrap().status.unwrap().round;
+    assert!(round_at_kill >= before.status.unwrap().round);
+    fed.start_operator().unwrap();
+    // The new operator takes over once the dead one's Lease expires, and the run keeps
+    // counting from where it was.
+    let after = wait_run(&runs, "restart", "progress after the restart", 120, |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.round >= round_at_kill + 2)
+    })
+    .await;
+    assert_eq!(phase(&after), Some(Phase::Running));
+    assert_eq!(
+        uids(groups.list(&ListParams::default()).await.unwrap().items),
+        groups_before,
+        "TrainerGroups were re-created"
+    );
+    let mut pods_after = vec![];
+    for m in &fed.clusters.members {
+        pods_after.extend(trainer_pods(&m.client).await.iter().filter_map(|p| p.uid()));
+    }
+    pods_before.sort();
+    pods_after.sort();
+    assert_eq!(
+        pods_after, pods_before,
+        "trainer pods were duplicated or replaced"
+    );
+
+    // Deleting the running run removes everything it made, on the hub and every member.
+    runs.delete("restart", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("the run's finalizer is released", 30, || async {
+        runs.get_opt("restart").await.unwrap().is_none()
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(hub.clone(), "default");
+    let services: Api<Service> = Api::namespaced(hub.clone(), "default");
+    let secrets: Api<Secret> = Api::all(hub.clone());
+    wait_until("the exchange and credentials are collected", 30, || async {
+        deployments
+            .get_opt("restart-exchange")
+            .await
+            .unwrap()
+            .is_none()
+            && services
+                .get_opt("restart-exchange")
+                .await
+                .unwrap()
+                .is_none()
+            && secrets
+                .list(&ListParams::default().labels("starling.dev/run=restart"))
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+    })
+    .await;
+    assert!(
+        groups
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    for m in &fed.clusters.members {
+        wait_until(
+            &format!("{}'s trainer pods are deleted", m.name),
+            30,
+            || async { trainer_pods(&m.client).await.is_empty() },
+        )
+        .await;
+    }
+}
