@@ -146,43 +146,47 @@ impl Federation {
         Ok(federation)
     }
 
-    fn log(&self, name: &str) -> anyhow::Result<(Stdio, Stdio)> {
+    /// Runs `starling-operator ARGS` against `kubeconfig`, logging to `dir/<name>.log`.
+    fn spawn(&self, name: &str, args: &[&str], kubeconfig: &Path) -> anyhow::Result<Child> {
         let path = self.dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
+        let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| path.display().to_string())?;
-        Ok((Stdio::from(file.try_clone()?), Stdio::from(file)))
-    }
-
-    /// Starts (or restarts) the hub operator.
-    pub fn start_operator(&mut self) -> anyhow::Result<()> {
-        let (out, err) = self.log("operator")?;
-        self.restarts += 1;
-        let child = Command::new(&self.operator_binary)
-            .args([
-                "hub",
-                "--trainer-image",
-                TRAINER_IMAGE,
-                "--heartbeat-grace",
-                &self.timing.heartbeat_grace_seconds.to_string(),
-                "--lease-seconds",
-                &self.timing.lease_seconds.to_string(),
-                "--identity",
-                &format!("operator-{}", self.restarts),
-            ])
-            .env("KUBECONFIG", &self.clusters.hub.kubeconfig)
+        Command::new(&self.operator_binary)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",
                 "info,kube_runtime=warn,h2=warn,tower=warn,hyper=warn",
             )
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .context("starting the operator")?;
+            .with_context(|| format!("starting {name}"))
+    }
+
+    /// Starts (or restarts) the hub operator.
+    pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        self.restarts += 1;
+        let identity = format!("operator-{}", self.restarts);
+        let grace = self.timing.heartbeat_grace_seconds.to_string();
+        let lease = self.timing.lease_seconds.to_string();
+        let args = [
+            "hub",
+            "--trainer-image",
+            TRAINER_IMAGE,
+            "--heartbeat-grace",
+            &grace,
+            "--lease-seconds",
+            &lease,
+            "--identity",
+            &identity,
+        ];
+        let child = self.spawn("operator", &args, &self.clusters.hub.kubeconfig)?;
         self.operator = Some(child);
         Ok(())
     }
@@ -221,28 +225,18 @@ impl Federation {
         )?;
         let cluster = self.member(member);
         let local_kubeconfig = cluster.kubeconfig.clone();
-        let (out, err) = self.log(&format!("agent-{member}"))?;
-        let child = Command::new(&self.operator_binary)
-            .args([
-                "agent",
-                "--member",
-                member,
-                "--hub-kubeconfig",
-                &kubeconfig.display().to_string(),
-                "--heartbeat",
-                &self.timing.heartbeat_seconds.to_string(),
-            ])
-            .env("KUBECONFIG", local_kubeconfig)
-            .env(
-                "RUST_LOG",
-                "info,kube_runtime=warn,h2=warn,tower=warn,hyper=warn",
-            )
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting an agent")?;
+        let hub_kubeconfig = kubeconfig.display().to_string();
+        let heartbeat = self.timing.heartbeat_seconds.to_string();
+        let args = [
+            "agent",
+            "--member",
+            member,
+            "--hub-kubeconfig",
+            &hub_kubeconfig,
+            "--heartbeat",
+            &heartbeat,
+        ];
+        let child = self.spawn(&format!("agent-{member}"), &args, &local_kubeconfig)?;
         self.agents.insert(member.into(), child);
         self.agent_tokens.insert(member.into(), token);
         Ok(())

@@ -311,10 +311,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     // 5. One TrainerGroup (and its credentials) per member in the plan; others removed.
     let mut by_member: BTreeMap<String, Vec<PeerId>> = BTreeMap::new();
     for (peer, member) in &plan.assignment {
-        by_member
-            .entry(member.clone())
-            .or_default()
-            .push(*peer);
+        by_member.entry(member.clone()).or_default().push(*peer);
     }
     let placed_before = !current.is_empty();
     for (member, peers) in &by_member {
