@@ -15,12 +15,8 @@ mod trainer_group;
 mod training_run;
 pub mod validation;
 
-use std::fmt;
-
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
 pub use member_cluster::{
     Bandwidth, GpuCapacity, MemberCluster, MemberClusterSpec, MemberClusterStatus, Tier,
@@ -50,61 +46,9 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
 }
 
-/// Identity of one trainer peer within a run, e.g. `p0`, `p1`.
-///
-/// Peers are numbered once, when the run is placed, and keep their id when re-placed on
-/// another member: the id (not the pod) owns the data slice, the credential and the rating.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[serde(try_from = "String", into = "String")]
-pub struct PeerId(u32);
-
-impl PeerId {
-    pub fn new(index: u32) -> Self {
-        Self(index)
-    }
-
-    pub fn index(&self) -> u32 {
-        self.0
-    }
-}
-
-impl fmt::Display for PeerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "p{}", self.0)
-    }
-}
-
-impl TryFrom<String> for PeerId {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.strip_prefix('p')
-            .filter(|d| d.bytes().all(|b| b.is_ascii_digit()) && (*d == "0" || !d.starts_with('0')))
-            .and_then(|digits| digits.parse().ok())
-            .map(PeerId)
-            .ok_or_else(|| format!("invalid peer id {s:?}: expected `p` followed by a number"))
-    }
-}
-
-impl From<PeerId> for String {
-    fn from(id: PeerId) -> Self {
-        id.to_string()
-    }
-}
-
-impl JsonSchema for PeerId {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "PeerId".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^p(0|[1-9][0-9]*)$",
-            "description": "Peer id within a run: `p` followed by its index, e.g. `p0`."
-        })
-    }
-}
+/// Identity of one trainer peer within a run, e.g. `p0`: the trainer's own type, so the
+/// operator and the exchange can never disagree on what a peer id is.
+pub use starling_trainer::exchange::PeerId;
 
 #[cfg(test)]
 mod tests {

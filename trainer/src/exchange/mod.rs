@@ -27,7 +27,14 @@ pub const MAX_MESSAGE_BYTES: usize = CHUNK_BYTES + 64 * 1024;
 const REASON_KEY: &str = "x-starling-reason";
 
 /// A peer within a run: `p` followed by its index, which also picks its data slice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Peers are numbered once, when the run is placed, and keep their id when re-placed on
+/// another member: the id (not the pod) owns the data slice, the credential and the
+/// rating. The operator's API uses this type too, in its string form.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct PeerId(u32);
 
 impl PeerId {
@@ -56,6 +63,34 @@ impl FromStr for PeerId {
             .and_then(|d| d.parse().ok())
             .map(PeerId)
             .ok_or_else(|| format!("invalid peer id {s:?}: expected `p` followed by a number"))
+    }
+}
+
+impl TryFrom<String> for PeerId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PeerId> for String {
+    fn from(id: PeerId) -> Self {
+        id.to_string()
+    }
+}
+
+impl schemars::JsonSchema for PeerId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PeerId".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^p(0|[1-9][0-9]*)$",
+            "description": "Peer id within a run: `p` followed by its index, e.g. `p0`."
+        })
     }
 }
 
