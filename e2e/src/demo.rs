@@ -222,9 +222,36 @@ fn build_siblings(exe_dir: &Path) -> anyhow::Result<()> {
     let release = exe_dir.file_name().is_some_and(|n| n == "release");
     println!("Building starling-trainer and starling-operator ...");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "starling-trainer", "-p", "starling-operator"]);
+    // The same package set as `cargo run -p starling-e2e` builds, so features unify the
+    // same way and nothing is rebuilt.
+    cmd.args([
+        "build",
+        "-p",
+        "starling-e2e",
+        "-p",
+        "starling-trainer",
+        "-p",
+        "starling-operator",
+    ]);
     if release {
         cmd.arg("--release");
+    }
+    // What `cargo run` sets for its program would change build scripts' inputs and make
+    // this build and the next `cargo run` rebuild each other's dependencies.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key.as_str(),
+                "CARGO_BIN_NAME"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "LD_LIBRARY_PATH"
+                    | "RUST_RECURSION_COUNT"
+            )
+        {
+            cmd.env_remove(key);
+        }
     }
     let status = cmd.status().context("running cargo build")?;
     anyhow::ensure!(status.success(), "building the trainer and operator failed");
