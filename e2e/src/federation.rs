@@ -213,7 +213,11 @@ impl Federation {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let token = format!("agent-{member}-{:016x}", rand_u64());
+        let token = format!(
+            "agent-{member}-{:08x}{:08x}",
+            crate::kubelet::rand_u32(),
+            crate::kubelet::rand_u32()
+        );
         let hub = &self.clusters.hub;
         hub.server()
             .expect("the hub is up")
@@ -267,11 +271,4 @@ impl Federation {
             .join("pods")
             .join(format!("{namespace}_{pod}"))
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
 }

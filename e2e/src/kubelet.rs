@@ -728,7 +728,7 @@ impl Kubelet {
                 .as_ref()
                 .map(|s| (s.ready_replicas, s.observed_generation));
             if current != Some((Some(ready), d.metadata.generation)) {
-                deployments_in(&self.client, &ns)
+                Api::<Deployment>::namespaced(self.client.clone(), &ns)
                     .patch_status(
                         &d.name_any(),
                         &PatchParams::default(),
@@ -782,10 +782,6 @@ impl Kubelet {
     }
 }
 
-fn deployments_in(client: &Client, ns: &str) -> Api<Deployment> {
-    Api::namespaced(client.clone(), ns)
-}
-
 /// Expands `$(NAME)` from `vars` as Kubernetes does: unknown references stay as they are
 /// and `$$` escapes a `$`.
 fn expand(text: &str, vars: &[(String, String)]) -> String {
@@ -818,7 +814,8 @@ fn fnv(bytes: &[u8]) -> u64 {
     })
 }
 
-fn rand_u32() -> u32 {
+/// A random number (not cryptographic): unique names and addresses.
+pub(crate) fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DynamicObject, Patch, PatchParams};
-use kube::discovery::ApiResource;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::{Context, Error};
+use super::{Context, Error, apply_object};
 use crate::api::MemberCluster;
 use crate::resources::{MANAGER, member_rbac, set_condition};
 
@@ -115,58 +114,4 @@ pub async fn reconcile(member: Arc<MemberCluster>, ctx: Arc<Context>) -> Result<
 pub fn error_policy(member: Arc<MemberCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     tracing::warn!(member = %member.name_any(), %error, "reconcile failed");
     ctx.backoff(format!("mc/{}", member.name_any()))
-}
-
-/// Server-side applies any object given as JSON, by its apiVersion and kind.
-pub(super) async fn apply_object(ctx: &Context, object: serde_json::Value) -> Result<(), Error> {
-    let (group, version) = match object["apiVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .split_once('/')
-    {
-        Some((g, v)) => (g.to_string(), v.to_string()),
-        None => (
-            String::new(),
-            object["apiVersion"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        ),
-    };
-    let kind = object["kind"].as_str().unwrap_or_default().to_string();
-    let plural = match kind.as_str() {
-        "Namespace" => "namespaces",
-        "ServiceAccount" => "serviceaccounts",
-        "Role" => "roles",
-        "RoleBinding" => "rolebindings",
-        "ClusterRole" => "clusterroles",
-        "ClusterRoleBinding" => "clusterrolebindings",
-        "Deployment" => "deployments",
-        "Service" => "services",
-        "Secret" => "secrets",
-        "TrainerGroup" => "trainergroups",
-        other => unreachable!("the operator does not write {other}"),
-    };
-    let resource = ApiResource {
-        group: group.clone(),
-        version: version.clone(),
-        api_version: object["apiVersion"].as_str().unwrap_or_default().into(),
-        kind,
-        plural: plural.into(),
-    };
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
-        None => Api::all_with(ctx.client.clone(), &resource),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await?;
-    Ok(())
 }

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::discovery::ApiResource;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -23,6 +25,7 @@ use kube::{Api, Client};
 use tokio::sync::Mutex;
 
 use crate::api::{MemberCluster, TrainingRun};
+use crate::resources::MANAGER;
 
 /// What the hub is configured with.
 #[derive(Clone, Debug, clap::Args)]
@@ -155,4 +158,58 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Server-side applies any object given as JSON, by its apiVersion and kind.
+async fn apply_object(ctx: &Context, object: serde_json::Value) -> Result<(), Error> {
+    let (group, version) = match object["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .split_once('/')
+    {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (
+            String::new(),
+            object["apiVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+    };
+    let kind = object["kind"].as_str().unwrap_or_default().to_string();
+    let plural = match kind.as_str() {
+        "Namespace" => "namespaces",
+        "ServiceAccount" => "serviceaccounts",
+        "Role" => "roles",
+        "RoleBinding" => "rolebindings",
+        "ClusterRole" => "clusterroles",
+        "ClusterRoleBinding" => "clusterrolebindings",
+        "Deployment" => "deployments",
+        "Service" => "services",
+        "Secret" => "secrets",
+        "TrainerGroup" => "trainergroups",
+        other => unreachable!("the operator does not write {other}"),
+    };
+    let resource = ApiResource {
+        group: group.clone(),
+        version: version.clone(),
+        api_version: object["apiVersion"].as_str().unwrap_or_default().into(),
+        kind,
+        plural: plural.into(),
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
+        None => Api::all_with(ctx.client.clone(), &resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
 }

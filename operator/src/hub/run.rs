@@ -16,8 +16,7 @@ use serde_json::json;
 use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
 use starling_trainer::exchange::proto;
 
-use super::member::apply_object;
-use super::{Context, Error};
+use super::{Context, Error, apply_object};
 use crate::api::{
     CheckpointRecord, MemberCluster, PeerId, PeerState, PeerStatus, Phase, TrainerGroup,
     TrainingRun, TrainingRunStatus, validation,
@@ -376,7 +375,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
                     / 10.0,
             );
         }
-        status.checkpoints = checkpoints(run, closed, &previous.checkpoints).await;
+        status.checkpoints = checkpoints(run, closed, &previous.checkpoints);
         if state.done {
             phase = Phase::Succeeded;
         }
@@ -695,7 +694,7 @@ fn peer_status(
 
 /// Checkpoint records: every `everyRounds` rounds and the last, as the exchange writes
 /// them, keeping when each was first seen.
-async fn checkpoints(
+fn checkpoints(
     run: &TrainingRun,
     closed: u32,
     previous: &[CheckpointRecord],
