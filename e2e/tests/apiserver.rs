@@ -553,3 +553,226 @@ async fn strategic_merge_patches_merge_containers_by_name() {
         .collect();
     assert_eq!(images, ["a:1", "b:2"]);
 }
+
+/// The managers of an object and, for each, the `fieldsV1` it owns.
+fn owners(meta: &kube::api::ObjectMeta) -> Vec<(String, String, serde_json::Value)> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+                m.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn apply_error(e: kube::Error) -> (u16, String, String) {
+    match e {
+        kube::Error::Api(s) => (s.code, s.reason, s.message),
+        other => panic!("not an API error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn server_side_apply_tracks_field_owners_and_conflicts() {
+    let (_server, client) = cluster().await;
+    let runs: Api<TrainingRun> = Api::namespaced(client.clone(), "default");
+    let mut config = serde_json::to_value(sample()).unwrap();
+    config["metadata"]["labels"] = json!({"team": "ml", "queue": "spot"});
+    let apply = |config: &serde_json::Value, params: PatchParams| {
+        let (runs, config) = (runs.clone(), config.clone());
+        async move {
+            runs.patch("shakespeare", &params, &Patch::Apply(config))
+                .await
+        }
+    };
+
+    // Applying creates the run; its manager owns what it sent.
+    let created = apply(&config, PatchParams::apply("ci")).await.unwrap();
+    let owned = owners(&created.metadata);
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!((owned[0].0.as_str(), owned[0].1.as_str()), ("ci", "Apply"));
+    assert_eq!(owned[0].2["f:spec"]["f:seed"], json!({}));
+    assert_eq!(
+        owned[0].2["f:metadata"]["f:labels"],
+        json!({"f:queue": {}, "f:team": {}})
+    );
+
+    // Applying the same configuration again changes nothing at all.
+    let again = apply(&config, PatchParams::apply("ci")).await.unwrap();
+    assert_eq!(
+        again.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    // Someone else changes the seed with an ordinary patch and so owns it now ...
+    let tuner = PatchParams {
+        field_manager: Some("tuner".into()),
+        ..Default::default()
+    };
+    let tuned = runs
+        .patch(
+            "shakespeare",
+            &tuner,
+            &Patch::Merge(json!({"spec": {"seed": 99}})),
+        )
+        .await
+        .unwrap();
+    let tuner_fields: Vec<_> = owners(&tuned.metadata)
+        .into_iter()
+        .filter(|(m, _, _)| m == "tuner")
+        .collect();
+    assert_eq!(tuner_fields[0].1, "Update");
+    assert_eq!(tuner_fields[0].2, json!({"f:spec": {"f:seed": {}}}));
+
+    // ... so re-applying the old seed conflicts, naming the field and its manager ...
+    let (code, reason, message) =
+        apply_error(apply(&config, PatchParams::apply("ci")).await.unwrap_err());
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        message,
+        "Apply failed with 1 conflict: conflict with \"tuner\" using starling.dev/v1alpha1: .spec.seed"
+    );
+    assert_eq!(runs.get("shakespeare").await.unwrap().spec.seed, 99);
+
+    // ... unless it forces, which takes the field back.
+    let forced = apply(&config, PatchParams::apply("ci").force())
+        .await
+        .unwrap();
+    assert_eq!(forced.spec.seed, sample().spec.seed);
+    let managers: Vec<String> = owners(&forced.metadata)
+        .into_iter()
+        .map(|(m, _, _)| m)
+        .collect();
+    assert_eq!(managers, ["ci"], "the tuner owned nothing else");
+
+    // A field left out of the next configuration is removed when nobody else owns it,
+    // and kept when somebody does.
+    let labeler = json!({"apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
+        "metadata": {"name": "shakespeare", "labels": {"queue": "spot"}}});
+    apply(&labeler, PatchParams::apply("labeler"))
+        .await
+        .unwrap();
+    config["metadata"]["labels"] = json!({"owner": "ana"});
+    let relabelled = apply(&config, PatchParams::apply("ci")).await.unwrap();
+    let labels = relabelled.metadata.labels.unwrap();
+    assert_eq!(
+        labels.keys().collect::<Vec<_>>(),
+        ["owner", "queue"],
+        "team went, queue stayed with its other owner"
+    );
+
+    // Status has owners of its own, kept apart from the main resource's.
+    let status = json!({"apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
+        "status": {"phase": "Running", "round": 2}});
+    let with_status = runs
+        .patch_status(
+            "shakespeare",
+            &PatchParams::apply("operator"),
+            &Patch::Apply(status),
+        )
+        .await
+        .unwrap();
+    let entry = with_status
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| m.manager.as_deref() == Some("operator"))
+        .expect("the operator owns the status it applied");
+    assert_eq!(entry.subresource.as_deref(), Some("status"));
+    assert_eq!(
+        entry.fields_v1.as_ref().unwrap().0,
+        json!({"f:status": {"f:phase": {}, "f:round": {}}})
+    );
+    // Dropping a status field it applied removes it.
+    let status = json!({"apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
+        "status": {"phase": "Running"}});
+    runs.patch_status(
+        "shakespeare",
+        &PatchParams::apply("operator"),
+        &Patch::Apply(status),
+    )
+    .await
+    .unwrap();
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client,
+        "default",
+        &kube::api::ApiResource::erase::<TrainingRun>(&()),
+    );
+    let stored = raw.get("shakespeare").await.unwrap();
+    assert_eq!(stored.data["status"]["phase"], "Running");
+    assert_eq!(
+        stored.data["status"]["round"], 0,
+        "round 2 is gone; the schema defaults it"
+    );
+}
+
+#[tokio::test]
+async fn cel_rules_are_enforced_and_dry_runs_leave_nothing_behind() {
+    let (_server, client) = cluster().await;
+    let runs: Api<TrainingRun> = Api::namespaced(client.clone(), "default");
+    let mut both = serde_json::to_value(sample()).unwrap();
+    both["spec"]["model"]["config"] = json!({"hiddenSize": 64, "numHiddenLayers": 2,
+        "numAttentionHeads": 4, "numKeyValueHeads": 2, "intermediateSize": 128,
+        "vocabSize": 256, "maxPositionEmbeddings": 128});
+    let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<TrainingRun>(&()),
+    );
+    let err = dynamic
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(both).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let (status, reason, message) = apply_error(err);
+    assert_eq!((status, reason.as_str()), (422, "Invalid"));
+    assert!(
+        message.contains(
+            "spec.model: Invalid value: \"object\": set exactly one of preset and config"
+        ),
+        "{message}"
+    );
+
+    // A dry run answers as the write would, and keeps nothing.
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let answered = runs.create(&dry, &sample()).await.unwrap();
+    assert_eq!(answered.metadata.name.as_deref(), Some("shakespeare"));
+    let (status, _) = code(runs.get("shakespeare").await.unwrap_err());
+    assert_eq!(status, 404);
+    runs.create(&PostParams::default(), &sample())
+        .await
+        .unwrap();
+    let patch = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let answered = runs
+        .patch(
+            "shakespeare",
+            &patch,
+            &Patch::Merge(json!({"spec": {"seed": 5}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answered.spec.seed, 5);
+    assert_eq!(
+        runs.get("shakespeare").await.unwrap().spec.seed,
+        sample().spec.seed
+    );
+    let delete = DeleteParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    runs.delete("shakespeare", &delete).await.unwrap();
+    assert!(runs.get("shakespeare").await.is_ok());
+}

@@ -27,7 +27,8 @@ impl Kubectl {
         }
     }
 
-    /// Runs kubectl; returns stdout, or stderr when `ok` is false (and asserts which).
+    /// Runs kubectl; returns stdout, or stderr then stdout when `ok` is false (and asserts
+    /// which).
     fn run_expecting(&self, ok: bool, args: &[&str]) -> String {
         let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
             .arg("--kubeconfig")
@@ -45,7 +46,7 @@ impl Kubectl {
             ok,
             "kubectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
         );
-        if ok { stdout } else { stderr }
+        if ok { stdout } else { format!("{stderr}{stdout}") }
     }
 
     fn dir(&self) -> &Path {
@@ -195,6 +196,95 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     assert!(
         out.contains("membercluster.starling.dev/cloud-eu serverside-applied"),
         "{out}"
+    );
+    // kubectl hands the client-side apply's fields over to its server-side manager.
+    let out = k.run(&["get", "mc", "cloud-eu", "-o", "yaml", "--show-managed-fields"]);
+    assert!(
+        out.contains("manager: kubectl\n") && out.contains("operation: Apply"),
+        "{out}"
+    );
+    // A field someone else changed since is a conflict for the next apply ...
+    k.run(&[
+        "patch",
+        "mc",
+        "cloud-eu",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"region":"eu-north"}}"#,
+    ]);
+    let err = k.run_expecting(
+        false,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            "crds/samples/membercluster-cloud.yaml",
+        ],
+    );
+    assert!(
+        err.contains(
+            r#"Apply failed with 1 conflict: conflict with "kubectl-patch" using starling.dev/v1alpha1: .spec.region"#
+        ) && err.contains("--force-conflicts"),
+        "{err}"
+    );
+    // ... which a dry run shows without changing anything ...
+    let out = k.run(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--dry-run=server",
+        "-f",
+        "crds/samples/membercluster-cloud.yaml",
+    ]);
+    assert!(out.contains("(server dry run)"), "{out}");
+    let region = || {
+        k.run(&[
+            "get",
+            "mc",
+            "cloud-eu",
+            "-o",
+            "jsonpath={.spec.region}",
+        ])
+    };
+    assert_eq!(region(), "eu-north");
+    // ... as does kubectl diff (a dry run too), and forcing takes the field back.
+    let out = k.run_expecting(
+        false,
+        &[
+            "diff",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            "crds/samples/membercluster-cloud.yaml",
+        ],
+    );
+    assert!(
+        out.contains("-  region: eu-north") && out.contains("+  region: eu-west"),
+        "{out}"
+    );
+    k.run(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "crds/samples/membercluster-cloud.yaml",
+    ]);
+    assert_eq!(region(), "eu-west");
+
+    // CEL rules are the server's to enforce.
+    let sample = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/samples/trainingrun-shakespeare.yaml"),
+    )
+    .unwrap();
+    let tight = sample
+        .replace("name: shakespeare", "name: tight")
+        .replace("min: 2\n    max: 3", "min: 3\n    max: 2");
+    assert_ne!(tight, sample);
+    std::fs::write(&typo, tight).unwrap();
+    let err = k.run_expecting(false, &["apply", "-f", typo.to_str().unwrap()]);
+    assert!(
+        err.contains(r#"spec.peers: Invalid value: "object": min must not exceed max"#),
+        "{err}"
     );
 
     // A finalizer holds deletion until it is removed.

@@ -55,6 +55,11 @@ impl ApiError {
         .with_details(json!({"name": name, "kind": resource}))
     }
 
+    /// A server-side apply that would change fields other managers own.
+    pub fn field_manager_conflict(message: String, causes: Vec<Value>) -> Self {
+        Self::new(409, "Conflict", message).with_details(json!({"causes": causes}))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

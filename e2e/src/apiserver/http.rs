@@ -13,9 +13,10 @@ use super::auth::{self, Attributes, User};
 use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
-use super::store::{Change, FieldValidation, Part, Propagation, resource_name};
+use super::shape::Shape;
+use super::store::{Change, FieldValidation, Part, Propagation, Store, now, resource_name};
 use super::table::table;
-use super::{ApiServer, openapi, strategic};
+use super::{ApiServer, managed, openapi, strategic};
 
 pub fn router(server: ApiServer) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(server)
@@ -271,6 +272,31 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     parsed.map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
 }
 
+/// `dryRun=All`: the write is checked and answered but not kept.
+fn dry_run(q: &[(String, String)]) -> Result<bool, ApiError> {
+    match param(q, "dryRun") {
+        None | Some("") => Ok(false),
+        Some("All") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "Invalid dry run value {other:?}: valid values are All"
+        ))),
+    }
+}
+
+/// Who is writing: `fieldManager`, else the client's User-Agent up to its first `/`
+/// (`kubectl`, `kube-rs`), as a real server names managers.
+fn field_manager(q: &[(String, String)], headers: &HeaderMap) -> String {
+    param(q, "fieldManager")
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+        .or_else(|| {
+            let agent = headers.get(header::USER_AGENT)?.to_str().ok()?;
+            let prefix = agent.split('/').next()?.trim();
+            (!prefix.is_empty()).then(|| prefix.to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 async fn resource(
     server: &ApiServer,
     method: &Method,
@@ -289,6 +315,16 @@ async fn resource(
         }
     };
     let ok = |v: &Value| Ok(json_response(StatusCode::OK, v));
+    let dry_run = dry_run(q)?;
+    // Writes go to the store, or for a dry run to a scratch copy of it.
+    let write = |f: &mut dyn FnMut(&mut Store) -> Result<(Value, StatusCode), ApiError>| {
+        if dry_run {
+            f(&mut server.store().scratch())
+        } else {
+            f(&mut server.store())
+        }
+    };
+    let manager = field_manager(q, headers);
     match (method, target.name.as_deref()) {
         (&Method::GET, None) => {
             let selector = Selector::parse(param(q, "labelSelector"), param(q, "fieldSelector"))?;
@@ -322,23 +358,39 @@ async fn resource(
             ok(&object)
         }
         (&Method::POST, None) => {
-            let object = parse_body(headers, &body)?;
-            let created = server.store().create(t, ns, object, validation(q))?;
-            after_write(server, t, &created)?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            let mut object = parse_body(headers, &body)?;
+            managed::record_update(t, Part::Main, &manager, None, &mut object, &now());
+            let (created, status) = write(&mut |store| {
+                let created = store.create(t, ns, object.clone(), validation(q))?;
+                Ok((created, StatusCode::CREATED))
+            })?;
+            if !dry_run {
+                after_write(server, t, &created)?;
+            }
+            Ok(json_response(status, &created))
         }
         (&Method::PUT, Some(name)) => {
             let object = parse_body(headers, &body)?;
-            let updated = server
-                .store()
-                .update(t, ns, name, object, part, validation(q))?;
-            after_write(server, t, &updated)?;
-            ok(&updated)
+            let (updated, status) = write(&mut |store| {
+                let current = store.get(t, ns, name)?;
+                let mut object = object.clone();
+                managed::record_update(t, part, &manager, Some(&current), &mut object, &now());
+                let updated = store.update(t, ns, name, object, part, validation(q))?;
+                Ok((updated, StatusCode::OK))
+            })?;
+            if !dry_run {
+                after_write(server, t, &updated)?;
+            }
+            Ok(json_response(status, &updated))
         }
         (&Method::PATCH, Some(name)) => {
-            let patched = patch(server, t, ns, name, part, headers, &body, q)?;
-            after_write(server, t, &patched.0)?;
-            Ok(json_response(patched.1, &patched.0))
+            let (patched, status) = write(&mut |store| {
+                patch(store, t, ns, name, part, headers, &body, q, &manager)
+            })?;
+            if !dry_run {
+                after_write(server, t, &patched)?;
+            }
+            Ok(json_response(status, &patched))
         }
         (&Method::DELETE, Some(name)) => {
             let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -355,8 +407,15 @@ async fn resource(
                     )));
                 }
             };
-            let deleted = server.store().delete(t, ns, name, propagation)?;
-            if t.plural == "customresourcedefinitions"
+            let dry_run = dry_run || options["dryRun"].as_array().is_some_and(|d| !d.is_empty());
+            let delete = |store: &mut Store| store.delete(t, ns, name, propagation);
+            let deleted = if dry_run {
+                delete(&mut server.store().scratch())?
+            } else {
+                delete(&mut server.store())?
+            };
+            if !dry_run
+                && t.plural == "customresourcedefinitions"
                 && deleted["metadata"]["deletionTimestamp"].is_null()
             {
                 let spec = &deleted["spec"];
@@ -374,11 +433,12 @@ async fn resource(
     }
 }
 
-/// Applies a patch of the request's content type. Server-side apply creates the object
-/// when it does not exist and otherwise merges (field ownership is not tracked).
+/// Applies a patch of the request's content type to what is stored. Server-side apply
+/// creates the object when it does not exist and tracks field ownership
+/// ([`managed::apply`]); every other patch is an update by `manager`.
 #[allow(clippy::too_many_arguments)]
 fn patch(
-    server: &ApiServer,
+    store: &mut Store,
     t: &ResourceType,
     ns: &str,
     name: &str,
@@ -386,37 +446,75 @@ fn patch(
     headers: &HeaderMap,
     body: &Bytes,
     q: &[(String, String)],
+    manager: &str,
 ) -> Result<(Value, StatusCode), ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let mut store = server.store();
-    let current = match store.get(t, ns, name) {
-        Ok(c) => c,
-        Err(e) if content_type.starts_with("application/apply-patch") && part == Part::Main => {
-            let _ = e;
-            let mut object = parse_body(headers, body)?;
-            object["metadata"]["name"] = json!(name);
-            return Ok((
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    let force = matches!(param(q, "force"), Some("true" | "1"));
+    if matches!(
+        media,
+        "application/apply-patch+yaml" | "application/apply-patch+json"
+    ) {
+        let Some(manager) = param(q, "fieldManager").filter(|m| !m.is_empty()) else {
+            return Err(ApiError::invalid(
+                "PatchOptions.meta.k8s.io",
+                "",
+                vec![(
+                    "fieldManager".into(),
+                    "Required value: is required for apply patch".into(),
+                )],
+            ));
+        };
+        let config = parse_body(headers, body)?;
+        let live = match store.get(t, ns, name) {
+            Ok(live) => Some(live),
+            Err(e) if part == Part::Status => return Err(e),
+            Err(_) => None,
+        };
+        let now = now();
+        let how = managed::Apply {
+            name,
+            manager,
+            force,
+            now: &now,
+        };
+        let object = managed::apply(t, part, &how, live.as_ref(), config)?;
+        return match live {
+            None => Ok((
                 store.create(t, ns, object, validation(q))?,
                 StatusCode::CREATED,
-            ));
-        }
-        Err(e) => return Err(e),
-    };
+            )),
+            Some(_) => Ok((
+                store.update(t, ns, name, object, part, validation(q))?,
+                StatusCode::OK,
+            )),
+        };
+    }
+    if force {
+        return Err(ApiError::invalid(
+            "PatchOptions.meta.k8s.io",
+            "",
+            vec![(
+                "force".into(),
+                "Forbidden: may not be specified for non-apply patch".into(),
+            )],
+        ));
+    }
+    let current = store.get(t, ns, name)?;
     let mut object = current.clone();
-    match content_type.split(';').next().unwrap_or_default() {
-        "application/merge-patch+json"
-        | "application/apply-patch+yaml"
-        | "application/apply-patch+json" => {
+    match media {
+        "application/merge-patch+json" => {
             let patch = parse_body(headers, body)?;
             json_patch::merge(&mut object, &patch);
         }
-        "application/strategic-merge-patch+json" => {
+        // As on a real server, custom resources have no strategic merge information.
+        "application/strategic-merge-patch+json" if t.schema.is_none() => {
             let patch = parse_body(headers, body)?;
-            strategic::merge(&mut object, &patch);
+            strategic::merge(&mut object, &patch, Shape::root(None));
         }
         "application/json-patch+json" => {
             let mut ops: json_patch::Patch = serde_json::from_slice(body)
@@ -442,6 +540,7 @@ fn patch(
     {
         m.remove("resourceVersion");
     }
+    managed::record_update(t, part, manager, Some(&current), &mut object, &now());
     Ok((
         store.update(t, ns, name, object, part, validation(q))?,
         StatusCode::OK,

@@ -1,6 +1,9 @@
 //! The resource types the test server serves: the built-in kinds Starling uses, and the
 //! kinds that CustomResourceDefinitions add while it runs.
 
+use std::sync::Arc;
+
+use kube::core::cel::{CompiledSchema, compile_schema};
 use serde_json::{Value, json};
 
 /// One served resource type (a group/version/plural).
@@ -20,6 +23,58 @@ pub struct ResourceType {
     pub columns: Vec<Value>,
     /// A CRD's `openAPIV3Schema`.
     pub schema: Option<Value>,
+    /// Its CEL rules (`x-kubernetes-validations`), compiled once.
+    pub rules: Option<Rules>,
+}
+
+/// A schema's compiled CEL rules.
+#[derive(Clone)]
+pub struct Rules(pub Arc<CompiledSchema>);
+
+impl Rules {
+    fn compile(schema: &Value) -> Result<Self, String> {
+        let compiled = compile_schema(schema);
+        let errors = compiled_errors(&compiled);
+        if errors.is_empty() {
+            Ok(Self(Arc::new(compiled)))
+        } else {
+            Err(format!("invalid CEL rules: {}", errors.join("; ")))
+        }
+    }
+}
+
+/// Every rule in a compiled schema that did not compile.
+fn compiled_errors(schema: &CompiledSchema) -> Vec<String> {
+    let mut out: Vec<String> = schema
+        .compilation_errors()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    let children = schema
+        .properties
+        .values()
+        .chain(schema.items.as_deref())
+        .chain(schema.additional_properties.as_deref())
+        .chain(&schema.all_of)
+        .chain(&schema.one_of)
+        .chain(&schema.any_of);
+    for child in children {
+        out.extend(compiled_errors(child));
+    }
+    out
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rules(..)")
+    }
+}
+
+/// Rules are derived from the schema, which the type compares already.
+impl PartialEq for Rules {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl ResourceType {
@@ -206,6 +261,7 @@ impl Registry {
                     status,
                     columns: vec![],
                     schema: None,
+                    rules: None,
                 },
             )
             .collect();
@@ -267,10 +323,15 @@ impl Registry {
             .as_array()
             .filter(|v| !v.is_empty())
             .ok_or("spec.versions must list at least one version")?;
-        Ok(versions
+        versions
             .iter()
             .filter(|v| v["served"].as_bool().unwrap_or(false))
-            .map(|v| ResourceType {
+            .map(|v| {
+                let schema = &v["schema"]["openAPIV3Schema"];
+                let rules = Rules::compile(schema).map_err(|e| {
+                    format!("spec.versions[{}].schema.openAPIV3Schema: {e}", v["name"])
+                })?;
+                Ok(ResourceType {
                 group: group.clone(),
                 version: v["name"].as_str().unwrap_or_default().to_owned(),
                 kind: kind.clone(),
@@ -287,9 +348,11 @@ impl Registry {
                     .as_array()
                     .cloned()
                     .unwrap_or_default(),
-                schema: Some(v["schema"]["openAPIV3Schema"].clone()),
+                schema: Some(schema.clone()),
+                rules: Some(rules),
             })
-            .collect())
+            })
+            .collect()
     }
 
     /// Serves a CRD's types, replacing what an earlier version of it served.

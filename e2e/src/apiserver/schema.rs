@@ -1,9 +1,13 @@
 //! Admission of custom resources against their CRD's structural schema, as a real server
 //! does it: unknown fields pruned, defaults applied, then types, enums, ranges, lengths,
-//! patterns and required fields checked, every problem reported with its field path.
-//! CEL rules (`x-kubernetes-validations`) are not evaluated here.
+//! patterns and required fields checked, every problem reported with its field path;
+//! then the schema's CEL rules (`x-kubernetes-validations`), transition rules against the
+//! stored object.
 
+use kube::core::cel::Validator;
 use serde_json::{Map, Value};
+
+use super::registry::Rules;
 
 /// A problem with one field: its path and what is wrong.
 pub type Cause = (String, String);
@@ -273,6 +277,39 @@ fn check_enum(schema: &Value, value: &Value, path: &str, out: &mut Admission) {
     }
 }
 
+/// The CEL rules `object` breaks (`old` is what is stored, for transition rules), as
+/// causes worded like a real server's: `spec: Invalid value: "object": <message>`.
+pub fn check_rules(rules: &Rules, object: &Value, old: Option<&Value>) -> Vec<Cause> {
+    thread_local! {
+        // Registering the Kubernetes CEL library is not free; once per thread will do.
+        static VALIDATOR: Validator = Validator::new();
+    }
+    let result = VALIDATOR.with(|v| v.validate_compiled(&rules.0, object, old));
+    let Err(errors) = result else {
+        return vec![];
+    };
+    errors
+        .iter()
+        .map(|e| {
+            let at = e.field_path.split('.').filter(|s| !s.is_empty()).try_fold(
+                object,
+                |v, step| v.get(step),
+            );
+            let kind = match at {
+                Some(Value::String(_)) => "string",
+                Some(Value::Number(_)) => "number",
+                Some(Value::Bool(_)) => "boolean",
+                Some(Value::Array(_)) => "array",
+                _ => "object",
+            };
+            (
+                e.field_path.clone(),
+                format!("Invalid value: \"{kind}\": {}", e.message),
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -339,3 +376,4 @@ mod tests {
         );
     }
 }
+

@@ -69,11 +69,24 @@ fn key(t: &ResourceType, namespace: &str, name: &str) -> Key {
     )
 }
 
-fn now() -> String {
+/// A timestamp as the API writes them (RFC 3339, whole seconds, UTC).
+pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 impl Store {
+    /// A copy of the objects to try a write on (`dryRun`): what happens to it is seen
+    /// by no one.
+    pub fn scratch(&self) -> Store {
+        Store {
+            objects: self.objects.clone(),
+            rv: self.rv,
+            uids: self.uids,
+            horizon: self.rv + 1,
+            ..Store::default()
+        }
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.rv
     }
@@ -242,7 +255,7 @@ impl Store {
                 o.remove("status");
             }
         }
-        admit(t, &mut object, &name, validation)?;
+        admit(t, &mut object, None, &name, validation)?;
         self.record(&k, "ADDED", object.clone());
         self.objects.insert(k, object.clone());
         Ok(object)
@@ -287,11 +300,20 @@ impl Store {
         match part {
             Part::Status => {
                 let status = object.get("status").cloned();
+                let managed = object["metadata"].get("managedFields").cloned();
                 object = current.clone();
                 match status {
                     Some(s) => object["status"] = s,
                     None => {
                         object.as_object_mut().map(|o| o.remove("status"));
+                    }
+                }
+                match managed {
+                    Some(m) => object["metadata"]["managedFields"] = m,
+                    None => {
+                        object["metadata"]
+                            .as_object_mut()
+                            .map(|o| o.remove("managedFields"));
                     }
                 }
             }
@@ -320,7 +342,7 @@ impl Store {
             };
         }
         meta.insert("name".into(), json!(name));
-        admit(t, &mut object, name, validation)?;
+        admit(t, &mut object, Some(&current), name, validation)?;
         // The generation counts changes to everything but metadata and status.
         let spec_changed = strip(&current) != strip(&object);
         if spec_changed {
@@ -588,11 +610,20 @@ pub enum FieldValidation {
 fn admit(
     t: &ResourceType,
     object: &mut Value,
+    old: Option<&Value>,
     name: &str,
     validation: FieldValidation,
 ) -> Result<(), ApiError> {
     let admission = match &t.schema {
-        Some(schema) => super::schema::admit(schema, object),
+        Some(schema) => {
+            let mut admission = super::schema::admit(schema, object);
+            if admission.causes.is_empty()
+                && let Some(rules) = &t.rules
+            {
+                admission.causes = super::schema::check_rules(rules, object, old);
+            }
+            admission
+        }
         None => match super::builtin::admit(&t.group, &t.kind, object) {
             None => return Ok(()),
             Some(Ok(admission)) => admission,
