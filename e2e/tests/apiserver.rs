@@ -563,7 +563,10 @@ fn owners(meta: &kube::api::ObjectMeta) -> Vec<(String, String, serde_json::Valu
             (
                 m.manager.clone().unwrap_or_default(),
                 m.operation.clone().unwrap_or_default(),
-                m.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default(),
+                m.fields_v1
+                    .as_ref()
+                    .map(|f| f.0.clone())
+                    .unwrap_or_default(),
             )
         })
         .collect()

@@ -46,7 +46,11 @@ impl Kubectl {
             ok,
             "kubectl {args:?}\nstdout: {stdout}\nstderr: {stderr}"
         );
-        if ok { stdout } else { format!("{stderr}{stdout}") }
+        if ok {
+            stdout
+        } else {
+            format!("{stderr}{stdout}")
+        }
     }
 
     fn dir(&self) -> &Path {
@@ -198,7 +202,14 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         "{out}"
     );
     // kubectl hands the client-side apply's fields over to its server-side manager.
-    let out = k.run(&["get", "mc", "cloud-eu", "-o", "yaml", "--show-managed-fields"]);
+    let out = k.run(&[
+        "get",
+        "mc",
+        "cloud-eu",
+        "-o",
+        "yaml",
+        "--show-managed-fields",
+    ]);
     assert!(
         out.contains("manager: kubectl\n") && out.contains("operation: Apply"),
         "{out}"
@@ -237,15 +248,7 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         "crds/samples/membercluster-cloud.yaml",
     ]);
     assert!(out.contains("(server dry run)"), "{out}");
-    let region = || {
-        k.run(&[
-            "get",
-            "mc",
-            "cloud-eu",
-            "-o",
-            "jsonpath={.spec.region}",
-        ])
-    };
+    let region = || k.run(&["get", "mc", "cloud-eu", "-o", "jsonpath={.spec.region}"]);
     assert_eq!(region(), "eu-north");
     // ... as does kubectl diff (a dry run too), and forcing takes the field back.
     let out = k.run_expecting(

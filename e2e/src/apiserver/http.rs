@@ -283,6 +283,15 @@ fn dry_run(q: &[(String, String)]) -> Result<bool, ApiError> {
     }
 }
 
+/// Runs a write on the store or, for a dry run, on a scratch copy of it.
+fn write<T>(server: &ApiServer, dry_run: bool, f: impl FnOnce(&mut Store) -> T) -> T {
+    if dry_run {
+        f(&mut server.store().scratch())
+    } else {
+        f(&mut server.store())
+    }
+}
+
 /// Who is writing: `fieldManager`, else the client's User-Agent up to its first `/`
 /// (`kubectl`, `kube-rs`), as a real server names managers.
 fn field_manager(q: &[(String, String)], headers: &HeaderMap) -> String {
@@ -316,14 +325,6 @@ async fn resource(
     };
     let ok = |v: &Value| Ok(json_response(StatusCode::OK, v));
     let dry_run = dry_run(q)?;
-    // Writes go to the store, or for a dry run to a scratch copy of it.
-    let write = |f: &mut dyn FnMut(&mut Store) -> Result<(Value, StatusCode), ApiError>| {
-        if dry_run {
-            f(&mut server.store().scratch())
-        } else {
-            f(&mut server.store())
-        }
-    };
     let manager = field_manager(q, headers);
     match (method, target.name.as_deref()) {
         (&Method::GET, None) => {
@@ -360,31 +361,28 @@ async fn resource(
         (&Method::POST, None) => {
             let mut object = parse_body(headers, &body)?;
             managed::record_update(t, Part::Main, &manager, None, &mut object, &now());
-            let (created, status) = write(&mut |store| {
-                let created = store.create(t, ns, object.clone(), validation(q))?;
-                Ok((created, StatusCode::CREATED))
+            let created = write(server, dry_run, |store| {
+                store.create(t, ns, object, validation(q))
             })?;
             if !dry_run {
                 after_write(server, t, &created)?;
             }
-            Ok(json_response(status, &created))
+            Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::PUT, Some(name)) => {
-            let object = parse_body(headers, &body)?;
-            let (updated, status) = write(&mut |store| {
+            let mut object = parse_body(headers, &body)?;
+            let updated = write(server, dry_run, |store| {
                 let current = store.get(t, ns, name)?;
-                let mut object = object.clone();
                 managed::record_update(t, part, &manager, Some(&current), &mut object, &now());
-                let updated = store.update(t, ns, name, object, part, validation(q))?;
-                Ok((updated, StatusCode::OK))
+                store.update(t, ns, name, object, part, validation(q))
             })?;
             if !dry_run {
                 after_write(server, t, &updated)?;
             }
-            Ok(json_response(status, &updated))
+            ok(&updated)
         }
         (&Method::PATCH, Some(name)) => {
-            let (patched, status) = write(&mut |store| {
+            let (patched, status) = write(server, dry_run, |store| {
                 patch(store, t, ns, name, part, headers, &body, q, &manager)
             })?;
             if !dry_run {
@@ -408,12 +406,9 @@ async fn resource(
                 }
             };
             let dry_run = dry_run || options["dryRun"].as_array().is_some_and(|d| !d.is_empty());
-            let delete = |store: &mut Store| store.delete(t, ns, name, propagation);
-            let deleted = if dry_run {
-                delete(&mut server.store().scratch())?
-            } else {
-                delete(&mut server.store())?
-            };
+            let deleted = write(server, dry_run, |store| {
+                store.delete(t, ns, name, propagation)
+            })?;
             if !dry_run
                 && t.plural == "customresourcedefinitions"
                 && deleted["metadata"]["deletionTimestamp"].is_null()

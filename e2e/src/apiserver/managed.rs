@@ -311,12 +311,11 @@ fn remove(object: &mut Value, shape: Shape<'_>, path: &Path, kept: &dyn Fn(&Path
                 return;
             }
         }
-        let Some(parent_shape) = parents
-            .iter()
-            .try_fold(shape, |s, step| {
-                step.strip_prefix("f:").map(|f| s.field(f)).or(Some(s.items()))
-            })
-        else {
+        let Some(parent_shape) = parents.iter().try_fold(shape, |s, step| {
+            step.strip_prefix("f:")
+                .map(|f| s.field(f))
+                .or(Some(s.items()))
+        }) else {
             return;
         };
         let Some(parent) = lookup_mut(object, shape, parents) else {
@@ -332,7 +331,11 @@ fn remove(object: &mut Value, shape: Shape<'_>, path: &Path, kept: &dyn Fn(&Path
     }
 }
 
-fn lookup_mut<'v>(value: &'v mut Value, shape: Shape<'_>, path: &[String]) -> Option<&'v mut Value> {
+fn lookup_mut<'v>(
+    value: &'v mut Value,
+    shape: Shape<'_>,
+    path: &[String],
+) -> Option<&'v mut Value> {
     let (mut value, mut shape) = (value, shape);
     for step in path {
         if let Some(name) = step.strip_prefix("f:") {
@@ -530,7 +533,9 @@ pub fn record_update(
     } else {
         live.map(entries).unwrap_or_default()
     };
-    let before = live.map(|l| Fields::of(l, shape, scope)).unwrap_or_default();
+    let before = live
+        .map(|l| Fields::of(l, shape, scope))
+        .unwrap_or_default();
     let after = Fields::of(new, shape, scope);
     let empty = Value::Null;
     let changed: BTreeSet<Path> = after
@@ -795,11 +800,17 @@ mod tests {
     fn applies_conflict_unless_forced_and_share_equal_values() {
         let first = apply_as("a", false, None, deployment(json!({"replicas": 2}))).unwrap();
         // The same value is shared ...
-        let shared = apply_as("b", false, Some(&first), deployment(json!({"replicas": 2}))).unwrap();
+        let shared =
+            apply_as("b", false, Some(&first), deployment(json!({"replicas": 2}))).unwrap();
         assert_eq!(managers(&shared).len(), 2);
         // ... a different one conflicts with everyone who owns it ...
-        let err = apply_as("c", false, Some(&shared), deployment(json!({"replicas": 3})))
-            .unwrap_err();
+        let err = apply_as(
+            "c",
+            false,
+            Some(&shared),
+            deployment(json!({"replicas": 3})),
+        )
+        .unwrap_err();
         assert_eq!((err.code, err.reason), (409, "Conflict"));
         assert_eq!(
             err.message,
@@ -807,7 +818,8 @@ mod tests {
              conflict with \"b\" using apps/v1: .spec.replicas"
         );
         // ... and forcing takes it over.
-        let forced = apply_as("c", true, Some(&shared), deployment(json!({"replicas": 3}))).unwrap();
+        let forced =
+            apply_as("c", true, Some(&shared), deployment(json!({"replicas": 3}))).unwrap();
         assert_eq!(forced["spec"]["replicas"], 3);
         assert_eq!(
             managers(&forced),
@@ -848,7 +860,14 @@ mod tests {
         let mut edited = applied.clone();
         edited["spec"]["replicas"] = json!(5);
         edited["metadata"]["labels"] = json!({"team": "ml"});
-        record_update(&t, Part::Main, "kubectl-edit", Some(&applied), &mut edited, "t1");
+        record_update(
+            &t,
+            Part::Main,
+            "kubectl-edit",
+            Some(&applied),
+            &mut edited,
+            "t1",
+        );
         assert_eq!(
             managers(&edited),
             [(
@@ -856,12 +875,28 @@ mod tests {
                 json!({"f:metadata": {"f:labels": {"f:team": {}}}, "f:spec": {"f:replicas": {}}})
             )]
         );
-        let err = apply_as("op", false, Some(&edited), deployment(json!({"replicas": 2})))
-            .unwrap_err();
-        assert!(err.message.contains("conflict with \"kubectl-edit\""), "{}", err.message);
+        let err = apply_as(
+            "op",
+            false,
+            Some(&edited),
+            deployment(json!({"replicas": 2})),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("conflict with \"kubectl-edit\""),
+            "{}",
+            err.message
+        );
         // An identical write records nothing new.
         let mut again = edited.clone();
-        record_update(&t, Part::Main, "kubectl-edit", Some(&edited), &mut again, "t2");
+        record_update(
+            &t,
+            Part::Main,
+            "kubectl-edit",
+            Some(&edited),
+            &mut again,
+            "t2",
+        );
         assert_eq!(again, edited);
     }
 }

@@ -332,25 +332,25 @@ impl Registry {
                     format!("spec.versions[{}].schema.openAPIV3Schema: {e}", v["name"])
                 })?;
                 Ok(ResourceType {
-                group: group.clone(),
-                version: v["name"].as_str().unwrap_or_default().to_owned(),
-                kind: kind.clone(),
-                plural: plural.clone(),
-                singular: names["singular"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| kind.to_lowercase()),
-                namespaced,
-                short_names: strings(&names["shortNames"]),
-                categories: strings(&names["categories"]),
-                status: v["subresources"]["status"].is_object(),
-                columns: v["additionalPrinterColumns"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default(),
-                schema: Some(schema.clone()),
-                rules: Some(rules),
-            })
+                    group: group.clone(),
+                    version: v["name"].as_str().unwrap_or_default().to_owned(),
+                    kind: kind.clone(),
+                    plural: plural.clone(),
+                    singular: names["singular"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| kind.to_lowercase()),
+                    namespaced,
+                    short_names: strings(&names["shortNames"]),
+                    categories: strings(&names["categories"]),
+                    status: v["subresources"]["status"].is_object(),
+                    columns: v["additionalPrinterColumns"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
+                    schema: Some(schema.clone()),
+                    rules: Some(rules),
+                })
             })
             .collect()
     }

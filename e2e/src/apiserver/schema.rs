@@ -291,10 +291,11 @@ pub fn check_rules(rules: &Rules, object: &Value, old: Option<&Value>) -> Vec<Ca
     errors
         .iter()
         .map(|e| {
-            let at = e.field_path.split('.').filter(|s| !s.is_empty()).try_fold(
-                object,
-                |v, step| v.get(step),
-            );
+            let at = e
+                .field_path
+                .split('.')
+                .filter(|s| !s.is_empty())
+                .try_fold(object, |v, step| v.get(step));
             let kind = match at {
                 Some(Value::String(_)) => "string",
                 Some(Value::Number(_)) => "number",
@@ -376,4 +377,3 @@ mod tests {
         );
     }
 }
-

@@ -135,14 +135,14 @@ mod tests {
     #[test]
     fn custom_lists_follow_the_schema_and_metadata_stays_built_in() {
         let schema = json!({"type": "object", "properties": {
-            "metadata": {"type": "object"},
-            "spec": {"type": "object", "properties": {
-                "peers": {"type": "array", "x-kubernetes-list-type": "map",
-                          "x-kubernetes-list-map-keys": ["id"], "items": {"type": "object"}},
-                "tags": {"type": "array", "x-kubernetes-list-type": "set"},
-                "conditions": {"type": "array"},
-                "selector": {"type": "object", "x-kubernetes-map-type": "atomic"},
-            }}}});
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "properties": {
+            "peers": {"type": "array", "x-kubernetes-list-type": "map",
+                      "x-kubernetes-list-map-keys": ["id"], "items": {"type": "object"}},
+            "tags": {"type": "array", "x-kubernetes-list-type": "set"},
+            "conditions": {"type": "array"},
+            "selector": {"type": "object", "x-kubernetes-map-type": "atomic"},
+        }}}});
         let spec = Shape::root(Some(&schema)).field("spec");
         assert_eq!(spec.field("peers").list_type(), ListType::Map(vec!["id"]));
         assert_eq!(spec.field("tags").list_type(), ListType::Set);

@@ -110,7 +110,7 @@ fn list_at<'a>(fields: &'a mut Map<String, Value>, name: &str) -> &'a mut Vec<Va
 
 /// Puts the items `order` names first, in its order (by `key` for keyed lists, by
 /// value otherwise); the rest keep their places after them.
-fn reorder(list: &mut Vec<Value>, order: &[Value], key: Option<&str>) {
+fn reorder(list: &mut [Value], order: &[Value], key: Option<&str>) {
     let id = |item: &Value| match key {
         Some(k) => item[k].clone(),
         None => item.clone(),
