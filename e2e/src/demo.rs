@@ -159,9 +159,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         println!("    {line}");
     }
     println!(
-        "\nInspect the federation with your own kubectl:\n\n    export KUBECONFIG={}\n    kubectl get tr,tg,mc -A\n    kubectl describe tr shakespeare\n",
+        "\nInspect the federation with your own kubectl:\n\n    export KUBECONFIG={}\n    kubectl get tr,tg,mc -A\n    kubectl describe tr shakespeare\n    kubectl logs -l app.kubernetes.io/component=exchange\n",
         federation.clusters.hub.kubeconfig.display()
     );
+    if let Some(member) = federation.clusters.members.first() {
+        println!(
+            "and a member's trainers with its own kubeconfig:\n\n    kubectl --kubeconfig {} get pods -A\n    kubectl --kubeconfig {} logs -n <namespace> <pod>\n",
+            member.kubeconfig.display(),
+            member.kubeconfig.display()
+        );
+    }
     if !opts.exit_when_done {
         println!("The clusters keep running until Ctrl-C.");
         tokio::signal::ctrl_c().await?;

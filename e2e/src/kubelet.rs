@@ -32,6 +32,8 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+mod logs;
+
 /// A node the kubelet registers and runs pods on.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -182,6 +184,17 @@ pub struct Kubelet {
     /// Pod addresses by pod uid, and the next free one.
     addresses: HashMap<String, Ipv4Addr>,
     next_address: u32,
+    /// Where the log endpoint listens (0 until it does).
+    log_port: u16,
+}
+
+/// Aborts a task when dropped, so the log endpoint ends with the kubelet.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Kubelet {
@@ -193,12 +206,25 @@ impl Kubelet {
             processes: HashMap::new(),
             addresses: HashMap::new(),
             next_address: u32::from(Ipv4Addr::new(127, a, b, 2)),
+            log_port: 0,
         }
     }
 
     /// Registers the nodes, then schedules, runs and reports pods until the task is
     /// dropped. Processes are killed with it.
     pub async fn run(mut self) -> kube::Result<()> {
+        let _logs = match tokio::net::TcpListener::bind(("127.0.0.1", 0)).await {
+            Ok(listener) => {
+                self.log_port = listener.local_addr().map_or(0, |a| a.port());
+                let serve =
+                    logs::serve(listener, self.config.work_dir.clone(), self.client.clone());
+                Some(AbortOnDrop(tokio::spawn(serve)))
+            }
+            Err(e) => {
+                eprintln!("process kubelet: no log endpoint (kubectl logs will fail): {e}");
+                None
+            }
+        };
         self.register_nodes().await?;
         let mut last_heartbeat = Instant::now();
         loop {
@@ -232,6 +258,9 @@ impl Kubelet {
             nodes.patch(&n.name, &params, &Patch::Apply(node)).await?;
             let status = json!({"status": {
                 "capacity": capacity, "allocatable": capacity,
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                              {"type": "Hostname", "address": n.name}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_port}},
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                     "message": "process kubelet is posting ready status",
                     "lastHeartbeatTime": now(), "lastTransitionTime": now()}],

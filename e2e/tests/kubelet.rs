@@ -307,3 +307,57 @@ async fn a_killed_pod_process_is_a_failed_pod() {
         (137, Some("Error"))
     );
 }
+
+#[tokio::test]
+async fn logs_are_served_through_the_api_from_the_pods_node() {
+    use futures::AsyncReadExt;
+    use kube::api::LogParams;
+    let c = cluster().await;
+    let script = "for i in 1 2 3; do echo line $i; sleep 0.3; done";
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("talker", "Never", script, json!({})),
+        )
+        .await
+        .unwrap();
+    c.wait("talker", "ran", |p| phase(p) == "Running").await;
+
+    // Following streams the lines as they come and ends when the container does.
+    let follow = LogParams {
+        follow: true,
+        ..Default::default()
+    };
+    let mut stream = c.pods.log_stream("talker", &follow).await.unwrap();
+    let mut followed = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        stream.read_to_string(&mut followed),
+    )
+    .await
+    .expect("the stream ends with the container")
+    .unwrap();
+    assert_eq!(followed, "line 1\nline 2\nline 3\n");
+
+    let all = c.pods.logs("talker", &LogParams::default()).await.unwrap();
+    assert_eq!(all, "line 1\nline 2\nline 3\n");
+    let tail = LogParams {
+        tail_lines: Some(1),
+        ..Default::default()
+    };
+    assert_eq!(c.pods.logs("talker", &tail).await.unwrap(), "line 3\n");
+
+    let wrong = LogParams {
+        container: Some("sidecar".into()),
+        ..Default::default()
+    };
+    let err = c.pods.logs("talker", &wrong).await.unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code, 400);
+    assert_eq!(
+        status.message,
+        "container sidecar is not valid for pod talker"
+    );
+}

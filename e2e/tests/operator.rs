@@ -243,6 +243,15 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
         &["describe", "tr", "shakespeare"],
     );
     assert!(described.contains("Placed"), "{described}");
+    // The exchange's log, through the API from its node, as kubectl logs reads it.
+    let log = kubectl(
+        &fed.clusters.hub.kubeconfig,
+        &["logs", "-n", "default", &exchange.name_any()],
+    );
+    assert!(
+        log.contains("peer joined") && log.contains("checkpoint written"),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use super::selector::Selector;
 use super::shape::Shape;
 use super::store::{Change, FieldValidation, Part, Propagation, Store, now, resource_name};
 use super::table::table;
-use super::{ApiServer, managed, openapi, strategic};
+use super::{ApiServer, logs, managed, openapi, strategic};
 
 pub fn router(server: ApiServer) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(server)
@@ -46,7 +46,8 @@ struct Target {
     subresource: Option<String>,
 }
 
-fn query(uri: &Uri) -> Vec<(String, String)> {
+/// A URL's query parameters, decoded.
+pub fn query(uri: &Uri) -> Vec<(String, String)> {
     uri.query()
         .unwrap_or_default()
         .split('&')
@@ -81,7 +82,7 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
@@ -319,6 +320,10 @@ async fn resource(
     let part = match target.subresource.as_deref() {
         None => Part::Main,
         Some("status") if t.status => Part::Status,
+        Some("log") if t.group.is_empty() && t.plural == "pods" && method == Method::GET => {
+            let name = target.name.as_deref().unwrap_or_default();
+            return logs::pod_log(server, ns, name, q).await;
+        }
         Some(other) => {
             return Err(ApiError::no_route(&format!("{}/{other}", t.plural)));
         }

@@ -11,6 +11,7 @@ mod auth;
 mod builtin;
 mod error;
 mod http;
+mod logs;
 mod managed;
 mod openapi;
 mod registry;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 
 pub use auth::User;
 pub use error::ApiError;
+pub(crate) use http::{param, query};
 pub use registry::{Registry, ResourceType};
 pub use store::Store;
 

@@ -121,6 +121,12 @@ impl ResourceType {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if self.group.is_empty() && self.plural == "pods" {
+            out.push(
+                json!({"name": "pods/log", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get"]}),
+            );
+        }
         out
     }
 }
