@@ -290,6 +290,34 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         "{err}"
     );
 
+    // kubectl create sends protobuf for the kinds it makes itself.
+    let out = k.run(&["create", "namespace", "runs"]);
+    assert!(out.contains("namespace/runs created"), "{out}");
+    k.run(&[
+        "create",
+        "secret",
+        "generic",
+        "hf-token",
+        "-n",
+        "runs",
+        "--from-literal=token=hf_example",
+    ]);
+    let token = k.run(&[
+        "get",
+        "secret",
+        "hf-token",
+        "-n",
+        "runs",
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    assert_eq!(token, "aGZfZXhhbXBsZQ==", "base64 of hf_example");
+    let err = k.run_expecting(false, &["create", "deployment", "web", "--image=nginx"]);
+    assert!(
+        err.contains("Deployment in protobuf is not supported by this server"),
+        "{err}"
+    );
+
     // A finalizer holds deletion until it is removed.
     k.run(&[
         "patch",

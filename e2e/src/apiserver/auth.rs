@@ -171,57 +171,6 @@ pub fn allowed(store: &Store, user: &User, a: &Attributes) -> bool {
                 .any(|b| granted(b, &a.namespace)))
 }
 
-/// A `SelfSubjectAccessReview` in Kubernetes' protobuf encoding (kubectl sends that
-/// for `auth can-i`): the `k8s\0` magic, then a `runtime.Unknown` wrapping the review.
-/// Only the resource attributes are read.
-pub fn review_from_protobuf(body: &[u8]) -> Option<Value> {
-    #[derive(prost::Message)]
-    struct Unknown {
-        #[prost(bytes = "vec", tag = "2")]
-        raw: Vec<u8>,
-    }
-    #[derive(prost::Message)]
-    struct Review {
-        #[prost(message, optional, tag = "2")]
-        spec: Option<Spec>,
-    }
-    #[derive(prost::Message)]
-    struct Spec {
-        #[prost(message, optional, tag = "1")]
-        resource_attributes: Option<ResourceAttributes>,
-    }
-    #[derive(prost::Message)]
-    struct ResourceAttributes {
-        #[prost(string, tag = "1")]
-        namespace: String,
-        #[prost(string, tag = "2")]
-        verb: String,
-        #[prost(string, tag = "3")]
-        group: String,
-        #[prost(string, tag = "4")]
-        version: String,
-        #[prost(string, tag = "5")]
-        resource: String,
-        #[prost(string, tag = "6")]
-        subresource: String,
-        #[prost(string, tag = "7")]
-        name: String,
-    }
-    use prost::Message;
-    let unknown = Unknown::decode(body.strip_prefix(b"k8s\0")?).ok()?;
-    let a = Review::decode(unknown.raw.as_slice())
-        .ok()?
-        .spec?
-        .resource_attributes?;
-    Some(serde_json::json!({
-        "apiVersion": "authorization.k8s.io/v1",
-        "kind": "SelfSubjectAccessReview",
-        "spec": {"resourceAttributes": {
-            "namespace": a.namespace, "verb": a.verb, "group": a.group, "version": a.version,
-            "resource": a.resource, "subresource": a.subresource, "name": a.name}},
-    }))
-}
-
 /// The verb of a request, as RBAC names it.
 pub fn verb(method: &axum::http::Method, named: bool, watch: bool) -> &'static str {
     use axum::http::Method;

@@ -16,7 +16,7 @@ use super::selector::Selector;
 use super::shape::Shape;
 use super::store::{Change, FieldValidation, Part, Propagation, Store, now, resource_name};
 use super::table::table;
-use super::{ApiServer, logs, managed, openapi, strategic};
+use super::{ApiServer, logs, managed, openapi, protobuf, strategic};
 
 pub fn router(server: ApiServer) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(server)
@@ -185,16 +185,7 @@ fn access_review(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let protobuf = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.contains("protobuf"));
-    let mut review = if protobuf {
-        auth::review_from_protobuf(body)
-            .ok_or_else(|| ApiError::bad_request("undecodable SelfSubjectAccessReview"))?
-    } else {
-        parse_body(headers, body)?
-    };
+    let mut review = parse_body(headers, body)?;
     let a = &review["spec"]["resourceAttributes"];
     let text = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
     let optional = |k: &str| a[k].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
@@ -262,15 +253,23 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    if content_type.contains("protobuf") {
-        return Err(ApiError::unsupported_media_type(content_type));
-    }
-    let parsed = if content_type.contains("yaml") {
-        serde_yaml::from_slice::<Value>(body).map_err(|e| e.to_string())
+    let parsed = if content_type.contains("protobuf") {
+        protobuf::decode(body).map_err(|refused| match refused {
+            protobuf::Refused::Kind(reason) => {
+                ApiError::unsupported_media_type(&format!("{content_type}: {reason}"))
+            }
+            protobuf::Refused::Malformed(e) => invalid_body(e),
+        })
+    } else if content_type.contains("yaml") {
+        serde_yaml::from_slice::<Value>(body).map_err(invalid_body)
     } else {
-        serde_json::from_slice::<Value>(body).map_err(|e| e.to_string())
+        serde_json::from_slice::<Value>(body).map_err(invalid_body)
     };
-    parsed.map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+    parsed
+}
+
+fn invalid_body(e: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("the request body is not valid: {e}"))
 }
 
 /// `dryRun=All`: the write is checked and answered but not kept.

@@ -14,6 +14,7 @@ mod http;
 mod logs;
 mod managed;
 mod openapi;
+mod protobuf;
 mod registry;
 mod schema;
 mod selector;
