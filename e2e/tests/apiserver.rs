@@ -779,3 +779,44 @@ async fn cel_rules_are_enforced_and_dry_runs_leave_nothing_behind() {
     runs.delete("shakespeare", &delete).await.unwrap();
     assert!(runs.get("shakespeare").await.is_ok());
 }
+
+#[tokio::test]
+async fn deletecollection_deletes_what_the_selector_matches() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (_server, client) = cluster().await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    for (name, app) in [("a", "trainer"), ("b", "trainer"), ("c", "exchange")] {
+        let map = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "labels": {"app": app}}});
+        maps.create(
+            &PostParams::default(),
+            &serde_json::from_value(map).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let deleted = maps
+        .delete_collection(
+            &DeleteParams::default(),
+            &kube::api::ListParams::default().labels("app=trainer"),
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = deleted
+        .left()
+        .expect("the deleted objects")
+        .items
+        .iter()
+        .map(|m| m.name_any())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let left: Vec<String> = maps
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|m| m.name_any())
+        .collect();
+    assert_eq!(left, ["c"]);
+}

@@ -394,7 +394,7 @@ async fn resource(
             }
             Ok(json_response(status, &patched))
         }
-        (&Method::DELETE, Some(name)) => {
+        (&Method::DELETE, name) => {
             let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let policy = options["propagationPolicy"]
                 .as_str()
@@ -410,20 +410,54 @@ async fn resource(
                 }
             };
             let dry_run = dry_run || options["dryRun"].as_array().is_some_and(|d| !d.is_empty());
+            // One object, or (deletecollection) every one the selectors match.
+            let names: Vec<String> = match name {
+                Some(name) => vec![name.to_owned()],
+                None => {
+                    let selector =
+                        Selector::parse(param(q, "labelSelector"), param(q, "fieldSelector"))?;
+                    let namespace = (t.namespaced && !ns.is_empty()).then_some(ns);
+                    server
+                        .store()
+                        .list(t, namespace)
+                        .iter()
+                        .filter(|o| selector.matches(o))
+                        .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
+                        .collect()
+                }
+            };
             let deleted = write(server, dry_run, |store| {
-                store.delete(t, ns, name, propagation)
+                let mut deleted = vec![];
+                for n in &names {
+                    match store.delete(t, ns, n, propagation) {
+                        Ok(object) => deleted.push(object),
+                        // Gone with an owner deleted before it.
+                        Err(e) if name.is_none() && e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(deleted)
             })?;
-            if !dry_run
-                && t.plural == "customresourcedefinitions"
-                && deleted["metadata"]["deletionTimestamp"].is_null()
-            {
-                let spec = &deleted["spec"];
-                server.registry_mut().unregister(
-                    spec["group"].as_str().unwrap_or_default(),
-                    spec["names"]["plural"].as_str().unwrap_or_default(),
-                );
+            for object in deleted.iter().filter(|_| !dry_run) {
+                if t.plural == "customresourcedefinitions"
+                    && object["metadata"]["deletionTimestamp"].is_null()
+                {
+                    let spec = &object["spec"];
+                    server.registry_mut().unregister(
+                        spec["group"].as_str().unwrap_or_default(),
+                        spec["names"]["plural"].as_str().unwrap_or_default(),
+                    );
+                }
             }
-            ok(&deleted)
+            match name {
+                Some(_) => ok(&deleted[0]),
+                None => ok(&json!({
+                    "kind": format!("{}List", t.kind),
+                    "apiVersion": t.api_version(),
+                    "metadata": {"resourceVersion": server.store().resource_version().to_string()},
+                    "items": deleted,
+                })),
+            }
         }
         _ => Err(ApiError::method_not_allowed(format!(
             "{method} is not supported on {}",
