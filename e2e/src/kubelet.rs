@@ -28,7 +28,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, EnvVar, Node, Pod, Secret, Service, Taint, Toleration,
 };
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -184,6 +184,8 @@ pub struct Kubelet {
     /// Pod addresses by pod uid, and the next free one.
     addresses: HashMap<String, Ipv4Addr>,
     next_address: u32,
+    /// Processes of deleted pods, on their way out.
+    stopping: Vec<Stopping>,
     /// Where the log endpoint listens (0 until it does).
     log_port: u16,
 }
@@ -206,6 +208,7 @@ impl Kubelet {
             processes: HashMap::new(),
             addresses: HashMap::new(),
             next_address: u32::from(Ipv4Addr::new(127, a, b, 2)),
+            stopping: vec![],
             log_port: 0,
         }
     }
@@ -301,8 +304,39 @@ impl Kubelet {
             .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
-            if let Some(mut proc) = self.processes.remove(&key) {
-                stop(&mut proc.child).await;
+            if let Some(proc) = self.processes.remove(&key) {
+                let grace = all
+                    .iter()
+                    .find(|p| p.uid().as_deref() == Some(&proc.uid))
+                    .and_then(|p| p.metadata.deletion_grace_period_seconds)
+                    .unwrap_or(5)
+                    .max(0) as u64;
+                self.stopping
+                    .push(Stopping::begin(proc, Duration::from_secs(grace)));
+            }
+        }
+        self.stopping.retain_mut(Stopping::still_running);
+        // A deleted pod whose process has stopped (or never ran) is removed for good.
+        for pod in all
+            .iter()
+            .filter(|p| mine(p) && p.metadata.deletion_timestamp.is_some())
+        {
+            let uid = pod.uid().unwrap_or_default();
+            if self.stopping.iter().any(|s| s.uid == uid) {
+                continue;
+            }
+            let finally = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            let pods: Api<Pod> =
+                Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+            if let Err(e) = pods.delete(&pod.name_any(), &finally).await {
+                eprintln!("process kubelet: removing pod {}: {e}", pod.name_any());
             }
         }
         self.schedule(&all).await?;
@@ -876,19 +910,38 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// SIGTERM, then SIGKILL after a grace period.
-async fn stop(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        // SAFETY: signalling a child process we own.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_ok()
+/// A pod's process being stopped: SIGTERM first, SIGKILL when its grace period is over.
+struct Stopping {
+    child: tokio::process::Child,
+    uid: String,
+    kill_at: Instant,
+}
+
+impl Stopping {
+    fn begin(mut proc: Process, grace: Duration) -> Self {
+        if let Ok(None) = proc.child.try_wait()
+            && let Some(pid) = proc.child.id()
         {
-            return;
+            // SAFETY: signalling a child process we own.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        Self {
+            child: proc.child,
+            uid: proc.uid,
+            kill_at: Instant::now() + grace,
         }
     }
-    let _ = child.kill().await;
+
+    /// Whether the process still runs, killing it once its time is up.
+    fn still_running(&mut self) -> bool {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return false;
+        }
+        if Instant::now() >= self.kill_at {
+            let _ = self.child.start_kill();
+        }
+        true
+    }
 }
 
 #[cfg(test)]

@@ -361,3 +361,61 @@ async fn logs_are_served_through_the_api_from_the_pods_node() {
         "container sidecar is not valid for pod talker"
     );
 }
+
+#[tokio::test]
+async fn deleted_pods_get_their_grace_period_then_go() {
+    use kube::api::DeleteParams;
+    let c = cluster().await;
+    let polite = "trap 'echo bye; exit 0' TERM; echo up; while true; do sleep 0.1; done";
+    let stubborn = "trap '' TERM; echo up; while true; do sleep 0.1; done";
+    for (name, script) in [("polite", polite), ("stubborn", stubborn)] {
+        let grace = json!({"spec": {"terminationGracePeriodSeconds": 2}});
+        c.pods
+            .create(&PostParams::default(), &pod(name, "Never", script, grace))
+            .await
+            .unwrap();
+        c.wait(name, "ran", |p| phase(p) == "Running").await;
+    }
+    let log = |name: &str| {
+        std::fs::read_to_string(c.work_dir.path().join(format!("default_{name}/main.log")))
+            .unwrap_or_default()
+    };
+    for name in ["polite", "stubborn"] {
+        while !log(name).contains("up") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.pods.delete(name, &DeleteParams::default()).await.unwrap();
+        // Terminating: still there, marked, until its kubelet has stopped it.
+        let held = c.pods.get(name).await.unwrap();
+        assert!(held.metadata.deletion_timestamp.is_some());
+        assert_eq!(held.metadata.deletion_grace_period_seconds, Some(2));
+    }
+    let started = std::time::Instant::now();
+    let gone = |name: &'static str| {
+        let pods = c.pods.clone();
+        async move {
+            loop {
+                match pods.get(name).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => return,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone("polite"))
+        .await
+        .expect("the polite pod goes once it has exited");
+    assert_eq!(
+        log("polite"),
+        "up\nbye\n",
+        "it was asked to stop with SIGTERM"
+    );
+    tokio::time::timeout(Duration::from_secs(10), gone("stubborn"))
+        .await
+        .expect("the stubborn pod is killed at the end of its grace period");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the stubborn pod had its grace period: {:?}",
+        started.elapsed()
+    );
+}

@@ -60,6 +60,18 @@ impl ApiError {
         Self::new(409, "Conflict", message).with_details(json!({"causes": causes}))
     }
 
+    /// A delete whose preconditions (uid, resourceVersion) no longer hold.
+    pub fn precondition_failed(resource: &str, name: &str, detail: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {resource} \"{name}\": Precondition failed: {detail}"
+            ),
+        )
+        .with_details(json!({"name": name, "kind": resource}))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)
     }

@@ -14,7 +14,9 @@ use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
 use super::selector::Selector;
 use super::shape::Shape;
-use super::store::{Change, FieldValidation, Part, Propagation, Store, now, resource_name};
+use super::store::{
+    Change, DeleteOptions, FieldValidation, Part, Propagation, Store, now, resource_name,
+};
 use super::table::table;
 use super::{ApiServer, logs, managed, openapi, protobuf, strategic};
 
@@ -410,6 +412,15 @@ async fn resource(
                 }
             };
             let dry_run = dry_run || options["dryRun"].as_array().is_some_and(|d| !d.is_empty());
+            let text = |v: &Value| v.as_str().map(str::to_owned);
+            let options = DeleteOptions {
+                propagation,
+                grace_period: options["gracePeriodSeconds"]
+                    .as_i64()
+                    .or_else(|| param(q, "gracePeriodSeconds")?.parse().ok()),
+                uid: text(&options["preconditions"]["uid"]),
+                rv: text(&options["preconditions"]["resourceVersion"]),
+            };
             // One object, or (deletecollection) every one the selectors match.
             let names: Vec<String> = match name {
                 Some(name) => vec![name.to_owned()],
@@ -429,7 +440,7 @@ async fn resource(
             let deleted = write(server, dry_run, |store| {
                 let mut deleted = vec![];
                 for n in &names {
-                    match store.delete(t, ns, n, propagation) {
+                    match store.delete(t, ns, n, &options) {
                         Ok(object) => deleted.push(object),
                         // Gone with an owner deleted before it.
                         Err(e) if name.is_none() && e.code == 404 => {}

@@ -354,11 +354,15 @@ impl Store {
         }
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        // A deleted object whose last finalizer went away is gone now.
+        // A deleted object whose last finalizer went away is gone now (unless it is a
+        // pod waiting out its grace period for its kubelet).
         let finalizers_left = object["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
-        if object["metadata"]["deletionTimestamp"].is_string() && !finalizers_left {
+        let graceful = object["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_some_and(|g| g > 0);
+        if object["metadata"]["deletionTimestamp"].is_string() && !finalizers_left && !graceful {
             self.objects.remove(&k);
             self.record(&k, "DELETED", object.clone());
             self.collect_garbage();
@@ -379,12 +383,43 @@ impl Store {
         t: &ResourceType,
         namespace: &str,
         name: &str,
-        propagation: Propagation,
+        options: &DeleteOptions,
     ) -> Result<Value, ApiError> {
         let k = key(t, namespace, name);
-        if !self.objects.contains_key(&k) {
+        let Some(object) = self.objects.get(&k) else {
             return Err(ApiError::not_found(&resource_name(t), name));
+        };
+        let meta = &object["metadata"];
+        for (field, wanted) in [("uid", &options.uid), ("resourceVersion", &options.rv)] {
+            if let Some(wanted) = wanted
+                && meta[field].as_str() != Some(wanted)
+            {
+                return Err(ApiError::precondition_failed(
+                    &resource_name(t),
+                    name,
+                    &format!(
+                        "{field} in precondition: {wanted}, {field} in object meta: {}",
+                        meta[field].as_str().unwrap_or_default()
+                    ),
+                ));
+            }
         }
+        if let Some(grace) = pod_grace_period(t, object, options.grace_period) {
+            // The kubelet stops the pod's process, then deletes it for good (grace 0).
+            let shorter = meta["deletionGracePeriodSeconds"]
+                .as_i64()
+                .is_none_or(|g| grace < g);
+            if shorter {
+                let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
+                self.edit(&k, |o| {
+                    o["metadata"]["deletionTimestamp"] =
+                        json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    o["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                });
+            }
+            return Ok(self.objects[&k].clone());
+        }
+        let propagation = options.propagation;
         let uid = self.objects[&k]["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
@@ -557,6 +592,38 @@ impl Store {
             }
         }
     }
+}
+
+/// What a delete asks for (`DeleteOptions`).
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOptions {
+    pub propagation: Propagation,
+    /// `gracePeriodSeconds`: for pods, how long the kubelet may take to stop them.
+    pub grace_period: Option<i64>,
+    /// Preconditions: the object must still have this uid and resourceVersion.
+    pub uid: Option<String>,
+    pub rv: Option<String>,
+}
+
+/// A pod on a node is deleted gracefully, as a real server does: it is marked with a
+/// deletion time and grace period and left for its kubelet, which stops it and then
+/// deletes it with a grace period of 0. Pods on no node, or already finished, go at
+/// once. `Some(seconds)` when the deletion is graceful.
+fn pod_grace_period(t: &ResourceType, pod: &Value, asked: Option<i64>) -> Option<i64> {
+    if !(t.group.is_empty() && t.plural == "pods") {
+        return None;
+    }
+    let bound = pod["spec"]["nodeName"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty());
+    let finished = matches!(
+        pod["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    );
+    let grace = asked
+        .or(pod["spec"]["terminationGracePeriodSeconds"].as_i64())
+        .unwrap_or(30);
+    (bound && !finished && grace > 0).then_some(grace)
 }
 
 /// The finalizer an owner carries while its dependents are deleted first.
