@@ -255,7 +255,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    let parsed = if content_type.contains("protobuf") {
+    if content_type.contains("protobuf") {
         protobuf::decode(body).map_err(|refused| match refused {
             protobuf::Refused::Kind(reason) => {
                 ApiError::unsupported_media_type(&format!("{content_type}: {reason}"))
@@ -266,8 +266,7 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         serde_yaml::from_slice::<Value>(body).map_err(invalid_body)
     } else {
         serde_json::from_slice::<Value>(body).map_err(invalid_body)
-    };
-    parsed
+    }
 }
 
 fn invalid_body(e: impl std::fmt::Display) -> ApiError {
