@@ -12,6 +12,10 @@
 //! kubelet so concurrent clusters do not collide) as `status.podIP`; a pod listens on it
 //! at its container port, and `$(VAR)` references in env and args expand as in Kubernetes.
 //!
+//! Deleted pods get their grace period (SIGTERM, SIGKILL at its end) before the kubelet
+//! removes them, and their logs are served to the API server for `kubectl logs`
+//! (`kubelet/logs.rs`).
+//!
 //! It talks to its cluster only through the Kubernetes API (kube-rs), so the same code
 //! works against any API server. One container per Pod; init containers, probes and
 //! volume contents are not implemented (`workingDir` and every mount are the pod's

@@ -2,8 +2,10 @@
 //!
 //! It serves discovery, the built-in kinds Starling uses and whatever
 //! CustomResourceDefinitions are created, with get/list/watch/create/update/patch/delete,
-//! the status subresource, optimistic concurrency, finalizers and `Status` errors, well
-//! enough that kube-rs clients, watchers and controllers cannot tell it from a cluster.
+//! the status subresource, optimistic concurrency, server-side apply with field
+//! ownership, schema and CEL admission, finalizers, garbage collection and `Status`
+//! errors, well enough that kube-rs clients, watchers and controllers and the real
+//! kubectl cannot tell it from a cluster.
 //! It is test infrastructure, not an API server: see `e2e/README.md` for what it does
 //! not do.
 
