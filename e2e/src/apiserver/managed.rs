@@ -311,13 +311,12 @@ fn remove(object: &mut Value, shape: Shape<'_>, path: &Path, kept: &dyn Fn(&Path
                 return;
             }
         }
-        let Some(parent_shape) = parents.iter().try_fold(shape, |s, step| {
-            step.strip_prefix("f:")
-                .map(|f| s.field(f))
-                .or(Some(s.items()))
-        }) else {
-            return;
-        };
+        let parent_shape = parents
+            .iter()
+            .fold(shape, |s, step| match step.strip_prefix("f:") {
+                Some(field) => s.field(field),
+                None => s.items(),
+            });
         let Some(parent) = lookup_mut(object, shape, parents) else {
             return;
         };
@@ -581,6 +580,14 @@ pub fn record_update(
     store_entries(new, &entries);
 }
 
+/// Who applies, to which object, and how.
+pub struct Apply<'a> {
+    pub name: &'a str,
+    pub manager: &'a str,
+    pub force: bool,
+    pub now: &'a str,
+}
+
 /// A server-side apply of `config` by `manager` to `live` (or to nothing yet): the
 /// object to store, with its managed fields, or 409 when it would change fields other
 /// managers own and `force` is not set.
@@ -686,14 +693,6 @@ pub fn apply(
         }
     }
     Ok(object)
-}
-
-/// Who applies, to which object, and how.
-pub struct Apply<'a> {
-    pub name: &'a str,
-    pub manager: &'a str,
-    pub force: bool,
-    pub now: &'a str,
 }
 
 /// 409 as a real server words it: `Apply failed with 1 conflict: conflict with
