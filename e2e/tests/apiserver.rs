@@ -820,3 +820,54 @@ async fn deletecollection_deletes_what_the_selector_matches() {
         .collect();
     assert_eq!(left, ["c"]);
 }
+
+#[tokio::test]
+async fn a_pod_on_a_node_is_deleted_gracefully_and_finalizers_still_hold_it() {
+    use k8s_openapi::api::core::v1::Pod;
+    let (_server, client) = cluster().await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "held", "finalizers": ["example.com/keep"]},
+        "spec": {"nodeName": "node-a", "terminationGracePeriodSeconds": 7,
+            "containers": [{"name": "a", "image": "a:1"}]}});
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .unwrap();
+    pods.delete("held", &DeleteParams::default()).await.unwrap();
+    let marked = pods.get("held").await.unwrap();
+    assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(7));
+    // A final delete for another pod of the same name is refused by its precondition.
+    let elsewhere = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some("another-uid".into()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    let (status, reason) = code(pods.delete("held", &elsewhere).await.unwrap_err());
+    assert_eq!((status, reason.as_str()), (409, "Conflict"));
+    // The kubelet's final delete ends the grace period; the finalizer still holds it ...
+    let finally = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions {
+            uid: created.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    pods.delete("held", &finally).await.unwrap();
+    let held = pods.get("held").await.unwrap();
+    assert_eq!(held.metadata.deletion_grace_period_seconds, Some(0));
+    // ... until it is released.
+    let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    pods.patch("held", &PatchParams::default(), &release)
+        .await
+        .unwrap();
+    let (status, _) = code(pods.get("held").await.unwrap_err());
+    assert_eq!(status, 404);
+}

@@ -419,6 +419,16 @@ impl Store {
             }
             return Ok(self.objects[&k].clone());
         }
+        if meta["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_some_and(|g| g > 0)
+        {
+            // The grace period is over (a kubelet's final delete): only finalizers may
+            // hold the object now.
+            self.edit(&k, |o| {
+                o["metadata"]["deletionGracePeriodSeconds"] = json!(0)
+            });
+        }
         let propagation = options.propagation;
         let uid = self.objects[&k]["metadata"]["uid"]
             .as_str()
