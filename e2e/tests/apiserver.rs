@@ -44,8 +44,14 @@ fn sample() -> TrainingRun {
 }
 
 fn code(e: kube::Error) -> (u16, String) {
+    let (status, reason, _) = api_error(e);
+    (status, reason)
+}
+
+/// An API error's code, reason and message.
+fn api_error(e: kube::Error) -> (u16, String, String) {
     match e {
-        kube::Error::Api(s) => (s.code, s.reason),
+        kube::Error::Api(s) => (s.code, s.reason, s.message),
         other => panic!("not an API error: {other}"),
     }
 }
@@ -572,13 +578,6 @@ fn owners(meta: &kube::api::ObjectMeta) -> Vec<(String, String, serde_json::Valu
         .collect()
 }
 
-fn apply_error(e: kube::Error) -> (u16, String, String) {
-    match e {
-        kube::Error::Api(s) => (s.code, s.reason, s.message),
-        other => panic!("not an API error: {other}"),
-    }
-}
-
 #[tokio::test]
 async fn server_side_apply_tracks_field_owners_and_conflicts() {
     let (_server, client) = cluster().await;
@@ -633,7 +632,7 @@ async fn server_side_apply_tracks_field_owners_and_conflicts() {
 
     // ... so re-applying the old seed conflicts, naming the field and its manager ...
     let (code, reason, message) =
-        apply_error(apply(&config, PatchParams::apply("ci")).await.unwrap_err());
+        api_error(apply(&config, PatchParams::apply("ci")).await.unwrap_err());
     assert_eq!((code, reason.as_str()), (409, "Conflict"));
     assert_eq!(
         message,
@@ -734,7 +733,7 @@ async fn cel_rules_are_enforced_and_dry_runs_leave_nothing_behind() {
         )
         .await
         .unwrap_err();
-    let (status, reason, message) = apply_error(err);
+    let (status, reason, message) = api_error(err);
     assert_eq!((status, reason.as_str()), (422, "Invalid"));
     assert!(
         message.contains(

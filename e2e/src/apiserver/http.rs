@@ -448,16 +448,18 @@ async fn resource(
                 }
                 Ok(deleted)
             })?;
-            for object in deleted.iter().filter(|_| !dry_run) {
-                if t.plural == "customresourcedefinitions"
-                    && object["metadata"]["deletionTimestamp"].is_null()
-                {
-                    let spec = &object["spec"];
-                    server.registry_mut().unregister(
-                        spec["group"].as_str().unwrap_or_default(),
-                        spec["names"]["plural"].as_str().unwrap_or_default(),
-                    );
-                }
+            // A CRD that is gone (not held by a finalizer) stops serving its resource.
+            let crds_gone = deleted.iter().filter(|o| {
+                !dry_run
+                    && t.plural == "customresourcedefinitions"
+                    && o["metadata"]["deletionTimestamp"].is_null()
+            });
+            for crd in crds_gone {
+                let spec = &crd["spec"];
+                server.registry_mut().unregister(
+                    spec["group"].as_str().unwrap_or_default(),
+                    spec["names"]["plural"].as_str().unwrap_or_default(),
+                );
             }
             match name {
                 Some(_) => ok(&deleted[0]),
