@@ -17,7 +17,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::api::{GpuCapacity, MemberCluster, PeerId, PodState, TrainerGroup, TrainerGroupStatus};
-use crate::resources::{LABEL_MANAGED_BY, LABEL_MEMBER, member_namespace};
+use crate::k8s::{LABEL_MANAGED_BY, LABEL_MEMBER, member_namespace};
 
 const LABEL_GROUP: &str = "starling.dev/group";
 const LABEL_PEER: &str = "starling.dev/peer";

@@ -1,9 +1,11 @@
 //! Starling's Kubernetes operator: the API types and their CRDs, the hub controllers,
-//! placement, and the member agent.
+//! placement, the member agent, and the contract with the trainer.
 
 pub mod agent;
 pub mod api;
+pub mod contract;
 pub mod crdgen;
 pub mod hub;
+pub mod k8s;
 pub mod placement;
-pub mod resources;
+pub mod telemetry;

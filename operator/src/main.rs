@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use starling_operator::telemetry::{self, Metrics};
 
 /// Starling operator: federated open-model training across clouds and homes.
 #[derive(Parser)]
@@ -36,8 +37,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Hub(config) => runtime()?.block_on(async {
-            let client = kube::Client::try_default().await?;
-            starling_operator::hub::run(client, config).await
+            let metrics = std::sync::Arc::new(Metrics::default());
+            let client = telemetry::client(kube::Config::infer().await?, metrics.clone())?;
+            starling_operator::hub::run(client, metrics, config).await
         })?,
         Command::Agent(config) => runtime()?.block_on(async {
             let client = kube::Client::try_default().await?;

@@ -406,3 +406,85 @@ fn cel_rule_counts_corpus_sources() {
     object["spec"]["data"]["corpus"] = json!({});
     assert!(!admission_errors(&object).is_empty());
 }
+
+/// Admission of an update from `old` to `new`, transition rules included.
+fn update_errors(old: &Value, new: &Value) -> Vec<String> {
+    let schema = schema_of(&crd_for_kind("TrainingRun"));
+    match Validator::new().validate(&schema, new, Some(old)) {
+        Ok(()) => vec![],
+        Err(cel) => cel.into_vec().into_iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn training_fields_are_fixed_once_a_run_is_running_and_the_rest_may_change() {
+    type Mutation = fn(&mut Value);
+    let fixed: [(&str, Mutation); 7] = [
+        ("model", |o| {
+            o["spec"]["model"]["preset"] = json!("llama-125m")
+        }),
+        ("seed", |o| o["spec"]["seed"] = json!(7)),
+        ("compression", |o| {
+            o["spec"]["compression"]["kPerChunk"] = json!(128)
+        }),
+        ("data", |o| o["spec"]["data"]["sequenceLength"] = json!(256)),
+        ("peers.max", |o| o["spec"]["peers"]["max"] = json!(4)),
+        ("inner lr", |o| {
+            o["spec"]["schedule"]["innerOptimizer"]["lr"] = json!(0.1)
+        }),
+        ("micro batch", |o| {
+            o["spec"]["schedule"]["microBatchSize"] = json!(2)
+        }),
+    ];
+    let free: [(&str, Mutation); 4] = [
+        ("outerRounds", |o| {
+            o["spec"]["schedule"]["outerRounds"] = json!(14)
+        }),
+        ("peers.min", |o| o["spec"]["peers"]["min"] = json!(1)),
+        ("placement", |o| {
+            o["spec"]["placement"]["roundDeadlineSeconds"] = json!(60)
+        }),
+        ("checkpoint", |o| {
+            o["spec"]["checkpoint"]["everyRounds"] = json!(2)
+        }),
+    ];
+    let in_phase = |phase: Option<&str>| {
+        let mut o = shakespeare();
+        if let Some(phase) = phase {
+            o["status"] = json!({"phase": phase});
+        }
+        o
+    };
+    for (name, mutate) in fixed {
+        for phase in ["Running", "Succeeded", "Failed"] {
+            let old = in_phase(Some(phase));
+            let mut new = old.clone();
+            mutate(&mut new);
+            let errors = update_errors(&old, &new);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains("cannot change once the run has started")
+                        && e.contains("Create a new TrainingRun")),
+                "{name} while {phase}: {errors:?}"
+            );
+        }
+        // Before the run starts (a spec being fixed), everything may change.
+        for phase in [None, Some("Pending"), Some("Placing")] {
+            let old = in_phase(phase);
+            let mut new = old.clone();
+            mutate(&mut new);
+            assert_eq!(
+                update_errors(&old, &new),
+                Vec::<String>::new(),
+                "{name} while {phase:?}"
+            );
+        }
+    }
+    for (name, mutate) in free {
+        let old = in_phase(Some("Running"));
+        let mut new = old.clone();
+        mutate(&mut new);
+        assert_eq!(update_errors(&old, &new), Vec::<String>::new(), "{name}");
+    }
+}

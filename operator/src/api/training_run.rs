@@ -8,6 +8,28 @@ use serde::{Deserialize, Serialize};
 
 use super::{LlamaConfig, ModelPreset, PeerId, Tier};
 
+/// Fields that change what is trained (the model, its data, the compression, the seed,
+/// the data split across `peers.max` and the inner optimisation) are fixed once the run
+/// is `Running` or done: changing them mid-run would silently train something else.
+/// Everything else (rounds, `peers.min`, placement, checkpointing, scoring) may change.
+const TRAINING_FIELDS_FIXED_ONCE_RUNNING: &str = "!has(oldSelf.status) || !has(oldSelf.status.phase) \
+    || oldSelf.status.phase in ['Pending', 'Placing'] \
+    || (self.spec.model == oldSelf.spec.model && self.spec.data == oldSelf.spec.data \
+    && self.spec.compression == oldSelf.spec.compression && self.spec.seed == oldSelf.spec.seed \
+    && self.spec.peers.max == oldSelf.spec.peers.max \
+    && self.spec.schedule.innerSteps == oldSelf.spec.schedule.innerSteps \
+    && self.spec.schedule.batchSize == oldSelf.spec.schedule.batchSize \
+    && self.spec.schedule.innerOptimizer == oldSelf.spec.schedule.innerOptimizer \
+    && self.spec.schedule.outerLr == oldSelf.spec.schedule.outerLr \
+    && has(self.spec.schedule.microBatchSize) == has(oldSelf.spec.schedule.microBatchSize) \
+    && (!has(self.spec.schedule.microBatchSize) \
+    || self.spec.schedule.microBatchSize == oldSelf.spec.schedule.microBatchSize))";
+const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max and the \
+    schedule's innerSteps, batchSize, microBatchSize, innerOptimizer and outerLr cannot change \
+    once the run has started: they change what is being trained. Create a new TrainingRun \
+    instead, starting from this run's last checkpoint to keep its progress; outerRounds, \
+    peers.min, placement, checkpoint and scoring may change";
+
 /// One federated training run: a model, its data, the round schedule, and how peers are
 /// compressed, placed, scored and checkpointed.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -21,6 +43,7 @@ use super::{LlamaConfig, ModelPreset, PeerId, Tier};
     status = "TrainingRunStatus",
     derive = "PartialEq",
     doc = "A federated SparseLoCo training run over Starling member clusters.",
+    validation = Rule::new(TRAINING_FIELDS_FIXED_ONCE_RUNNING).message(TRAINING_FIELDS_MESSAGE),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Round", type_ = "integer", json_path = ".status.round"),
     printcolumn(
@@ -431,6 +454,11 @@ pub struct PlacementSpec {
     #[serde(default = "default_round_deadline_seconds")]
     #[schemars(range(min = 1))]
     pub round_deadline_seconds: u32,
+    /// A run that cannot be placed for this long fails (`Unschedulable`) instead of
+    /// waiting for capacity forever.
+    #[serde(default = "default_placement_deadline_seconds")]
+    #[schemars(range(min = 1))]
+    pub placement_deadline_seconds: u32,
 }
 
 fn default_tiers() -> Vec<Tier> {
@@ -438,6 +466,9 @@ fn default_tiers() -> Vec<Tier> {
 }
 fn default_round_deadline_seconds() -> u32 {
     300
+}
+fn default_placement_deadline_seconds() -> u32 {
+    24 * 3600
 }
 
 impl Default for PlacementSpec {
@@ -448,6 +479,7 @@ impl Default for PlacementSpec {
             max_peers_per_member: None,
             min_bandwidth_mbps: None,
             round_deadline_seconds: default_round_deadline_seconds(),
+            placement_deadline_seconds: default_placement_deadline_seconds(),
         }
     }
 }
@@ -613,6 +645,9 @@ pub struct TrainingRunStatus {
     /// Dense fp32 pseudo-gradient bytes divided by bytes sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_ratio: Option<f64>,
+    /// Since when the run has been waiting for members with room for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unschedulable_since: Option<Time>,
     /// Hash of the newest ledger entry (hex SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger_head: Option<String>,
@@ -623,7 +658,6 @@ pub enum Phase {
     Pending,
     Placing,
     Running,
-    Publishing,
     Succeeded,
     Failed,
 }

@@ -1,31 +1,44 @@
 //! `starling-operator hub`: the controllers that run on the hub cluster.
 //!
-//! * [`member`] keeps each MemberCluster's namespace, RBAC and `Ready` condition.
-//! * [`run`] turns a TrainingRun into an exchange, credentials, a placement and one
-//!   TrainerGroup per chosen member, and reports the run's progress.
+//! * [`member_cluster`] keeps each MemberCluster's namespace, RBAC and `Ready` condition.
+//! * [`training_run`] turns a TrainingRun into an exchange, credentials, a placement and
+//!   one TrainerGroup per chosen member, and reports the run's progress.
 //!
-//! Only the holder of the `starling-hub` Lease reconciles, so a second replica (or an old
-//! one that has not died yet) never writes.
+//! Both are shaped observe → decide → act: they read what they need from reflector
+//! stores shared through [`Context`] (one watch per kind, no lists per reconcile), decide
+//! with a pure function of that and `now`, and write only what differs. Only the holder of
+//! the `starling-hub` Lease reconciles, so a second replica never writes.
 
+pub mod children;
 mod lease;
-mod member;
-mod run;
+mod member_cluster;
+pub mod training_run;
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{DynamicObject, Patch, PatchParams};
-use kube::discovery::ApiResource;
-use kube::runtime::controller::{Action, Controller};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::DynamicObject;
+use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::Mutex;
 
-use crate::api::{MemberCluster, TrainingRun};
-use crate::resources::MANAGER;
+use crate::api::Phase;
+use crate::api::{MemberCluster, TrainerGroup, TrainingRun};
+use crate::k8s::{
+    Backoff, COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, MANAGER, apply, condition,
+    condition_true,
+};
+use crate::telemetry::{Metrics, PhaseLabel, Readiness, Refresh};
 
 /// What the hub is configured with.
 #[derive(Clone, Debug, clap::Args)]
@@ -45,6 +58,9 @@ pub struct HubConfig {
     /// Seconds a leader's Lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(long, env = "STARLING_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 /// Errors of one reconcile; each is retried with back-off and reported as an Event.
@@ -54,8 +70,20 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("{0}")]
-    Serialization(#[from] serde_json::Error),
+}
+
+/// What the controllers read instead of listing: one reflector per kind, kept current by
+/// a watch.
+#[derive(Clone)]
+pub struct Stores {
+    pub members: Store<MemberCluster>,
+    pub groups: Store<TrainerGroup>,
+    /// Exchange pods (`app.kubernetes.io/component=exchange`), for their health.
+    pub exchange_pods: Store<Pod>,
+    /// Everything the operator manages, by kind.
+    pub services: Store<Service>,
+    pub deployments: Store<Deployment>,
+    pub secrets: Store<Secret>,
 }
 
 /// Shared by every reconcile.
@@ -63,28 +91,217 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub config: HubConfig,
+    pub stores: Stores,
     /// Connections to each run's exchange, by run uid.
-    pub exchanges: Mutex<HashMap<String, run::ExchangeConnection>>,
-    /// Consecutive failures per object, for back-off.
-    failures: std::sync::Mutex<HashMap<String, u32>>,
+    pub exchanges: Mutex<HashMap<String, training_run::ExchangeConnection>>,
+    pub backoff: Backoff,
+    pub metrics: Arc<Metrics>,
+    applied: Applied,
+}
+
+/// What this replica last applied, so an unchanged object is not written again.
+///
+/// An object is rewritten when what is wanted changed, when the stored object is not the
+/// version this replica wrote (someone edited or deleted it), or, for kinds without a
+/// store, after [`Applied::RESYNC`] (a deleted Role heals within minutes, at no cost at rest).
+#[derive(Default)]
+struct Applied(std::sync::Mutex<HashMap<ObjectRef<DynamicObject>, Written>>);
+
+struct Written {
+    hash: u64,
+    resource_version: Option<String>,
+    at: Instant,
+}
+
+impl Applied {
+    const RESYNC: Duration = Duration::from_secs(600);
+
+    fn current(
+        &self,
+        key: &ObjectRef<DynamicObject>,
+        hash: u64,
+        stored: Option<Option<String>>,
+    ) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).is_some_and(|w| {
+            w.hash == hash
+                && match &stored {
+                    Some(rv) => rv.is_some() && *rv == w.resource_version,
+                    None => w.at.elapsed() < Self::RESYNC,
+                }
+        })
+    }
+
+    fn record(&self, key: ObjectRef<DynamicObject>, hash: u64, resource_version: Option<String>) {
+        let written = Written {
+            hash,
+            resource_version,
+            at: Instant::now(),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, written);
+    }
+
+    fn forget(&self, key: &ObjectRef<DynamicObject>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+fn hash_of<K: Serialize>(object: &K) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(object)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Context {
-    /// Back-off for an object that failed: 1 s doubling to 60 s.
-    fn backoff(&self, key: String) -> Action {
-        let mut failures = self.failures.lock().expect("not poisoned");
-        let n = failures.entry(key).or_default();
-        *n = (*n + 1).min(6);
-        Action::requeue(Duration::from_secs(1 << *n).min(Duration::from_secs(60)))
+    /// Applies `object` unless this replica already wrote exactly it and it is unchanged
+    /// since (`store` says what the cluster holds; `None` for kinds without a store).
+    pub async fn apply_changed<K>(
+        &self,
+        api: &Api<K>,
+        store: Option<&Store<K>>,
+        object: &K,
+    ) -> Result<(), Error>
+    where
+        K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + std::fmt::Debug,
+    {
+        let key = ObjectRef::from_obj(object);
+        let hash = hash_of(object);
+        let stored = store.map(|s| s.get(&key).and_then(|o| o.resource_version()));
+        if self.applied.current(&key.clone().erase(), hash, stored) {
+            return Ok(());
+        }
+        let written = apply(api, MANAGER, object).await?;
+        self.applied
+            .record(key.erase(), hash, written.resource_version());
+        Ok(())
     }
 
-    fn succeeded(&self, key: &str) {
-        self.failures.lock().expect("not poisoned").remove(key);
+    /// Forgets what was applied for `object` (it was deleted).
+    pub fn forget<K: Resource<DynamicType = ()>>(&self, object: &ObjectRef<K>) {
+        self.applied.forget(&object.clone().erase());
     }
 }
 
-/// Runs the hub until SIGTERM/ctrl-c: waits for leadership, then both controllers.
-pub async fn run(client: Client, config: HubConfig) -> anyhow::Result<()> {
+/// A reflector over `api`, and the task that keeps it current.
+fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, impl Future<Output = ()>)
+where
+    K: Resource<DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
+        .touched_objects()
+        .for_each(|_| futures::future::ready(()));
+    (reader, stream)
+}
+
+/// Starts the reflectors; the returned future drives them all.
+fn stores(client: &Client) -> (Stores, impl Future<Output = ()> + use<>) {
+    let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
+    let exchange = managed.clone().labels(&format!(
+        "{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}={COMPONENT_EXCHANGE}"
+    ));
+    let (members, a) = reflect(Api::all(client.clone()), watcher::Config::default());
+    let (groups, b) = reflect(Api::all(client.clone()), watcher::Config::default());
+    let (exchange_pods, c) = reflect(Api::all(client.clone()), exchange.clone());
+    let (services, d) = reflect(Api::all(client.clone()), exchange.clone());
+    let (deployments, e) = reflect(Api::all(client.clone()), exchange);
+    let (secrets, f) = reflect(Api::all(client.clone()), managed);
+    let stores = Stores {
+        members,
+        groups,
+        exchange_pods,
+        services,
+        deployments,
+        secrets,
+    };
+    let all = async move {
+        futures::join!(a, b, c, d, e, f);
+    };
+    (stores, all)
+}
+
+impl Stores {
+    async fn ready(&self) -> anyhow::Result<()> {
+        self.members.wait_until_ready().await?;
+        self.groups.wait_until_ready().await?;
+        self.exchange_pods.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.deployments.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        Ok(())
+    }
+}
+
+/// What `/metrics` reads at scrape time once this replica leads.
+type Scraped = Arc<std::sync::OnceLock<(Stores, Store<TrainingRun>)>>;
+
+fn refresh(scraped: Scraped) -> Refresh {
+    Arc::new(move |metrics: &Metrics| {
+        let Some((stores, runs)) = scraped.get() else {
+            return;
+        };
+        let members = stores.members.state();
+        let ready = members.iter().filter(|m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| condition_true(&s.conditions, condition::READY))
+        });
+        metrics.members.set(members.len() as i64);
+        metrics.members_ready.set(ready.count() as i64);
+        let phases = [
+            Phase::Pending,
+            Phase::Placing,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+        ];
+        let runs = runs.state();
+        for phase in phases {
+            let n = runs
+                .iter()
+                .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(phase))
+                .count();
+            let label = PhaseLabel {
+                phase: phase.to_string(),
+            };
+            metrics.runs.get_or_create(&label).set(n as i64);
+        }
+    })
+}
+
+/// Runs the hub until SIGTERM/ctrl-c: serves health and metrics, waits for leadership,
+/// then runs both controllers.
+pub async fn run(client: Client, metrics: Arc<Metrics>, config: HubConfig) -> anyhow::Result<()> {
+    let scraped: Scraped = Arc::default();
+    let server = crate::telemetry::serve(
+        config.metrics_addr,
+        metrics.clone(),
+        refresh(scraped.clone()),
+    );
+    let server = tokio::spawn(server);
+    metrics.set_readiness(Readiness::Standby);
+    let outcome = lead(client, metrics, config, scraped).await;
+    server.abort();
+    outcome
+}
+
+async fn lead(
+    client: Client,
+    metrics: Arc<Metrics>,
+    config: HubConfig,
+    scraped: Scraped,
+) -> anyhow::Result<()> {
     let lease = lease::Lease::new(
         client.clone(),
         &config.namespace,
@@ -96,6 +313,9 @@ pub async fn run(client: Client, config: HubConfig) -> anyhow::Result<()> {
     let leadership = lease.acquire().await?;
     tracing::info!("leading; starting controllers");
 
+    let (stores, reflectors) = stores(&client);
+    let reflectors = tokio::spawn(reflectors);
+    stores.ready().await?;
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -107,10 +327,27 @@ pub async fn run(client: Client, config: HubConfig) -> anyhow::Result<()> {
         client: client.clone(),
         recorder,
         config,
+        stores: stores.clone(),
         exchanges: Mutex::new(HashMap::new()),
-        failures: Default::default(),
+        backoff: Backoff::default(),
+        metrics: metrics.clone(),
+        applied: Applied::default(),
     });
+    let outcome = control(&client, ctx, &leadership, &scraped, stores).await;
+    reflectors.abort();
+    outcome?;
+    leadership.release().await;
+    Ok(())
+}
 
+/// Both controllers, until shutdown or a lost Lease.
+async fn control(
+    client: &Client,
+    ctx: Arc<Context>,
+    leadership: &lease::Leadership,
+    scraped: &Scraped,
+    stores: Stores,
+) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -123,93 +360,80 @@ pub async fn run(client: Client, config: HubConfig) -> anyhow::Result<()> {
         watcher::Config::default(),
     )
     .graceful_shutdown_on(stopped())
-    .run(member::reconcile, member::error_policy, ctx.clone())
-    .for_each(|_| async {});
-    let runs = Controller::new(
-        Api::<TrainingRun>::all(client.clone()),
-        watcher::Config::default(),
+    .run(
+        member_cluster::reconcile,
+        member_cluster::error_policy,
+        ctx.clone(),
     )
-    .graceful_shutdown_on(stopped())
-    .run(run::reconcile, run::error_policy, ctx.clone())
     .for_each(|_| async {});
+    let runs = training_run::controller(client);
+    let _ = scraped.set((stores, runs.store()));
+    ctx.metrics.set_readiness(Readiness::Ready);
+    let runs = runs
+        .graceful_shutdown_on(stopped())
+        .run(
+            training_run::reconcile,
+            training_run::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
 
     let controllers = futures::future::join(members, runs);
     tokio::pin!(controllers);
     tokio::select! {
-        _ = &mut controllers => {}
+        _ = &mut controllers => Ok(()),
         _ = shutdown_signal() => {
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
             controllers.await;
+            Ok(())
         }
         lost = leadership.lost() => {
             // Another replica may already be writing: stop at once, never write again.
-            anyhow::bail!("lost the leader Lease: {lost}");
+            Err(anyhow::anyhow!("lost the leader Lease: {lost}"))
         }
     }
-    leadership.release().await;
-    Ok(())
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler; stopping on ctrl-c only");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = term => {}
     }
 }
 
-/// Server-side applies any object given as JSON, by its apiVersion and kind.
-async fn apply_object(ctx: &Context, object: serde_json::Value) -> Result<(), Error> {
-    let (group, version) = match object["apiVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .split_once('/')
-    {
-        Some((g, v)) => (g.to_string(), v.to_string()),
-        None => (
-            String::new(),
-            object["apiVersion"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        ),
+/// Publishes an Event on `object`; a failure to publish is logged, never fatal.
+pub async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    object: &K,
+    warning: bool,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
+    let event = kube::runtime::events::Event {
+        type_: if warning {
+            kube::runtime::events::EventType::Warning
+        } else {
+            kube::runtime::events::EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
     };
-    let kind = object["kind"].as_str().unwrap_or_default().to_string();
-    let plural = match kind.as_str() {
-        "Namespace" => "namespaces",
-        "ServiceAccount" => "serviceaccounts",
-        "Role" => "roles",
-        "RoleBinding" => "rolebindings",
-        "ClusterRole" => "clusterroles",
-        "ClusterRoleBinding" => "clusterrolebindings",
-        "Deployment" => "deployments",
-        "Service" => "services",
-        "Secret" => "secrets",
-        "TrainerGroup" => "trainergroups",
-        other => unreachable!("the operator does not write {other}"),
-    };
-    let resource = ApiResource {
-        group: group.clone(),
-        version: version.clone(),
-        api_version: object["apiVersion"].as_str().unwrap_or_default().into(),
-        kind,
-        plural: plural.into(),
-    };
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
-        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
-        None => Api::all_with(ctx.client.clone(), &resource),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await?;
-    Ok(())
+    if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing an event");
+    }
 }

@@ -1,0 +1,482 @@
+//! The objects the hub writes, built as typed values (k8s-openapi for built-in kinds,
+//! Starling's own types for custom ones), so the controllers only decide *which* to write
+//! and the one apply helper writes them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Namespace,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretKeySelector,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{
+    MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
+    TrainingRun,
+};
+use crate::k8s::{
+    COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN,
+    LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, member_namespace,
+};
+
+/// Port the exchange serves gRPC and `/metrics` on.
+pub const EXCHANGE_PORT: u16 = 7070;
+/// Where the exchange keeps its state, data and checkpoints inside its pod.
+pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
+/// Key of the exchange's tokens file in the run's credentials Secret.
+pub const TOKENS_KEY: &str = "tokens";
+/// Key of the operator's own token (it reads the exchange's `RunState`).
+pub const OPERATOR_TOKEN_KEY: &str = "operator";
+
+/// Name of a run's objects in a member namespace: unique across run namespaces.
+pub fn group_name(run: &TrainingRun) -> String {
+    format!("{}-{}", run.namespace().unwrap_or_default(), run.name_any())
+}
+
+/// The Secret next to a TrainerGroup holding its peers' tokens.
+pub fn group_secret_name(run: &TrainingRun) -> String {
+    format!("{}-credentials", group_name(run))
+}
+
+pub fn exchange_name(run: &TrainingRun) -> String {
+    format!("{}-exchange", run.name_any())
+}
+
+pub fn credentials_name(run: &TrainingRun) -> String {
+    format!("{}-credentials", run.name_any())
+}
+
+/// Labels every object of a run carries; `starling.dev/run-uid` is what cleanup selects on.
+pub fn run_labels(run: &TrainingRun) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_RUN.into(), run.name_any()),
+        (
+            LABEL_RUN_NAMESPACE.into(),
+            run.namespace().unwrap_or_default(),
+        ),
+        (LABEL_RUN_UID.into(), run.uid().unwrap_or_default()),
+        (LABEL_MANAGED_BY.into(), MANAGER.into()),
+    ])
+}
+
+fn owned_by(run: &TrainingRun) -> Option<Vec<OwnerReference>> {
+    run.controller_owner_ref(&()).map(|o| vec![o])
+}
+
+fn meta(name: String, namespace: Option<String>, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace,
+        labels: Some(labels),
+        ..ObjectMeta::default()
+    }
+}
+
+/// An env var with a literal value.
+pub fn env(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(source),
+    }
+}
+
+fn secret_data(entries: &BTreeMap<String, String>) -> BTreeMap<String, ByteString> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.clone(), ByteString(v.as_bytes().to_vec())))
+        .collect()
+}
+
+/// The run's credentials Secret from its tokens (see `crate::contract::Credentials`).
+pub fn credentials_secret(run: &TrainingRun, entries: &BTreeMap<String, String>) -> Secret {
+    let mut metadata = meta(credentials_name(run), run.namespace(), run_labels(run));
+    metadata.owner_references = owned_by(run);
+    Secret {
+        metadata,
+        type_: Some("Opaque".into()),
+        data: Some(secret_data(entries)),
+        ..Secret::default()
+    }
+}
+
+/// What the exchange pod needs besides the run's shared configuration.
+pub struct ExchangeSettings<'a> {
+    pub image: &'a str,
+    /// The run configuration every pod of the run shares.
+    pub run_env: &'a [EnvVar],
+    /// The exchange's own settings (`STARLING_MIN_PEERS`, deadlines, checkpoints...).
+    pub exchange_env: Vec<EnvVar>,
+}
+
+fn exchange_selector(run: &TrainingRun) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_RUN_UID.to_string(), run.uid().unwrap_or_default()),
+        (LABEL_COMPONENT.to_string(), COMPONENT_EXCHANGE.to_string()),
+    ])
+}
+
+fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Container {
+    let pod_ip = env_from(
+        "POD_IP",
+        EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        },
+    );
+    let tokens = env_from(
+        "STARLING_TOKENS",
+        EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: credentials_name(run),
+                key: TOKENS_KEY.into(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        },
+    );
+    let mut vars = settings.run_env.to_vec();
+    vars.extend([
+        pod_ip,
+        env("STARLING_LISTEN", format!("$(POD_IP):{EXCHANGE_PORT}")),
+        tokens,
+    ]);
+    vars.extend(settings.exchange_env.iter().cloned());
+    Container {
+        name: "exchange".into(),
+        image: Some(settings.image.into()),
+        args: Some(vec!["exchange".into()]),
+        env: Some(vars),
+        working_dir: Some(EXCHANGE_WORKDIR.into()),
+        ports: Some(vec![ContainerPort {
+            name: Some("grpc".into()),
+            container_port: EXCHANGE_PORT.into(),
+            ..ContainerPort::default()
+        }]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: EXCHANGE_WORKDIR.into(),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("500m".into())),
+                ("memory".into(), Quantity("512Mi".into())),
+            ])),
+            ..ResourceRequirements::default()
+        }),
+        ..Container::default()
+    }
+}
+
+/// The exchange: one pod (a Deployment, so a lost node brings it back) and a
+/// LoadBalancer Service, since members dial it from other clusters and homes.
+pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, Service) {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_COMPONENT.into(), COMPONENT_EXCHANGE.into());
+    let mut metadata = meta(exchange_name(run), run.namespace(), labels.clone());
+    metadata.owner_references = owned_by(run);
+    let deployment = Deployment {
+        metadata: metadata.clone(),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            // Two exchanges of one run must never serve at once.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                rolling_update: None,
+            }),
+            selector: LabelSelector {
+                match_labels: Some(exchange_selector(run)),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![exchange_container(run, settings)],
+                    volumes: Some(vec![Volume {
+                        name: "data".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    };
+    let service = Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            selector: Some(exchange_selector(run)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: EXCHANGE_PORT.into(),
+                target_port: Some(IntOrString::Int(EXCHANGE_PORT.into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    (deployment, service)
+}
+
+/// What one member runs for one run: the TrainerGroup and the Secret with exactly its
+/// peers' tokens (no member sees another member's tokens).
+pub struct GroupChildren {
+    pub group: TrainerGroup,
+    pub secret: Secret,
+}
+
+/// Everything a member's TrainerGroup carries besides its peers.
+pub struct GroupSettings<'a> {
+    pub image: &'a str,
+    pub run_env: &'a [EnvVar],
+    pub resources: Option<ResourceRequirements>,
+    pub endpoint: &'a str,
+}
+
+pub fn trainer_group(
+    run: &TrainingRun,
+    member: &MemberCluster,
+    peers: &[PeerId],
+    tokens: &BTreeMap<String, String>,
+    settings: &GroupSettings,
+) -> GroupChildren {
+    let ns = member_namespace(&member.name_any());
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_MEMBER.into(), member.name_any());
+    let only_ours: BTreeMap<String, String> = peers
+        .iter()
+        .filter_map(|p| Some((p.to_string(), tokens.get(&p.to_string())?.clone())))
+        .collect();
+    let secret = Secret {
+        metadata: meta(group_secret_name(run), Some(ns.clone()), labels.clone()),
+        type_: Some("Opaque".into()),
+        data: Some(secret_data(&only_ours)),
+        ..Secret::default()
+    };
+    let home = member.spec.tier == Tier::Home;
+    let spec = TrainerGroupSpec {
+        run_ref: RunReference {
+            namespace: run.namespace().unwrap_or_default(),
+            name: run.name_any(),
+            uid: run.uid().unwrap_or_default(),
+        },
+        member: member.name_any(),
+        peers: peers.to_vec(),
+        template: TrainerPodTemplate {
+            image: settings.image.into(),
+            args: vec!["train".into()],
+            env: settings.run_env.to_vec(),
+            resources: settings.resources.clone(),
+            node_selector: BTreeMap::new(),
+            tolerations: vec![],
+            // Home links are rate-limited to what they declared.
+            upload_limit_mbps: home.then_some(member.spec.bandwidth.upload_mbps),
+        },
+        exchange_endpoint: settings.endpoint.into(),
+        credentials_secret: group_secret_name(run),
+    };
+    let mut group = TrainerGroup::new(&group_name(run), spec);
+    group.metadata.namespace = Some(ns);
+    group.metadata.labels = Some(labels);
+    GroupChildren { group, secret }
+}
+
+/// What a member's agent may do on the hub: read its TrainerGroups and their
+/// credentials and write their status in its own namespace, and report its own
+/// MemberCluster's status. Nothing else.
+pub struct MemberAccess {
+    pub namespace: Namespace,
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    pub cluster_role: ClusterRole,
+    pub cluster_role_binding: ClusterRoleBinding,
+}
+
+fn rule(group: &str, resource: &str, names: Option<&str>, verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![group.into()]),
+        resources: Some(vec![resource.into()]),
+        resource_names: names.map(|n| vec![n.into()]),
+        verbs: verbs.iter().map(|v| v.to_string()).collect(),
+        non_resource_urls: None,
+    }
+}
+
+pub fn member_access(member: &MemberCluster) -> MemberAccess {
+    let name = member.name_any();
+    let ns = member_namespace(&name);
+    let labels = BTreeMap::from([
+        (LABEL_MEMBER.to_string(), name.clone()),
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+    ]);
+    let owned = |mut m: ObjectMeta| {
+        m.owner_references = member.controller_owner_ref(&()).map(|o| vec![o]);
+        m
+    };
+    let in_ns = |n: &str| meta(n.into(), Some(ns.clone()), labels.clone());
+    let cluster_wide = format!("starling-member-{name}");
+    let subjects = Some(vec![Subject {
+        kind: "ServiceAccount".into(),
+        name: "agent".into(),
+        namespace: Some(ns.clone()),
+        api_group: None,
+    }]);
+    let role_ref = |kind: &str, n: &str| RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: kind.into(),
+        name: n.into(),
+    };
+    MemberAccess {
+        namespace: Namespace {
+            metadata: owned(meta(ns.clone(), None, labels.clone())),
+            ..Namespace::default()
+        },
+        service_account: ServiceAccount {
+            metadata: in_ns("agent"),
+            ..ServiceAccount::default()
+        },
+        role: Role {
+            metadata: in_ns("agent"),
+            rules: Some(vec![
+                rule(
+                    "starling.dev",
+                    "trainergroups",
+                    None,
+                    &["get", "list", "watch"],
+                ),
+                rule(
+                    "starling.dev",
+                    "trainergroups/status",
+                    None,
+                    &["get", "patch", "update"],
+                ),
+                rule("", "secrets", None, &["get", "list", "watch"]),
+            ]),
+        },
+        role_binding: RoleBinding {
+            metadata: in_ns("agent"),
+            role_ref: role_ref("Role", "agent"),
+            subjects: subjects.clone(),
+        },
+        cluster_role: ClusterRole {
+            metadata: owned(meta(cluster_wide.clone(), None, labels.clone())),
+            rules: Some(vec![
+                rule(
+                    "starling.dev",
+                    "memberclusters",
+                    Some(&name),
+                    &["get", "watch"],
+                ),
+                rule(
+                    "starling.dev",
+                    "memberclusters/status",
+                    Some(&name),
+                    &["get", "patch", "update"],
+                ),
+            ]),
+            aggregation_rule: None,
+        },
+        cluster_role_binding: ClusterRoleBinding {
+            metadata: owned(meta(cluster_wide.clone(), None, labels)),
+            role_ref: role_ref("ClusterRole", &cluster_wide),
+            subjects,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TrainingRun {
+        let yaml = include_str!("../../../crds/samples/trainingrun-shakespeare.yaml");
+        let mut run: TrainingRun = serde_yaml::from_str(yaml).unwrap();
+        run.metadata.uid = Some("uid-1".into());
+        run
+    }
+
+    fn home() -> MemberCluster {
+        let yaml = include_str!("../../../crds/samples/membercluster-home.yaml");
+        let mut m: MemberCluster = serde_yaml::from_str(yaml).unwrap();
+        m.metadata.uid = Some("uid-m".into());
+        m
+    }
+
+    #[test]
+    fn a_members_group_secret_holds_only_its_own_peers_tokens() {
+        let tokens = BTreeMap::from([
+            ("p0".to_string(), "a".to_string()),
+            ("p1".to_string(), "b".to_string()),
+            ("operator".to_string(), "c".to_string()),
+        ]);
+        let settings = GroupSettings {
+            image: "img",
+            run_env: &[],
+            resources: None,
+            endpoint: "http://x:7070",
+        };
+        let children = trainer_group(&sample(), &home(), &[PeerId::new(1)], &tokens, &settings);
+        let data = children.secret.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), vec!["p1"]);
+        assert_eq!(
+            children.group.spec.credentials_secret,
+            children.secret.metadata.name.unwrap()
+        );
+        // A home member's trainers are held to the bandwidth it declared.
+        assert_eq!(
+            children.group.spec.template.upload_limit_mbps,
+            Some(home().spec.bandwidth.upload_mbps)
+        );
+    }
+
+    #[test]
+    fn the_exchange_is_owned_by_its_run_and_selected_by_uid() {
+        let settings = ExchangeSettings {
+            image: "img",
+            run_env: &[env("STARLING_SEED", 1)],
+            exchange_env: vec![env("STARLING_MIN_PEERS", 2)],
+        };
+        let (deployment, service) = exchange(&sample(), &settings);
+        let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.uid, "uid-1");
+        let selector = service.spec.unwrap().selector.unwrap();
+        assert_eq!(selector[LABEL_RUN_UID], "uid-1");
+        let pod = deployment.spec.template.spec.unwrap();
+        let names: Vec<_> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(names.contains(&"STARLING_SEED") && names.contains(&"STARLING_TOKENS"));
+    }
+}

@@ -1,0 +1,565 @@
+//! What a TrainingRun should look like, as a pure function of what was observed and
+//! `now`: its children (credentials, exchange, one TrainerGroup per member), its status,
+//! the Events that tell a person what changed, and when to look again. No I/O here, so
+//! every case is a table row in the tests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use starling_trainer::exchange::proto;
+
+use super::progress;
+use crate::api::{
+    MemberCluster, PeerId, Phase, TrainerGroup, TrainingRun, TrainingRunStatus, validation,
+};
+use crate::contract;
+use crate::hub::children::{self, ExchangeSettings, GroupChildren, GroupSettings};
+use crate::k8s::{condition, condition_true, member_namespace, reason, set_condition};
+use crate::placement::{self, Plan, Unschedulable};
+
+/// How often a live run is looked at again (its exchange polled for progress).
+pub const POLL: Duration = Duration::from_secs(2);
+/// Restarts after which an exchange that keeps crashing fails its run.
+pub const EXCHANGE_MAX_RESTARTS: u32 = 5;
+
+/// Everything one decision reads.
+pub struct Observed<'a> {
+    pub run: &'a TrainingRun,
+    pub now: Timestamp,
+    /// The trainer image runs use when they name none.
+    pub default_image: &'a str,
+    /// The run's tokens, once minted.
+    pub credentials: Option<BTreeMap<String, String>>,
+    pub exchange: ExchangeObserved,
+    /// Every MemberCluster.
+    pub members: &'a [Arc<MemberCluster>],
+    /// Every TrainerGroup, this run's and other runs' (they hold capacity).
+    pub groups: &'a [Arc<TrainerGroup>],
+}
+
+/// What is known of the run's exchange.
+#[derive(Clone, Debug, Default)]
+pub struct ExchangeObserved {
+    /// The load-balancer address of its Service, once it has one.
+    pub address: Option<String>,
+    /// Its pod, once there is one.
+    pub pod: Option<PodHealth>,
+    /// What it answered when asked for the run's state; `None` while it does not answer.
+    pub state: Option<proto::RunState>,
+}
+
+/// The exchange pod as far as its run's fate goes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodHealth {
+    pub restarts: u32,
+    /// The pod ended in phase `Failed` (it will not be restarted in place).
+    pub failed: bool,
+    /// Why it last stopped, when the kubelet said.
+    pub message: Option<String>,
+}
+
+/// An Event to publish on the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A TrainerGroup (and its Secret) to delete.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupRef {
+    pub namespace: String,
+    pub name: String,
+    pub secret: String,
+}
+
+/// The objects to write; anything not named here is left as it is.
+#[derive(Default)]
+pub struct Children {
+    pub mint_credentials: bool,
+    pub exchange: Option<(
+        k8s_openapi::api::apps::v1::Deployment,
+        k8s_openapi::api::core::v1::Service,
+    )>,
+    pub groups: Vec<GroupChildren>,
+    pub remove: Vec<GroupRef>,
+}
+
+pub struct Decision {
+    pub status: TrainingRunStatus,
+    pub events: Vec<Note>,
+    pub children: Children,
+    /// When to look again without a change; `None` waits for one.
+    pub requeue: Option<Duration>,
+}
+
+/// A decision being made: the status so far and the notes to emit.
+struct Draft<'a> {
+    o: &'a Observed<'a>,
+    previous: TrainingRunStatus,
+    status: TrainingRunStatus,
+    events: Vec<Note>,
+    children: Children,
+}
+
+impl<'a> Draft<'a> {
+    fn new(o: &'a Observed<'a>) -> Self {
+        let previous = o.run.status.clone().unwrap_or_default();
+        let mut status = previous.clone();
+        status.observed_generation = o.run.metadata.generation;
+        Self {
+            o,
+            previous,
+            status,
+            events: vec![],
+            children: Children::default(),
+        }
+    }
+
+    fn condition(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        set_condition(
+            &mut self.status.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            self.o.run.metadata.generation,
+            self.o.now,
+        );
+    }
+
+    fn note(&mut self, warning: bool, reason: &'static str, message: impl Into<String>) {
+        self.events.push(Note {
+            warning,
+            reason,
+            message: message.into(),
+        });
+    }
+
+    /// Notes `reason` only when the previous status did not already carry it on `type_`:
+    /// a state is announced once, not on every look.
+    fn note_once(&mut self, type_: &str, warning: bool, reason: &'static str, message: &str) {
+        let known = self
+            .previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == type_ && c.reason == reason && c.status == "True");
+        let known = known
+            || (type_ == condition::READY
+                && crate::k8s::condition_reason(&self.previous.conditions, type_) == Some(reason));
+        if !known {
+            self.note(warning, reason, message);
+        }
+    }
+
+    fn phase(&mut self, phase: Phase) {
+        if self.previous.phase != Some(phase) {
+            let message = format!("phase {phase} (round {})", self.status.round);
+            let reason = match phase {
+                Phase::Pending => "Pending",
+                Phase::Placing => "Placing",
+                Phase::Running => reason::RUNNING,
+                Phase::Succeeded => reason::SUCCEEDED,
+                Phase::Failed => reason::FAILED,
+            };
+            self.note(phase == Phase::Failed, reason, message);
+        }
+        self.status.phase = Some(phase);
+        let terminal = phase.is_terminal();
+        self.condition(
+            condition::PROGRESSING,
+            !terminal,
+            if terminal {
+                reason::RUN_FINISHED
+            } else {
+                reason::TRAINING
+            },
+            "",
+        );
+    }
+
+    fn finish(self, requeue: Option<Duration>) -> Decision {
+        Decision {
+            status: self.status,
+            events: self.events,
+            children: self.children,
+            requeue,
+        }
+    }
+
+    /// The run cannot go on: say why, stop its trainers, keep the exchange (and its
+    /// checkpoints) for inspection, and never re-create anything.
+    fn fail(mut self, reason: &'static str, message: String) -> Decision {
+        self.condition(condition::READY, false, reason, message.clone());
+        self.condition(condition::DEGRADED, true, reason, message.clone());
+        self.note(true, reason, message);
+        self.phase(Phase::Failed);
+        self.children.remove = our_groups(self.o);
+        self.finish(None)
+    }
+}
+
+pub fn decide(o: &Observed) -> Decision {
+    let mut d = Draft::new(o);
+    if d.previous.phase.is_some_and(Phase::is_terminal) {
+        // Finished runs are never re-placed; only a changed spec is acknowledged.
+        return d.finish(None);
+    }
+    let run_env = match validated_env(o.run) {
+        Ok(env) => env,
+        Err(problems) => {
+            d.note_once(condition::READY, true, reason::INVALID_SPEC, &problems);
+            d.condition(condition::READY, false, reason::INVALID_SPEC, problems);
+            d.phase(Phase::Pending);
+            return d.finish(None);
+        }
+    };
+    let Some(tokens) = o.credentials.clone() else {
+        d.children.mint_credentials = true;
+        d.note(
+            false,
+            reason::CREDENTIALS_CREATED,
+            format!("minted {} peer tokens", o.run.spec.peers.max),
+        );
+        starting(&mut d, "minting the run's credentials");
+        return d.finish(Some(Duration::from_secs(1)));
+    };
+    let image = o.run.spec.peers.image.as_deref().unwrap_or(o.default_image);
+    d.children.exchange = Some(children::exchange(
+        o.run,
+        &ExchangeSettings {
+            image,
+            run_env: &run_env,
+            exchange_env: contract::exchange_env(&o.run.spec, &o.run.name_any()),
+        },
+    ));
+    if let Some(why) = exchange_failure(o.exchange.pod.as_ref()) {
+        return d.fail(reason::EXCHANGE_FAILED, why);
+    }
+    let Some(address) = &o.exchange.address else {
+        starting(
+            &mut d,
+            "waiting for the exchange Service's load-balancer address",
+        );
+        return d.finish(Some(POLL));
+    };
+    let endpoint = format!("http://{address}:{}", children::EXCHANGE_PORT);
+    let settings = GroupSettings {
+        image,
+        run_env: &run_env,
+        resources: o.run.spec.peers.resources.clone(),
+        endpoint: &endpoint,
+    };
+    match place(&mut d, &tokens, &settings) {
+        Placed::Yes { plan, lost } => {
+            progress::report(&mut d.status, o, &plan);
+            progress_phase(d, &plan, lost)
+        }
+        Placed::No(decision) => *decision,
+    }
+}
+
+/// Ready=False while the exchange comes up.
+fn starting(d: &mut Draft, message: &str) {
+    d.condition(condition::READY, false, reason::EXCHANGE_STARTING, message);
+    d.phase(Phase::Placing);
+}
+
+/// The spec's problems, every one with its field path, or the run configuration.
+fn validated_env(run: &TrainingRun) -> Result<Vec<EnvVar>, String> {
+    validation::validate(&run.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|()| contract::run_env(&run.spec).map_err(|e| e.to_string()))
+}
+
+/// Why the exchange is beyond saving, if it is.
+fn exchange_failure(pod: Option<&PodHealth>) -> Option<String> {
+    let pod = pod?;
+    let why = pod.message.as_deref().unwrap_or("no reason given");
+    if pod.failed {
+        Some(format!("the exchange pod failed: {why}"))
+    } else if pod.restarts >= EXCHANGE_MAX_RESTARTS {
+        Some(format!(
+            "the exchange crashed {} times (last: {why})",
+            pod.restarts
+        ))
+    } else {
+        None
+    }
+}
+
+fn our_groups(o: &Observed) -> Vec<GroupRef> {
+    let uid = o.run.uid().unwrap_or_default();
+    o.groups
+        .iter()
+        .filter(|g| g.spec.run_ref.uid == uid)
+        .map(|g| GroupRef {
+            namespace: g.namespace().unwrap_or_default(),
+            name: g.name_any(),
+            secret: g.spec.credentials_secret.clone(),
+        })
+        .collect()
+}
+
+enum Placed {
+    /// Placed; `lost` peers were on members that are no longer Ready.
+    Yes {
+        plan: Plan,
+        lost: usize,
+    },
+    No(Box<Decision>),
+}
+
+/// Places the run's peers and fills in the groups to write and remove.
+fn place(d: &mut Draft, tokens: &BTreeMap<String, String>, settings: &GroupSettings) -> Placed {
+    let o = d.o;
+    let view = placement_view(o);
+    let plan = match placement::place(&view.request(o.run), &view.candidates) {
+        Ok(plan) => {
+            d.status.unschedulable_since = None;
+            plan
+        }
+        Err(why) if view.current.is_empty() => {
+            return Placed::No(Box::new(unschedulable(d.take(), why)));
+        }
+        Err(why) => keep_what_runs(d, &view, why),
+    };
+    let lost = view.lost();
+    for (peer, from) in &lost {
+        let message = match plan.assignment.get(peer) {
+            Some(to) => format!("{peer}: member {from} is not Ready; re-placed on {to}"),
+            None => format!("{peer}: member {from} is not Ready; no member has room for it"),
+        };
+        d.note(true, reason::PEER_LOST, message);
+    }
+    let by_member = plan.by_member();
+    for (member, peers) in &by_member {
+        if let Some(m) = view.ready.get(*member) {
+            d.children
+                .groups
+                .push(children::trainer_group(o.run, m, peers, tokens, settings));
+        }
+    }
+    d.children.remove = our_groups(o)
+        .into_iter()
+        .filter(|g| !by_member.keys().any(|m| member_namespace(m) == g.namespace))
+        .collect();
+    if view.current.is_empty() {
+        let summary: Vec<String> = by_member
+            .iter()
+            .map(|(m, p)| format!("{m}: {}", p.len()))
+            .collect();
+        let message = format!(
+            "{} peers placed ({})",
+            plan.assignment.len(),
+            summary.join(", ")
+        );
+        d.note(false, reason::PLACED, message);
+    }
+    Placed::Yes {
+        plan,
+        lost: lost.len(),
+    }
+}
+
+impl<'a> Draft<'a> {
+    /// Moves the draft out, for helpers that finish the decision.
+    fn take(&mut self) -> Draft<'a> {
+        Draft {
+            o: self.o,
+            previous: self.previous.clone(),
+            status: std::mem::take(&mut self.status),
+            events: std::mem::take(&mut self.events),
+            children: std::mem::take(&mut self.children),
+        }
+    }
+}
+
+/// Never placed and nowhere to go: wait for capacity, up to the spec's deadline.
+fn unschedulable(mut d: Draft, why: Unschedulable) -> Decision {
+    let o = d.o;
+    let since = d
+        .previous
+        .unschedulable_since
+        .clone()
+        .unwrap_or(Time(o.now));
+    let deadline =
+        SignedDuration::from_secs(i64::from(o.run.spec.placement.placement_deadline_seconds));
+    let waited = o.now.duration_since(since.0);
+    let message = why.to_string();
+    if waited >= deadline {
+        return d.fail(
+            reason::UNSCHEDULABLE,
+            format!(
+                "could not be placed for {}s (placement.placementDeadlineSeconds): {message}",
+                waited.as_secs()
+            ),
+        );
+    }
+    d.status.unschedulable_since = Some(since);
+    d.note_once(condition::READY, true, reason::UNSCHEDULABLE, &message);
+    d.condition(condition::READY, false, reason::UNSCHEDULABLE, message);
+    d.phase(Phase::Pending);
+    d.finish(Some(Duration::from_secs(5)))
+}
+
+/// Already running but short of capacity: keep every peer whose member is still Ready
+/// and wait for room for the others; the run is degraded, not restarted.
+fn keep_what_runs(d: &mut Draft, view: &PlacementView, why: Unschedulable) -> Plan {
+    let keep: BTreeMap<PeerId, String> = view
+        .current
+        .iter()
+        .filter(|(_, m)| view.ready.contains_key(m.as_str()))
+        .map(|(p, m)| (*p, m.clone()))
+        .collect();
+    d.condition(
+        condition::DEGRADED,
+        true,
+        reason::UNSCHEDULABLE,
+        why.to_string(),
+    );
+    Plan {
+        unplaced: (0..d.o.run.spec.peers.max)
+            .map(PeerId::new)
+            .filter(|p| !keep.contains_key(p))
+            .collect(),
+        assignment: keep,
+    }
+}
+
+/// The members and groups as placement sees them.
+struct PlacementView<'a> {
+    ready: BTreeMap<String, &'a MemberCluster>,
+    current: BTreeMap<PeerId, String>,
+    candidates: Vec<placement::Member>,
+}
+
+impl PlacementView<'_> {
+    fn request<'r>(&'r self, run: &'r TrainingRun) -> placement::Request<'r> {
+        placement::Request {
+            min_peers: run.spec.peers.min,
+            max_peers: run.spec.peers.max,
+            spec: &run.spec.placement,
+            current: &self.current,
+        }
+    }
+
+    /// Peers whose member is no longer Ready, with that member.
+    fn lost(&self) -> Vec<(PeerId, String)> {
+        self.current
+            .iter()
+            .filter(|(_, m)| !self.ready.contains_key(m.as_str()))
+            .map(|(p, m)| (*p, m.clone()))
+            .collect()
+    }
+}
+
+fn placement_view<'a>(o: &'a Observed) -> PlacementView<'a> {
+    let uid = o.run.uid().unwrap_or_default();
+    let ready: BTreeMap<String, &MemberCluster> = o
+        .members
+        .iter()
+        .filter(|m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| condition_true(&s.conditions, condition::READY))
+        })
+        .map(|m| (m.name_any(), m.as_ref()))
+        .collect();
+    let mut current = BTreeMap::new();
+    for g in o.groups.iter().filter(|g| g.spec.run_ref.uid == uid) {
+        for p in &g.spec.peers {
+            current.insert(*p, g.spec.member.clone());
+        }
+    }
+    let gpus_per_peer = crate::k8s::gpus(o.run.spec.peers.resources.as_ref());
+    let candidates = ready
+        .values()
+        .map(|m| {
+            let ours_here = current.values().filter(|c| **c == m.name_any()).count() as u32;
+            progress::capacity(m, o.groups, &uid, ours_here, gpus_per_peer)
+        })
+        .collect();
+    PlacementView {
+        ready,
+        current,
+        candidates,
+    }
+}
+
+/// Phase and conditions from the exchange's progress, once placed.
+fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
+    let o = d.o;
+    let Some(state) = &o.exchange.state else {
+        if d.previous.phase == Some(Phase::Running) {
+            let message = "the exchange does not answer; peers keep their state and retry";
+            d.note_once(
+                condition::DEGRADED,
+                true,
+                reason::EXCHANGE_UNREACHABLE,
+                message,
+            );
+            d.condition(
+                condition::DEGRADED,
+                true,
+                reason::EXCHANGE_UNREACHABLE,
+                message,
+            );
+            d.phase(Phase::Running);
+        } else {
+            starting(&mut d, "waiting for the exchange to answer");
+        }
+        return d.finish(Some(POLL));
+    };
+    if state.done {
+        let message = format!("trained {} rounds", d.status.round);
+        d.condition(condition::READY, true, reason::SUCCEEDED, message);
+        d.condition(condition::DEGRADED, false, reason::RUN_FINISHED, "");
+        d.phase(Phase::Succeeded);
+        return d.finish(None);
+    }
+    let missing = o.run.spec.peers.max.saturating_sub(d.status.active_peers);
+    let degraded = if lost > 0 {
+        Some((
+            reason::MEMBER_LOST,
+            format!("{lost} peer(s) lost with their member"),
+        ))
+    } else if !plan.unplaced.is_empty() {
+        Some((
+            reason::PEERS_UNPLACED,
+            format!("{} peer(s) wait for capacity", plan.unplaced.len()),
+        ))
+    } else if d.status.round > 0 && missing > 0 {
+        Some((
+            reason::PEERS_MISSING,
+            format!(
+                "{missing} of {} peers are not training",
+                o.run.spec.peers.max
+            ),
+        ))
+    } else {
+        None
+    };
+    match degraded {
+        Some((why, message)) => {
+            if !condition_true(&d.previous.conditions, condition::DEGRADED) {
+                d.note(true, why, message.clone());
+            }
+            d.condition(condition::DEGRADED, true, why, message);
+        }
+        None => d.condition(condition::DEGRADED, false, reason::ALL_PEERS_TRAINING, ""),
+    }
+    let message = format!(
+        "round {} of {}",
+        d.status.round, o.run.spec.schedule.outer_rounds
+    );
+    d.condition(condition::READY, true, reason::RUNNING, message);
+    d.phase(Phase::Running);
+    d.finish(Some(POLL))
+}

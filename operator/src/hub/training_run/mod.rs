@@ -1,0 +1,355 @@
+//! TrainingRun controller: observe (stores and the exchange's state) → [`decide`] (pure)
+//! → act (write only what differs). A finalizer deletes the run's TrainerGroups, which
+//! live in member namespaces beyond the reach of owner references.
+
+pub mod decide;
+mod progress;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
+use starling_trainer::exchange::proto;
+
+use super::children::{OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name};
+use super::{Context, Error, publish};
+use crate::api::{TrainerGroup, TrainingRun, TrainingRunStatus};
+use crate::contract;
+use crate::k8s::{
+    LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, ignore_conflict, ignore_not_found,
+    reason,
+};
+use decide::{Decision, ExchangeObserved, GroupRef, Observed, PodHealth};
+
+const FINALIZER: &str = "starling.dev/cleanup";
+
+/// The controller, woken by its runs, their TrainerGroups (the agents' reports) and
+/// their exchange pods.
+pub fn controller(client: &Client) -> Controller<TrainingRun> {
+    let run_of_group = |g: TrainerGroup| {
+        Some(ObjectRef::new(&g.spec.run_ref.name).within(&g.spec.run_ref.namespace))
+    };
+    let run_of_pod = |p: Pod| {
+        let labels = p.labels();
+        Some(ObjectRef::new(labels.get(LABEL_RUN)?).within(labels.get(LABEL_RUN_NAMESPACE)?))
+    };
+    Controller::new(
+        Api::<TrainingRun>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        run_of_group,
+    )
+    .watches(
+        Api::all(client.clone()),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            crate::k8s::LABEL_COMPONENT,
+            crate::k8s::COMPONENT_EXCHANGE
+        )),
+        run_of_pod,
+    )
+}
+
+/// A cached connection to a run's exchange.
+pub struct ExchangeConnection {
+    url: String,
+    client: ExchangeClient,
+}
+
+#[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default()))]
+pub async fn reconcile(run: Arc<TrainingRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let mut timer = ctx.metrics.reconcile("trainingrun");
+    let ns = run.namespace().unwrap_or_default();
+    let api: Api<TrainingRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let action = finalizer(&api, FINALIZER, run.clone(), |event| async {
+        match event {
+            Finalizer::Apply(run) => apply(&run, &ctx).await,
+            Finalizer::Cleanup(run) => cleanup(&run, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    match action {
+        Ok(action) => {
+            ctx.backoff.succeeded(run.as_ref());
+            Ok(action)
+        }
+        Err(e) => {
+            timer.failed();
+            Err(e)
+        }
+    }
+}
+
+pub fn error_policy(run: Arc<TrainingRun>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(run = %run.name_any(), %error, "reconcile failed");
+    let note = error.to_string();
+    let delay = ctx.backoff.failed(run.as_ref());
+    tokio::spawn(async move {
+        publish(
+            &ctx,
+            run.as_ref(),
+            true,
+            reason::RECONCILE_ERROR,
+            &note,
+            "Reconcile",
+        )
+        .await;
+    });
+    Action::requeue(delay)
+}
+
+async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
+    let members = ctx.stores.members.state();
+    let groups = ctx.stores.groups.state();
+    let observed = Observed {
+        run,
+        now: Timestamp::now(),
+        default_image: &ctx.config.trainer_image,
+        credentials: credentials(ctx, run),
+        exchange: observe_exchange(ctx, run).await,
+        members: &members,
+        groups: &groups,
+    };
+    let decision = decide::decide(&observed);
+    act(ctx, run, decision).await
+}
+
+/// The run's tokens from its credentials Secret, once minted.
+fn credentials(ctx: &Context, run: &TrainingRun) -> Option<BTreeMap<String, String>> {
+    let ns = run.namespace().unwrap_or_default();
+    let secret = ctx
+        .stores
+        .secrets
+        .get(&ObjectRef::new(&credentials_name(run)).within(&ns))?;
+    Some(
+        secret
+            .data
+            .as_ref()?
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+            .collect(),
+    )
+}
+
+/// The exchange's address, pod health and, if it answers, its state.
+async fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved {
+    let ns = run.namespace().unwrap_or_default();
+    let uid = run.uid().unwrap_or_default();
+    let address = ctx
+        .stores
+        .services
+        .get(&ObjectRef::new(&exchange_name(run)).within(&ns))
+        .and_then(|s| s.status.clone()?.load_balancer?.ingress?.into_iter().next())
+        .and_then(|i| i.hostname.or(i.ip));
+    let pod = ctx
+        .stores
+        .exchange_pods
+        .state()
+        .into_iter()
+        .filter(|p| p.labels().get(LABEL_RUN_UID) == Some(&uid))
+        .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0))
+        .map(|p| pod_health(&p));
+    let finished = run
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_terminal());
+    let state = match (&address, credentials(ctx, run)) {
+        (Some(host), Some(tokens)) if !finished => match tokens.get(OPERATOR_TOKEN_KEY) {
+            Some(token) => poll_exchange(ctx, &uid, host, token).await,
+            None => None,
+        },
+        _ => None,
+    };
+    ExchangeObserved {
+        address,
+        pod,
+        state,
+    }
+}
+
+fn pod_health(pod: &Pod) -> PodHealth {
+    let status = pod.status.as_ref();
+    let container = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first());
+    let terminated = container.and_then(|c| c.last_state.as_ref()?.terminated.as_ref());
+    PodHealth {
+        restarts: container.map_or(0, |c| c.restart_count.max(0) as u32),
+        failed: status.and_then(|s| s.phase.as_deref()) == Some("Failed"),
+        message: terminated
+            .map(|t| {
+                let why = t.reason.clone().unwrap_or_else(|| "Error".into());
+                format!("{why}, exit code {}", t.exit_code)
+            })
+            .or_else(|| status.and_then(|s| s.message.clone())),
+    }
+}
+
+/// Writes what the decision asks for, then the status if it changed.
+async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Action, Error> {
+    let ns = run.namespace().unwrap_or_default();
+    let children = decision.children;
+    if children.mint_credentials {
+        let secret = credentials_secret(run, &contract::mint_credentials(run.spec.peers.max));
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        ignore_conflict(secrets.create(&PostParams::default(), &secret).await)?;
+    }
+    if let Some((deployment, service)) = &children.exchange {
+        let stores = &ctx.stores;
+        let api = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.apply_changed(&api, Some(&stores.deployments), deployment)
+            .await?;
+        let api = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.apply_changed(&api, Some(&stores.services), service)
+            .await?;
+    }
+    for child in &children.groups {
+        let group_ns = child.group.namespace().unwrap_or_default();
+        let secrets = Api::namespaced(ctx.client.clone(), &group_ns);
+        ctx.apply_changed(&secrets, Some(&ctx.stores.secrets), &child.secret)
+            .await?;
+        let groups = Api::namespaced(ctx.client.clone(), &group_ns);
+        ctx.apply_changed(&groups, Some(&ctx.stores.groups), &child.group)
+            .await?;
+    }
+    for group in &children.remove {
+        delete_group(ctx, group).await?;
+    }
+    for note in &decision.events {
+        publish(
+            ctx,
+            run,
+            note.warning,
+            note.reason,
+            &note.message,
+            "Reconcile",
+        )
+        .await;
+    }
+    write_status(ctx, run, decision.status).await?;
+    Ok(match decision.requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+async fn delete_group(ctx: &Context, group: &GroupRef) -> Result<(), Error> {
+    let groups: Api<TrainerGroup> = Api::namespaced(ctx.client.clone(), &group.namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &group.namespace);
+    ignore_not_found(groups.delete(&group.name, &DeleteParams::default()).await)?;
+    ignore_not_found(
+        secrets
+            .delete(&group.secret, &DeleteParams::default())
+            .await,
+    )?;
+    ctx.forget(&ObjectRef::<TrainerGroup>::new(&group.name).within(&group.namespace));
+    ctx.forget(&ObjectRef::<Secret>::new(&group.secret).within(&group.namespace));
+    Ok(())
+}
+
+/// The run is being deleted: its TrainerGroups and their credentials live in member
+/// namespaces, beyond owner references, so they go here; the exchange, its Service and
+/// the run's Secret are owned by the run and collected after it.
+async fn cleanup(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
+    let uid = run.uid().unwrap_or_default();
+    let ours: Vec<GroupRef> = ctx
+        .stores
+        .groups
+        .state()
+        .iter()
+        .filter(|g| g.spec.run_ref.uid == uid)
+        .map(|g| GroupRef {
+            namespace: g.namespace().unwrap_or_default(),
+            name: g.name_any(),
+            secret: g.spec.credentials_secret.clone(),
+        })
+        .collect();
+    for g in &ours {
+        delete_group(ctx, g).await?;
+    }
+    ctx.exchanges.lock().await.remove(&uid);
+    let note = format!("removed {} trainer group(s)", ours.len());
+    publish(ctx, run, false, reason::DELETED, &note, "Delete").await;
+    Ok(Action::await_change())
+}
+
+/// The exchange's view of the run, or `None` while it does not answer.
+async fn poll_exchange(
+    ctx: &Context,
+    uid: &str,
+    host: &str,
+    token: &str,
+) -> Option<proto::RunState> {
+    let endpoint = format!("http://{host}:{}", super::children::EXCHANGE_PORT);
+    let client = {
+        let mut exchanges = ctx.exchanges.lock().await;
+        let stale = exchanges.get(uid).is_none_or(|c| c.url != endpoint);
+        if stale {
+            let client = ExchangeClient::new(ClientOptions {
+                url: endpoint.clone(),
+                token: token.into(),
+                bandwidth_mbps: None,
+                retry_for: Duration::from_secs(1),
+                tls_ca: None,
+                // Only peers' joins and updates are checked against the run's fingerprint.
+                fingerprint: String::new(),
+            })
+            .ok()?;
+            let connection = ExchangeConnection {
+                url: endpoint,
+                client,
+            };
+            exchanges.insert(uid.into(), connection);
+        }
+        exchanges.get(uid)?.client.clone()
+    };
+    match tokio::time::timeout(Duration::from_secs(3), client.run_state()).await {
+        Ok(Ok(state)) => Some(state),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "exchange not answering");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Server-side applies the status when it differs from what the run carries.
+async fn write_status(
+    ctx: &Context,
+    run: &TrainingRun,
+    status: TrainingRunStatus,
+) -> Result<(), Error> {
+    if run.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<TrainingRun> =
+        Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
+        "status": status,
+    });
+    api.patch_status(
+        &run.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
+}

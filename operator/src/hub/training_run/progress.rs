@@ -1,0 +1,180 @@
+//! The parts of a run's status that are read off what was observed: the per-peer table,
+//! round, loss, bytes and checkpoints from the exchange; and a member's free capacity
+//! as placement sees it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use starling_trainer::exchange::proto;
+
+use super::decide::Observed;
+use crate::api::{
+    CheckpointRecord, MemberCluster, PeerId, PeerState, PeerStatus, TrainerGroup, TrainingRun,
+    TrainingRunStatus,
+};
+use crate::hub::children::{EXCHANGE_WORKDIR, exchange_name};
+use crate::k8s::gpus;
+use crate::placement::{self, Plan};
+
+/// Fills in the peers table and, when the exchange answered, the run's progress.
+pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
+    let uid = o.run.uid().unwrap_or_default();
+    let ours: Vec<&TrainerGroup> = o
+        .groups
+        .iter()
+        .filter(|g| g.spec.run_ref.uid == uid)
+        .map(|g| g.as_ref())
+        .collect();
+    let state = o.exchange.state.as_ref();
+    status.peers = (0..o.run.spec.peers.max)
+        .map(|i| peer_status(PeerId::new(i), plan, &ours, state))
+        .collect();
+    status.active_peers = status
+        .peers
+        .iter()
+        .filter(|p| p.state == PeerState::Running)
+        .count() as u32;
+    let Some(state) = state else { return };
+    let closed = state.open_round.min(state.rounds);
+    status.round = closed;
+    status.tokens_seen = state.tokens;
+    status.bytes_received = state.bytes_received;
+    status.bytes_sent = state.bytes_sent;
+    if let Some(last) = state.recent.last() {
+        status.last_loss = finite(last.validation_loss);
+    }
+    let updates: u64 = state
+        .peers
+        .iter()
+        .map(|p| u64::from(p.updates_accepted))
+        .sum();
+    if state.bytes_received > 0 {
+        let ratio = (updates * state.dense_update_bytes) as f64 / state.bytes_received as f64;
+        status.compression_ratio = Some((ratio * 10.0).round() / 10.0);
+    }
+    status.checkpoints = checkpoints(o.run, closed, &status.checkpoints, o.now);
+}
+
+/// `None` for NaN and infinities: they never compare equal, so a status holding one
+/// would be rewritten on every look.
+fn finite(x: f32) -> Option<f64> {
+    x.is_finite().then_some(f64::from(x))
+}
+
+fn peer_status(
+    peer: PeerId,
+    plan: &Plan,
+    groups: &[&TrainerGroup],
+    state: Option<&proto::RunState>,
+) -> PeerStatus {
+    let member = plan.assignment.get(&peer).cloned().unwrap_or_default();
+    let pod = groups
+        .iter()
+        .filter(|g| g.spec.member == member)
+        .filter_map(|g| g.status.as_ref())
+        .flat_map(|s| s.pods.iter())
+        .find(|p| p.peer == peer);
+    let exchange = state.and_then(|s| s.peers.iter().find(|p| p.peer == peer.to_string()));
+    let state = match (pod.map(|p| p.phase.as_str()), exchange) {
+        _ if member.is_empty() => PeerState::Lost,
+        (Some("Succeeded"), _) => PeerState::Finished,
+        (_, Some(e)) if e.weight == 0.0 && e.updates_rejected > 0 => PeerState::Excluded,
+        (Some("Running"), Some(e)) if e.alive => PeerState::Running,
+        (Some("Running"), None) => PeerState::Running,
+        (Some("Failed"), _) => PeerState::Lost,
+        _ => PeerState::Pending,
+    };
+    PeerStatus {
+        id: peer,
+        member,
+        state,
+        rating: None,
+        // A peer without an accepted update has no loss to show.
+        last_score: exchange
+            .filter(|e| e.updates_accepted > 0)
+            .and_then(|e| finite(e.last_train_loss)),
+        weight: exchange.and_then(|e| finite(e.weight)),
+    }
+}
+
+/// Checkpoint records: every `everyRounds` rounds and the last, as the exchange writes
+/// them, keeping when each was first seen.
+fn checkpoints(
+    run: &TrainingRun,
+    closed: u32,
+    previous: &[CheckpointRecord],
+    now: k8s_openapi::jiff::Timestamp,
+) -> Vec<CheckpointRecord> {
+    let every = run.spec.checkpoint.every_rounds.max(1);
+    let last = run.spec.schedule.outer_rounds;
+    let mut out: Vec<CheckpointRecord> = (1..=closed)
+        .filter(|r| r % every == 0 || *r == last)
+        .map(|round| {
+            previous
+                .iter()
+                .find(|c| c.round == round)
+                .cloned()
+                .unwrap_or_else(|| CheckpointRecord {
+                    round,
+                    location: format!(
+                        "{}/{}:{EXCHANGE_WORKDIR}/checkpoints/round-{round:06}",
+                        run.namespace().unwrap_or_default(),
+                        exchange_name(run)
+                    ),
+                    hub_commit: None,
+                    time: Time(now),
+                })
+        })
+        .collect();
+    let keep = run.spec.checkpoint.keep_last.max(1) as usize;
+    if out.len() > keep {
+        out.drain(..out.len() - keep);
+    }
+    out
+}
+
+/// A Ready member as placement sees it: how many more of this run's peers it can take
+/// after what other runs hold (`maxTrainers` and GPUs). Peers whose pods finished hold
+/// nothing: a finished run's groups stay for inspection without blocking new runs.
+pub fn capacity(
+    member: &MemberCluster,
+    groups: &[std::sync::Arc<TrainerGroup>],
+    run_uid: &str,
+    ours_here: u32,
+    gpus_per_peer: u32,
+) -> placement::Member {
+    let name = member.name_any();
+    let others = groups
+        .iter()
+        .filter(|g| g.spec.run_ref.uid != run_uid && g.spec.member == name);
+    let (mut other_peers, mut other_gpus) = (0u32, 0u32);
+    for g in others {
+        let finished = g
+            .status
+            .iter()
+            .flat_map(|s| &s.pods)
+            .filter(|p| p.phase == "Succeeded")
+            .count() as u32;
+        let holding = (g.spec.peers.len() as u32).saturating_sub(finished);
+        other_peers += holding;
+        other_gpus += holding * gpus(g.spec.template.resources.as_ref());
+    }
+    let by_trainers = member
+        .spec
+        .max_trainers
+        .map(|max| max.saturating_sub(other_peers + ours_here));
+    let by_gpus = (gpus_per_peer > 0).then(|| {
+        let allocatable = member.status.as_ref().map_or(0, |s| s.gpus_allocatable);
+        allocatable.saturating_sub(other_gpus + ours_here * gpus_per_peer) / gpus_per_peer
+    });
+    placement::Member {
+        name,
+        tier: member.spec.tier,
+        region: member.spec.region.clone(),
+        upload_mbps: member.spec.bandwidth.upload_mbps,
+        labels: member.spec.labels.clone(),
+        free_slots: match (by_trainers, by_gpus) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    }
+}

@@ -1,0 +1,289 @@
+//! What an SRE watches the operator by: `/healthz` (the process serves), `/readyz` (its
+//! caches are synced, or it is a standby waiting for the Lease) and Prometheus
+//! `/metrics`: reconciles, failures and reconcile durations per controller, runs per
+//! phase, members Ready, and Kubernetes API requests by verb. Shared by the hub and the
+//! agent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabel {
+    pub verb: String,
+}
+
+fn duration_histogram() -> Histogram {
+    // 1 ms .. ~16 s: a reconcile that reads stores is milliseconds, one that waits on an
+    // exchange that does not answer is seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// The process's readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Readiness {
+    Starting = 0,
+    /// A hub replica waiting for the leader Lease: alive and ready to take over.
+    Standby = 1,
+    Ready = 2,
+}
+
+pub struct Metrics {
+    pub reconciles: Family<ControllerLabel, Counter>,
+    pub failures: Family<ControllerLabel, Counter>,
+    pub duration: Family<ControllerLabel, Histogram, fn() -> Histogram>,
+    pub runs: Family<PhaseLabel, Gauge>,
+    pub members_ready: Gauge,
+    pub members: Gauge,
+    pub api_requests: Family<VerbLabel, Counter>,
+    readiness: AtomicU8,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("starling_operator");
+        let m = Self {
+            reconciles: Family::default(),
+            failures: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            runs: Family::default(),
+            members_ready: Gauge::default(),
+            members: Gauge::default(),
+            api_requests: Family::default(),
+            readiness: AtomicU8::new(Readiness::Starting as u8),
+            registry: Registry::default(),
+        };
+        registry.register("reconciles", "Reconciles started", m.reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed",
+            m.failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reconciles took",
+            m.duration.clone(),
+        );
+        registry.register("training_runs", "TrainingRuns by phase", m.runs.clone());
+        registry.register(
+            "members_ready",
+            "MemberClusters Ready",
+            m.members_ready.clone(),
+        );
+        registry.register("members", "MemberClusters", m.members.clone());
+        registry.register(
+            "kubernetes_requests",
+            "Requests to the Kubernetes API by verb",
+            m.api_requests.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+/// Measures one reconcile: counts it, and its duration and failure when dropped.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    controller: &'static str,
+    start: Instant,
+    failed: bool,
+}
+
+impl ReconcileTimer<'_> {
+    pub fn failed(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        let label = ControllerLabel {
+            controller: self.controller,
+        };
+        self.metrics
+            .duration
+            .get_or_create(&label)
+            .observe(self.start.elapsed().as_secs_f64());
+        if self.failed {
+            self.metrics.failures.get_or_create(&label).inc();
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconcile(&self, controller: &'static str) -> ReconcileTimer<'_> {
+        self.reconciles
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+        ReconcileTimer {
+            metrics: self,
+            controller,
+            start: Instant::now(),
+            failed: false,
+        }
+    }
+
+    pub fn set_readiness(&self, readiness: Readiness) {
+        self.readiness.store(readiness as u8, Ordering::Relaxed);
+    }
+
+    fn readiness(&self) -> Readiness {
+        match self.readiness.load(Ordering::Relaxed) {
+            1 => Readiness::Standby,
+            2 => Readiness::Ready,
+            _ => Readiness::Starting,
+        }
+    }
+
+    /// Counts one API request by its HTTP method, read as a Kubernetes verb family.
+    pub fn api_request(&self, method: &str) {
+        self.api_requests
+            .get_or_create(&VerbLabel {
+                verb: method.to_ascii_lowercase(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A tower layer counting every request a kube `Client` sends, by method.
+pub fn counting_layer(
+    metrics: Arc<Metrics>,
+) -> tower::util::MapRequestLayer<
+    impl Fn(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone,
+> {
+    tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+        metrics.api_request(request.method().as_str());
+        request
+    })
+}
+
+/// A client for `config` whose requests are counted in `metrics`.
+pub fn client(config: kube::Config, metrics: Arc<Metrics>) -> kube::Result<kube::Client> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&counting_layer(metrics))
+        .build())
+}
+
+/// What `/metrics` adds on top of the counters: gauges read at scrape time.
+pub type Refresh = Arc<dyn Fn(&Metrics) + Send + Sync>;
+
+#[derive(Clone)]
+struct Served {
+    metrics: Arc<Metrics>,
+    refresh: Refresh,
+}
+
+async fn scrape(State(s): State<Served>) -> impl IntoResponse {
+    (s.refresh)(&s.metrics);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn ready(State(s): State<Served>) -> impl IntoResponse {
+    match s.metrics.readiness() {
+        Readiness::Ready => (StatusCode::OK, "ok"),
+        Readiness::Standby => (StatusCode::OK, "standby"),
+        Readiness::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the process ends. Prints
+/// the address it bound (port 0 picks a free one).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    refresh: Refresh,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(scrape))
+        .with_state(Served { metrics, refresh });
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconciles_failures_and_durations_are_exposed_per_controller() {
+        let m = Metrics::default();
+        {
+            let _ok = m.reconcile("trainingrun");
+        }
+        {
+            let mut bad = m.reconcile("trainingrun");
+            bad.failed();
+        }
+        m.api_request("PATCH");
+        m.runs
+            .get_or_create(&PhaseLabel {
+                phase: "Running".into(),
+            })
+            .set(2);
+        let text = m.encode();
+        assert!(
+            text.contains("starling_operator_reconciles_total{controller=\"trainingrun\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("starling_operator_reconcile_errors_total{controller=\"trainingrun\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "starling_operator_reconcile_duration_seconds_count{controller=\"trainingrun\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("starling_operator_kubernetes_requests_total{verb=\"patch\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("starling_operator_training_runs{phase=\"Running\"} 2"),
+            "{text}"
+        );
+    }
+}
