@@ -364,7 +364,8 @@ fn training_run(name: &str) -> anyhow::Result<TrainingRun> {
         "spec": {
             "model": {"preset": "tiny"},
             "data": {"corpus": {"builtin": "shakespeare"}, "sequenceLength": 64},
-            "schedule": {"outerRounds": 2, "innerSteps": 2, "batchSize": 2},
+            "schedule": {"outerRounds": 2, "innerSteps": 10, "batchSize": 4,
+                "innerOptimizer": {"lr": 0.003, "warmupSteps": 5}},
             "peers": {"min": 1, "max": PEERS},
             "placement": {"maxPeersPerMember": 1},
         },
