@@ -35,6 +35,18 @@ enum Command {
         #[arg(long, default_value = ".starling/clusters")]
         dir: PathBuf,
     },
+    /// Benchmarks: the Starling operator at fleet scale.
+    Bench {
+        #[command(subcommand)]
+        target: BenchTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// The hub operator with many members and runs and no trainers: time to place,
+    /// time to re-place after a member goes dark, steady-state API requests, memory.
+    Operator(starling_e2e::bench::BenchOptions),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -53,6 +65,20 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 tokio::signal::ctrl_c().await?;
                 anyhow::Ok(())
             })?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            target: BenchTarget::Operator(opts),
+        } => {
+            let exe = std::env::current_exe()?;
+            let exe_dir = exe.parent().unwrap_or(std::path::Path::new("."));
+            let report = tokio::runtime::Runtime::new()?
+                .block_on(starling_e2e::bench::operator(&opts, exe_dir))?;
+            if opts.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", starling_e2e::bench::summary(&report));
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Clusters { members, dir } => {

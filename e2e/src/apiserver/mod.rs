@@ -18,6 +18,7 @@ mod managed;
 mod openapi;
 mod protobuf;
 mod registry;
+mod requests;
 mod schema;
 mod selector;
 mod shape;
@@ -35,6 +36,7 @@ pub use auth::User;
 pub use error::ApiError;
 pub(crate) use http::{param, query};
 pub use registry::{Registry, ResourceType};
+pub use requests::{RequestKey, resource_of};
 pub use store::Store;
 
 /// The server's state; cheap to clone, shared by every request.
@@ -50,6 +52,8 @@ struct Inner {
     store: Mutex<Store>,
     /// Bumped to end every open watch (as an API server restart would).
     watch_epoch: watch::Sender<u64>,
+    /// Every request received, for benchmarks.
+    requests: requests::Counts,
 }
 
 /// A server listening on loopback over HTTPS.
@@ -153,6 +157,7 @@ impl ApiServer {
                 registry: RwLock::new(registry),
                 store: Mutex::new(store),
                 watch_epoch,
+                requests: Default::default(),
             }),
         }
     }
@@ -163,7 +168,10 @@ impl ApiServer {
         let (authority, acceptor) = tls::acceptor().map_err(std::io::Error::other)?;
         let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let url = format!("https://{}", tcp.local_addr()?);
-        let app = http::router(self.clone());
+        let app = http::router(self.clone()).layer(axum::middleware::from_fn_with_state(
+            self.clone(),
+            requests::count,
+        ));
         let listener = tls::TlsListener { tcp, acceptor };
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -202,6 +210,11 @@ impl ApiServer {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(token.to_owned(), user);
+    }
+
+    /// How many requests the server has received so far, by user, verb and resource.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<RequestKey, u64> {
+        self.inner.requests.snapshot()
     }
 
     /// Forgets the change history and ends every open watch, as an API server restart
