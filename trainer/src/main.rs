@@ -9,7 +9,7 @@ use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
 use starling_trainer::exchange::Tokens;
-use starling_trainer::exchange::server::{Exchange, ExchangeOptions};
+use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::RunConfig;
@@ -257,20 +257,24 @@ fn main() -> anyhow::Result<()> {
                 },
             };
             let exchange = Exchange::new(run, opts)?;
-            tokio::runtime::Runtime::new()?.block_on(async move {
+            let served = tokio::runtime::Runtime::new()?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("binding {listen}"))?;
                 // Tests and scripts read the port from this line.
                 println!("exchange listening on {}", listener.local_addr()?);
                 std::io::stdout().flush()?;
-                exchange
-                    .serve(listener, async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
-                anyhow::Ok(())
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                anyhow::Ok(exchange.serve(listener, shutdown).await)
             })?;
+            if let Err(e @ ServeError::Advance { .. }) = &served {
+                // A bug or a full disk, not a configuration mistake (`EX_SOFTWARE`).
+                eprintln!("Error: {e}");
+                std::process::exit(70);
+            }
+            served?;
         }
         Command::Init { config, seed, out } => {
             let text = std::fs::read_to_string(&config)
