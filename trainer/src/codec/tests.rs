@@ -323,8 +323,18 @@ fn out_of_range_indices_and_bad_scales_are_caught_after_the_checksum() {
     // Scales are bits 0..32; the first Rice code (r = 0) is bit 32: a 1. Make it `01`.
     let mut m = bytes.clone();
     m[payload + 4] &= !1;
+    // Refused by the chunk bound itself: without it the decoder reads on and fails
+    // later, differently (the update then looks truncated).
     let err = Update::from_bytes(&with_fixed_checksum(m)).unwrap_err();
-    assert!(err.to_string().contains("chunk 0"), "{err}");
+    assert_eq!(
+        err,
+        CodecError::InChunk {
+            tensor: "w".into(),
+            chunk: 0,
+            source: Box::new(CodecError::Corrupt("index outside its chunk")),
+        },
+        "{err}"
+    );
     // Scale `lo` becomes NaN.
     let mut m = bytes.clone();
     m[payload..payload + 2].copy_from_slice(&0x7fc0u16.to_le_bytes());
