@@ -325,6 +325,22 @@ fn sparseloco_keeps_peers_and_exchange_bit_identical() {
     federate("sparseloco");
 }
 
+#[test]
+fn median_norm_aggregation_keeps_peers_and_exchange_bit_identical() {
+    let dir = federate_with("sparseloco", |_| {
+        vec!["--aggregation".to_owned(), "median-norm".to_owned()]
+    });
+    // The rule took part: the same run under the weighted mean ends elsewhere.
+    let mean = federate("sparseloco");
+    let weights = |d: &tempfile::TempDir| {
+        std::fs::read(d.path().join("exchange/round-000003/model.safetensors")).unwrap()
+    };
+    assert!(
+        weights(&dir) != weights(&mean),
+        "median-norm made no difference"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_calling_is_not_waited_for_past_its_liveness() {
     let dir = tempfile::tempdir().unwrap();
