@@ -43,8 +43,11 @@ impl Exchange {
 /// A metric's name (after `starling_exchange_`), type and help text.
 type Metric = (&'static str, &'static str, &'static str);
 
+/// A per-peer metric and how to read it off a peer's state.
+type PeerMetric = (Metric, fn(&proto::PeerState) -> f64);
+
 /// The per-peer metrics, labelled `peer="…"`.
-const PEER_METRICS: [(Metric, fn(&proto::PeerState) -> f64); 4] = [
+const PEER_METRICS: [PeerMetric; 4] = [
     (
         ("peer_alive", "gauge", "1 while the peer heartbeats."),
         |p| f64::from(u8::from(p.alive)),
