@@ -135,6 +135,30 @@ impl LocalFederation {
         }
     }
 
+    /// [`finish`](Self::finish), but a peer still running after `timeout` is killed and
+    /// reported with its log, so a hung run fails instead of hanging.
+    pub fn finish_within(
+        &self,
+        p: u32,
+        mut child: Child,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let start = Instant::now();
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "p{p} still running after {timeout:?}, killed:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    self.log(&format!("p{p}"))
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.finish(p, child)
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }

@@ -1,18 +1,19 @@
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use candle_core::Device;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
 use starling_trainer::exchange::Tokens;
-use starling_trainer::exchange::server::{Exchange, ExchangeOptions};
+use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::roles::train::{self, PeerOptions};
-use starling_trainer::run::RunConfig;
+use starling_trainer::run::{Run, RunConfig};
 
 /// Starling trainer: runs in every trainer pod (and as each run's exchange).
 #[derive(Parser)]
@@ -25,140 +26,258 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train as one peer of a run, through the run's exchange.
-    Train {
-        #[command(flatten)]
-        run: RunConfig,
-        /// The exchange's URL, e.g. `http://run-exchange:7070`.
-        #[arg(long, env = "STARLING_EXCHANGE")]
-        exchange: String,
-        /// This peer's bearer token (it also says which peer this is).
-        #[arg(long, env = "STARLING_TOKEN", hide_env_values = true)]
-        token: String,
-        /// Cap upload and download at this many megabits per second (home links).
-        #[arg(long, env = "STARLING_BANDWIDTH_MBPS")]
-        bandwidth_mbps: Option<f64>,
-        /// Seconds to keep retrying an unreachable exchange before giving up.
-        #[arg(long, env = "STARLING_RETRY_FOR", default_value_t = 300)]
-        retry_for: u64,
-        /// Where the token shards are built (once).
-        #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
-        data_dir: PathBuf,
-        /// Write this peer's final parameters here, in the Hugging Face layout.
-        #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
-        checkpoint_dir: Option<PathBuf>,
-        /// CA certificate (PEM) to verify an `https://` exchange with.
-        #[arg(long, env = "STARLING_TLS_CA")]
-        tls_ca: Option<PathBuf>,
-    },
+    Train(TrainArgs),
     /// Serve a run's exchange: rounds, membership, the global state and checkpoints.
-    Exchange {
-        #[command(flatten)]
-        run: RunConfig,
-        #[arg(long, env = "STARLING_LISTEN", default_value = "0.0.0.0:7070")]
-        listen: std::net::SocketAddr,
-        /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
-        #[arg(long, env = "STARLING_TOKENS_FILE", required_unless_present = "tokens")]
-        tokens_file: Option<PathBuf>,
-        /// The same lines given directly (the operator passes them from a Secret).
-        #[arg(
-            long,
-            env = "STARLING_TOKENS",
-            hide_env_values = true,
-            conflicts_with = "tokens_file"
-        )]
-        tokens: Option<String>,
-        /// Updates needed before a round closes early (when every live peer has sent).
-        #[arg(long, env = "STARLING_MIN_PEERS", default_value_t = 1)]
-        min_peers: u32,
-        /// Seconds a round stays open after its first update.
-        #[arg(long, env = "STARLING_ROUND_DEADLINE", default_value_t = 120.0)]
-        round_deadline: f64,
-        /// Seconds without a heartbeat after which a peer is not waited for.
-        #[arg(long, env = "STARLING_LIVENESS", default_value_t = 15.0)]
-        liveness: f64,
-        /// Largest update accepted, in bytes (default: the model's dense fp32 size).
-        #[arg(long, env = "STARLING_MAX_UPDATE_BYTES")]
-        max_update_bytes: Option<u64>,
-        /// Closed rounds kept for fetching.
-        #[arg(long, env = "STARLING_KEEP_ROUNDS", default_value_t = 4)]
-        keep_rounds: usize,
-        #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
-        data_dir: PathBuf,
-        /// Where the global state is kept across restarts.
-        #[arg(long, env = "STARLING_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-        /// Where checkpoints are written (`round-NNNNNN/`).
-        #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
-        checkpoint_dir: Option<PathBuf>,
-        #[arg(long, env = "STARLING_CHECKPOINT_EVERY", default_value_t = 10)]
-        checkpoint_every: u32,
-        /// Held-out sequences the validation loss is measured on after each round.
-        #[arg(long, env = "STARLING_EVAL_ROWS", default_value_t = 16)]
-        eval_rows: u32,
-        #[arg(long, env = "STARLING_RUN", default_value = "local")]
-        run_name: String,
-        /// Serve TLS with this certificate chain (PEM); needs --tls-key.
-        #[arg(long, env = "STARLING_TLS_CERT", requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, env = "STARLING_TLS_KEY", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-    },
+    Exchange(ExchangeArgs),
     /// Write a freshly initialised model as a checkpoint (round 0 of a run).
-    Init {
-        /// Model architecture: a Hugging Face `config.json` for LlamaForCausalLM.
-        #[arg(long, env = "STARLING_MODEL_CONFIG")]
-        config: PathBuf,
-        /// Initialisation seed (the run's seed: every peer derives the same weights).
-        #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
-        seed: u64,
-        /// Checkpoint directory to write.
-        #[arg(long)]
-        out: PathBuf,
-    },
+    Init(InitArgs),
     /// Generate text from a checkpoint.
-    Sample {
-        #[arg(long, env = "STARLING_CHECKPOINT")]
-        checkpoint: PathBuf,
-        /// Text to continue.
-        #[arg(long, default_value = "")]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(long, default_value_t = 300)]
-        tokens: usize,
-        /// Sampling temperature; 0 picks the likeliest token every time.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Sample(SampleArgs),
     /// Benchmarks; each prints a table, or JSON lines with --json.
     #[command(subcommand)]
     Bench(Bench),
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    run: RunConfig,
+    /// The exchange's URL, e.g. `http://run-exchange:7070`.
+    #[arg(long, env = "STARLING_EXCHANGE")]
+    exchange: String,
+    /// This peer's bearer token (it also says which peer this is).
+    #[arg(long, env = "STARLING_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Cap upload and download at this many megabits per second (home links).
+    #[arg(long, env = "STARLING_BANDWIDTH_MBPS")]
+    bandwidth_mbps: Option<f64>,
+    /// Seconds to keep retrying an unreachable exchange before giving up.
+    #[arg(long, env = "STARLING_RETRY_FOR", default_value_t = 300)]
+    retry_for: u64,
+    /// Where the token shards are built (once).
+    #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+    data_dir: PathBuf,
+    /// Write this peer's final parameters here, in the Hugging Face layout.
+    #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    /// CA certificate (PEM) to verify an `https://` exchange with.
+    #[arg(long, env = "STARLING_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The loaded run and how this peer reaches the exchange.
+    fn into_options(self) -> anyhow::Result<(Run, PeerOptions)> {
+        let run = self.run.load(&self.data_dir)?;
+        let opts = PeerOptions {
+            exchange: self.exchange,
+            token: self.token,
+            bandwidth_mbps: self.bandwidth_mbps,
+            retry_for: Duration::from_secs(self.retry_for),
+            heartbeat: Duration::from_secs(1),
+            checkpoint_dir: self.checkpoint_dir,
+            tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
+        };
+        Ok((run, opts))
+    }
+
+    fn run(self) -> anyhow::Result<()> {
+        let (run, opts) = self.into_options()?;
+        let report = train::train(&run, opts)?;
+        println!(
+            "{} finished: {} rounds trained, {} updates accepted, {} resyncs, {} bytes sent",
+            report.peer,
+            report.rounds_trained,
+            report.updates_accepted,
+            report.resyncs,
+            report.bytes_sent
+        );
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct ExchangeArgs {
+    #[command(flatten)]
+    run: RunConfig,
+    #[arg(long, env = "STARLING_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: std::net::SocketAddr,
+    /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
+    #[arg(long, env = "STARLING_TOKENS_FILE", required_unless_present = "tokens")]
+    tokens_file: Option<PathBuf>,
+    /// The same lines given directly (the operator passes them from a Secret).
+    #[arg(
+        long,
+        env = "STARLING_TOKENS",
+        hide_env_values = true,
+        conflicts_with = "tokens_file"
+    )]
+    tokens: Option<String>,
+    /// Updates needed before a round closes early (when every live peer has sent).
+    #[arg(long, env = "STARLING_MIN_PEERS", default_value_t = 1)]
+    min_peers: u32,
+    /// Seconds a round stays open after its first update.
+    #[arg(long, env = "STARLING_ROUND_DEADLINE", default_value_t = 120.0)]
+    round_deadline: f64,
+    /// Seconds without a heartbeat after which a peer is not waited for.
+    #[arg(long, env = "STARLING_LIVENESS", default_value_t = 15.0)]
+    liveness: f64,
+    /// Largest update accepted, in bytes (default: the model's dense fp32 size).
+    #[arg(long, env = "STARLING_MAX_UPDATE_BYTES")]
+    max_update_bytes: Option<u64>,
+    /// Closed rounds kept for fetching.
+    #[arg(long, env = "STARLING_KEEP_ROUNDS", default_value_t = 4)]
+    keep_rounds: usize,
+    #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+    data_dir: PathBuf,
+    /// Where the global state is kept across restarts.
+    #[arg(long, env = "STARLING_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where checkpoints are written (`round-NNNNNN/`).
+    #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, env = "STARLING_CHECKPOINT_EVERY", default_value_t = 10)]
+    checkpoint_every: u32,
+    /// Held-out sequences the validation loss is measured on after each round.
+    #[arg(long, env = "STARLING_EVAL_ROWS", default_value_t = 16)]
+    eval_rows: u32,
+    #[arg(long, env = "STARLING_RUN", default_value = "local")]
+    run_name: String,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "STARLING_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "STARLING_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// The exit status of an exchange that could not advance the global state past a closed
+/// round (`EX_SOFTWARE`): a bug or a full disk, not a configuration mistake.
+const EXIT_ADVANCE: u8 = 70;
+
+impl ExchangeArgs {
+    /// The loaded run and how the exchange serves it.
+    fn into_options(self) -> anyhow::Result<(Run, ExchangeOptions)> {
+        let run = self.run.load(&self.data_dir)?;
+        let tokens = match (self.tokens, self.tokens_file) {
+            (Some(text), _) => Tokens::parse(&text),
+            (None, Some(path)) => Tokens::read(&path),
+            (None, None) => unreachable!("clap requires one of them"),
+        }
+        .map_err(anyhow::Error::msg)?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(&cert)?, read(&key)?)),
+            _ => None,
+        };
+        let opts = ExchangeOptions {
+            tokens,
+            min_peers: self.min_peers,
+            deadline: Duration::from_secs_f64(self.round_deadline),
+            liveness: Duration::from_secs_f64(self.liveness),
+            max_update_bytes: self.max_update_bytes,
+            keep_rounds: self.keep_rounds,
+            state_dir: self.state_dir,
+            checkpoint_dir: self.checkpoint_dir,
+            checkpoint_every: self.checkpoint_every,
+            eval_rows: self.eval_rows,
+            run_name: self.run_name,
+            tls,
+        };
+        Ok((run, opts))
+    }
+
+    /// Serves until interrupted; a round that cannot be applied ends the process with
+    /// [`EXIT_ADVANCE`].
+    fn run(self) -> anyhow::Result<ExitCode> {
+        let listen = self.listen;
+        let (run, opts) = self.into_options()?;
+        let exchange = Exchange::new(run, opts)?;
+        let served = tokio::runtime::Runtime::new()?.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            // Tests and scripts read the port from this line.
+            println!("exchange listening on {}", listener.local_addr()?);
+            std::io::stdout().flush()?;
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            anyhow::Ok(exchange.serve(listener, shutdown).await)
+        })?;
+        match served {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e @ ServeError::Advance { .. }) => {
+                eprintln!("Error: {e}");
+                Ok(ExitCode::from(EXIT_ADVANCE))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Model architecture: a Hugging Face `config.json` for LlamaForCausalLM.
+    #[arg(long, env = "STARLING_MODEL_CONFIG")]
+    config: PathBuf,
+    /// Initialisation seed (the run's seed: every peer derives the same weights).
+    #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl InitArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let text = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("reading {}", self.config.display()))?;
+        let config: ModelConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a model config", self.config.display()))?;
+        let model = Llama::new(config, self.seed, &Device::Cpu)?;
+        let meta = serde_json::json!({"round": 0, "seed": self.seed, "tokenizer": "bytes"});
+        save_checkpoint(&self.out, &model, &meta, &[])?;
+        println!(
+            "wrote {} ({} parameters)",
+            self.out.display(),
+            model.parameter_count()
+        );
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[arg(long, env = "STARLING_CHECKPOINT")]
+    checkpoint: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 300)]
+    tokens: usize,
+    /// Sampling temperature; 0 picks the likeliest token every time.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SampleArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let (model, _) = load_checkpoint(&self.checkpoint, &Device::Cpu)?;
+        let tokenizer = Tokenizer::of_checkpoint(&self.checkpoint)?;
+        let prompt = tokenizer.encode(&self.prompt)?;
+        let out = model.generate(&prompt, self.tokens, self.temperature, self.seed)?;
+        println!("{}{}", self.prompt, tokenizer.decode(&out));
+        Ok(())
+    }
+}
+
 #[derive(Subcommand)]
 enum Bench {
     /// SparseLoCo codec: compression ratio and throughput against memcpy.
-    Codec {
-        /// Tensor sizes in parameters (K, M, G suffixes).
-        #[arg(long, value_delimiter = ',', value_parser = bench::parse_size, default_value = "16M,256M")]
-        params: Vec<usize>,
-        #[arg(long, default_value_t = 4096)]
-        chunk: u32,
-        /// Entries kept per chunk.
-        #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
-        k: Vec<u32>,
-        /// Bits per value: 2, 4 or 8.
-        #[arg(long, default_value_t = 2)]
-        bits: u8,
-        /// Timed repetitions per measurement (the best is kept).
-        #[arg(long, default_value_t = 3)]
-        repeats: usize,
-        /// One JSON object per configuration instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Codec(CodecArgs),
     /// Train the same model on the same tokens with DDP, dense DiLoCo and SparseLoCo,
     /// each as an exchange plus peers on loopback; compare loss and bytes sent.
     Convergence {
@@ -170,11 +289,63 @@ enum Bench {
     },
 }
 
-fn read(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+#[derive(Args)]
+struct CodecArgs {
+    /// Tensor sizes in parameters (K, M, G suffixes).
+    #[arg(long, value_delimiter = ',', value_parser = bench::parse_size, default_value = "16M,256M")]
+    params: Vec<usize>,
+    #[arg(long, default_value_t = 4096)]
+    chunk: u32,
+    /// Entries kept per chunk.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    k: Vec<u32>,
+    /// Bits per value: 2, 4 or 8.
+    #[arg(long, default_value_t = 2)]
+    bits: u8,
+    /// Timed repetitions per measurement (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// One JSON object per configuration instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CodecArgs {
+    fn into_bench(self) -> anyhow::Result<CodecBench> {
+        Ok(CodecBench {
+            params: self.params,
+            chunk: self.chunk,
+            ks: self.k,
+            bits: ValueBits::try_from(self.bits)?,
+            repeats: self.repeats,
+        })
+    }
+}
+
+impl Bench {
+    fn run(self) -> anyhow::Result<()> {
+        match self {
+            Bench::Convergence { mut bench, json } => {
+                bench.binary = std::env::current_exe()?;
+                let header = bench::convergence_table_header();
+                bench.run(bench::printer(json, header, bench::convergence_table_row))?;
+            }
+            Bench::Codec(args) => {
+                let json = args.json;
+                let bench = args.into_bench()?;
+                let header = bench::codec_table_header();
+                bench.run(bench::printer(json, header, bench::codec_table_row))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -184,144 +355,11 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Train {
-            run,
-            exchange,
-            token,
-            bandwidth_mbps,
-            retry_for,
-            data_dir,
-            checkpoint_dir,
-            tls_ca,
-        } => {
-            let run = run.load(&data_dir)?;
-            let opts = PeerOptions {
-                exchange,
-                token,
-                bandwidth_mbps,
-                retry_for: Duration::from_secs(retry_for),
-                heartbeat: Duration::from_secs(1),
-                checkpoint_dir,
-                tls_ca: tls_ca.as_deref().map(read).transpose()?,
-            };
-            let report = train::train(&run, opts)?;
-            println!(
-                "{} finished: {} rounds trained, {} updates accepted, {} resyncs, {} bytes sent",
-                report.peer,
-                report.rounds_trained,
-                report.updates_accepted,
-                report.resyncs,
-                report.bytes_sent
-            );
-        }
-        Command::Exchange {
-            run,
-            listen,
-            tokens_file,
-            tokens,
-            min_peers,
-            round_deadline,
-            liveness,
-            max_update_bytes,
-            keep_rounds,
-            data_dir,
-            state_dir,
-            checkpoint_dir,
-            checkpoint_every,
-            eval_rows,
-            run_name,
-            tls_cert,
-            tls_key,
-        } => {
-            let run = run.load(&data_dir)?;
-            let opts = ExchangeOptions {
-                tokens: match (tokens, tokens_file) {
-                    (Some(text), _) => Tokens::parse(&text),
-                    (None, Some(path)) => Tokens::read(&path),
-                    (None, None) => unreachable!("clap requires one of them"),
-                }
-                .map_err(anyhow::Error::msg)?,
-                min_peers,
-                deadline: Duration::from_secs_f64(round_deadline),
-                liveness: Duration::from_secs_f64(liveness),
-                max_update_bytes,
-                keep_rounds,
-                state_dir,
-                checkpoint_dir,
-                checkpoint_every,
-                eval_rows,
-                run_name,
-                tls: match (tls_cert, tls_key) {
-                    (Some(cert), Some(key)) => Some((read(&cert)?, read(&key)?)),
-                    _ => None,
-                },
-            };
-            let exchange = Exchange::new(run, opts)?;
-            tokio::runtime::Runtime::new()?.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("binding {listen}"))?;
-                // Tests and scripts read the port from this line.
-                println!("exchange listening on {}", listener.local_addr()?);
-                std::io::stdout().flush()?;
-                exchange
-                    .serve(listener, async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
-                anyhow::Ok(())
-            })?;
-        }
-        Command::Init { config, seed, out } => {
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("reading {}", config.display()))?;
-            let config: ModelConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a model config", config.display()))?;
-            let model = Llama::new(config, seed, &Device::Cpu)?;
-            let meta = serde_json::json!({"round": 0, "seed": seed, "tokenizer": "bytes"});
-            save_checkpoint(&out, &model, &meta, &[])?;
-            println!(
-                "wrote {} ({} parameters)",
-                out.display(),
-                model.parameter_count()
-            );
-        }
-        Command::Sample {
-            checkpoint,
-            prompt,
-            tokens,
-            temperature,
-            seed,
-        } => {
-            let (model, meta) = load_checkpoint(&checkpoint, &Device::Cpu)?;
-            let _ = meta;
-            let tokenizer = Tokenizer::of_checkpoint(&checkpoint)?;
-            let out = model.generate(&tokenizer.encode(&prompt)?, tokens, temperature, seed)?;
-            println!("{prompt}{}", tokenizer.decode(&out));
-        }
-        Command::Bench(Bench::Convergence { mut bench, json }) => {
-            bench.binary = std::env::current_exe()?;
-            let header = bench::convergence_table_header();
-            bench.run(bench::printer(json, header, bench::convergence_table_row))?;
-        }
-        Command::Bench(Bench::Codec {
-            params,
-            chunk,
-            k,
-            bits,
-            repeats,
-            json,
-        }) => {
-            let bench = CodecBench {
-                params,
-                chunk,
-                ks: k,
-                bits: ValueBits::try_from(bits)?,
-                repeats,
-            };
-            let header = bench::codec_table_header();
-            bench.run(bench::printer(json, header, bench::codec_table_row))?;
-        }
+        Command::Train(args) => args.run()?,
+        Command::Exchange(args) => return args.run(),
+        Command::Init(args) => args.run()?,
+        Command::Sample(args) => args.run()?,
+        Command::Bench(bench) => bench.run()?,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -31,6 +31,26 @@ pub enum Algorithm {
     Ddp,
 }
 
+/// How a round's updates are combined into the global step (`sparseloco`; the dense
+/// algorithms always take the weighted mean).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// `Σ wᵢ·dᵢ / Σ wᵢ` over the peers with positive weight.
+    #[default]
+    WeightedMean,
+    /// Each peer's update clipped to the median of the peers' norms, then each
+    /// coordinate averaged over the peers that sent it (Templar's rule): no single peer
+    /// can dominate a round.
+    MedianNorm,
+}
+
+impl Aggregation {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Everything that must be the same on every peer of a run.
 #[derive(Args, Clone, Debug, Serialize)]
 pub struct RunConfig {
@@ -81,6 +101,11 @@ pub struct RunConfig {
     /// Error-feedback decay β.
     #[arg(long, env = "STARLING_ERROR_FEEDBACK", default_value_t = 0.95)]
     pub error_feedback: f32,
+    /// How a round's updates are combined.
+    #[arg(long, env = "STARLING_AGGREGATION", value_enum, default_value_t = Aggregation::WeightedMean)]
+    // Left out at its default, so runs that predate the choice keep their fingerprint.
+    #[serde(skip_serializing_if = "Aggregation::is_default")]
+    pub aggregation: Aggregation,
     /// Text corpus (see `Corpus::from_path`); the built-in Shakespeare when absent.
     #[arg(long, env = "STARLING_CORPUS")]
     #[serde(skip)]
@@ -118,10 +143,13 @@ pub enum RunError {
     Invalid(String),
 }
 
+/// How an inline model config (rather than a path) starts.
+const JSON_OBJECT: char = '{';
+
 impl RunConfig {
     /// Reads the model config and builds (or reopens) the token shards under `data_dir`.
     pub fn load(self, data_dir: &Path) -> Result<Run, RunError> {
-        let inline = self.model_config.trim_start().starts_with('{');
+        let inline = self.model_config.trim_start().starts_with(JSON_OBJECT);
         let model_error = |message: String| RunError::Model {
             origin: if inline {
                 "(inline JSON)".into()
@@ -139,26 +167,7 @@ impl RunConfig {
             serde_json::from_str(&text).map_err(|e| model_error(e.to_string()))?;
         model.validate().map_err(|e| model_error(e.to_string()))?;
         let tokenizer = Tokenizer::from_spec(&self.tokenizer)?;
-        if (tokenizer.vocab_size() as usize) > model.vocab_size {
-            return Err(RunError::Invalid(format!(
-                "tokenizer {} has {} tokens but the model's vocab_size is {}",
-                tokenizer.name(),
-                tokenizer.vocab_size(),
-                model.vocab_size
-            )));
-        }
-        if self.sequence_length as usize > model.max_position_embeddings {
-            return Err(RunError::Invalid(format!(
-                "sequence length {} exceeds the model's max_position_embeddings {}",
-                self.sequence_length, model.max_position_embeddings
-            )));
-        }
-        if self.batch == 0 || self.rounds == 0 || self.max_peers == 0 {
-            return Err(RunError::Invalid(
-                "batch, rounds and max peers must be positive".into(),
-            ));
-        }
-        self.codec()?;
+        self.check_fits(&model, &tokenizer)?;
         let corpus = match &self.corpus {
             Some(path) => Corpus::from_path(path)?,
             None => Corpus::shakespeare(),
@@ -171,23 +180,7 @@ impl RunConfig {
             self.sequence_length as usize,
             shards.train.len(),
         )?;
-        // A checkpoint is named by its weights file's size and time: hashing gigabytes
-        // on every start would be slow, and a mismatch is what this must catch.
-        let init = match &self.init_from {
-            Some(dir) => {
-                let weights = dir.join("model.safetensors");
-                let meta = std::fs::metadata(&weights).map_err(|e| {
-                    RunError::Invalid(format!("initial checkpoint {}: {e}", weights.display()))
-                })?;
-                let modified = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs());
-                serde_json::json!({"size": meta.len(), "modified": modified})
-            }
-            None => serde_json::Value::Null,
-        };
+        let init = self.init_identity()?;
         let fingerprint = crate::data::fingerprint(
             serde_json::json!({
                 "config": &self,
@@ -209,6 +202,50 @@ impl RunConfig {
         })
     }
 
+    /// Checks that the schedule, the tokenizer and the codec fit the model.
+    fn check_fits(&self, model: &ModelConfig, tokenizer: &Tokenizer) -> Result<(), RunError> {
+        if (tokenizer.vocab_size() as usize) > model.vocab_size {
+            return Err(RunError::Invalid(format!(
+                "tokenizer {} has {} tokens but the model's vocab_size is {}",
+                tokenizer.name(),
+                tokenizer.vocab_size(),
+                model.vocab_size
+            )));
+        }
+        if self.sequence_length as usize > model.max_position_embeddings {
+            return Err(RunError::Invalid(format!(
+                "sequence length {} exceeds the model's max_position_embeddings {}",
+                self.sequence_length, model.max_position_embeddings
+            )));
+        }
+        if self.batch == 0 || self.rounds == 0 || self.max_peers == 0 {
+            return Err(RunError::Invalid(
+                "batch, rounds and max peers must be positive".into(),
+            ));
+        }
+        self.codec()?;
+        Ok(())
+    }
+
+    /// The initial checkpoint as the fingerprint names it: by its weights file's size
+    /// and time, since hashing gigabytes on every start would be slow, and a mismatch is
+    /// what this must catch. `null` for random weights.
+    fn init_identity(&self) -> Result<serde_json::Value, RunError> {
+        let Some(dir) = &self.init_from else {
+            return Ok(serde_json::Value::Null);
+        };
+        let weights = dir.join("model.safetensors");
+        let meta = std::fs::metadata(&weights).map_err(|e| {
+            RunError::Invalid(format!("initial checkpoint {}: {e}", weights.display()))
+        })?;
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        Ok(serde_json::json!({"size": meta.len(), "modified": modified}))
+    }
+
     /// Inner steps in one round: one for `ddp`.
     pub fn steps_per_round(&self) -> u32 {
         match self.algorithm {
@@ -223,7 +260,10 @@ impl RunConfig {
     }
 
     pub fn aggregation(&self) -> AggregationRule {
-        AggregationRule::WeightedMean
+        match self.aggregation {
+            Aggregation::WeightedMean => AggregationRule::WeightedMean,
+            Aggregation::MedianNorm => AggregationRule::MedianNormClipSelectedMean,
+        }
     }
 
     pub fn schedule(&self) -> LrSchedule {
@@ -287,4 +327,32 @@ pub fn validation_batch(
 ) -> Result<Batch, crate::data::DataError> {
     let a = Assignment::new(0, 1, u64::from(rows), seq, tokens.len())?;
     Ok(a.batch(tokens, &a.peer_round(0, 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::codec::AggregationRule;
+    use crate::testing::small_run;
+
+    #[test]
+    fn the_aggregation_rule_is_chosen_per_run_and_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = small_run(&dir.path().join("default"), &[]);
+        let mean = small_run(
+            &dir.path().join("mean"),
+            &["--aggregation", "weighted-mean"],
+        );
+        let median = small_run(
+            &dir.path().join("median"),
+            &["--aggregation", "median-norm"],
+        );
+        assert_eq!(default.config.aggregation(), AggregationRule::WeightedMean);
+        assert_eq!(
+            median.config.aggregation(),
+            AggregationRule::MedianNormClipSelectedMean
+        );
+        // Peers that combine updates differently must not share a run.
+        assert_eq!(default.fingerprint, mean.fingerprint);
+        assert_ne!(default.fingerprint, median.fingerprint);
+    }
 }

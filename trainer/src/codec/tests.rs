@@ -323,8 +323,18 @@ fn out_of_range_indices_and_bad_scales_are_caught_after_the_checksum() {
     // Scales are bits 0..32; the first Rice code (r = 0) is bit 32: a 1. Make it `01`.
     let mut m = bytes.clone();
     m[payload + 4] &= !1;
+    // Refused by the chunk bound itself: without it the decoder reads on and fails
+    // later, differently (the update then looks truncated).
     let err = Update::from_bytes(&with_fixed_checksum(m)).unwrap_err();
-    assert!(err.to_string().contains("chunk 0"), "{err}");
+    assert_eq!(
+        err,
+        CodecError::InChunk {
+            tensor: "w".into(),
+            chunk: 0,
+            source: Box::new(CodecError::Corrupt("index outside its chunk")),
+        },
+        "{err}"
+    );
     // Scale `lo` becomes NaN.
     let mut m = bytes.clone();
     m[payload..payload + 2].copy_from_slice(&0x7fc0u16.to_le_bytes());
@@ -593,6 +603,39 @@ fn median_clip_limits_an_outsized_peer_and_averages_over_selectors() {
     let mut plain = vec![0.0; 64];
     aggregate(AggregationRule::WeightedMean, &inputs, &mut plain).unwrap();
     assert!((plain[0] - 25.5).abs() < 0.1 && (plain[40] - 0.25).abs() < 0.01);
+}
+
+#[test]
+fn median_clip_scales_only_above_the_median_of_an_even_count_and_keeps_weights() {
+    // One value per peer (k = 1), exact in bf16, so each norm is its value.
+    let cfg = config(64, 1, 8);
+    let c = Compressor::new(cfg, 0.0).unwrap();
+    let spike = |at: usize, v: f32| {
+        let mut d = vec![0.0f32; 64];
+        d[at] = v;
+        c.compress("w", &[64], Finite::new(&d).unwrap(), &mut vec![0.0; 64])
+            .unwrap()
+    };
+    // Norms 1, 2, 4 and 16: the median of the even count is (2 + 4) / 2 = 3, not 2 or
+    // 4. Two peers lie below it (and keep their size), two above (clipped to 3).
+    let (a, b, c3, d) = (spike(3, 1.0), spike(3, 2.0), spike(9, 4.0), spike(9, 16.0));
+    let inputs = [(&a, 2.0), (&b, 0.25), (&c3, 3.0), (&d, 1.5)];
+    let mut out = vec![0.0; 64];
+    aggregate(
+        AggregationRule::MedianNormClipSelectedMean,
+        &inputs,
+        &mut out,
+    )
+    .unwrap();
+    // Coordinate 3: the weighted mean of 1 and 2 over their own weights,
+    // (2·1 + 0.25·2) / 2.25; scaling them up to the median would give 3, dropping the
+    // weights 1.5.
+    let expected = (2.0 * 1.0 + 0.25 * 2.0) / 2.25;
+    assert!((out[3] - expected).abs() < 1e-4, "{} vs {expected}", out[3]);
+    // Coordinate 9: both clipped to the median, whatever their weights.
+    assert!((out[9] - 3.0).abs() < 1e-4, "{}", out[9]);
+    let sent: Vec<usize> = (0..64).filter(|&i| out[i] != 0.0).collect();
+    assert_eq!(sent, [3, 9]);
 }
 
 #[test]

@@ -200,6 +200,9 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert!(p0_state.last_rejection.contains("resync"), "{p0_state:?}");
     assert_eq!(state.peers[1].updates_rejected, 0);
     assert_eq!(state.recent[0].contributors, ["p0", "p1"]);
+    // Both peers the exchange knew had sent, with `min_peers` = 2: closed at quorum, not
+    // after waiting out its minute.
+    assert!(!state.recent[0].closed_at_deadline, "{:?}", state.recent[0]);
     assert!(state.recent[0].validation_loss.is_finite());
     let metrics = http_get(&url, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
@@ -320,6 +323,48 @@ fn a_run_starts_from_a_checkpoint_and_keeps_its_hugging_face_tokenizer() {
 #[test]
 fn sparseloco_keeps_peers_and_exchange_bit_identical() {
     federate("sparseloco");
+}
+
+#[test]
+fn median_norm_aggregation_keeps_peers_and_exchange_bit_identical() {
+    let dir = federate_with("sparseloco", |_| {
+        vec!["--aggregation".to_owned(), "median-norm".to_owned()]
+    });
+    // The rule took part: the same run under the weighted mean ends elsewhere.
+    let mean = federate("sparseloco");
+    let weights = |d: &tempfile::TempDir| {
+        std::fs::read(d.path().join("exchange/round-000003/model.safetensors")).unwrap()
+    };
+    assert!(
+        weights(&dir) != weights(&mean),
+        "median-norm made no difference"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_calling_is_not_waited_for_past_its_liveness() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let good0 = update(&run, 0);
+    let mut opts = options(dir.path());
+    opts.min_peers = 1;
+    // Far beyond the test: only p1 lapsing can close the round this soon.
+    opts.deadline = Duration::from_secs(600);
+    opts.liveness = Duration::from_secs(1);
+    let url = serve(run, opts).await;
+    let (p0, p1) = (client(&url, &token(0), &fp), client(&url, &token(1), &fp));
+    let operator = client(&url, OPERATOR, &fp);
+    p1.join().await.unwrap();
+    let result = p0.exchange_round(Round(0), Some((&good0, 2.0)));
+    let result = tokio::time::timeout(Duration::from_secs(120), result)
+        .await
+        .expect("the round waited for a peer that stopped calling")
+        .unwrap();
+    assert_eq!(result.entries.len(), 1);
+    let summary = operator.run_state().await.unwrap().recent[0].clone();
+    assert_eq!(summary.contributors, ["p0"]);
+    assert!(!summary.closed_at_deadline, "{summary:?}");
 }
 
 #[test]

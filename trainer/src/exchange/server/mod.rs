@@ -1,0 +1,355 @@
+//! The exchange service.
+//!
+//! It holds the run's global state itself — the model and the outer loop, advanced by
+//! every closed round with the same code the peers run — so it never has to trust a peer
+//! for the state it hands to a late or returning one, and it can write the run's
+//! checkpoints. A round closes when every live peer has submitted (and at least
+//! `min_peers` have), or `deadline` after its first update; its state is applied and
+//! persisted *before* any peer sees the result, so a restarted exchange resumes exactly
+//! where the peers are.
+//!
+//! By role: [`auth`] checks bearer tokens, [`round`] decides when a round closes and
+//! closes it, [`persist`] keeps the state and checkpoints on disk, [`metrics`] reports
+//! the run, and [`service`] answers the gRPC calls.
+
+mod auth;
+mod metrics;
+mod persist;
+mod round;
+mod service;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tonic::{Request, Status};
+
+use super::proto::{self, exchange_server::ExchangeServer};
+use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Tokens};
+use crate::data::Batch;
+use crate::model::{InnerOptimizer, Llama};
+use crate::outer::{Outer, Round};
+use crate::run::{Algorithm, Run};
+
+pub use auth::Authenticate;
+pub use metrics::prometheus;
+use round::{Closed, RoundState, Submission};
+
+/// How the exchange runs a run.
+#[derive(Clone, Debug)]
+pub struct ExchangeOptions {
+    pub tokens: Tokens,
+    /// Updates needed before a round may close at quorum (the deadline closes it anyway).
+    pub min_peers: u32,
+    /// How long a round stays open after its first update.
+    pub deadline: Duration,
+    /// A peer not heard from for this long is not waited for.
+    pub liveness: Duration,
+    /// Largest update accepted; by default the dense fp32 size of the model.
+    pub max_update_bytes: Option<u64>,
+    /// Closed rounds kept for fetching; older ones are served as a state instead.
+    pub keep_rounds: usize,
+    /// Where the global state is persisted after every round (and resumed from).
+    pub state_dir: Option<PathBuf>,
+    /// Where checkpoints go: `<dir>/round-<NNNNNN>/` in the Hugging Face layout.
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_every: u32,
+    /// Held-out sequences the validation loss is measured on after every round.
+    pub eval_rows: u32,
+    pub run_name: String,
+    /// Certificate chain and key (PEM) to serve TLS with; plain HTTP/2 when `None`.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The gRPC service type, ready to be served.
+pub type Service =
+    tonic::service::interceptor::InterceptedService<ExchangeServer<Exchange>, Authenticate>;
+
+#[derive(Clone)]
+pub struct Exchange {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    run: Run,
+    opts: ExchangeOptions,
+    state: Mutex<State>,
+    global: Mutex<Global>,
+    /// The open round; bumped when a round closes, waking fetchers.
+    open_tx: watch::Sender<Round>,
+    /// Wakes the task that closes rounds: an update arrived, a peer appeared, or the
+    /// exchange is going away.
+    wake: Arc<Notify>,
+    /// Set when a closed round could not be applied; `serve` stops with it.
+    failed: watch::Sender<Option<Failure>>,
+    max_update: u64,
+    dense_bytes: u64,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Lets the closing task see that the exchange is gone and end.
+        self.wake.notify_one();
+    }
+}
+
+struct Global {
+    model: Llama,
+    outer: Outer,
+    /// Only DDP needs an optimiser here: its rounds are AdamW steps.
+    inner: Option<InnerOptimizer>,
+    validation: Batch,
+}
+
+struct State {
+    open: Round,
+    round_state: RoundState,
+    submissions: BTreeMap<PeerId, Submission>,
+    closed: VecDeque<Closed>,
+    summaries: VecDeque<proto::RoundSummary>,
+    peers: BTreeMap<PeerId, PeerRecord>,
+    weights: HashMap<PeerId, f32>,
+    /// The global state at the start of `open`.
+    state_bytes: Arc<Vec<u8>>,
+    bytes_received: u64,
+    bytes_sent: u64,
+    tokens: u64,
+    initial_validation_loss: f32,
+}
+
+impl State {
+    fn new(open: Round, state_bytes: Vec<u8>, initial_validation_loss: f32) -> Self {
+        Self {
+            open,
+            round_state: RoundState::Open,
+            submissions: BTreeMap::new(),
+            closed: VecDeque::new(),
+            summaries: VecDeque::new(),
+            peers: BTreeMap::new(),
+            weights: HashMap::new(),
+            state_bytes: Arc::new(state_bytes),
+            bytes_received: 0,
+            bytes_sent: 0,
+            tokens: 0,
+            initial_validation_loss,
+        }
+    }
+}
+
+struct PeerRecord {
+    last_seen: Instant,
+    accepted: u32,
+    rejected: u32,
+    bytes: u64,
+    last_train_loss: f32,
+    last_rejection: String,
+}
+
+impl PeerRecord {
+    fn new() -> Self {
+        Self {
+            last_seen: Instant::now(),
+            accepted: 0,
+            rejected: 0,
+            bytes: 0,
+            last_train_loss: f32::NAN,
+            last_rejection: String::new(),
+        }
+    }
+}
+
+/// A closed round whose result could not be applied to the global state.
+#[derive(Clone, Debug)]
+struct Failure {
+    round: Round,
+    message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("initialising the global state: {0}")]
+    Init(String),
+    #[error("resuming from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+}
+
+/// Why [`Exchange::serve`] stopped before its shutdown signal.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// Every update was checked on arrival, so this is a bug or a full disk; the exchange
+    /// stops rather than serve a state the peers do not have.
+    #[error("could not advance the global state past round {round}: {message}")]
+    Advance { round: u32, message: String },
+}
+
+impl Exchange {
+    /// Sets up the run's global state, resuming from `state_dir` when it holds one.
+    pub fn new(run: Run, opts: ExchangeOptions) -> Result<Self, ExchangeError> {
+        let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
+        let model = run.initial_model().map_err(|e| init(&e))?;
+        let mut outer = Outer::new(&run.config, &model).map_err(|e| init(&e))?;
+        let inner = match run.config.algorithm {
+            Algorithm::Ddp => Some(
+                InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule())
+                    .map_err(|e| init(&e))?,
+            ),
+            _ => None,
+        };
+        let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
+        let initial_validation_loss = validation_loss(&model, &validation);
+        let open = match &opts.state_dir {
+            Some(dir) => persist::resume(dir, &mut outer, &model)?,
+            None => Round(0),
+        };
+        let state_bytes = outer.export(&model, open).map_err(|e| init(&e))?;
+        let dense_bytes = 4 * model.parameter_count() as u64;
+        let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
+        let state = State::new(open, state_bytes, initial_validation_loss);
+        let global = Global {
+            model,
+            outer,
+            inner,
+            validation,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                run,
+                opts,
+                state: Mutex::new(state),
+                global: Mutex::new(global),
+                open_tx: watch::channel(open).0,
+                wake: Arc::new(Notify::new()),
+                failed: watch::channel(None).0,
+                max_update,
+                dense_bytes,
+            }),
+        })
+    }
+
+    /// The service with its bearer-token check in front, and a task that closes rounds
+    /// when they are due (it stops when the service is dropped).
+    pub fn into_service(self) -> Service {
+        tokio::spawn(round::close_rounds(
+            Arc::downgrade(&self.shared),
+            self.shared.wake.clone(),
+        ));
+        let check = Authenticate(self.shared.opts.tokens.clone());
+        let server = ExchangeServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tonic::service::interceptor::InterceptedService::new(server, check)
+    }
+
+    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, and
+    /// Prometheus metrics at `GET /metrics` (plain HTTP/1.1, no token, as scrapers expect).
+    /// Returns early with [`ServeError::Advance`] when a closed round cannot be applied.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let this = self.clone();
+        let metrics = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = prometheus(&this.run_state());
+                async move { text }
+            }),
+        );
+        let mut server = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &self.shared.opts.tls {
+            let identity = tonic::transport::Identity::from_pem(cert, key);
+            server =
+                server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        }
+        let mut failed = self.shared.failed.subscribe();
+        let routes = tonic::service::Routes::from(metrics).add_service(self.into_service());
+        let serving = server.accept_http1(true).add_routes(routes);
+        let serving = serving.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        );
+        tokio::select! {
+            served = serving => Ok(served?),
+            // Not a graceful shutdown: peers waiting for the round must not be held up
+            // by an exchange that cannot close it.
+            Ok(failure) = failed.wait_for(Option::is_some) => {
+                let Failure { round, message } = failure.clone().expect("waited for it");
+                Err(ServeError::Advance { round: round.0, message })
+            }
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The calling peer, seen now; refuses the operator's token.
+    fn peer<T>(&self, req: &Request<T>) -> Result<PeerId, Status> {
+        match req.extensions().get::<Identity>() {
+            Some(Identity::Peer(p)) => {
+                let p = *p;
+                let mut state = self.state();
+                let new = !state.peers.contains_key(&p);
+                state
+                    .peers
+                    .entry(p)
+                    .or_insert_with(PeerRecord::new)
+                    .last_seen = Instant::now();
+                drop(state);
+                if new {
+                    // One more live peer to wait for: the round's wake-up time may change.
+                    self.shared.wake.notify_one();
+                }
+                Ok(p)
+            }
+            _ => Err(Refusal::new(Reason::Forbidden, "only peers may call this").into()),
+        }
+    }
+
+    fn operator<T>(req: &Request<T>) -> Result<(), Status> {
+        match req.extensions().get::<Identity>() {
+            Some(Identity::Operator) => Ok(()),
+            _ => Err(Refusal::new(Reason::Forbidden, "only the operator may call this").into()),
+        }
+    }
+
+    fn check_fingerprint(&self, theirs: &str) -> Result<(), Refusal> {
+        let ours = &self.shared.run.fingerprint;
+        if theirs != ours {
+            return Err(Refusal::new(
+                Reason::ConfigMismatch,
+                format!(
+                    "the peer's run configuration ({theirs}) differs from the exchange's ({ours}): \
+                     model, data, schedule and algorithm must match"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn rounds(&self) -> Round {
+        Round(self.shared.run.config.rounds)
+    }
+
+    fn record_rejection(&self, peer: PeerId, refusal: &Refusal) {
+        let mut state = self.state();
+        let record = state.peers.entry(peer).or_insert_with(PeerRecord::new);
+        record.rejected += 1;
+        record.last_rejection = refusal.to_string();
+        tracing::warn!(%peer, %refusal, "refused an update");
+    }
+}
+
+fn mean(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len().max(1) as f32
+}
+
+/// NaN when the loss cannot be computed: a gauge, not a reason to stop the run.
+fn validation_loss(model: &Llama, batch: &Batch) -> f32 {
+    model.batch_loss(batch).unwrap_or(f32::NAN)
+}

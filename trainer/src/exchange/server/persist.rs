@@ -1,0 +1,87 @@
+//! What the exchange keeps on disk: the global state after every round (so a restarted
+//! exchange resumes where the peers are) and the run's checkpoints.
+
+use std::path::Path;
+
+use super::{ExchangeError, Global, PeerId, Shared};
+use crate::model::{Llama, save_checkpoint};
+use crate::outer::{Outer, Round};
+
+/// The persisted global state, inside `state_dir`.
+const STATE_FILE: &str = "state.safetensors";
+
+/// Loads the state saved in `dir` into `outer` and the model, returning the round it
+/// belongs to; round 0 when nothing was saved yet.
+pub(super) fn resume(dir: &Path, outer: &mut Outer, model: &Llama) -> Result<Round, ExchangeError> {
+    let path = dir.join(STATE_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(Round(0));
+    };
+    let open = outer
+        .import(model, &bytes)
+        .map_err(|e| ExchangeError::Resume {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    tracing::info!(round = open.0, path = %path.display(), "resumed the run's state");
+    Ok(open)
+}
+
+/// Saves the global state `bytes` into `dir`, replacing the previous one only once the
+/// new one is complete.
+pub(super) fn save_state(dir: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_atomically(&dir.join(STATE_FILE), bytes)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("partial");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// What a round's checkpoint records beside the weights.
+pub(super) struct Checkpoint<'a> {
+    /// The round the checkpoint starts (the one after the round just closed).
+    pub next: Round,
+    pub validation_loss: f32,
+    pub train_loss: f32,
+    pub contributors: &'a [PeerId],
+}
+
+/// Writes `<checkpoint_dir>/round-<next>/` when it is due: every `checkpoint_every`
+/// rounds, and after the last.
+pub(super) fn write_checkpoint(
+    shared: &Shared,
+    global: &Global,
+    checkpoint: Checkpoint<'_>,
+) -> Result<(), String> {
+    let Some(dir) = &shared.opts.checkpoint_dir else {
+        return Ok(());
+    };
+    let config = &shared.run.config;
+    let next = checkpoint.next;
+    let every = shared.opts.checkpoint_every.max(1);
+    if !(next.0.is_multiple_of(every) || next.0 >= config.rounds) {
+        return Ok(());
+    }
+    let meta = serde_json::json!({
+        "run": shared.opts.run_name,
+        "round": next.0,
+        "algorithm": config.algorithm,
+        "seed": config.seed,
+        "tokenizer": shared.run.tokenizer.name(),
+        "validation_loss": checkpoint.validation_loss,
+        "train_loss": checkpoint.train_loss,
+        "codec": {"chunk": config.chunk, "k": config.k, "bits": config.bits,
+                  "error_feedback": config.error_feedback},
+        "contributors": checkpoint.contributors.iter().map(PeerId::to_string).collect::<Vec<_>>(),
+    });
+    let path = dir.join(format!("round-{:06}", next.0));
+    save_checkpoint(&path, &global.model, &meta, &shared.run.tokenizer.files())
+        .map_err(|e| e.to_string())?;
+    tracing::info!(round = next.0, path = %path.display(), "checkpoint written");
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! The open round as a state machine: [`RoundState::Open`] until its first update,
+//! [`RoundState::Collecting`] while updates arrive, [`RoundState::Closing`] while its
+//! result is applied to the global state; then the next round opens.
+//!
+//! Whether a round is due to close is the pure function [`due`]; one task per exchange
+//! ([`close_rounds`]) sleeps until the round is due or something happens, and closes it.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::{Exchange, Failure, PeerId, Shared, mean, persist, proto, validation_loss};
+use crate::outer::Round;
+
+/// Recent round summaries kept for `GetRunState`.
+const SUMMARIES: usize = 64;
+
+/// Where the open round is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum RoundState {
+    /// No update yet: the deadline has not started.
+    Open,
+    /// Updates are arriving; the deadline runs from the first.
+    Collecting { first_at: Instant },
+    /// The round's result is being applied; these peers' updates are in it, and no
+    /// other update is taken.
+    Closing { contributors: Vec<PeerId> },
+}
+
+impl RoundState {
+    pub(super) fn accepts_updates(&self) -> bool {
+        !matches!(self, RoundState::Closing { .. })
+    }
+
+    /// Whether `peer`'s update is in the round being closed.
+    pub(super) fn closing_with(&self, peer: PeerId) -> bool {
+        matches!(self, RoundState::Closing { contributors } if contributors.contains(&peer))
+    }
+}
+
+/// Whether the open round is due to close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Due {
+    /// Not yet: look again at `wake_at`, or only when something happens if `None`.
+    No { wake_at: Option<Instant> },
+    /// Every live peer has sent, and at least `min_peers` have.
+    AtQuorum,
+    /// The deadline passed before the quorum was reached.
+    AtDeadline,
+}
+
+/// Whether a round is due to close at `now`.
+///
+/// `submitted` are the peers whose update the round holds; `last_seen` is every known
+/// peer with when it last called, and a peer counts as live for `liveness` after that;
+/// the round's first update arrived at `first_at` (`None`: it has none). A round closes
+/// at quorum when every live peer has sent and at least `min_peers` have, else
+/// `deadline` after its first update. Until then it is looked at again when the
+/// deadline passes or the first live peer that has not sent lapses, whichever is
+/// earlier.
+pub(super) fn due(
+    submitted: &[PeerId],
+    last_seen: &[(PeerId, Instant)],
+    liveness: Duration,
+    min_peers: u32,
+    deadline: Duration,
+    first_at: Option<Instant>,
+    now: Instant,
+) -> Due {
+    let Some(first_at) = first_at else {
+        return Due::No { wake_at: None };
+    };
+    // When each live peer that has not sent lapses (`None`: never, in practice).
+    let lapses: Vec<Option<Instant>> = last_seen
+        .iter()
+        .filter(|(p, seen)| {
+            now.saturating_duration_since(*seen) < liveness && !submitted.contains(p)
+        })
+        .map(|(_, seen)| seen.checked_add(liveness))
+        .collect();
+    if lapses.is_empty() && submitted.len() >= min_peers as usize {
+        return Due::AtQuorum;
+    }
+    let closes_at = first_at.checked_add(deadline);
+    if closes_at.is_some_and(|at| now >= at) {
+        return Due::AtDeadline;
+    }
+    Due::No {
+        wake_at: lapses.into_iter().flatten().chain(closes_at).min(),
+    }
+}
+
+/// A round taken out of collection, to be applied.
+pub(super) struct ClosingRound {
+    round: Round,
+    entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+    train_loss: f32,
+    at_deadline: bool,
+}
+
+/// One peer's update for the open round.
+pub(super) struct Submission {
+    pub bytes: Arc<Vec<u8>>,
+    pub train_loss: f32,
+}
+
+/// A closed round, kept for fetching: every update with its peer and weight.
+pub(super) struct Closed {
+    pub round: Round,
+    pub entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+}
+
+/// Closes rounds as they fall due, until the exchange is dropped or a round's result
+/// cannot be applied (recorded in `failed`, which stops `serve`).
+pub(super) async fn close_rounds(shared: Weak<Shared>, wake: Arc<Notify>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let exchange = Exchange { shared };
+        let wake_at = match exchange.start_closing(Instant::now()) {
+            Ok(closing) => {
+                if let Err(failure) = exchange.close(closing).await {
+                    tracing::error!(round = failure.round.0, error = %failure.message,
+                        "could not advance the global state");
+                    exchange.shared.failed.send_replace(Some(failure));
+                    return;
+                }
+                continue;
+            }
+            Err(wake_at) => wake_at,
+        };
+        // Hold no reference while asleep: dropping the exchange must end this task.
+        drop(exchange);
+        match wake_at {
+            Some(at) => {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+impl Exchange {
+    /// Moves the open round to [`RoundState::Closing`] if it is due at `now`, taking its
+    /// updates; otherwise says when to look again.
+    fn start_closing(&self, now: Instant) -> Result<ClosingRound, Option<Instant>> {
+        let opts = &self.shared.opts;
+        let mut state = self.state();
+        let first_at = match state.round_state {
+            RoundState::Open => None,
+            RoundState::Collecting { first_at } => Some(first_at),
+            RoundState::Closing { .. } => return Err(None),
+        };
+        let submitted: Vec<PeerId> = state.submissions.keys().copied().collect();
+        let last_seen: Vec<(PeerId, Instant)> =
+            state.peers.iter().map(|(p, r)| (*p, r.last_seen)).collect();
+        let verdict = due(
+            &submitted,
+            &last_seen,
+            opts.liveness,
+            opts.min_peers,
+            opts.deadline,
+            first_at,
+            now,
+        );
+        let at_deadline = match verdict {
+            Due::No { wake_at } => return Err(wake_at),
+            Due::AtQuorum => false,
+            Due::AtDeadline => true,
+        };
+        let round = state.open;
+        state.round_state = RoundState::Closing {
+            contributors: submitted,
+        };
+        let submissions = std::mem::take(&mut state.submissions);
+        let train_loss = mean(
+            &submissions
+                .values()
+                .map(|s| s.train_loss)
+                .collect::<Vec<_>>(),
+        );
+        let entries = submissions
+            .into_iter()
+            .map(|(p, s)| (p, state.weights.get(&p).copied().unwrap_or(1.0), s.bytes))
+            .collect();
+        Ok(ClosingRound {
+            round,
+            entries,
+            train_loss,
+            at_deadline,
+        })
+    }
+
+    /// Applies a closing round to the global state, then opens the next round.
+    async fn close(&self, closing: ClosingRound) -> Result<(), Failure> {
+        let ClosingRound {
+            round,
+            entries,
+            train_loss,
+            at_deadline,
+        } = closing;
+        let this = self.clone();
+        let to_apply = entries.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || this.advance(round, &to_apply, train_loss))
+                .await
+                .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
+        let (state_bytes, validation_loss) =
+            applied.map_err(|message| Failure { round, message })?;
+        let summary = proto::RoundSummary {
+            round: round.0,
+            contributors: entries.iter().map(|(p, _, _)| p.to_string()).collect(),
+            train_loss,
+            validation_loss,
+            bytes: entries.iter().map(|(_, _, b)| b.len() as u64).sum(),
+            closed_at_deadline: at_deadline,
+        };
+        tracing::info!(
+            round = round.0,
+            updates = entries.len(),
+            contributors = ?summary.contributors,
+            bytes = summary.bytes,
+            train_loss,
+            validation_loss,
+            at_deadline,
+            "round closed"
+        );
+        self.open_next(Closed { round, entries }, summary, state_bytes);
+        Ok(())
+    }
+
+    /// Records the closed round and opens the next one, waking its fetchers.
+    fn open_next(&self, closed: Closed, summary: proto::RoundSummary, state_bytes: Vec<u8>) {
+        let config = &self.shared.run.config;
+        let next = closed.round.next();
+        {
+            let mut state = self.state();
+            let contributing = closed.entries.iter().filter(|(_, w, _)| *w > 0.0).count() as u64;
+            state.tokens += contributing
+                * u64::from(config.steps_per_round())
+                * u64::from(config.batch)
+                * u64::from(config.sequence_length);
+            state.closed.push_back(closed);
+            while state.closed.len() > self.shared.opts.keep_rounds.max(1) {
+                state.closed.pop_front();
+            }
+            state.summaries.push_back(summary);
+            while state.summaries.len() > SUMMARIES {
+                state.summaries.pop_front();
+            }
+            state.state_bytes = Arc::new(state_bytes);
+            state.open = next;
+            state.round_state = RoundState::Open;
+        }
+        self.shared.open_tx.send_replace(next);
+    }
+
+    /// Applies a closed round to the global state, persists it, writes a checkpoint when
+    /// due, and returns the new state's bytes and validation loss.
+    fn advance(
+        &self,
+        round: Round,
+        entries: &[(PeerId, f32, Arc<Vec<u8>>)],
+        train_loss: f32,
+    ) -> Result<(Vec<u8>, f32), String> {
+        let shared = &self.shared;
+        let mut global = shared.global.lock().unwrap_or_else(|p| p.into_inner());
+        let g = &mut *global;
+        let updates: Vec<(&[u8], f32)> =
+            entries.iter().map(|(_, w, b)| (b.as_slice(), *w)).collect();
+        g.outer
+            .apply(
+                &g.model,
+                g.inner.as_mut(),
+                &updates,
+                shared.run.config.outer_lr,
+            )
+            .map_err(|e| e.to_string())?;
+        let next = round.next();
+        let bytes = g.outer.export(&g.model, next).map_err(|e| e.to_string())?;
+        if let Some(dir) = &shared.opts.state_dir {
+            persist::save_state(dir, &bytes)?;
+        }
+        let validation_loss = validation_loss(&g.model, &g.validation);
+        let contributors: Vec<PeerId> = entries.iter().map(|(p, _, _)| *p).collect();
+        let checkpoint = persist::Checkpoint {
+            next,
+            validation_loss,
+            train_loss,
+            contributors: &contributors,
+        };
+        persist::write_checkpoint(shared, g, checkpoint)?;
+        Ok((bytes, validation_loss))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEADLINE: Duration = Duration::from_secs(60);
+    const LIVENESS: Duration = Duration::from_secs(15);
+
+    fn p(i: u32) -> PeerId {
+        PeerId::new(i)
+    }
+
+    /// Peers `0..n`, all last heard from at `at`.
+    fn seen(n: u32, at: Instant) -> Vec<(PeerId, Instant)> {
+        (0..n).map(|i| (p(i), at)).collect()
+    }
+
+    /// [`due`] with the liveness window of these tests.
+    fn due_at(
+        submitted: &[PeerId],
+        last_seen: &[(PeerId, Instant)],
+        min_peers: u32,
+        deadline: Duration,
+        first_at: Option<Instant>,
+        now: Instant,
+    ) -> Due {
+        due(
+            submitted, last_seen, LIVENESS, min_peers, deadline, first_at, now,
+        )
+    }
+
+    #[test]
+    fn a_round_without_updates_waits_for_one() {
+        let now = Instant::now();
+        assert_eq!(
+            due_at(&[], &seen(3, now), 1, DEADLINE, None, now + DEADLINE * 2),
+            Due::No { wake_at: None }
+        );
+    }
+
+    #[test]
+    fn every_live_peer_sent_and_min_peers_reached_closes_at_quorum() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(1);
+        let all = [p(0), p(1), p(2)];
+        assert_eq!(
+            due_at(&all, &seen(3, t0), 3, DEADLINE, Some(t0), now),
+            Due::AtQuorum
+        );
+        // Exactly `min_peers` updates are enough.
+        assert_eq!(
+            due_at(&all[..2], &seen(2, t0), 2, DEADLINE, Some(t0), now),
+            Due::AtQuorum
+        );
+    }
+
+    #[test]
+    fn quorum_wins_over_a_deadline_passed_at_the_same_time() {
+        let t0 = Instant::now();
+        let all = [p(0), p(1)];
+        let late = t0 + DEADLINE;
+        assert_eq!(
+            due_at(&all, &seen(2, late), 2, DEADLINE, Some(t0), late),
+            Due::AtQuorum
+        );
+    }
+
+    #[test]
+    fn a_live_peer_that_has_not_sent_is_waited_for_until_it_lapses() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(1);
+        let sent = [p(0), p(1)];
+        assert_eq!(
+            due_at(&sent, &seen(3, t0), 2, DEADLINE, Some(t0), now),
+            Due::No {
+                wake_at: Some(t0 + LIVENESS)
+            }
+        );
+        // Once it lapses, the others are a quorum.
+        let lapsed = t0 + LIVENESS;
+        assert_eq!(
+            due_at(&sent, &seen(3, t0), 2, DEADLINE, Some(t0), lapsed),
+            Due::AtQuorum
+        );
+    }
+
+    #[test]
+    fn too_few_updates_wait_for_the_deadline_even_when_everyone_sent() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(1);
+        assert_eq!(
+            due_at(&[p(0)], &seen(1, t0), 2, DEADLINE, Some(t0), now),
+            Due::No {
+                wake_at: Some(t0 + DEADLINE)
+            }
+        );
+        let late = t0 + DEADLINE;
+        assert_eq!(
+            due_at(&[p(0)], &seen(1, late), 2, DEADLINE, Some(t0), late),
+            Due::AtDeadline
+        );
+    }
+
+    #[test]
+    fn the_deadline_closes_a_round_a_live_peer_never_sent_to() {
+        let t0 = Instant::now();
+        let late = t0 + DEADLINE;
+        let sent = [p(0), p(1)];
+        // p2 heartbeats (seen at the deadline) but never sends.
+        assert_eq!(
+            due_at(&sent, &seen(3, late), 2, DEADLINE, Some(t0), late),
+            Due::AtDeadline
+        );
+        // Just before the deadline the round waits for it, waking at the deadline.
+        let before = late - Duration::from_millis(1);
+        assert_eq!(
+            due_at(&sent, &seen(3, before), 2, DEADLINE, Some(t0), before),
+            Due::No {
+                wake_at: Some(late)
+            }
+        );
+    }
+
+    #[test]
+    fn the_earliest_lapse_or_the_deadline_is_when_to_look_again() {
+        // Later than now, so that the instants before it exist on any clock.
+        let t0 = Instant::now() + Duration::from_secs(60);
+        let last_seen = [
+            (p(0), t0),
+            (p(1), t0 - Duration::from_secs(10)),
+            (p(2), t0 - Duration::from_secs(6)),
+        ];
+        let now = t0 + Duration::from_secs(1);
+        // p1 sent; of those that did not, p2 lapses first (at t0 + 9 s).
+        assert_eq!(
+            due_at(&[p(1)], &last_seen, 1, DEADLINE, Some(t0), now),
+            Due::No {
+                wake_at: Some(t0 + Duration::from_secs(9))
+            }
+        );
+        let short = Duration::from_secs(3);
+        assert_eq!(
+            due_at(&[p(1)], &last_seen, 1, short, Some(t0), now),
+            Due::No {
+                wake_at: Some(t0 + short)
+            }
+        );
+    }
+
+    #[test]
+    fn a_peer_that_never_lapses_is_waited_for_until_the_deadline() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(1);
+        let forever = due(
+            &[p(0)],
+            &seen(2, t0),
+            Duration::MAX,
+            1,
+            DEADLINE,
+            Some(t0),
+            now,
+        );
+        assert_eq!(
+            forever,
+            Due::No {
+                wake_at: Some(t0 + DEADLINE)
+            }
+        );
+    }
+}

@@ -1,0 +1,375 @@
+//! The gRPC calls: joining, heartbeats, submitting an update, fetching a closed round or
+//! the global state, and the operator's weights and run state.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::round::{RoundState, Submission};
+use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, proto};
+use crate::exchange::CHUNK_BYTES;
+use crate::outer::Round;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn bad(message: &str) -> Refusal {
+    Refusal::new(Reason::BadRequest, message)
+}
+
+fn chunks<T>(bytes: &[u8], wrap: impl Fn(Vec<u8>) -> T) -> impl Iterator<Item = T> {
+    bytes.chunks(CHUNK_BYTES).map(move |c| wrap(c.to_vec()))
+}
+
+/// The header every update starts with.
+async fn read_header(
+    stream: &mut Streaming<proto::UpdateChunk>,
+) -> Result<proto::UpdateHeader, Refusal> {
+    use proto::update_chunk::Item;
+    match stream.next().await {
+        Some(Ok(proto::UpdateChunk {
+            item: Some(Item::Header(h)),
+        })) => Ok(h),
+        Some(Err(status)) => Err(bad(&format!("reading the update: {status}"))),
+        _ => Err(bad("an update must start with its header")),
+    }
+}
+
+/// The update's bytes after its header: exactly the `size` announced.
+async fn read_body(
+    stream: &mut Streaming<proto::UpdateChunk>,
+    size: u64,
+) -> Result<Vec<u8>, Refusal> {
+    use proto::update_chunk::Item;
+    let mut bytes = Vec::with_capacity(size as usize);
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(proto::UpdateChunk {
+                item: Some(Item::Data(d)),
+            }) => {
+                if (bytes.len() + d.len()) as u64 > size {
+                    return Err(Refusal::new(
+                        Reason::TooLarge,
+                        format!("the update is longer than the {size} bytes announced"),
+                    ));
+                }
+                bytes.extend_from_slice(&d);
+            }
+            Ok(_) => return Err(bad("only data may follow the header")),
+            Err(status) => return Err(bad(&format!("reading the update: {status}"))),
+        }
+    }
+    if bytes.len() as u64 != size {
+        return Err(bad(&format!(
+            "the update ended after {} of the {size} bytes announced",
+            bytes.len(),
+        )));
+    }
+    Ok(bytes)
+}
+
+impl Exchange {
+    async fn receive_update(
+        &self,
+        peer: PeerId,
+        mut stream: Streaming<proto::UpdateChunk>,
+    ) -> Result<proto::PutUpdateReply, Refusal> {
+        let header = read_header(&mut stream).await?;
+        self.check_fingerprint(&header.config_fingerprint)?;
+        let round = Round(header.round);
+        if self.check_round(peer, round)? {
+            return Ok(proto::PutUpdateReply {
+                round: round.0,
+                accepted_bytes: header.size,
+            });
+        }
+        let limit = self.shared.max_update;
+        if header.size > limit {
+            return Err(Refusal::new(
+                Reason::TooLarge,
+                format!(
+                    "an update of {} bytes exceeds the limit of {limit}",
+                    header.size
+                ),
+            ));
+        }
+        let bytes = read_body(&mut stream, header.size).await?;
+        let bytes = self.check_decodes(bytes).await?;
+        let accepted_bytes = bytes.len() as u64;
+        self.accept(peer, round, bytes, header.train_loss)?;
+        self.shared.wake.notify_one();
+        Ok(proto::PutUpdateReply {
+            round: round.0,
+            accepted_bytes,
+        })
+    }
+
+    /// Decodes the update fully against the global model: a corrupt update must never
+    /// reach a peer.
+    async fn check_decodes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, Refusal> {
+        let this = self.clone();
+        let (bytes, checked) = tokio::task::spawn_blocking(move || {
+            let global = this.shared.global.lock().unwrap_or_else(|p| p.into_inner());
+            let checked = global.outer.check(&global.model, &bytes);
+            (bytes, checked)
+        })
+        .await
+        .map_err(|e| bad(&e.to_string()))?;
+        checked.map_err(|e| Refusal::new(Reason::CorruptUpdate, e.to_string()))?;
+        Ok(bytes)
+    }
+
+    /// Adds a checked update to the open round, which starts its deadline if it is the
+    /// round's first.
+    fn accept(
+        &self,
+        peer: PeerId,
+        round: Round,
+        bytes: Vec<u8>,
+        train_loss: f32,
+    ) -> Result<(), Refusal> {
+        let mut state = self.state();
+        if state.open != round || !state.round_state.accepts_updates() {
+            return Err(Refusal::new(
+                Reason::RoundClosed,
+                format!("round {round} closed while the update was arriving"),
+            ));
+        }
+        if let Some(previous) = state.submissions.get(&peer) {
+            if *previous.bytes != bytes {
+                return Err(bad(&format!(
+                    "{peer} already submitted a different update for round {round}"
+                )));
+            }
+            return Ok(());
+        }
+        let accepted_bytes = bytes.len() as u64;
+        let bytes = Arc::new(bytes);
+        state
+            .submissions
+            .insert(peer, Submission { bytes, train_loss });
+        if state.round_state == RoundState::Open {
+            state.round_state = RoundState::Collecting {
+                first_at: Instant::now(),
+            };
+        }
+        state.bytes_received += accepted_bytes;
+        let record = state.peers.entry(peer).or_insert_with(PeerRecord::new);
+        record.accepted += 1;
+        record.bytes += accepted_bytes;
+        record.last_train_loss = train_loss;
+        Ok(())
+    }
+
+    /// Whether `peer` may submit for `round` now; `Ok(true)` when the exchange already
+    /// holds its update for that round (a retry after a lost reply).
+    fn check_round(&self, peer: PeerId, round: Round) -> Result<bool, Refusal> {
+        let state = self.state();
+        if state.open >= self.rounds() {
+            return Err(Refusal::new(
+                Reason::RunDone,
+                format!("the run is done after {} rounds", self.rounds()),
+            ));
+        }
+        if round > state.open {
+            return Err(Refusal::new(
+                Reason::Resync,
+                format!(
+                    "round {round} is not open yet (the exchange is at round {}); fetch the state",
+                    state.open
+                ),
+            ));
+        }
+        let held = state
+            .closed
+            .iter()
+            .any(|c| c.round == round && c.entries.iter().any(|(p, _, _)| *p == peer))
+            || (round == state.open && state.round_state.closing_with(peer));
+        if held {
+            return Ok(true);
+        }
+        if round < state.open || !state.round_state.accepts_updates() {
+            return Err(Refusal::new(
+                Reason::RoundClosed,
+                format!(
+                    "round {round} is closed; this update came too late and is not counted. \
+                     Fetch the round's result and go on"
+                ),
+            ));
+        }
+        Ok(false)
+    }
+
+    /// The closed `round` as a stream: its header, then every entry and its bytes.
+    fn round_chunks(&self, round: Round) -> Result<Vec<proto::RoundChunk>, Status> {
+        use proto::round_chunk::Item;
+        let mut state = self.state();
+        let Some(closed) = state.closed.iter().find(|c| c.round == round) else {
+            return Err(Refusal::new(
+                Reason::Resync,
+                format!("round {round} is no longer kept; fetch the state"),
+            )
+            .into());
+        };
+        let mut out = vec![proto::RoundChunk {
+            item: Some(Item::Round(proto::RoundHeader {
+                round: round.0,
+                updates: closed.entries.len() as u32,
+            })),
+        }];
+        let mut sent = 0u64;
+        for (peer, weight, bytes) in &closed.entries {
+            out.push(proto::RoundChunk {
+                item: Some(Item::Entry(proto::EntryHeader {
+                    peer: peer.to_string(),
+                    weight: *weight,
+                    size: bytes.len() as u64,
+                })),
+            });
+            out.extend(chunks(bytes, |d| proto::RoundChunk {
+                item: Some(Item::Data(d)),
+            }));
+            sent += bytes.len() as u64;
+        }
+        state.bytes_sent += sent;
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::exchange_server::Exchange for Exchange {
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinReply>, Status> {
+        let peer = self.peer(&req)?;
+        self.check_fingerprint(&req.get_ref().config_fingerprint)?;
+        tracing::info!(%peer, "peer joined");
+        Ok(Response::new(proto::JoinReply {
+            peer: peer.to_string(),
+            open_round: self.state().open.0,
+            rounds: self.rounds().0,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        self.peer(&req)?;
+        Ok(Response::new(proto::HeartbeatReply {
+            open_round: self.state().open.0,
+        }))
+    }
+
+    async fn put_update(
+        &self,
+        req: Request<Streaming<proto::UpdateChunk>>,
+    ) -> Result<Response<proto::PutUpdateReply>, Status> {
+        let peer = self.peer(&req)?;
+        match self.receive_update(peer, req.into_inner()).await {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(refusal) => {
+                if refusal.reason != Reason::RoundClosed {
+                    self.record_rejection(peer, &refusal);
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+
+    type FetchRoundStream = ResponseStream<proto::RoundChunk>;
+
+    async fn fetch_round(
+        &self,
+        req: Request<proto::FetchRoundRequest>,
+    ) -> Result<Response<Self::FetchRoundStream>, Status> {
+        self.peer(&req)?;
+        let round = Round(req.get_ref().round);
+        if round >= self.rounds() {
+            return Err(
+                Refusal::new(Reason::RunDone, format!("the run has no round {round}")).into(),
+            );
+        }
+        let mut open = self.shared.open_tx.subscribe();
+        let current = *open.borrow();
+        if round > current {
+            return Err(Refusal::new(
+                Reason::Resync,
+                format!("round {round} is not open yet (the exchange is at round {current})"),
+            )
+            .into());
+        }
+        // Wait for the round to close; a dropped connection cancels the wait.
+        open.wait_for(|open| *open > round)
+            .await
+            .map_err(|_| Status::unavailable("the exchange is shutting down"))?;
+        let out = self.round_chunks(round)?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            out.into_iter().map(Ok),
+        ))))
+    }
+
+    type FetchStateStream = ResponseStream<proto::StateChunk>;
+
+    async fn fetch_state(
+        &self,
+        req: Request<proto::FetchStateRequest>,
+    ) -> Result<Response<Self::FetchStateStream>, Status> {
+        use proto::state_chunk::Item;
+        let peer = self.peer(&req)?;
+        let (round, bytes) = {
+            let mut state = self.state();
+            state.bytes_sent += state.state_bytes.len() as u64;
+            (state.open, state.state_bytes.clone())
+        };
+        tracing::info!(%peer, round = round.0, bytes = bytes.len(), "peer fetched the state");
+        let header = proto::StateChunk {
+            item: Some(Item::Header(proto::StateHeader {
+                round: round.0,
+                size: bytes.len() as u64,
+            })),
+        };
+        let out: Vec<_> = std::iter::once(header)
+            .chain(chunks(&bytes, |d| proto::StateChunk {
+                item: Some(Item::Data(d)),
+            }))
+            .map(Ok)
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(out))))
+    }
+
+    async fn set_weights(
+        &self,
+        req: Request<proto::SetWeightsRequest>,
+    ) -> Result<Response<proto::SetWeightsReply>, Status> {
+        Self::operator(&req)?;
+        let mut parsed = HashMap::new();
+        for (peer, weight) in &req.get_ref().weights {
+            let peer: PeerId = peer
+                .parse()
+                .map_err(|e: String| Refusal::new(Reason::BadRequest, e))?;
+            if !(weight.is_finite() && *weight >= 0.0) {
+                return Err(Refusal::new(
+                    Reason::BadRequest,
+                    format!("weight of {peer} must be finite and non-negative, not {weight}"),
+                )
+                .into());
+            }
+            parsed.insert(peer, *weight);
+        }
+        self.state().weights.extend(parsed);
+        Ok(Response::new(proto::SetWeightsReply {}))
+    }
+
+    async fn get_run_state(
+        &self,
+        req: Request<proto::RunStateRequest>,
+    ) -> Result<Response<proto::RunState>, Status> {
+        Self::operator(&req)?;
+        Ok(Response::new(self.run_state()))
+    }
+}
