@@ -16,6 +16,12 @@
 //! removes them, and their logs are served to the API server for `kubectl logs`
 //! (`kubelet/logs.rs`).
 //!
+//! The kubelet learns of its cluster through watches of Pods, Deployments and Services
+//! (`kubelet/watch.rs`), of its processes' exits from the tasks that wait on them, and
+//! of back-offs and grace periods from timers; it acts on each of these as it happens
+//! and otherwise sleeps, so a cluster at rest costs no API requests but the watches'
+//! renewal and a node status update a minute.
+//!
 //! It talks to its cluster only through the Kubernetes API (kube-rs), so the same code
 //! works against any API server. One container per Pod; init containers, probes and
 //! volume contents are not implemented (`workingDir` and every mount are the pod's
@@ -24,23 +30,35 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Taint};
-use kube::api::{Api, DeleteParams, ListParams, Preconditions};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+mod assumed;
 mod deployment;
 mod env;
 mod load_balancer;
 mod logs;
 mod node;
+mod pods;
 mod process;
 mod schedule;
+mod watch;
 
+use assumed::Assumed;
 pub use process::resolve_image;
-use process::{Process, Stopping, exit_code};
+use process::{Exit, Process, Stopping};
 pub use schedule::quantity;
+
+/// How often nodes' status is posted again (which also re-creates a deleted node).
+const HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// How soon a pass over the cluster that failed (a write refused, the API unreachable)
+/// is tried again.
+const RESYNC: Duration = Duration::from_secs(1);
 
 /// A node the kubelet registers and runs pods on.
 #[derive(Clone, Debug)]
@@ -93,11 +111,24 @@ pub struct Kubelet {
     config: KubeletConfig,
     /// Running (or restarting) pods by namespace/name.
     processes: HashMap<(String, String), Process>,
+    /// The last process id given out (see [`Process::id`]).
+    next_process: u64,
+    /// Where processes' watchers report exits, and where the kubelet hears them.
+    exits: mpsc::UnboundedSender<Exit>,
+    exits_heard: Option<mpsc::UnboundedReceiver<Exit>>,
     /// Pod addresses by pod uid, and the next free one.
     addresses: HashMap<String, Ipv4Addr>,
     next_address: u32,
     /// Processes of deleted pods, on their way out.
     stopping: Vec<Stopping>,
+    /// Pods whose container could not start, by uid, and when to try again.
+    retry_at: HashMap<String, Instant>,
+    /// What the kubelet has written that its watches may not show yet.
+    assumed: Assumed,
+    /// When the last pass over the cluster began; timers due by then were seen by it.
+    synced_at: Instant,
+    /// When to try again after a pass that failed.
+    resync_at: Option<Instant>,
     /// Where the log endpoint listens (0 until it does).
     log_port: u16,
 }
@@ -114,13 +145,21 @@ impl Drop for AbortOnDrop {
 impl Kubelet {
     pub fn new(client: Client, config: KubeletConfig) -> Self {
         let [a, b]: [u8; 2] = std::array::from_fn(|_| 1 + (rand_u32() % 254) as u8);
+        let (exits, exits_heard) = mpsc::unbounded_channel();
         Self {
             client,
             config,
             processes: HashMap::new(),
+            next_process: 0,
+            exits,
+            exits_heard: Some(exits_heard),
             addresses: HashMap::new(),
             next_address: u32::from(Ipv4Addr::new(127, a, b, 2)),
             stopping: vec![],
+            retry_at: HashMap::new(),
+            assumed: Assumed::default(),
+            synced_at: Instant::now(),
+            resync_at: None,
             log_port: 0,
         }
     }
@@ -128,7 +167,32 @@ impl Kubelet {
     /// Registers the nodes, then schedules, runs and reports pods until the task is
     /// dropped. Processes are killed with it.
     pub async fn run(mut self) -> kube::Result<()> {
-        let _logs = match tokio::net::TcpListener::bind(("127.0.0.1", 0)).await {
+        let _logs = self.serve_logs().await;
+        self.register_nodes().await?;
+        let (cache, mut changes) = watch::watch(&self.client);
+        let mut exits = self.exits_heard.take().expect("a kubelet runs once");
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                () = changes.next() => {}
+                Some(exit) = exits.recv() => self.heard(exit),
+                () = sleep_until(wake) => {}
+                _ = heartbeat.tick() => self.register_nodes().await?,
+            }
+            changes.drain().await;
+            while let Ok(exit) = exits.try_recv() {
+                self.heard(exit);
+            }
+            if changes.complete() {
+                self.pass(&cache).await;
+            }
+        }
+    }
+
+    /// Starts the log endpoint, which lives as long as what this returns.
+    async fn serve_logs(&mut self) -> Option<AbortOnDrop> {
+        match tokio::net::TcpListener::bind(("127.0.0.1", 0)).await {
             Ok(listener) => {
                 self.log_port = listener.local_addr().map_or(0, |a| a.port());
                 let serve =
@@ -139,107 +203,51 @@ impl Kubelet {
                 eprintln!("process kubelet: no log endpoint (kubectl logs will fail): {e}");
                 None
             }
-        };
-        self.register_nodes().await?;
-        let mut last_heartbeat = Instant::now();
-        loop {
-            if last_heartbeat.elapsed() > Duration::from_secs(10) {
-                self.register_nodes().await?;
-                last_heartbeat = Instant::now();
-            }
-            if let Err(e) = self.sync().await {
-                eprintln!("process kubelet: {e}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn sync(&mut self) -> kube::Result<()> {
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let all = pods.list(&ListParams::default()).await?.items;
-        let mine = |p: &Pod| {
-            p.spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_deref())
-                .is_some_and(|n| self.config.nodes.iter().any(|c| c.name == n))
-        };
-        // Pods that went away (or are being deleted) lose their process.
-        let live: HashMap<(String, String), &Pod> = all
-            .iter()
-            .filter(|p| mine(p) && p.metadata.deletion_timestamp.is_none())
-            .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p))
-            .collect();
-        let gone: Vec<_> = self
-            .processes
-            .iter()
-            .filter(|(k, proc)| {
-                live.get(*k)
-                    .is_none_or(|p| p.uid().as_deref() != Some(&proc.uid))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            if let Some(proc) = self.processes.remove(&key) {
-                let grace = all
-                    .iter()
-                    .find(|p| p.uid().as_deref() == Some(&proc.uid))
-                    .and_then(|p| p.metadata.deletion_grace_period_seconds)
-                    .unwrap_or(5)
-                    .max(0) as u64;
-                self.stopping
-                    .push(Stopping::begin(proc, Duration::from_secs(grace)));
-            }
+    /// Notes a process's exit, to be acted on in the next pass.
+    fn heard(&mut self, exit: Exit) {
+        if let Some(proc) = self.processes.values_mut().find(|p| p.id == exit.id) {
+            proc.exit = Some(exit.code);
         }
-        self.stopping.retain_mut(Stopping::still_running);
-        // A deleted pod whose process has stopped (or never ran) is removed for good.
-        for pod in all
-            .iter()
-            .filter(|p| mine(p) && p.metadata.deletion_timestamp.is_some())
-        {
-            let uid = pod.uid().unwrap_or_default();
-            if self.stopping.iter().any(|s| s.uid == uid) {
-                continue;
-            }
-            let finally = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            let pods: Api<Pod> =
-                Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-            if let Err(e) = pods.delete(&pod.name_any(), &finally).await {
-                eprintln!("process kubelet: removing pod {}: {e}", pod.name_any());
-            }
+        self.stopping.retain(|s| s.id != exit.id);
+    }
+
+    /// One pass over the cluster as last seen: everything due is done.
+    async fn pass(&mut self, cache: &watch::Cache) {
+        let now = Instant::now();
+        self.synced_at = now;
+        self.resync_at = None;
+        for stopping in &mut self.stopping {
+            stopping.enforce(now);
         }
-        self.schedule(&all).await?;
-        self.deployments(&all).await?;
-        self.load_balancers(&all).await?;
-        for pod in live.values() {
-            if finished(pod) {
-                continue;
-            }
-            let key = (pod.namespace().unwrap_or_default(), pod.name_any());
-            match self.processes.get_mut(&key) {
-                None => self.start(pod, 0).await?,
-                Some(proc) => {
-                    if let Some(at) = proc.restart_at {
-                        if Instant::now() >= at {
-                            let restarts = proc.restarts;
-                            self.start(pod, restarts).await?;
-                        }
-                        continue;
-                    }
-                    if let Ok(Some(status)) = proc.child.try_wait() {
-                        let code = exit_code(status);
-                        self.exited(pod, code).await?;
-                    }
-                }
-            }
+        if let Err(e) = self.sync(cache, now).await {
+            eprintln!("process kubelet: {e}");
+            self.resync_at = Some(Instant::now() + RESYNC);
         }
-        Ok(())
+    }
+
+    /// The next timer: a restart after back-off, a start retried, a grace period's end or
+    /// a failed pass tried again. Only timers after the last pass count: earlier ones were
+    /// due then, and were seen to.
+    fn next_wake(&self) -> Option<Instant> {
+        let restarts = self.processes.values().filter_map(|p| p.restart_at);
+        let kills = self.stopping.iter().filter_map(|s| s.kill_at);
+        restarts
+            .chain(kills)
+            .chain(self.retry_at.values().copied())
+            .chain(self.resync_at)
+            .filter(|at| *at > self.synced_at)
+            .min()
+    }
+}
+
+/// Sleeps until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

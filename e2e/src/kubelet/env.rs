@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, EnvVarSource, Pod, Secret};
 use kube::ResourceExt;
 use kube::api::Api;
 
@@ -17,7 +17,6 @@ impl Kubelet {
         container: &Container,
         ip: Ipv4Addr,
     ) -> Result<Vec<(String, String)>, String> {
-        let ns = pod.namespace().unwrap_or_default();
         let mut out = vec![];
         for EnvVar {
             name,
@@ -26,76 +25,68 @@ impl Kubelet {
         } in container.env.iter().flatten()
         {
             let resolved = match (value, value_from) {
-                (Some(v), _) => v.clone(),
-                (None, Some(from)) => {
-                    if let Some(r) = &from.secret_key_ref {
-                        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-                        let secret = secrets
-                            .get(&r.name)
-                            .await
-                            .map_err(|e| format!("secret {}: {e}", r.name))?;
-                        let bytes = secret
-                            .data
-                            .as_ref()
-                            .and_then(|d| d.get(&r.key))
-                            .map(|b| b.0.clone());
-                        let text = secret
-                            .string_data
-                            .as_ref()
-                            .and_then(|d| d.get(&r.key))
-                            .cloned();
-                        match (bytes, text) {
-                            (Some(b), _) => String::from_utf8_lossy(&b).into_owned(),
-                            (None, Some(t)) => t,
-                            _ => {
-                                return Err(format!(
-                                    "couldn't find key {} in Secret {ns}/{}",
-                                    r.key, r.name
-                                ));
-                            }
-                        }
-                    } else if let Some(r) = &from.config_map_key_ref {
-                        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-                        let map = maps
-                            .get(&r.name)
-                            .await
-                            .map_err(|e| format!("configmap {}: {e}", r.name))?;
-                        map.data
-                            .as_ref()
-                            .and_then(|d| d.get(&r.key))
-                            .cloned()
-                            .ok_or_else(|| {
-                                format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name)
-                            })?
-                    } else if let Some(f) = &from.field_ref {
-                        match f.field_path.as_str() {
-                            "metadata.name" => pod.name_any(),
-                            "metadata.namespace" => ns.clone(),
-                            "metadata.uid" => pod.uid().unwrap_or_default(),
-                            "spec.nodeName" => pod
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.node_name.clone())
-                                .unwrap_or_default(),
-                            "status.podIP" => ip.to_string(),
-                            "status.hostIP" => "127.0.0.1".into(),
-                            other => return Err(format!("unsupported fieldRef {other}")),
-                        }
-                    } else {
-                        return Err(format!("env {name}: unsupported valueFrom"));
-                    }
-                }
+                // Only `value`s expand, and only names defined before them.
+                (Some(v), _) => expand(v, &out),
+                (None, Some(from)) => self.value_from(pod, name, from, ip).await?,
                 (None, None) => String::new(),
-            };
-            // Only `value`s expand, and only names defined before them.
-            let resolved = if value.is_some() {
-                expand(&resolved, &out)
-            } else {
-                resolved
             };
             out.push((name.clone(), resolved));
         }
         Ok(out)
+    }
+
+    /// An env var's `valueFrom`: a Secret's or ConfigMap's key, or a field of the pod.
+    async fn value_from(
+        &self,
+        pod: &Pod,
+        name: &str,
+        from: &EnvVarSource,
+        ip: Ipv4Addr,
+    ) -> Result<String, String> {
+        let ns = pod.namespace().unwrap_or_default();
+        if let Some(r) = &from.secret_key_ref {
+            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let secret = secrets
+                .get(&r.name)
+                .await
+                .map_err(|e| format!("secret {}: {e}", r.name))?;
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+            let text = || secret.string_data.as_ref()?.get(&r.key).cloned();
+            bytes
+                .or_else(text)
+                .ok_or_else(|| format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name))
+        } else if let Some(r) = &from.config_map_key_ref {
+            let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+            let map = maps
+                .get(&r.name)
+                .await
+                .map_err(|e| format!("configmap {}: {e}", r.name))?;
+            map.data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .cloned()
+                .ok_or_else(|| format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name))
+        } else if let Some(f) = &from.field_ref {
+            match f.field_path.as_str() {
+                "metadata.name" => Ok(pod.name_any()),
+                "metadata.namespace" => Ok(ns),
+                "metadata.uid" => Ok(pod.uid().unwrap_or_default()),
+                "spec.nodeName" => Ok(pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default()),
+                "status.podIP" => Ok(ip.to_string()),
+                "status.hostIP" => Ok("127.0.0.1".into()),
+                other => Err(format!("unsupported fieldRef {other}")),
+            }
+        } else {
+            Err(format!("env {name}: unsupported valueFrom"))
+        }
     }
 
     /// The pod's loopback address, stable for the pod's life.

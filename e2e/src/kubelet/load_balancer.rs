@@ -3,16 +3,16 @@
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::Kubelet;
+use super::watch::Cache;
 
 impl Kubelet {
     /// Gives each `LoadBalancer` Service the address of a running pod it selects.
-    pub(super) async fn load_balancers(&self, all: &[Pod]) -> kube::Result<()> {
-        let services: Api<Service> = Api::all(self.client.clone());
-        for svc in services.list(&ListParams::default()).await?.items {
+    pub(super) async fn load_balancers(&self, cache: &Cache, all: &[Pod]) -> kube::Result<()> {
+        for svc in cache.services.state() {
             let Some(spec) = &svc.spec else { continue };
             if spec.type_.as_deref() != Some("LoadBalancer") {
                 continue;
@@ -22,7 +22,7 @@ impl Kubelet {
             let ip = all
                 .iter()
                 .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| !self.assumed.is_deleted(p))
                 .filter(|p| selector.iter().all(|(k, v)| p.labels().get(k) == Some(v)))
                 .filter_map(|p| {
                     let s = p.status.as_ref()?;

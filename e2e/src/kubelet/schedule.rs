@@ -9,7 +9,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::process::report;
-use super::{Kubelet, finished, now};
+use super::{Kubelet, NodeConfig, finished, now};
 
 /// Parses a quantity (`500m`, `2`, `4Gi`, `1G`) to a number of units.
 pub fn quantity(q: &str) -> Option<f64> {
@@ -79,58 +79,88 @@ pub(super) fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
         })
 }
 
+/// Why pods do not fit on nodes, and on how many.
+type Reasons = BTreeMap<&'static str, usize>;
+
+/// The first node `pod` fits on, given what the pods in `all` and `bound` use; or why
+/// none fits.
+fn place<'a>(
+    nodes: &'a [NodeConfig],
+    pod: &Pod,
+    all: &[Pod],
+    bound: &[Pod],
+) -> Result<&'a NodeConfig, Reasons> {
+    let spec = pod.spec.as_ref().expect("pods to schedule have a spec");
+    let (cpu, memory, gpus) = pod_requests(pod);
+    let mut reasons = Reasons::new();
+    let chosen = nodes.iter().find(|n| {
+        let selector_ok = spec
+            .node_selector
+            .iter()
+            .flatten()
+            .all(|(k, v)| n.labels.get(k) == Some(v));
+        let tolerations = spec.tolerations.as_deref().unwrap_or_default();
+        let taints_ok = n.taints.iter().all(|t| tolerates(tolerations, t));
+        let used = all
+            .iter()
+            .chain(bound)
+            .filter(|p| {
+                !finished(p)
+                    && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&n.name)
+            })
+            .map(pod_requests)
+            .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+        let fits = [
+            (used.0 + cpu <= n.cpu + 1e-9, "Insufficient cpu"),
+            (used.1 + memory <= n.memory, "Insufficient memory"),
+            (
+                used.2 + gpus <= f64::from(n.gpus),
+                "Insufficient nvidia.com/gpu",
+            ),
+            (
+                selector_ok,
+                "node(s) didn't match Pod's node affinity/selector",
+            ),
+            (taints_ok, "node(s) had untolerated taint"),
+        ];
+        for (ok, why) in fits {
+            if !ok {
+                *reasons.entry(why).or_default() += 1;
+            }
+        }
+        fits.iter().all(|(ok, _)| *ok)
+    });
+    chosen.ok_or(reasons)
+}
+
+/// The pod's `PodScheduled=False` message, if it has one.
+fn unschedulable(pod: &Pod) -> Option<&str> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
+        .message
+        .as_deref()
+}
+
 impl Kubelet {
     /// Binds each pending pod to the first node it fits on, or says why none fits.
-    pub(super) async fn schedule(&self, all: &[Pod]) -> kube::Result<()> {
+    pub(super) async fn schedule(&mut self, all: &[Pod]) -> kube::Result<()> {
         let nodes = &self.config.nodes;
-        for pod in all.iter().filter(|p| {
+        let pending = all.iter().filter(|p| {
             p.metadata.deletion_timestamp.is_none()
                 && p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
                 && !finished(p)
-        }) {
-            let spec = pod.spec.as_ref().expect("filtered");
-            let (cpu, memory, gpus) = pod_requests(pod);
-            let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
-            let chosen = nodes.iter().find(|n| {
-                let selector_ok = spec
-                    .node_selector
-                    .iter()
-                    .flatten()
-                    .all(|(k, v)| n.labels.get(k) == Some(v));
-                let tolerations = spec.tolerations.as_deref().unwrap_or_default();
-                let taints_ok = n.taints.iter().all(|t| tolerates(tolerations, t));
-                let used = all
-                    .iter()
-                    .filter(|p| {
-                        !finished(p)
-                            && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&n.name)
-                    })
-                    .map(pod_requests)
-                    .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
-                let fits = [
-                    (used.0 + cpu <= n.cpu + 1e-9, "Insufficient cpu"),
-                    (used.1 + memory <= n.memory, "Insufficient memory"),
-                    (
-                        used.2 + gpus <= f64::from(n.gpus),
-                        "Insufficient nvidia.com/gpu",
-                    ),
-                    (
-                        selector_ok,
-                        "node(s) didn't match Pod's node affinity/selector",
-                    ),
-                    (taints_ok, "node(s) had untolerated taint"),
-                ];
-                for (ok, why) in fits {
-                    if !ok {
-                        *reasons.entry(why).or_default() += 1;
-                    }
-                }
-                fits.iter().all(|(ok, _)| *ok)
-            });
+        });
+        let mut bound = vec![];
+        for pod in pending {
             let pods: Api<Pod> =
                 Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-            match chosen {
-                Some(node) => {
+            // Pods bound in this pass count against their node's room.
+            match place(nodes, pod, all, &bound) {
+                Ok(node) => {
                     let bind = json!({"spec": {"nodeName": node.name}});
                     pods.patch(
                         &pod.name_any(),
@@ -138,15 +168,23 @@ impl Kubelet {
                         &Patch::Merge(bind),
                     )
                     .await?;
+                    self.assumed.bound(pod, &node.name);
+                    let mut placed = pod.clone();
+                    placed.spec.get_or_insert_default().node_name = Some(node.name.clone());
+                    bound.push(placed);
                     let status = json!({"status": {"phase": "Pending", "conditions": [
                         {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]}});
                     report(&pods, &pod.name_any(), status).await?;
                 }
-                None => {
+                Err(reasons) => {
                     let why: Vec<String> =
                         reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
                     let message =
                         format!("0/{} nodes are available: {}.", nodes.len(), why.join(", "));
+                    // Looked at again on every change; said again only when it changes.
+                    if unschedulable(pod) == Some(message.as_str()) {
+                        continue;
+                    }
                     let status = json!({"status": {"phase": "Pending", "conditions": [
                         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                          "message": message, "lastTransitionTime": now()}]}});
