@@ -10,6 +10,11 @@ use serde_json::json;
 use starling_e2e::apiserver::{ApiServer, Running};
 use starling_e2e::kubelet::{Kubelet, KubeletConfig, NodeConfig};
 
+/// How long anything the kubelet should do may take before a test fails: generous, as
+/// the machine may be busy, but finite, so a kubelet that never does it fails the test
+/// instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(30);
+
 struct Cluster {
     pods: Api<Pod>,
     client: Client,
@@ -51,7 +56,7 @@ fn pod(name: &str, restart: &str, script: &str, extra: serde_json::Value) -> Pod
 }
 
 impl Cluster {
-    /// Polls `name` until `done` holds (10 s at most); returns it.
+    /// Polls `name` until `done` holds ([`PATIENCE`] at most); returns it.
     async fn wait(&self, name: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
         let start = std::time::Instant::now();
         loop {
@@ -60,7 +65,7 @@ impl Cluster {
                 return pod;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < PATIENCE,
                 "{name} never {what}: {:?}",
                 pod.status
             );
@@ -90,17 +95,29 @@ fn container(p: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
 async fn pods_run_as_processes_and_report_phase_exit_codes_and_restarts() {
     let c = cluster().await;
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
-    let capacity = loop {
-        let node = nodes.get("node-a").await;
-        if let Some(capacity) = node.ok().and_then(|n| n.status?.capacity) {
-            break capacity;
+    let registered = async {
+        loop {
+            let node = nodes.get("node-a").await;
+            if let Some(capacity) = node.ok().and_then(|n| n.status?.capacity) {
+                break capacity;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let capacity = tokio::time::timeout(PATIENCE, registered)
+        .await
+        .expect("the kubelet registers its node with its capacity");
     assert_eq!(capacity["nvidia.com/gpu"].0, "1");
 
     let create = async |p: Pod| c.pods.create(&PostParams::default(), &p).await.unwrap();
-    create(pod("ok", "Never", "sleep 1; exit 0", json!({}))).await;
+    // Runs until the test lets it finish, so it is seen running however slow the machine.
+    create(pod(
+        "ok",
+        "Never",
+        "until [ -e done ]; do sleep 0.05; done",
+        json!({}),
+    ))
+    .await;
     create(pod("fails", "Never", "exit 3", json!({}))).await;
     // Fails once, then succeeds: its working directory survives the restart.
     let flaky = "if [ -e marker ]; then exit 0; fi; touch marker; exit 1";
@@ -109,6 +126,7 @@ async fn pods_run_as_processes_and_report_phase_exit_codes_and_restarts() {
     let running = c.wait("ok", "ran", |p| phase(p) == "Running").await;
     assert!(container(&running).state.unwrap().running.is_some());
     assert_eq!(running.spec.unwrap().node_name.as_deref(), Some("node-a"));
+    std::fs::write(c.work_dir.path().join("default_ok/done"), "").unwrap();
     let done = c.wait("ok", "succeeded", |p| phase(p) == "Succeeded").await;
     let exit = container(&done).state.unwrap().terminated.unwrap();
     assert_eq!(
@@ -313,7 +331,9 @@ async fn logs_are_served_through_the_api_from_the_pods_node() {
     use futures::AsyncReadExt;
     use kube::api::LogParams;
     let c = cluster().await;
-    let script = "for i in 1 2 3; do echo line $i; sleep 0.3; done";
+    // The last line waits for the test, so the pod is seen running and followed before
+    // it ends.
+    let script = "echo line 1; echo line 2; until [ -e done ]; do sleep 0.05; done; echo line 3";
     c.pods
         .create(
             &PostParams::default(),
@@ -329,15 +349,19 @@ async fn logs_are_served_through_the_api_from_the_pods_node() {
         ..Default::default()
     };
     let mut stream = c.pods.log_stream("talker", &follow).await.unwrap();
+    let mut first = [0; 14];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut first))
+        .await
+        .expect("the lines so far are streamed")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&first), "line 1\nline 2\n");
+    std::fs::write(c.work_dir.path().join("default_talker/done"), "").unwrap();
     let mut followed = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        stream.read_to_string(&mut followed),
-    )
-    .await
-    .expect("the stream ends with the container")
-    .unwrap();
-    assert_eq!(followed, "line 1\nline 2\nline 3\n");
+    tokio::time::timeout(PATIENCE, stream.read_to_string(&mut followed))
+        .await
+        .expect("the stream ends with the container")
+        .unwrap();
+    assert_eq!(followed, "line 3\n");
 
     let all = c.pods.logs("talker", &LogParams::default()).await.unwrap();
     assert_eq!(all, "line 1\nline 2\nline 3\n");
@@ -381,9 +405,14 @@ async fn deleted_pods_get_their_grace_period_then_go() {
             .unwrap_or_default()
     };
     for name in ["polite", "stubborn"] {
-        while !log(name).contains("up") {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let up = async {
+            while !log(name).contains("up") {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, up)
+            .await
+            .expect("the pod's process starts and writes its log");
         c.pods.delete(name, &DeleteParams::default()).await.unwrap();
         // Terminating: still there, marked, until its kubelet has stopped it.
         let held = c.pods.get(name).await.unwrap();
@@ -417,5 +446,166 @@ async fn deleted_pods_get_their_grace_period_then_go() {
         started.elapsed() >= Duration::from_millis(1500),
         "the stubborn pod had its grace period: {:?}",
         started.elapsed()
+    );
+}
+
+/// A plain-HTTP proxy to a cluster's API that counts the requests through it.
+struct CountingProxy {
+    url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(upstream: Client) -> Self {
+        use axum::body::Body;
+        use axum::extract::Request;
+        let requests = std::sync::Arc::<std::sync::Mutex<Vec<String>>>::default();
+        let seen = requests.clone();
+        let forward = move |request: Request| {
+            let (upstream, seen) = (upstream.clone(), seen.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{} {path}", parts.method));
+                let mut forwarded = axum::http::Request::builder()
+                    .method(&parts.method)
+                    .uri(path);
+                for (name, value) in &parts.headers {
+                    if name != axum::http::header::HOST && name != axum::http::header::AUTHORIZATION
+                    {
+                        forwarded = forwarded.header(name, value);
+                    }
+                }
+                let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let forwarded = forwarded.body(kube::client::Body::from(body)).unwrap();
+                match upstream.send(forwarded).await {
+                    Ok(response) => response.map(Body::new),
+                    Err(e) => axum::http::Response::builder()
+                        .status(502)
+                        .body(Body::from(e.to_string()))
+                        .unwrap(),
+                }
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(forward);
+        let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            url,
+            requests,
+            _task: task,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::try_from(kube::Config::new(self.url.parse().unwrap())).unwrap()
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.requests.lock().unwrap())
+    }
+}
+
+#[tokio::test]
+async fn a_kubelet_at_rest_makes_next_to_no_api_requests() {
+    let server = ApiServer::new().start(0).await.unwrap();
+    let client = server.client();
+    let proxy = CountingProxy::start(client.clone()).await;
+    let work_dir = tempfile::tempdir().unwrap();
+    let config = KubeletConfig {
+        nodes: vec![NodeConfig::new("node-a", 4.0, 8.0, 1)],
+        images: vec![("example.com/sh".into(), PathBuf::from("/bin/sh"))],
+        work_dir: work_dir.path().to_owned(),
+    };
+    let _kubelet = tokio::spawn(Kubelet::new(proxy.client(), config).run());
+    let c = Cluster {
+        pods: Api::namespaced(client.clone(), "default"),
+        client: client.clone(),
+        work_dir,
+        _server: server,
+        _kubelet: tokio::spawn(async { Ok(()) }),
+    };
+    // A cluster with something of everything the kubelet looks after: a pod, a
+    // Deployment's pod and a load balancer in front of it.
+    let forever = "while true; do sleep 1; done";
+    c.pods
+        .create(
+            &PostParams::default(),
+            &pod("steady", "Always", forever, json!({})),
+        )
+        .await
+        .unwrap();
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "main", "image": "example.com/sh",
+                    "command": ["sh", "-c", forever]}]}}}});
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), "default");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(deployment).unwrap(),
+        )
+        .await
+        .unwrap();
+    let service = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"type": "LoadBalancer", "selector": {"app": "web"},
+            "ports": [{"port": 80}]}});
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), "default");
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(service).unwrap(),
+        )
+        .await
+        .unwrap();
+    c.wait("steady", "ran", |p| phase(p) == "Running").await;
+    let settled = async {
+        loop {
+            let ready = deployments
+                .get("web")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.ready_replicas);
+            let ingress = services
+                .get("web")
+                .await
+                .unwrap()
+                .status
+                .and_then(|s| s.load_balancer?.ingress)
+                .is_some_and(|i| !i.is_empty());
+            if ready == Some(1) && ingress {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, settled)
+        .await
+        .expect("the Deployment's pod runs behind its load balancer");
+    assert!(
+        !proxy.take().is_empty(),
+        "the kubelet talks through the proxy"
+    );
+
+    // At rest, nothing changes, so the kubelet has nothing to ask (its watches stay
+    // open; a node heartbeat could fall in the window).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let requests = proxy.take();
+    eprintln!("{} API requests in 5 s at rest", requests.len());
+    assert!(
+        requests.len() <= 2,
+        "{} requests in 5 s at rest: {requests:#?}",
+        requests.len()
     );
 }

@@ -1,0 +1,136 @@
+//! A container's environment: `value`s, `valueFrom` (Secrets, ConfigMaps, the pod's own
+//! fields) and `$(VAR)` references, as Kubernetes resolves them; and the pod's address.
+
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, EnvVarSource, Pod, Secret};
+use kube::ResourceExt;
+use kube::api::Api;
+
+use super::Kubelet;
+
+impl Kubelet {
+    /// The container's environment, with `valueFrom` resolved through the API.
+    pub(super) async fn env(
+        &self,
+        pod: &Pod,
+        container: &Container,
+        ip: Ipv4Addr,
+    ) -> Result<Vec<(String, String)>, String> {
+        let mut out = vec![];
+        for EnvVar {
+            name,
+            value,
+            value_from,
+        } in container.env.iter().flatten()
+        {
+            let resolved = match (value, value_from) {
+                // Only `value`s expand, and only names defined before them.
+                (Some(v), _) => expand(v, &out),
+                (None, Some(from)) => self.value_from(pod, name, from, ip).await?,
+                (None, None) => String::new(),
+            };
+            out.push((name.clone(), resolved));
+        }
+        Ok(out)
+    }
+
+    /// An env var's `valueFrom`: a Secret's or ConfigMap's key, or a field of the pod.
+    async fn value_from(
+        &self,
+        pod: &Pod,
+        name: &str,
+        from: &EnvVarSource,
+        ip: Ipv4Addr,
+    ) -> Result<String, String> {
+        let ns = pod.namespace().unwrap_or_default();
+        if let Some(r) = &from.secret_key_ref {
+            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
+            let secret = secrets
+                .get(&r.name)
+                .await
+                .map_err(|e| format!("secret {}: {e}", r.name))?;
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned());
+            let text = || secret.string_data.as_ref()?.get(&r.key).cloned();
+            bytes
+                .or_else(text)
+                .ok_or_else(|| format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name))
+        } else if let Some(r) = &from.config_map_key_ref {
+            let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+            let map = maps
+                .get(&r.name)
+                .await
+                .map_err(|e| format!("configmap {}: {e}", r.name))?;
+            map.data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .cloned()
+                .ok_or_else(|| format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name))
+        } else if let Some(f) = &from.field_ref {
+            match f.field_path.as_str() {
+                "metadata.name" => Ok(pod.name_any()),
+                "metadata.namespace" => Ok(ns),
+                "metadata.uid" => Ok(pod.uid().unwrap_or_default()),
+                "spec.nodeName" => Ok(pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default()),
+                "status.podIP" => Ok(ip.to_string()),
+                "status.hostIP" => Ok("127.0.0.1".into()),
+                other => Err(format!("unsupported fieldRef {other}")),
+            }
+        } else {
+            Err(format!("env {name}: unsupported valueFrom"))
+        }
+    }
+
+    /// The pod's loopback address, stable for the pod's life.
+    pub(super) fn address(&mut self, pod: &Pod) -> Ipv4Addr {
+        let uid = pod.uid().unwrap_or_default();
+        if let Some(ip) = self.addresses.get(&uid) {
+            return *ip;
+        }
+        let ip = Ipv4Addr::from(self.next_address);
+        // Skip .0, .1 and .255 of each /24, keep within 127/8.
+        self.next_address += 1;
+        while matches!(self.next_address & 0xff, 0 | 1 | 255) {
+            self.next_address += 1;
+        }
+        if self.next_address >> 24 != 127 {
+            self.next_address = u32::from(Ipv4Addr::new(127, 1, 1, 2));
+        }
+        self.addresses.insert(uid, ip);
+        ip
+    }
+}
+
+/// Expands `$(NAME)` from `vars` as Kubernetes does: unknown references stay as they are
+/// and `$$` escapes a `$`.
+pub(super) fn expand(text: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some((_, value)) = vars.iter().rev().find(|(k, _)| *k == inner[..end])
+        {
+            out.push_str(value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
