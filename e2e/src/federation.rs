@@ -65,7 +65,10 @@ pub struct Federation {
     pub dir: PathBuf,
     operator_binary: PathBuf,
     timing: Timing,
-    operator: Option<Child>,
+    /// The operator and its identity in the leader Lease.
+    operator: Option<(String, Child)>,
+    /// Further hub replicas, by identity, contending for the Lease.
+    replicas: BTreeMap<String, Child>,
     agents: BTreeMap<String, Child>,
     /// Each member's hub token (its agent's ServiceAccount).
     pub agent_tokens: BTreeMap<String, String>,
@@ -135,6 +138,7 @@ impl Federation {
             operator_binary,
             timing,
             operator: None,
+            replicas: BTreeMap::new(),
             agents: BTreeMap::new(),
             agent_tokens: BTreeMap::new(),
             restarts: 0,
@@ -169,8 +173,21 @@ impl Federation {
             .with_context(|| format!("starting {name}"))
     }
 
-    /// Starts (or restarts) the hub operator.
+    /// Starts (or restarts) the hub operator, as `operator-N`, logging to `operator.log`.
     pub fn start_operator(&mut self) -> anyhow::Result<()> {
+        self.operator = Some(self.spawn_hub("operator")?);
+        Ok(())
+    }
+
+    /// Starts one more hub replica next to the operator (as the chart's second replica
+    /// does); it logs to `<identity>.log`. Returns its identity.
+    pub fn start_replica(&mut self) -> anyhow::Result<String> {
+        let (identity, child) = self.spawn_hub(&format!("operator-{}", self.restarts + 1))?;
+        self.replicas.insert(identity.clone(), child);
+        Ok(identity)
+    }
+
+    fn spawn_hub(&mut self, log: &str) -> anyhow::Result<(String, Child)> {
         self.restarts += 1;
         let identity = format!("operator-{}", self.restarts);
         let grace = self.timing.heartbeat_grace_seconds.to_string();
@@ -185,15 +202,22 @@ impl Federation {
             &lease,
             "--identity",
             &identity,
+            // Several processes share this machine's ports.
+            "--metrics-addr",
+            "127.0.0.1:0",
         ];
-        let child = self.spawn("operator", &args, &self.clusters.hub.kubeconfig)?;
-        self.operator = Some(child);
-        Ok(())
+        let child = self.spawn(log, &args, &self.clusters.hub.kubeconfig)?;
+        Ok((identity, child))
+    }
+
+    /// The identity of the operator started by [`Federation::start_operator`].
+    pub fn operator_identity(&self) -> Option<&str> {
+        self.operator.as_ref().map(|(id, _)| id.as_str())
     }
 
     /// Kills the hub operator at once (SIGKILL: no shutdown, no Lease released).
     pub async fn kill_operator(&mut self) {
-        if let Some(mut child) = self.operator.take() {
+        if let Some((_, mut child)) = self.operator.take() {
             let _ = child.kill().await;
         }
     }

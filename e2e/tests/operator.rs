@@ -417,3 +417,131 @@ async fn the_operator_restarts_mid_run_and_deleting_the_run_cleans_every_member(
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_exchange_keeps_crashing_fails_and_stays_failed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (fed, _dir) = federation(&three_members()).await;
+    let hub = fed.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    // A corpus the schema and the operator accept but no pod has: the exchange exits
+    // at start, every time.
+    let mut doomed = run("doomed", 6);
+    doomed.spec.data.corpus =
+        serde_json::from_value(json!({"path": "/nonexistent/plays"})).unwrap();
+    runs.create(&PostParams::default(), &doomed).await.unwrap();
+    let failed = wait_run(&runs, "doomed", "Failed", 240, |r| {
+        phase(r) == Some(Phase::Failed)
+    })
+    .await;
+    let (status, reason, message) = condition(&failed, "Ready").unwrap();
+    assert_eq!((status, reason), ("False", "ExchangeFailed"));
+    assert!(message.contains("crashed 5 times"), "{message}");
+    assert_eq!(condition(&failed, "Progressing").unwrap().0, "False");
+    let described = kubectl(&fed.clusters.hub.kubeconfig, &["describe", "tr", "doomed"]);
+    assert!(described.contains("ExchangeFailed"), "{described}");
+
+    // Its trainers are stopped, and nothing comes back while the run stays Failed.
+    let groups: Api<TrainerGroup> = Api::all(hub.clone());
+    wait_until("the failed run's groups are removed", 30, || async {
+        groups
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    })
+    .await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            groups
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        let now = runs.get("doomed").await.unwrap();
+        assert_eq!(phase(&now), Some(Phase::Failed));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_hub_replicas_exactly_one_leads_and_the_other_takes_over_when_it_dies() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut fed, dir) = federation(&three_members()).await;
+    let hub = fed.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    let leader = fed.operator_identity().unwrap().to_string();
+    runs.create(&PostParams::default(), &run("contest", 40))
+        .await
+        .unwrap();
+    let standby = fed.start_replica().unwrap();
+    wait_run(&runs, "contest", "round 1", 240, |r| {
+        r.status.as_ref().is_some_and(|s| s.round >= 1)
+    })
+    .await;
+
+    let leases: Api<Lease> = Api::namespaced(hub.clone(), "starling-system");
+    let holder = |l: &Lease| l.spec.as_ref().and_then(|s| s.holder_identity.clone());
+    let lease = leases.get("starling-hub").await.unwrap();
+    assert_eq!(holder(&lease).as_deref(), Some(leader.as_str()));
+    let standby_log = std::fs::read_to_string(dir.path().join(format!("{standby}.log"))).unwrap();
+    assert!(
+        standby_log.contains("waiting for leadership"),
+        "{standby_log}"
+    );
+    assert!(
+        !standby_log.contains("leading"),
+        "the standby acted: {standby_log}"
+    );
+    // Every Event so far was written by the leader.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(hub.clone(), "default");
+    let reporters: std::collections::BTreeSet<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|e| e.reporting_instance.clone())
+        .collect();
+    assert_eq!(
+        reporters,
+        [leader.clone()].into(),
+        "events by other replicas"
+    );
+
+    let last_renewal = lease.spec.unwrap().renew_time.unwrap().0;
+    fed.kill_operator().await;
+    wait_until("the standby takes the Lease", 120, || async {
+        leases
+            .get("starling-hub")
+            .await
+            .ok()
+            .and_then(|l| holder(&l))
+            == Some(standby.clone())
+    })
+    .await;
+    let taken = leases.get("starling-hub").await.unwrap().spec.unwrap();
+    let waited = taken.acquire_time.unwrap().0.duration_since(last_renewal);
+    let lease_seconds = i64::from(taken.lease_duration_seconds.unwrap());
+    // Not before the dead leader's Lease expired, and soon after (it retries every
+    // third of the Lease; one more Lease of slack for a loaded machine).
+    assert!(waited.as_secs() >= lease_seconds, "taken after {waited:?}");
+    assert!(
+        waited.as_secs() < 2 * lease_seconds + 2,
+        "taken after {waited:?}"
+    );
+
+    let round = runs.get("contest").await.unwrap().status.unwrap().round;
+    wait_run(
+        &runs,
+        "contest",
+        "progress under the new leader",
+        180,
+        |r| r.status.as_ref().is_some_and(|s| s.round >= round + 2),
+    )
+    .await;
+}
