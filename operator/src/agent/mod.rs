@@ -3,6 +3,8 @@
 //! into its MemberCluster's status, and converges its own cluster's trainer Pods to the
 //! TrainerGroups in its hub namespace.
 
+pub mod capacity;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use crate::api::{GpuCapacity, MemberCluster, PeerId, PodState, TrainerGroup, TrainerGroupStatus};
+use crate::api::{MemberCluster, PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 use crate::resources::{LABEL_MANAGED_BY, LABEL_MEMBER, member_namespace};
 
 const LABEL_GROUP: &str = "starling.dev/group";
@@ -123,52 +125,7 @@ async fn heartbeat(ctx: &Context) -> Result<(), Error> {
         .list(&ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={AGENT}")))
         .await
         .map_err(Error::Local)?;
-    let mut by_product: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    let mut node_product: BTreeMap<String, String> = BTreeMap::new();
-    for node in &nodes.items {
-        let product = node
-            .labels()
-            .get("nvidia.com/gpu.product")
-            .cloned()
-            .unwrap_or_else(|| "unknown".into());
-        let gpus = node
-            .status
-            .as_ref()
-            .and_then(|s| s.allocatable.as_ref())
-            .and_then(|a| a.get("nvidia.com/gpu"))
-            .and_then(|q| q.0.parse::<u32>().ok())
-            .unwrap_or(0);
-        if gpus > 0 {
-            by_product.entry(product.clone()).or_default().0 += gpus;
-        }
-        node_product.insert(node.name_any(), product);
-    }
-    for pod in pods.items.iter().filter(|p| {
-        !matches!(
-            p.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
-    }) {
-        let gpus: u32 = pod
-            .spec
-            .iter()
-            .flat_map(|s| &s.containers)
-            .filter_map(|c| c.resources.as_ref()?.limits.as_ref()?.get("nvidia.com/gpu"))
-            .filter_map(|q| q.0.parse::<u32>().ok())
-            .sum();
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        if let Some(product) = node.and_then(|n| node_product.get(&n)) {
-            by_product.entry(product.clone()).or_default().1 += gpus;
-        }
-    }
-    let gpus: Vec<GpuCapacity> = by_product
-        .into_iter()
-        .map(|(product, (allocatable, in_use))| GpuCapacity {
-            product,
-            allocatable,
-            in_use,
-        })
-        .collect();
+    let gpus = capacity::gpu_capacity(&nodes.items, &pods.items);
     let status = json!({"status": {
         "lastHeartbeat": k8s_openapi::jiff::Timestamp::now(),
         "agentVersion": env!("CARGO_PKG_VERSION"),
