@@ -115,9 +115,12 @@ mod tests {
         }
     }
 
+    /// A name, the nodes and pods observed, and the capacity reported.
+    type Case = (&'static str, Vec<Node>, Vec<Pod>, Vec<GpuCapacity>);
+
     #[test]
     fn capacity_is_counted_per_gpu_product() {
-        let cases: Vec<(&str, Vec<Node>, Vec<Pod>, Vec<GpuCapacity>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "two products are reported apart, each with the pods on its nodes",
                 vec![

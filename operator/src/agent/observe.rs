@@ -171,6 +171,15 @@ fn labelled<K: Resource>(object: &K, hub_namespace: &str) -> Vec<ObjectRef<Train
         .collect()
 }
 
+/// The member's caches, its health, and the reconciles its changes call for.
+struct Local {
+    pods: Store<Pod>,
+    secrets: Store<Secret>,
+    nodes: Store<Node>,
+    local_ok: Arc<AtomicBool>,
+    triggers: Vec<Triggers>,
+}
+
 /// The local watches: the agent's pods and Secrets (waking their groups) and the nodes
 /// (read by the heartbeat only).
 fn local(
@@ -178,13 +187,7 @@ fn local(
     config: &AgentConfig,
     groups: &Store<TrainerGroup>,
     hub_namespace: &str,
-) -> (
-    Store<Pod>,
-    Store<Secret>,
-    Store<Node>,
-    Arc<AtomicBool>,
-    Vec<Triggers>,
-) {
+) -> Local {
     let mine = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={AGENT}"));
     let (pods, pod_events) = reflect(
         Api::<Pod>::namespaced(client.clone(), &config.namespace),
@@ -218,7 +221,13 @@ fn local(
         }),
         triggers(node_events, |_| vec![]),
     ];
-    (pods, secrets, nodes, local_ok, streams)
+    Local {
+        pods,
+        secrets,
+        nodes,
+        local_ok,
+        triggers: streams,
+    }
 }
 
 /// Starts observing both clusters: the caches, and the reconciles their changes call
@@ -238,8 +247,13 @@ pub fn watch(
         Api::<Secret>::namespaced(hub.clone(), &hub_namespace),
         watcher::Config::default(),
     );
-    let (pods, secrets, nodes, local_ok, mut streams) =
-        local(local_client, config, &groups, &hub_namespace);
+    let Local {
+        pods,
+        secrets,
+        nodes,
+        local_ok,
+        triggers: mut streams,
+    } = local(local_client, config, &groups, &hub_namespace);
     let store = groups.clone();
     streams.push(triggers(group_events, move |event| match event {
         watcher::Event::Apply(g) => vec![ObjectRef::from_obj(g)],

@@ -313,12 +313,20 @@ fn local_objects() -> (Vec<Arc<Pod>>, Vec<Arc<Secret>>) {
     )
 }
 
+/// A name, the hub's groups (`None`: no answer), and the pods and Secrets swept.
+type SweepCase<'a> = (
+    &'a str,
+    Option<&'a BTreeSet<String>>,
+    Vec<&'a str>,
+    Vec<&'a str>,
+);
+
 #[test]
 fn only_what_the_hub_says_is_gone_is_swept() {
     let (pods, secrets) = local_objects();
     let hub_has_g: BTreeSet<String> = ["g".to_string()].into();
     let hub_has_none = BTreeSet::new();
-    let cases: Vec<(&str, Option<&BTreeSet<String>>, Vec<&str>, Vec<&str>)> = vec![
+    let cases: Vec<SweepCase> = vec![
         (
             "pods and Secrets of groups the hub no longer has are swept, unless already going",
             Some(&hub_has_g),
