@@ -263,6 +263,8 @@ impl Federation {
             &hub_kubeconfig,
             "--heartbeat",
             &heartbeat,
+            "--metrics-addr",
+            "127.0.0.1:0",
         ];
         let child = self.spawn(&format!("agent-{member}"), &args, &local_kubeconfig)?;
         self.agents.insert(member.into(), child);

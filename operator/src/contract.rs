@@ -5,53 +5,28 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::EnvVar;
-use serde_json::json;
+use starling_trainer::model::ModelConfig;
 
-use crate::api::{Algorithm, CorpusSource, PeerId, TrainingRunSpec, validation};
+use crate::api::{Algorithm, PeerId, TrainingRunSpec, validation};
 use crate::hub::children::{OPERATOR_TOKEN_KEY, TOKENS_KEY, env};
 
 /// The run's configuration as the trainer reads it (`STARLING_*`), identical for the
 /// exchange and every peer: the exchange refuses peers whose configuration differs.
 /// Fails with the field to fix when the spec asks for what this trainer cannot do.
 pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldError> {
-    let unsupported = |path: &str, message: &str| validation::FieldError {
-        path: path.into(),
-        message: message.into(),
-    };
-    let model = validation::resolved_model(spec).ok_or_else(|| {
-        unsupported(
-            "spec.model.preset",
-            "a preset needs the built-in `bytes` tokenizer; give an explicit model.config",
-        )
-    })?;
-    // Hugging Face `config.json` keys, which the trainer reads.
-    let config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.intermediate_size,
-        "num_hidden_layers": model.num_hidden_layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.kv_heads(),
-        "max_position_embeddings": model.max_position_embeddings,
-        "rope_theta": model.rope_theta,
-        "rms_norm_eps": model.rms_norm_eps,
-        "tie_word_embeddings": model.tie_word_embeddings,
-    });
+    supported(spec)?;
+    let model = model_config(spec)?;
     let s = &spec.schedule;
     let c = &spec.compression;
+    let algorithm = match c.algorithm {
+        Algorithm::SparseLoCo => "sparseloco",
+        Algorithm::DiLoCo => "diloco",
+        Algorithm::Ddp => "ddp",
+    };
     let mut out = vec![
-        env("STARLING_MODEL_CONFIG", config),
+        env("STARLING_MODEL_CONFIG", model),
         env("STARLING_SEED", spec.seed),
-        env(
-            "STARLING_ALGORITHM",
-            match c.algorithm {
-                Algorithm::SparseLoCo => "sparseloco",
-                Algorithm::DiLoCo => "diloco",
-                Algorithm::Ddp => "ddp",
-            },
-        ),
+        env("STARLING_ALGORITHM", algorithm),
         env("STARLING_MAX_PEERS", spec.peers.max),
         env("STARLING_ROUNDS", s.outer_rounds),
         env("STARLING_INNER_STEPS", s.inner_steps),
@@ -70,17 +45,53 @@ pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldE
         env("STARLING_ERROR_FEEDBACK", c.error_feedback_decay),
         env("STARLING_TOKENIZER", &spec.data.tokenizer),
     ];
-    match &spec.data.corpus {
-        CorpusSource {
-            builtin: Some(_), ..
-        } => {}
-        CorpusSource { path: Some(p), .. } => out.push(env("STARLING_CORPUS", p)),
-        _ => {
-            return Err(unsupported(
-                "spec.data.corpus.hubDataset",
-                "Hub datasets are not supported yet; use builtin or path",
-            ));
-        }
+    if let Some(path) = &spec.data.corpus.path {
+        out.push(env("STARLING_CORPUS", path));
+    }
+    Ok(out)
+}
+
+fn unsupported(path: &str, message: &str) -> validation::FieldError {
+    validation::FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// The model as the trainer reads it: its own `ModelConfig`, as Hugging Face
+/// `config.json` JSON.
+fn model_config(spec: &TrainingRunSpec) -> Result<String, validation::FieldError> {
+    let model = validation::resolved_model(spec).ok_or_else(|| {
+        unsupported(
+            "spec.model.preset",
+            "a preset needs the built-in `bytes` tokenizer; give an explicit model.config",
+        )
+    })?;
+    let config = ModelConfig {
+        vocab_size: model.vocab_size as usize,
+        hidden_size: model.hidden_size as usize,
+        intermediate_size: model.intermediate_size as usize,
+        num_hidden_layers: model.num_hidden_layers as usize,
+        num_attention_heads: model.num_attention_heads as usize,
+        num_key_value_heads: model.kv_heads() as usize,
+        max_position_embeddings: model.max_position_embeddings as usize,
+        rope_theta: model.rope_theta,
+        rms_norm_eps: model.rms_norm_eps,
+        tie_word_embeddings: model.tie_word_embeddings,
+    };
+    config
+        .validate()
+        .map_err(|e| unsupported("spec.model", &e.to_string()))?;
+    Ok(config.to_hf_json().to_string())
+}
+
+/// What this trainer cannot do yet, with the field to change.
+fn supported(spec: &TrainingRunSpec) -> Result<(), validation::FieldError> {
+    if spec.data.corpus.hub_dataset.is_some() {
+        return Err(unsupported(
+            "spec.data.corpus.hubDataset",
+            "Hub datasets are not supported yet; use builtin or path",
+        ));
     }
     if spec.data.tokenizer != "bytes" {
         return Err(unsupported(
@@ -94,7 +105,7 @@ pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldE
             "starting from Hub weights is not supported yet",
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The exchange's own settings, on top of the run configuration.
@@ -142,7 +153,7 @@ pub fn mint_credentials(max_peers: u32) -> BTreeMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::TrainingRun;
+    use crate::api::{CorpusSource, TrainingRun};
 
     fn sample() -> TrainingRun {
         let yaml = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");

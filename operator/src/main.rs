@@ -42,8 +42,9 @@ fn main() -> anyhow::Result<()> {
             starling_operator::hub::run(client, metrics, config).await
         })?,
         Command::Agent(config) => runtime()?.block_on(async {
-            let client = kube::Client::try_default().await?;
-            starling_operator::agent::run(client, config).await
+            let metrics = std::sync::Arc::new(Metrics::default());
+            let client = telemetry::client(kube::Config::infer().await?, metrics.clone())?;
+            starling_operator::agent::run(client, metrics, config).await
         })?,
         Command::Crdgen { out } => {
             let written = starling_operator::crdgen::write_all(&out)

@@ -80,6 +80,37 @@ pub struct Unschedulable {
 /// the least-used region, then `cloud` before `home` (stable capacity first), then name
 /// (determinism). Spreading bounds what one member or region going dark takes with it.
 pub fn place(request: &Request, members: &[Member]) -> Result<Plan, Unschedulable> {
+    let (eligible, excluded) = eligible(request, members);
+    let plan = assign(request, &eligible);
+    let placed = plan.assignment.len() as u32;
+    if placed >= request.min_peers {
+        return Ok(plan);
+    }
+    let mut why: Vec<String> = excluded
+        .iter()
+        .map(|(reason, n)| format!("{n} member(s): {reason}"))
+        .collect();
+    if eligible.is_empty() && members.is_empty() {
+        why.push("no Ready member clusters".into());
+    } else if !eligible.is_empty() {
+        why.push(format!(
+            "{} eligible member(s) have room for {placed}",
+            eligible.len()
+        ));
+    }
+    Err(Unschedulable {
+        placeable: placed,
+        min: request.min_peers,
+        why: why.join("; "),
+    })
+}
+
+/// The members the run may use, in name order, and how many were excluded for which
+/// reason.
+fn eligible<'m>(
+    request: &Request,
+    members: &'m [Member],
+) -> (Vec<&'m Member>, BTreeMap<String, usize>) {
     let spec = request.spec;
     let mut excluded: BTreeMap<String, usize> = BTreeMap::new();
     let mut eligible: Vec<&Member> = vec![];
@@ -104,20 +135,23 @@ pub fn place(request: &Request, members: &[Member]) -> Result<Plan, Unschedulabl
         }
     }
     eligible.sort_by(|a, b| a.name.cmp(&b.name));
+    (eligible, excluded)
+}
 
+/// Assigns every peer it can: first where it already runs, then by spread.
+fn assign(request: &Request, eligible: &[&Member]) -> Plan {
     // Slots per member for this run: what it hosts now plus what is free, capped.
     let hosted_now = |name: &str| request.current.values().filter(|m| *m == name).count() as u32;
+    let cap = request.spec.max_peers_per_member.unwrap_or(u32::MAX);
     let mut room: BTreeMap<&str, u32> = eligible
         .iter()
         .map(|m| {
             let slots = m
                 .free_slots
                 .map_or(u32::MAX, |free| free.saturating_add(hosted_now(&m.name)));
-            let cap = spec.max_peers_per_member.unwrap_or(u32::MAX);
             (m.name.as_str(), slots.min(cap))
         })
         .collect();
-
     let mut plan = Plan::default();
     let peers: Vec<PeerId> = (0..request.max_peers).map(PeerId::new).collect();
     // Stay where possible, in peer order so a shrunken member keeps its lowest peers.
@@ -134,54 +168,44 @@ pub fn place(request: &Request, members: &[Member]) -> Result<Plan, Unschedulabl
         if plan.assignment.contains_key(peer) {
             continue;
         }
-        let count_on = |name: &str| plan.assignment.values().filter(|m| *m == name).count();
-        let count_in_region = |region: &str| {
-            plan.assignment
-                .values()
-                .filter(|m| eligible.iter().any(|e| e.name == **m && e.region == region))
-                .count()
-        };
-        let best = eligible
-            .iter()
-            .filter(|m| room.get(m.name.as_str()).is_some_and(|r| *r > 0))
-            .min_by_key(|m| {
-                (
-                    count_on(&m.name),
-                    count_in_region(&m.region),
-                    m.tier,
-                    m.name.clone(),
-                )
-            });
-        match best {
-            Some(m) => {
-                *room.get_mut(m.name.as_str()).expect("eligible") -= 1;
+        let best = best_member(&plan, eligible, &room);
+        match best.and_then(|m| Some((m, room.get_mut(m.name.as_str())?))) {
+            Some((m, left)) => {
+                *left -= 1;
                 plan.assignment.insert(*peer, m.name.clone());
             }
             None => plan.unplaced.push(*peer),
         }
     }
+    plan
+}
 
-    let placed = plan.assignment.len() as u32;
-    if placed < request.min_peers {
-        let mut why: Vec<String> = excluded
-            .iter()
-            .map(|(reason, n)| format!("{n} member(s): {reason}"))
-            .collect();
-        if eligible.is_empty() && members.is_empty() {
-            why.push("no Ready member clusters".into());
-        } else if !eligible.is_empty() {
-            why.push(format!(
-                "{} eligible member(s) have room for {placed}",
-                eligible.len()
-            ));
-        }
-        return Err(Unschedulable {
-            placeable: placed,
-            min: request.min_peers,
-            why: why.join("; "),
-        });
-    }
-    Ok(plan)
+/// The member with room that hosts the fewest of the run's peers, then in the
+/// least-used region, then `cloud` before `home`, then by name.
+fn best_member<'m>(
+    plan: &Plan,
+    eligible: &[&'m Member],
+    room: &BTreeMap<&str, u32>,
+) -> Option<&'m Member> {
+    let count_on = |name: &str| plan.assignment.values().filter(|m| *m == name).count();
+    let count_in_region = |region: &str| {
+        plan.assignment
+            .values()
+            .filter(|m| eligible.iter().any(|e| e.name == **m && e.region == region))
+            .count()
+    };
+    eligible
+        .iter()
+        .filter(|m| room.get(m.name.as_str()).is_some_and(|r| *r > 0))
+        .min_by_key(|m| {
+            (
+                count_on(&m.name),
+                count_in_region(&m.region),
+                m.tier,
+                m.name.clone(),
+            )
+        })
+        .copied()
 }
 
 /// `matchLabels` and `matchExpressions` (In, NotIn, Exists, DoesNotExist) against labels.

@@ -216,6 +216,8 @@ pub fn start_operator(
             &grace,
             "--identity",
             "operator-bench",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ])
         .env("KUBECONFIG", &hub.operator_kubeconfig)
         .env(

@@ -382,7 +382,7 @@ async fn control(
     tokio::pin!(controllers);
     tokio::select! {
         _ = &mut controllers => Ok(()),
-        _ = shutdown_signal() => {
+        _ = crate::telemetry::shutdown_signal() => {
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
             controllers.await;
@@ -392,24 +392,6 @@ async fn control(
             // Another replica may already be writing: stop at once, never write again.
             Err(anyhow::anyhow!("lost the leader Lease: {lost}"))
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGTERM handler; stopping on ctrl-c only");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }
 
