@@ -118,7 +118,7 @@ async fn crds_are_discovered_and_the_sample_run_round_trips() {
     assert_eq!((status, reason.as_str()), (409, "Conflict"));
 
     // Status goes through its subresource only and does not bump the generation.
-    let status_patch = Patch::Merge(json!({"status": {"round": 3, "phase": "Running"}}));
+    let status_patch = Patch::Merge(json!({"status": {"round": 3, "phase": "Placing"}}));
     let patched = runs
         .patch_status("shakespeare", &PatchParams::default(), &status_patch)
         .await
@@ -166,6 +166,37 @@ async fn crds_are_discovered_and_the_sample_run_round_trips() {
         .await
         .unwrap();
     assert_eq!(applied.spec.seed, 12);
+
+    // Once the run is Running, what it trains is fixed (a transition rule that reads the
+    // stored status); the rest may still change.
+    let running = Patch::Merge(json!({"status": {"phase": "Running"}}));
+    runs.patch_status("shakespeare", &PatchParams::default(), &running)
+        .await
+        .unwrap();
+    let reseed = Patch::Merge(json!({"spec": {"seed": 13}}));
+    match runs
+        .patch("shakespeare", &PatchParams::default(), &reseed)
+        .await
+    {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert!(
+                e.message.contains("cannot change once the run has started"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("a new seed mid-run was not refused: {other:?}"),
+    }
+    let longer = Patch::Merge(json!({"spec": {"schedule": {"outerRounds": 14}}}));
+    let patched = runs
+        .patch("shakespeare", &PatchParams::default(), &longer)
+        .await
+        .unwrap();
+    assert_eq!(
+        (patched.spec.seed, patched.spec.schedule.outer_rounds),
+        (12, 14)
+    );
 
     // The wrong kind at a TrainingRun's URL is invalid, with the field named.
     let dynamic: Api<kube::api::DynamicObject> = Api::namespaced_with(
