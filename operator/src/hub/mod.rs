@@ -366,7 +366,7 @@ async fn control(
         ctx.clone(),
     )
     .for_each(|_| async {});
-    let runs = training_run::controller(client);
+    let runs = training_run::controller(client, &stores);
     let _ = scraped.set((stores, runs.store()));
     ctx.metrics.set_readiness(Readiness::Ready);
     let runs = runs

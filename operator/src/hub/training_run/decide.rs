@@ -221,14 +221,14 @@ pub fn decide(o: &Observed) -> Decision {
         }
     };
     let Some(tokens) = o.credentials.clone() else {
+        // Minting is not pure (random tokens): the caller mints and decides again.
         d.children.mint_credentials = true;
         d.note(
             false,
             reason::CREDENTIALS_CREATED,
             format!("minted {} peer tokens", o.run.spec.peers.max),
         );
-        starting(&mut d, "minting the run's credentials");
-        return d.finish(Some(Duration::from_secs(1)));
+        return d.finish(Some(Duration::ZERO));
     };
     let image = o.run.spec.peers.image.as_deref().unwrap_or(o.default_image);
     d.children.exchange = Some(children::exchange(

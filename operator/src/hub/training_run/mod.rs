@@ -7,16 +7,16 @@ mod progress;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -24,20 +24,21 @@ use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
 use starling_trainer::exchange::proto;
 
 use super::children::{OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name};
-use super::{Context, Error, publish};
-use crate::api::{TrainerGroup, TrainingRun, TrainingRunStatus};
+use super::{Context, Error, Stores, publish};
+use crate::api::{MemberCluster, TrainerGroup, TrainingRun, TrainingRunStatus};
 use crate::contract;
 use crate::k8s::{
-    LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, ignore_conflict, ignore_not_found,
-    reason,
+    COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER,
+    condition, condition_true, ignore_not_found, reason,
 };
 use decide::{Decision, ExchangeObserved, GroupRef, Observed, PodHealth};
 
 const FINALIZER: &str = "starling.dev/cleanup";
 
-/// The controller, woken by its runs, their TrainerGroups (the agents' reports) and
-/// their exchange pods.
-pub fn controller(client: &Client) -> Controller<TrainingRun> {
+/// The controller, woken by its runs, their TrainerGroups (the agents' reports), their
+/// exchange pods and Services, and members turning Ready or not Ready (the runs with
+/// peers there).
+pub fn controller(client: &Client, stores: &Stores) -> Controller<TrainingRun> {
     let run_of_group = |g: TrainerGroup| {
         Some(ObjectRef::new(&g.spec.run_ref.name).within(&g.spec.run_ref.namespace))
     };
@@ -45,6 +46,8 @@ pub fn controller(client: &Client) -> Controller<TrainingRun> {
         let labels = p.labels();
         Some(ObjectRef::new(labels.get(LABEL_RUN)?).within(labels.get(LABEL_RUN_NAMESPACE)?))
     };
+    let exchange =
+        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_EXCHANGE}"));
     Controller::new(
         Api::<TrainingRun>::all(client.clone()),
         watcher::Config::default(),
@@ -54,15 +57,39 @@ pub fn controller(client: &Client) -> Controller<TrainingRun> {
         watcher::Config::default(),
         run_of_group,
     )
+    .watches(Api::all(client.clone()), exchange.clone(), run_of_pod)
+    .owns(Api::<Service>::all(client.clone()), exchange)
     .watches(
-        Api::all(client.clone()),
-        watcher::Config::default().labels(&format!(
-            "{}={}",
-            crate::k8s::LABEL_COMPONENT,
-            crate::k8s::COMPONENT_EXCHANGE
-        )),
-        run_of_pod,
+        Api::<MemberCluster>::all(client.clone()),
+        watcher::Config::default(),
+        runs_on_flipped_member(stores.groups.clone()),
     )
+}
+
+/// Maps a MemberCluster event to the runs with peers on it, only when its readiness
+/// changed: heartbeats rewrite a member's status every few seconds and must not wake
+/// every run on it each time.
+fn runs_on_flipped_member(
+    groups: Store<TrainerGroup>,
+) -> impl Fn(MemberCluster) -> Vec<ObjectRef<TrainingRun>> + Send + Sync + 'static {
+    let readiness: std::sync::Mutex<HashMap<String, bool>> = Default::default();
+    move |member: MemberCluster| {
+        let ready = member
+            .status
+            .as_ref()
+            .is_some_and(|s| condition_true(&s.conditions, condition::READY));
+        let name = member.name_any();
+        let mut known = readiness.lock().unwrap_or_else(|e| e.into_inner());
+        if known.insert(name.clone(), ready) == Some(ready) {
+            return vec![];
+        }
+        groups
+            .state()
+            .iter()
+            .filter(|g| g.spec.member == name)
+            .map(|g| ObjectRef::new(&g.spec.run_ref.name).within(&g.spec.run_ref.namespace))
+            .collect()
+    }
 }
 
 /// A cached connection to a run's exchange.
@@ -117,7 +144,7 @@ pub fn error_policy(run: Arc<TrainingRun>, error: &Error, ctx: Arc<Context>) -> 
 async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     let members = ctx.stores.members.state();
     let groups = ctx.stores.groups.state();
-    let observed = Observed {
+    let mut observed = Observed {
         run,
         now: Timestamp::now(),
         default_image: &ctx.config.trainer_image,
@@ -126,8 +153,52 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         members: &members,
         groups: &groups,
     };
-    let decision = decide::decide(&observed);
+    let mut decision = decide::decide(&observed);
+    if decision.children.mint_credentials {
+        // Minted here rather than on the next look: the store sees the Secret only later.
+        observed.credentials = Some(mint_credentials(ctx, run).await?);
+        for note in &decision.events {
+            publish(
+                ctx,
+                run,
+                note.warning,
+                note.reason,
+                &note.message,
+                "Reconcile",
+            )
+            .await;
+        }
+        decision = decide::decide(&observed);
+    }
     act(ctx, run, decision).await
+}
+
+/// Creates the run's credentials Secret, or reads the one a previous reconcile made.
+async fn mint_credentials(
+    ctx: &Context,
+    run: &TrainingRun,
+) -> Result<BTreeMap<String, String>, Error> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+    let tokens = contract::mint_credentials(run.spec.peers.max);
+    let secret = credentials_secret(run, &tokens);
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(tokens),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = secrets.get(&credentials_name(run)).await?;
+            Ok(tokens_of(&existing))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn tokens_of(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
 }
 
 /// The run's tokens from its credentials Secret, once minted.
@@ -137,14 +208,7 @@ fn credentials(ctx: &Context, run: &TrainingRun) -> Option<BTreeMap<String, Stri
         .stores
         .secrets
         .get(&ObjectRef::new(&credentials_name(run)).within(&ns))?;
-    Some(
-        secret
-            .data
-            .as_ref()?
-            .iter()
-            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
-            .collect(),
-    )
+    Some(tokens_of(&secret))
 }
 
 /// The exchange's address, pod health and, if it answers, its state.
@@ -206,11 +270,6 @@ fn pod_health(pod: &Pod) -> PodHealth {
 async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Action, Error> {
     let ns = run.namespace().unwrap_or_default();
     let children = decision.children;
-    if children.mint_credentials {
-        let secret = credentials_secret(run, &contract::mint_credentials(run.spec.peers.max));
-        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        ignore_conflict(secrets.create(&PostParams::default(), &secret).await)?;
-    }
     if let Some((deployment, service)) = &children.exchange {
         let stores = &ctx.stores;
         let api = Api::namespaced(ctx.client.clone(), &ns);
@@ -306,7 +365,8 @@ async fn poll_exchange(
                 url: endpoint.clone(),
                 token: token.into(),
                 bandwidth_mbps: None,
-                retry_for: Duration::from_secs(1),
+                // One attempt: the next look is soon, and a reconcile must not wait on it.
+                retry_for: Duration::ZERO,
                 tls_ca: None,
                 // Only peers' joins and updates are checked against the run's fingerprint.
                 fingerprint: String::new(),

@@ -265,8 +265,14 @@ fn a_new_run_mints_its_credentials_before_anything_else() {
     let d = case.decide();
     assert!(d.children.mint_credentials);
     assert!(d.children.exchange.is_none());
-    assert_eq!(d.status.phase, Some(Phase::Placing));
-    assert_eq!(reasons(&d), vec!["CredentialsCreated", "Placing"]);
+    assert_eq!(
+        d.status,
+        TrainingRunStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        }
+    );
+    assert_eq!(reasons(&d), vec!["CredentialsCreated"]);
 }
 
 #[test]
