@@ -196,11 +196,22 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
         other => panic!("expected 403, got {other:?}"),
     }
+    let forbidden = |result: kube::Result<_>, what: &str| match result {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{what}: {e:?}"),
+        Ok(_) => panic!("{what}: allowed"),
+        Err(e) => panic!("{what}: {e:?}"),
+    };
     let secrets: Api<Secret> = Api::namespaced(eu.clone(), "default");
-    assert!(secrets.list(&ListParams::default()).await.is_err());
+    forbidden(
+        secrets.list(&ListParams::default()).await.map(|_| ()),
+        "the run's Secrets",
+    );
     let mcs: Api<MemberCluster> = Api::all(eu);
     assert!(mcs.get("cloud-eu").await.is_ok());
-    assert!(mcs.get("cloud-us").await.is_err());
+    forbidden(
+        mcs.get("cloud-us").await.map(|_| ()),
+        "another member's MemberCluster",
+    );
 
     let done = wait_run(&runs, "shakespeare", "Succeeded", 420, |r| {
         phase(r) == Some(Phase::Succeeded)

@@ -34,6 +34,8 @@ use crate::k8s::{
 use decide::{Decision, ExchangeObserved, GroupRef, Observed, PodHealth};
 
 const FINALIZER: &str = "starling.dev/cleanup";
+/// Runs reconciled at once.
+const RECONCILES: u16 = 16;
 
 /// The controller, woken by its runs, their TrainerGroups (the agents' reports), their
 /// exchange pods and Services, and members turning Ready or not Ready (the runs with
@@ -52,6 +54,9 @@ pub fn controller(client: &Client, stores: &Stores) -> Controller<TrainingRun> {
         Api::<TrainingRun>::all(client.clone()),
         watcher::Config::default(),
     )
+    // Bounded, so a thousand runs waking at once queue here instead of opening a
+    // thousand connections to the API server.
+    .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILES))
     .watches(
         Api::all(client.clone()),
         watcher::Config::default(),
