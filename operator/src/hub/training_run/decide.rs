@@ -295,8 +295,12 @@ fn exchange_failure(pod: Option<&PodHealth>) -> Option<String> {
 }
 
 fn our_groups(o: &Observed) -> Vec<GroupRef> {
-    let uid = o.run.uid().unwrap_or_default();
-    o.groups
+    groups_of(&o.run.uid().unwrap_or_default(), o.groups)
+}
+
+/// The TrainerGroups of the run with `uid`, to delete.
+pub fn groups_of(uid: &str, groups: &[Arc<TrainerGroup>]) -> Vec<GroupRef> {
+    groups
         .iter()
         .filter(|g| g.spec.run_ref.uid == uid)
         .map(|g| GroupRef {

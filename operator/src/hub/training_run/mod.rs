@@ -162,17 +162,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     if decision.children.mint_credentials {
         // Minted here rather than on the next look: the store sees the Secret only later.
         observed.credentials = Some(mint_credentials(ctx, run).await?);
-        for note in &decision.events {
-            publish(
-                ctx,
-                run,
-                note.warning,
-                note.reason,
-                &note.message,
-                "Reconcile",
-            )
-            .await;
-        }
+        publish_notes(ctx, run, &decision.events).await;
         decision = decide::decide(&observed);
     }
     act(ctx, run, decision).await
@@ -296,7 +286,16 @@ async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Act
     for group in &children.remove {
         delete_group(ctx, group).await?;
     }
-    for note in &decision.events {
+    publish_notes(ctx, run, &decision.events).await;
+    write_status(ctx, run, decision.status).await?;
+    Ok(match decision.requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
+    })
+}
+
+async fn publish_notes(ctx: &Context, run: &TrainingRun, notes: &[decide::Note]) {
+    for note in notes {
         publish(
             ctx,
             run,
@@ -307,11 +306,6 @@ async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Act
         )
         .await;
     }
-    write_status(ctx, run, decision.status).await?;
-    Ok(match decision.requeue {
-        Some(after) => Action::requeue(after),
-        None => Action::await_change(),
-    })
 }
 
 async fn delete_group(ctx: &Context, group: &GroupRef) -> Result<(), Error> {
@@ -333,18 +327,7 @@ async fn delete_group(ctx: &Context, group: &GroupRef) -> Result<(), Error> {
 /// the run's Secret are owned by the run and collected after it.
 async fn cleanup(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     let uid = run.uid().unwrap_or_default();
-    let ours: Vec<GroupRef> = ctx
-        .stores
-        .groups
-        .state()
-        .iter()
-        .filter(|g| g.spec.run_ref.uid == uid)
-        .map(|g| GroupRef {
-            namespace: g.namespace().unwrap_or_default(),
-            name: g.name_any(),
-            secret: g.spec.credentials_secret.clone(),
-        })
-        .collect();
+    let ours = decide::groups_of(&uid, &ctx.stores.groups.state());
     for g in &ours {
         delete_group(ctx, g).await?;
     }
