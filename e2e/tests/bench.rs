@@ -1,6 +1,8 @@
 //! The operator benchmark, small: a few runs over a few members, checking that what it
 //! reports is sane (the numbers themselves are for people, not assertions).
 
+#![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
+
 use std::path::PathBuf;
 
 use starling_e2e::bench::{BenchOptions, operator};

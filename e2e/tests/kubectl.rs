@@ -1,5 +1,7 @@
 //! The real `kubectl` against the test API server.
 
+#![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,5 +1,7 @@
 //! The process kubelet runs Pods as processes and reports them as a kubelet would.
 
+#![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -2,6 +2,8 @@
 //! one agent per member as processes, TrainingRuns applied through the API as a user
 //! would, and the trainers really training.
 
+#![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
