@@ -75,6 +75,23 @@ pub struct Federation {
     restarts: u32,
 }
 
+/// What `helm install starling-hub` does to a hub's API: the CRDs and the operator's
+/// namespace.
+pub async fn install_hub(client: &kube::Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in starling_operator::api::crds() {
+        crds.create(&PostParams::default(), &crd).await?;
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "starling-system"}}))?,
+        )
+        .await?;
+    Ok(())
+}
+
 /// The trainer image TrainingRuns default to in a local federation.
 pub const TRAINER_IMAGE: &str = "ghcr.io/starling-dev/starling-trainer:local";
 
@@ -105,18 +122,7 @@ impl Federation {
         let clusters = LocalClusters::start(&hub, &specs, &images, dir).await?;
         let client = clusters.hub.client.clone();
 
-        // What `helm install starling-hub` does: CRDs and the operator's namespace.
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in starling_operator::api::crds() {
-            crds.create(&PostParams::default(), &crd).await?;
-        }
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": "starling-system"}}))?,
-            )
-            .await?;
+        install_hub(&client).await?;
         // The platform team registers each member.
         let mcs: Api<MemberCluster> = Api::all(client.clone());
         for m in members {

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -44,17 +43,7 @@ impl Hub {
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         let running = ApiServer::new().start(0).await?;
         let client = running.client();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in starling_operator::api::crds() {
-            crds.create(&PostParams::default(), &crd).await?;
-        }
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": "starling-system"}}))?,
-            )
-            .await?;
+        crate::federation::install_hub(&client).await?;
         let token = format!("operator-{}", std::process::id());
         running.server.add_token(
             &token,
