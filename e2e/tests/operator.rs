@@ -125,18 +125,32 @@ async fn trainer_pods(client: &Client) -> Vec<Pod> {
 }
 
 fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    match try_kubectl(kubeconfig, args) {
+        Ok(out) => out,
+        Err(err) => panic!("kubectl {args:?}: {err}"),
+    }
+}
+
+/// kubectl's stdout, or its stderr when it fails.
+fn try_kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(args)
         .output()
         .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The uids of `pods`, sorted.
+fn uids(pods: &[Pod]) -> Vec<String> {
+    let mut v: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
+    v.sort();
+    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,6 +278,115 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
     assert!(
         log.contains("peer joined") && log.contains("checkpoint written"),
         "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_run_takes_a_new_length_in_place_and_refuses_a_new_seed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (fed, _dir) = federation(&three_members()).await;
+    let hub = fed.clusters.hub.client.clone();
+    let kubeconfig = &fed.clusters.hub.kubeconfig;
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    runs.create(&PostParams::default(), &run("edited", 3))
+        .await
+        .unwrap();
+    let before = wait_run(&runs, "edited", "round 1", 240, |r| {
+        r.status.as_ref().is_some_and(|s| s.round >= 1)
+    })
+    .await;
+    let round_at_edit = before.status.unwrap().round;
+    let exchange_pods = Api::<Pod>::namespaced(hub.clone(), "default");
+    let exchange = |label| ListParams::default().labels(label);
+    let exchange_before = exchange_pods
+        .list(&exchange("app.kubernetes.io/component=exchange"))
+        .await
+        .unwrap()
+        .items;
+    let mut trainers_before = vec![];
+    for m in &fed.clusters.members {
+        trainers_before.extend(trainer_pods(&m.client).await);
+    }
+
+    // What the run trains is fixed once it runs: the API server says why and what to do.
+    let refused = try_kubectl(
+        kubeconfig,
+        &[
+            "patch",
+            "tr",
+            "edited",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"seed":8}}"#,
+        ],
+    )
+    .unwrap_err();
+    assert!(
+        refused.contains("cannot change once the run has started")
+            && refused.contains("Create a new TrainingRun"),
+        "{refused}"
+    );
+    // Its length is not: two more rounds, in the running exchange.
+    kubectl(
+        kubeconfig,
+        &[
+            "patch",
+            "tr",
+            "edited",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"schedule":{"outerRounds":5}}}"#,
+        ],
+    );
+    let mut rounds_seen = vec![round_at_edit];
+    let start = Instant::now();
+    let done = loop {
+        let run = runs.get("edited").await.unwrap();
+        let round = run.status.as_ref().map_or(0, |s| s.round);
+        rounds_seen.push(round);
+        if phase(&run) == Some(Phase::Succeeded) {
+            break run;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "not Succeeded within 300 s: {:#?}",
+            run.status
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let status = done.status.unwrap();
+    assert_eq!(status.round, 5, "{status:?}");
+    assert!(
+        rounds_seen.is_sorted(),
+        "the run went back a round: {rounds_seen:?}"
+    );
+    // Nothing was replaced: the exchange (and its state) and every trainer stayed.
+    let exchange_after = exchange_pods
+        .list(&exchange("app.kubernetes.io/component=exchange"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(uids(&exchange_after), uids(&exchange_before));
+    let restarts = exchange_after[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .restart_count;
+    assert_eq!(restarts, 0);
+    let mut trainers_after = vec![];
+    for m in &fed.clusters.members {
+        trainers_after.extend(trainer_pods(&m.client).await);
+    }
+    assert_eq!(uids(&trainers_after), uids(&trainers_before));
+    let described = kubectl(kubeconfig, &["describe", "tr", "edited"]);
+    assert!(
+        described.contains("SettingsChanged") && described.contains("schedule.outerRounds 3 → 5"),
+        "{described}"
     );
 }
 

@@ -5,50 +5,73 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::EnvVar;
-use starling_trainer::model::ModelConfig;
+use starling_trainer::env as names;
+use starling_trainer::exchange::Settings;
+use starling_trainer::run::RunConfig;
 
-use crate::api::{Algorithm, PeerId, TrainingRunSpec, validation};
+use crate::api::{PeerId, TrainingRunSpec, validation};
 use crate::hub::children::{OPERATOR_TOKEN_KEY, TOKENS_KEY, env};
 
-/// The run's configuration as the trainer reads it (`STARLING_*`), identical for the
-/// exchange and every peer: the exchange refuses peers whose configuration differs.
-/// Fails with the field to fix when the spec asks for what this trainer cannot do.
-pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldError> {
+/// The run's configuration as the trainer reads it, identical for the exchange and every
+/// peer: the exchange refuses peers whose configuration differs. Fails with the field to
+/// fix when the spec asks for what this trainer cannot do.
+pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::FieldError> {
     supported(spec)?;
-    let model = model_config(spec)?;
+    let model = validation::resolved_model(spec).ok_or_else(|| {
+        unsupported(
+            "spec.model.preset",
+            "a preset needs the built-in `bytes` tokenizer; give an explicit model.config",
+        )
+    })?;
+    model
+        .validate()
+        .map_err(|e| unsupported("spec.model", &e.to_string()))?;
     let s = &spec.schedule;
     let c = &spec.compression;
-    let algorithm = match c.algorithm {
-        Algorithm::SparseLoCo => "sparseloco",
-        Algorithm::DiLoCo => "diloco",
-        Algorithm::Ddp => "ddp",
-    };
-    let mut out = vec![
-        env("STARLING_MODEL_CONFIG", model),
-        env("STARLING_SEED", spec.seed),
-        env("STARLING_ALGORITHM", algorithm),
-        env("STARLING_MAX_PEERS", spec.peers.max),
-        env("STARLING_ROUNDS", s.outer_rounds),
-        env("STARLING_INNER_STEPS", s.inner_steps),
-        env("STARLING_BATCH", s.batch_size),
-        env(
-            "STARLING_MICRO_BATCH",
-            s.micro_batch_size.unwrap_or(s.batch_size),
-        ),
-        env("STARLING_SEQUENCE_LENGTH", spec.data.sequence_length),
-        env("STARLING_LR", s.inner_optimizer.lr),
-        env("STARLING_WARMUP_STEPS", s.inner_optimizer.warmup_steps),
-        env("STARLING_OUTER_LR", s.outer_lr),
-        env("STARLING_CHUNK", c.chunk_size),
-        env("STARLING_TOPK", c.k()),
-        env("STARLING_VALUE_BITS", c.value_bits.bits()),
-        env("STARLING_ERROR_FEEDBACK", c.error_feedback_decay),
-        env("STARLING_TOKENIZER", &spec.data.tokenizer),
-    ];
-    if let Some(path) = &spec.data.corpus.path {
-        out.push(env("STARLING_CORPUS", path));
+    Ok(RunConfig {
+        model_config: model.to_hf_json().to_string(),
+        seed: spec.seed,
+        algorithm: c.algorithm,
+        max_peers: spec.peers.max,
+        inner_steps: s.inner_steps,
+        batch: s.batch_size,
+        micro_batch: s.micro_batch_size.unwrap_or(s.batch_size),
+        sequence_length: spec.data.sequence_length,
+        lr: s.inner_optimizer.lr,
+        warmup_steps: u64::from(s.inner_optimizer.warmup_steps),
+        outer_lr: s.outer_lr as f32,
+        outer_momentum: starling_trainer::run::DEFAULT_OUTER_MOMENTUM,
+        chunk: c.chunk_size,
+        k: c.k(),
+        bits: c.value_bits.bits(),
+        error_feedback: c.error_feedback_decay as f32,
+        aggregation: c.aggregation,
+        corpus: spec.data.corpus.path.as_ref().map(Into::into),
+        tokenizer: spec.data.tokenizer.clone(),
+        init_from: None,
+    })
+}
+
+/// [`run_config`] as the `STARLING_*` environment of a pod.
+pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldError> {
+    Ok(as_env(run_config(spec)?.to_env()))
+}
+
+fn as_env(vars: Vec<(&'static str, String)>) -> Vec<EnvVar> {
+    vars.into_iter()
+        .map(|(name, value)| env(name, value))
+        .collect()
+}
+
+/// What the operator keeps in force in the running exchange ([`Settings`]): the spec's
+/// current values, changed in place when the spec changes.
+pub fn settings(spec: &TrainingRunSpec) -> Settings {
+    Settings {
+        rounds: spec.schedule.outer_rounds,
+        min_peers: spec.peers.min,
+        round_deadline: f64::from(spec.placement.round_deadline_seconds),
+        checkpoint_every: spec.checkpoint.every_rounds,
     }
-    Ok(out)
 }
 
 fn unsupported(path: &str, message: &str) -> validation::FieldError {
@@ -56,33 +79,6 @@ fn unsupported(path: &str, message: &str) -> validation::FieldError {
         path: path.into(),
         message: message.into(),
     }
-}
-
-/// The model as the trainer reads it: its own `ModelConfig`, as Hugging Face
-/// `config.json` JSON.
-fn model_config(spec: &TrainingRunSpec) -> Result<String, validation::FieldError> {
-    let model = validation::resolved_model(spec).ok_or_else(|| {
-        unsupported(
-            "spec.model.preset",
-            "a preset needs the built-in `bytes` tokenizer; give an explicit model.config",
-        )
-    })?;
-    let config = ModelConfig {
-        vocab_size: model.vocab_size as usize,
-        hidden_size: model.hidden_size as usize,
-        intermediate_size: model.intermediate_size as usize,
-        num_hidden_layers: model.num_hidden_layers as usize,
-        num_attention_heads: model.num_attention_heads as usize,
-        num_key_value_heads: model.kv_heads() as usize,
-        max_position_embeddings: model.max_position_embeddings as usize,
-        rope_theta: model.rope_theta,
-        rms_norm_eps: model.rms_norm_eps,
-        tie_word_embeddings: model.tie_word_embeddings,
-    };
-    config
-        .validate()
-        .map_err(|e| unsupported("spec.model", &e.to_string()))?;
-    Ok(config.to_hf_json().to_string())
 }
 
 /// What this trainer cannot do yet, with the field to change.
@@ -108,19 +104,16 @@ fn supported(spec: &TrainingRunSpec) -> Result<(), validation::FieldError> {
     Ok(())
 }
 
-/// The exchange's own settings, on top of the run configuration.
-pub fn exchange_env(spec: &TrainingRunSpec, run_name: &str) -> Vec<EnvVar> {
+/// The exchange's own environment, on top of the run configuration. Nothing here comes
+/// from a field that may change mid-run: those reach the exchange as [`settings`], so
+/// editing them never replaces its pod.
+pub fn exchange_env(run_name: &str) -> Vec<EnvVar> {
     vec![
-        env("STARLING_MIN_PEERS", spec.peers.min),
-        env(
-            "STARLING_ROUND_DEADLINE",
-            spec.placement.round_deadline_seconds,
-        ),
-        env("STARLING_STATE_DIR", "state"),
-        env("STARLING_DATA_DIR", "data"),
-        env("STARLING_CHECKPOINT_DIR", "checkpoints"),
-        env("STARLING_CHECKPOINT_EVERY", spec.checkpoint.every_rounds),
-        env("STARLING_RUN", run_name),
+        env(names::AWAIT_SETTINGS, true),
+        env(names::STATE_DIR, "state"),
+        env(names::DATA_DIR, "data"),
+        env(names::CHECKPOINT_DIR, "checkpoints"),
+        env(names::RUN, run_name),
     ]
 }
 
@@ -170,13 +163,40 @@ mod tests {
                 .and_then(|e| e.value.clone())
                 .unwrap_or_else(|| panic!("{k} missing"))
         };
-        assert_eq!(get("STARLING_ROUNDS"), "12");
         assert_eq!(get("STARLING_TOPK"), "64");
         assert_eq!(get("STARLING_MAX_PEERS"), "3");
         let config: serde_json::Value =
             serde_json::from_str(&get("STARLING_MODEL_CONFIG")).unwrap();
         assert_eq!(config["vocab_size"], 256);
         assert_eq!(config["num_key_value_heads"], 2);
+    }
+
+    #[test]
+    fn the_run_configuration_reaches_the_trainer_as_the_operator_built_it() {
+        let run = sample();
+        let config = run_config(&run.spec).unwrap();
+        let vars: Vec<(String, String)> = run_env(&run.spec)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap()))
+            .collect();
+        let parsed: RunConfig = names::parse_as_env(&vars).unwrap();
+        assert_eq!(parsed, config);
+        let settings = settings(&run.spec);
+        let parsed: Settings = names::parse_as_env(&settings.to_env()).unwrap();
+        assert_eq!((parsed, settings.rounds), (settings, 12));
+    }
+
+    #[test]
+    fn fields_that_may_change_mid_run_are_not_in_any_pods_environment() {
+        let run = sample();
+        let mut edited = run.clone();
+        edited.spec.schedule.outer_rounds += 2;
+        edited.spec.peers.min = 1;
+        edited.spec.placement.round_deadline_seconds += 30;
+        edited.spec.checkpoint.every_rounds += 1;
+        assert_eq!(run_env(&edited.spec), run_env(&run.spec));
+        assert_ne!(settings(&edited.spec), settings(&run.spec));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub mod reason {
     pub const EXCHANGE_UNREACHABLE: &str = "ExchangeUnreachable";
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     pub const PLACED: &str = "Placed";
+    pub const SETTINGS_CHANGED: &str = "SettingsChanged";
     pub const PEER_LOST: &str = "PeerLost";
     pub const MEMBER_LOST: &str = "MemberLost";
     pub const PEERS_UNPLACED: &str = "PeersUnplaced";

@@ -365,7 +365,6 @@ impl ConvergenceBench {
                 ("--algorithm", format!("{algorithm:?}").to_lowercase()),
                 ("--seed", self.seed.to_string()),
                 ("--max-peers", self.peers.to_string()),
-                ("--rounds", rounds.to_string()),
                 ("--inner-steps", inner.to_string()),
                 ("--batch", self.batch.to_string()),
                 ("--micro-batch", self.batch.to_string()),
@@ -388,6 +387,8 @@ impl ConvergenceBench {
                 crate::local::LocalFederation::new(&self.binary, &dir, self.peers, args)?;
             let start = Instant::now();
             federation.start_exchange(&[
+                "--rounds",
+                &rounds.to_string(),
                 "--min-peers",
                 &self.peers.to_string(),
                 "--round-deadline",

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod codec;
 pub mod data;
+pub mod env;
 pub mod exchange;
 pub mod local;
 pub mod model;

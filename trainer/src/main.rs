@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
-use starling_trainer::exchange::Tokens;
+use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
+use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::{Run, RunConfig};
@@ -43,25 +44,25 @@ struct TrainArgs {
     #[command(flatten)]
     run: RunConfig,
     /// The exchange's URL, e.g. `http://run-exchange:7070`.
-    #[arg(long, env = "STARLING_EXCHANGE")]
+    #[arg(long, env = env::EXCHANGE)]
     exchange: String,
     /// This peer's bearer token (it also says which peer this is).
-    #[arg(long, env = "STARLING_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::TOKEN, hide_env_values = true)]
     token: String,
     /// Cap upload and download at this many megabits per second (home links).
-    #[arg(long, env = "STARLING_BANDWIDTH_MBPS")]
+    #[arg(long, env = env::BANDWIDTH_MBPS)]
     bandwidth_mbps: Option<f64>,
     /// Seconds to keep retrying an unreachable exchange before giving up.
-    #[arg(long, env = "STARLING_RETRY_FOR", default_value_t = 300)]
+    #[arg(long, env = env::RETRY_FOR, default_value_t = 300)]
     retry_for: u64,
     /// Where the token shards are built (once).
-    #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+    #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]
     data_dir: PathBuf,
     /// Write this peer's final parameters here, in the Hugging Face layout.
-    #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+    #[arg(long, env = env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
     /// CA certificate (PEM) to verify an `https://` exchange with.
-    #[arg(long, env = "STARLING_TLS_CA")]
+    #[arg(long, env = env::TLS_CA)]
     tls_ca: Option<PathBuf>,
 }
 
@@ -100,54 +101,52 @@ impl TrainArgs {
 struct ExchangeArgs {
     #[command(flatten)]
     run: RunConfig,
-    #[arg(long, env = "STARLING_LISTEN", default_value = "0.0.0.0:7070")]
+    #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
     /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
-    #[arg(long, env = "STARLING_TOKENS_FILE", required_unless_present = "tokens")]
+    #[arg(long, env = env::TOKENS_FILE, required_unless_present = "tokens")]
     tokens_file: Option<PathBuf>,
     /// The same lines given directly (the operator passes them from a Secret).
     #[arg(
         long,
-        env = "STARLING_TOKENS",
+        env = env::TOKENS,
         hide_env_values = true,
         conflicts_with = "tokens_file"
     )]
     tokens: Option<String>,
-    /// Updates needed before a round closes early (when every live peer has sent).
-    #[arg(long, env = "STARLING_MIN_PEERS", default_value_t = 1)]
-    min_peers: u32,
-    /// Seconds a round stays open after its first update.
-    #[arg(long, env = "STARLING_ROUND_DEADLINE", default_value_t = 120.0)]
-    round_deadline: f64,
+    #[command(flatten)]
+    settings: Settings,
+    /// Ignore the settings above and admit no peer until the operator sends them
+    /// (`Configure`), so that changing them never needs a new pod.
+    #[arg(long, env = env::AWAIT_SETTINGS)]
+    await_settings: bool,
     /// Seconds without a heartbeat after which a peer is not waited for.
-    #[arg(long, env = "STARLING_LIVENESS", default_value_t = 15.0)]
+    #[arg(long, env = env::LIVENESS, default_value_t = 15.0)]
     liveness: f64,
     /// Largest update accepted, in bytes (default: the model's dense fp32 size).
-    #[arg(long, env = "STARLING_MAX_UPDATE_BYTES")]
+    #[arg(long, env = env::MAX_UPDATE_BYTES)]
     max_update_bytes: Option<u64>,
     /// Closed rounds kept for fetching.
-    #[arg(long, env = "STARLING_KEEP_ROUNDS", default_value_t = 4)]
+    #[arg(long, env = env::KEEP_ROUNDS, default_value_t = 4)]
     keep_rounds: usize,
-    #[arg(long, env = "STARLING_DATA_DIR", default_value = ".starling/data")]
+    #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]
     data_dir: PathBuf,
     /// Where the global state is kept across restarts.
-    #[arg(long, env = "STARLING_STATE_DIR")]
+    #[arg(long, env = env::STATE_DIR)]
     state_dir: Option<PathBuf>,
     /// Where checkpoints are written (`round-NNNNNN/`).
-    #[arg(long, env = "STARLING_CHECKPOINT_DIR")]
+    #[arg(long, env = env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
-    #[arg(long, env = "STARLING_CHECKPOINT_EVERY", default_value_t = 10)]
-    checkpoint_every: u32,
     /// Held-out sequences the validation loss is measured on after each round.
-    #[arg(long, env = "STARLING_EVAL_ROWS", default_value_t = 16)]
+    #[arg(long, env = env::EVAL_ROWS, default_value_t = 16)]
     eval_rows: u32,
-    #[arg(long, env = "STARLING_RUN", default_value = "local")]
+    #[arg(long, env = env::RUN, default_value = "local")]
     run_name: String,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "STARLING_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = env::TLS_CERT, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
-    #[arg(long, env = "STARLING_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = env::TLS_KEY, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 }
 
@@ -169,16 +168,20 @@ impl ExchangeArgs {
             (Some(cert), Some(key)) => Some((read(&cert)?, read(&key)?)),
             _ => None,
         };
+        let settings = if self.await_settings {
+            None
+        } else {
+            self.settings.validate().map_err(anyhow::Error::msg)?;
+            Some(self.settings)
+        };
         let opts = ExchangeOptions {
             tokens,
-            min_peers: self.min_peers,
-            deadline: Duration::from_secs_f64(self.round_deadline),
+            settings,
             liveness: Duration::from_secs_f64(self.liveness),
             max_update_bytes: self.max_update_bytes,
             keep_rounds: self.keep_rounds,
             state_dir: self.state_dir,
             checkpoint_dir: self.checkpoint_dir,
-            checkpoint_every: self.checkpoint_every,
             eval_rows: self.eval_rows,
             run_name: self.run_name,
             tls,
@@ -218,10 +221,10 @@ impl ExchangeArgs {
 #[derive(Args)]
 struct InitArgs {
     /// Model architecture: a Hugging Face `config.json` for LlamaForCausalLM.
-    #[arg(long, env = "STARLING_MODEL_CONFIG")]
+    #[arg(long, env = env::MODEL_CONFIG)]
     config: PathBuf,
     /// Initialisation seed (the run's seed: every peer derives the same weights).
-    #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
+    #[arg(long, env = env::SEED, default_value_t = 0)]
     seed: u64,
     /// Checkpoint directory to write.
     #[arg(long)]
@@ -248,7 +251,7 @@ impl InitArgs {
 
 #[derive(Args)]
 struct SampleArgs {
-    #[arg(long, env = "STARLING_CHECKPOINT")]
+    #[arg(long, env = env::CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text to continue.
     #[arg(long, default_value = "")]

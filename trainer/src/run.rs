@@ -5,20 +5,27 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::codec::{AggregationRule, CodecConfig, Compressor, ValueBits};
 use crate::data::{Assignment, Batch, Corpus, Shards, Tokenizer};
 use candle_core::Device;
+use schemars::JsonSchema;
+
+use crate::env;
+use crate::outer::Round;
 
 use crate::model::{AdamWConfig, Llama, LrSchedule, ModelConfig, load_checkpoint};
 
 /// How peers combine their work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Algorithm {
     /// H local AdamW steps, then top-k + 2-bit compressed pseudo-gradients with error
     /// feedback, averaged and applied with the outer learning rate.
+    #[default]
     #[value(name = "sparseloco")]
     SparseLoCo,
     /// H local AdamW steps, then dense fp32 pseudo-gradients applied with Nesterov
@@ -33,7 +40,9 @@ pub enum Algorithm {
 
 /// How a round's updates are combined into the global step (`sparseloco`; the dense
 /// algorithms always take the weighted mean).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregation {
     /// `Σ wᵢ·dᵢ / Σ wᵢ` over the peers with positive weight.
@@ -46,78 +55,124 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
-    fn is_default(&self) -> bool {
+    pub fn is_default(&self) -> bool {
         *self == Self::default()
     }
 }
 
-/// Everything that must be the same on every peer of a run.
-#[derive(Args, Clone, Debug, Serialize)]
+/// Everything that must be the same on every peer of a run. The run's length is not here:
+/// it may change while the run goes on, so peers learn it from the exchange
+/// ([`crate::exchange::Settings`]).
+#[derive(Args, Clone, Debug, PartialEq, Serialize)]
 pub struct RunConfig {
     /// The model: a Hugging Face `config.json` for LlamaForCausalLM, as a path or as the
     /// JSON itself (what the operator passes, so pods need no mounted file).
-    #[arg(long, env = "STARLING_MODEL_CONFIG")]
+    #[arg(long, env = env::MODEL_CONFIG)]
     #[serde(skip)] // its content is part of the fingerprint, not where it lies
     pub model_config: String,
     /// Seed of the initial weights and of the data assignment.
-    #[arg(long, env = "STARLING_SEED", default_value_t = 0)]
+    #[arg(long, env = env::SEED, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, env = "STARLING_ALGORITHM", value_enum, default_value_t = Algorithm::SparseLoCo)]
+    #[arg(long, env = env::ALGORITHM, value_enum, default_value_t = Algorithm::SparseLoCo)]
     pub algorithm: Algorithm,
     /// Most peers the run can have (fixes each peer's data slice for the whole run).
-    #[arg(long, env = "STARLING_MAX_PEERS", default_value_t = 4)]
+    #[arg(long, env = env::MAX_PEERS, default_value_t = 4)]
     pub max_peers: u32,
-    /// Outer rounds (for `ddp`: optimiser steps).
-    #[arg(long, env = "STARLING_ROUNDS", default_value_t = 12)]
-    pub rounds: u32,
     /// Inner steps per round (ignored by `ddp`, whose rounds are single steps).
-    #[arg(long, env = "STARLING_INNER_STEPS", default_value_t = 20)]
+    #[arg(long, env = env::INNER_STEPS, default_value_t = 20)]
     pub inner_steps: u32,
     /// Sequences per peer per inner step.
-    #[arg(long, env = "STARLING_BATCH", default_value_t = 8)]
+    #[arg(long, env = env::BATCH, default_value_t = 8)]
     pub batch: u32,
     /// Sequences per forward pass (gradient accumulation reaches the batch).
-    #[arg(long, env = "STARLING_MICRO_BATCH", default_value_t = 8)]
+    #[arg(long, env = env::MICRO_BATCH, default_value_t = 8)]
     pub micro_batch: u32,
-    #[arg(long, env = "STARLING_SEQUENCE_LENGTH", default_value_t = 128)]
+    #[arg(long, env = env::SEQUENCE_LENGTH, default_value_t = 128)]
     pub sequence_length: u32,
     /// Peak inner (AdamW) learning rate.
-    #[arg(long, env = "STARLING_LR", default_value_t = 3e-3)]
+    #[arg(long, env = env::LR, default_value_t = 3e-3)]
     pub lr: f64,
-    #[arg(long, env = "STARLING_WARMUP_STEPS", default_value_t = 20)]
+    #[arg(long, env = env::WARMUP_STEPS, default_value_t = 20)]
     pub warmup_steps: u64,
-    #[arg(long, env = "STARLING_OUTER_LR", default_value_t = 1.0)]
+    #[arg(long, env = env::OUTER_LR, default_value_t = 1.0)]
     pub outer_lr: f32,
     /// Outer Nesterov momentum (`diloco`).
-    #[arg(long, env = "STARLING_OUTER_MOMENTUM", default_value_t = 0.9)]
+    #[arg(long, env = env::OUTER_MOMENTUM, default_value_t = DEFAULT_OUTER_MOMENTUM)]
     pub outer_momentum: f32,
-    #[arg(long, env = "STARLING_CHUNK", default_value_t = 4096)]
+    #[arg(long, env = env::CHUNK, default_value_t = 4096)]
     pub chunk: u32,
     /// Values kept per chunk.
-    #[arg(long, env = "STARLING_TOPK", default_value_t = 64)]
+    #[arg(long, env = env::TOPK, default_value_t = 64)]
     pub k: u32,
-    #[arg(long, env = "STARLING_VALUE_BITS", default_value_t = 2)]
+    #[arg(long, env = env::VALUE_BITS, default_value_t = 2)]
     pub bits: u8,
     /// Error-feedback decay β.
-    #[arg(long, env = "STARLING_ERROR_FEEDBACK", default_value_t = 0.95)]
+    #[arg(long, env = env::ERROR_FEEDBACK, default_value_t = 0.95)]
     pub error_feedback: f32,
     /// How a round's updates are combined.
-    #[arg(long, env = "STARLING_AGGREGATION", value_enum, default_value_t = Aggregation::WeightedMean)]
+    #[arg(long, env = env::AGGREGATION, value_enum, default_value_t = Aggregation::WeightedMean)]
     // Left out at its default, so runs that predate the choice keep their fingerprint.
     #[serde(skip_serializing_if = "Aggregation::is_default")]
     pub aggregation: Aggregation,
     /// Text corpus (see `Corpus::from_path`); the built-in Shakespeare when absent.
-    #[arg(long, env = "STARLING_CORPUS")]
+    #[arg(long, env = env::CORPUS)]
     #[serde(skip)]
     pub corpus: Option<PathBuf>,
     /// `bytes`, or the path of a Hugging Face `tokenizer.json`.
-    #[arg(long, env = "STARLING_TOKENIZER", default_value = "bytes")]
+    #[arg(long, env = env::TOKENIZER, default_value = "bytes")]
     pub tokenizer: String,
     /// Start from this checkpoint (a Hugging Face model directory with
     /// `model.safetensors` and a matching `config.json`) instead of random weights.
-    #[arg(long, env = "STARLING_INIT_FROM")]
+    #[arg(long, env = env::INIT_FROM)]
     #[serde(skip)]
     pub init_from: Option<PathBuf>,
+}
+
+/// The outer Nesterov momentum of `diloco` when none is given.
+pub const DEFAULT_OUTER_MOMENTUM: f32 = 0.9;
+
+/// A value-enum's name as its flag (and variable) spells it.
+fn value_name<V: ValueEnum>(v: &V) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+impl RunConfig {
+    /// The configuration as environment variables, read back by the same flags
+    /// (what the operator gives every pod of a run).
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![
+            (env::MODEL_CONFIG, self.model_config.clone()),
+            (env::SEED, self.seed.to_string()),
+            (env::ALGORITHM, value_name(&self.algorithm)),
+            (env::MAX_PEERS, self.max_peers.to_string()),
+            (env::INNER_STEPS, self.inner_steps.to_string()),
+            (env::BATCH, self.batch.to_string()),
+            (env::MICRO_BATCH, self.micro_batch.to_string()),
+            (env::SEQUENCE_LENGTH, self.sequence_length.to_string()),
+            (env::LR, self.lr.to_string()),
+            (env::WARMUP_STEPS, self.warmup_steps.to_string()),
+            (env::OUTER_LR, self.outer_lr.to_string()),
+            (env::OUTER_MOMENTUM, self.outer_momentum.to_string()),
+            (env::CHUNK, self.chunk.to_string()),
+            (env::TOPK, self.k.to_string()),
+            (env::VALUE_BITS, self.bits.to_string()),
+            (env::ERROR_FEEDBACK, self.error_feedback.to_string()),
+            (env::AGGREGATION, value_name(&self.aggregation)),
+            (env::TOKENIZER, self.tokenizer.clone()),
+        ];
+        let paths = [
+            (env::CORPUS, &self.corpus),
+            (env::INIT_FROM, &self.init_from),
+        ];
+        for (name, path) in paths {
+            if let Some(path) = path {
+                out.push((name, path.display().to_string()));
+            }
+        }
+        out
+    }
 }
 
 /// A loaded run: the configuration made concrete.
@@ -218,9 +273,9 @@ impl RunConfig {
                 self.sequence_length, model.max_position_embeddings
             )));
         }
-        if self.batch == 0 || self.rounds == 0 || self.max_peers == 0 {
+        if self.batch == 0 || self.max_peers == 0 {
             return Err(RunError::Invalid(
-                "batch, rounds and max peers must be positive".into(),
+                "batch and max peers must be positive".into(),
             ));
         }
         self.codec()?;
@@ -266,11 +321,13 @@ impl RunConfig {
         }
     }
 
-    pub fn schedule(&self) -> LrSchedule {
+    /// The inner learning rate over a run of `rounds` rounds: it decays to its floor at
+    /// the run's end, so a run made longer mid-way stretches its decay from then on.
+    pub fn schedule(&self, rounds: Round) -> LrSchedule {
         LrSchedule {
             peak: self.lr,
             warmup: self.warmup_steps,
-            total: u64::from(self.rounds) * u64::from(self.steps_per_round()),
+            total: u64::from(rounds.0) * u64::from(self.steps_per_round()),
             floor: 0.1,
         }
     }
@@ -331,8 +388,43 @@ pub fn validation_batch(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::codec::AggregationRule;
     use crate::testing::small_run;
+
+    #[test]
+    fn a_configuration_survives_the_trip_through_the_environment() {
+        let config = RunConfig {
+            model_config: r#"{"vocab_size": 256}"#.into(),
+            seed: 7,
+            algorithm: Algorithm::DiLoCo,
+            max_peers: 5,
+            inner_steps: 30,
+            batch: 16,
+            micro_batch: 4,
+            sequence_length: 256,
+            lr: 1.5e-3,
+            warmup_steps: 11,
+            outer_lr: 0.7,
+            outer_momentum: 0.85,
+            chunk: 2048,
+            k: 32,
+            bits: 4,
+            error_feedback: 0.9,
+            aggregation: Aggregation::MedianNorm,
+            corpus: Some("/data/corpus.txt".into()),
+            tokenizer: "/data/tokenizer.json".into(),
+            init_from: Some("/data/init".into()),
+        };
+        let back: RunConfig = env::parse_as_env(&config.to_env()).unwrap();
+        assert_eq!(back, config);
+        // Defaults and absent paths too.
+        let mut plain = config.clone();
+        (plain.corpus, plain.init_from) = (None, None);
+        plain.aggregation = Aggregation::default();
+        let back: RunConfig = env::parse_as_env(&plain.to_env()).unwrap();
+        assert_eq!(back, plain);
+    }
 
     #[test]
     fn the_aggregation_rule_is_chosen_per_run_and_fingerprinted() {

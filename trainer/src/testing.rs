@@ -50,8 +50,6 @@ pub fn small_run(dir: &std::path::Path, args: &[&str]) -> crate::run::Run {
     argv.extend([
         "--max-peers",
         "3",
-        "--rounds",
-        "3",
         "--inner-steps",
         "2",
         "--batch",

@@ -22,6 +22,8 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(600);
 /// over 4 × 64 tokens.
 struct Federation {
     local: LocalFederation,
+    /// The run's length, given to the exchange (peers learn it from there).
+    rounds: String,
     _dir: tempfile::TempDir,
 }
 
@@ -35,8 +37,6 @@ impl Federation {
             model.to_str().unwrap(),
             "--max-peers",
             "3",
-            "--rounds",
-            &rounds,
             "--inner-steps",
             "4",
             "--batch",
@@ -53,11 +53,20 @@ impl Federation {
         let bin = Path::new(env!("CARGO_BIN_EXE_starling-trainer"));
         let args = args.map(String::from).to_vec();
         let local = LocalFederation::new(bin, dir.path(), 3, args).unwrap();
-        Self { local, _dir: dir }
+        Self {
+            local,
+            rounds,
+            _dir: dir,
+        }
     }
 
     fn start_exchange(&mut self, extra: &[&str]) {
-        self.local.start_exchange(extra).unwrap();
+        let rounds = self.rounds.clone();
+        let args: Vec<&str> = ["--rounds", &rounds]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        self.local.start_exchange(&args).unwrap();
     }
 
     fn start_peers(&self, peers: std::ops::Range<u32>) -> Vec<(u32, std::process::Child)> {

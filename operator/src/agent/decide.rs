@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
+use starling_trainer::env as names;
 
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
@@ -232,12 +233,9 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     let mut labels = labels(&group.name_any(), site);
     labels.insert(LABEL_PEER.into(), peer.clone());
     let mut env = t.env.clone();
-    env.push(env_value(
-        "STARLING_EXCHANGE",
-        &group.spec.exchange_endpoint,
-    ));
+    env.push(env_value(names::EXCHANGE, &group.spec.exchange_endpoint));
     env.push(EnvVar {
-        name: "STARLING_TOKEN".into(),
+        name: names::TOKEN.into(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret_name(&group.name_any()),
@@ -248,9 +246,9 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
         }),
         ..EnvVar::default()
     });
-    env.push(env_value("STARLING_DATA_DIR", "data"));
+    env.push(env_value(names::DATA_DIR, "data"));
     if let Some(mbps) = t.upload_limit_mbps {
-        env.push(env_value("STARLING_BANDWIDTH_MBPS", mbps.to_string()));
+        env.push(env_value(names::BANDWIDTH_MBPS, mbps.to_string()));
     }
     Pod {
         metadata: ObjectMeta {

@@ -1,5 +1,6 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use starling_trainer::model::{self, ModelConfig};
 
 /// A LLaMA-style decoder architecture. Field meanings follow Hugging Face's `LlamaConfig`
 /// (`hiddenSize` is `hidden_size`, ...), so a run's config maps one-to-one onto the
@@ -36,96 +37,74 @@ pub struct LlamaConfig {
 }
 
 fn default_rope_theta() -> f64 {
-    10_000.0
+    model::DEFAULT_ROPE_THETA
 }
 
 fn default_rms_norm_eps() -> f64 {
-    1e-5
+    model::DEFAULT_RMS_NORM_EPS
 }
 
 impl LlamaConfig {
-    /// Key/value heads, resolving the multi-head default.
-    pub fn kv_heads(&self) -> u32 {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    /// Number of parameters, counted as Hugging Face counts them for `LlamaForCausalLM`.
-    pub fn parameter_count(&self) -> u64 {
-        let (v, h, i) = (
-            u64::from(self.vocab_size),
-            u64::from(self.hidden_size),
-            u64::from(self.intermediate_size),
-        );
-        let head_dim = h / u64::from(self.num_attention_heads.max(1));
-        let kv = u64::from(self.kv_heads()) * head_dim;
-        let attention = h * h * 2 + h * kv * 2; // q, o and k, v projections
-        let mlp = 3 * h * i; // gate, up, down
-        let norms = 2 * h;
-        let layers = u64::from(self.num_hidden_layers) * (attention + mlp + norms);
-        let embeddings = if self.tie_word_embeddings {
-            v * h
-        } else {
-            2 * v * h
-        };
-        layers + embeddings + h // final norm
-    }
-}
-
-/// Named architectures. A preset fixes everything but the vocabulary, which comes from the
-/// run's tokenizer.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum ModelPreset {
-    /// Under 1M parameters: tests, the local demo, CPU-only machines.
-    #[serde(rename = "tiny")]
-    Tiny,
-    /// GPT-2-small-sized LLaMA, about 125M parameters with a 32k vocabulary.
-    #[serde(rename = "llama-125m")]
-    Llama125M,
-    /// The Llama 3.2 1B architecture.
-    #[serde(rename = "llama-1b")]
-    Llama1B,
-    /// The Llama 3.1 8B architecture.
-    #[serde(rename = "llama-8b")]
-    Llama8B,
-}
-
-impl ModelPreset {
-    pub fn config(self, vocab_size: u32) -> LlamaConfig {
-        let (hidden, layers, heads, kv, inter, positions, theta, tied) = match self {
-            ModelPreset::Tiny => (128, 4, 4, 2, 384, 512, 10_000.0, true),
-            ModelPreset::Llama125M => (768, 12, 12, 12, 2048, 2048, 10_000.0, true),
-            ModelPreset::Llama1B => (2048, 16, 32, 8, 8192, 8192, 500_000.0, true),
-            ModelPreset::Llama8B => (4096, 32, 32, 8, 14336, 8192, 500_000.0, false),
-        };
-        LlamaConfig {
-            vocab_size,
-            hidden_size: hidden,
-            num_hidden_layers: layers,
-            num_attention_heads: heads,
-            num_key_value_heads: Some(kv),
-            intermediate_size: inter,
-            max_position_embeddings: positions,
-            rope_theta: theta,
-            rms_norm_eps: default_rms_norm_eps(),
-            tie_word_embeddings: tied,
+    /// The trainer's model config: the one type that validates, counts and is written
+    /// as `config.json`. This spelling exists only for the Kubernetes API's camelCase.
+    pub fn to_model(&self) -> ModelConfig {
+        ModelConfig {
+            vocab_size: self.vocab_size as usize,
+            hidden_size: self.hidden_size as usize,
+            intermediate_size: self.intermediate_size as usize,
+            num_hidden_layers: self.num_hidden_layers as usize,
+            num_attention_heads: self.num_attention_heads as usize,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+                as usize,
+            max_position_embeddings: self.max_position_embeddings as usize,
+            rope_theta: self.rope_theta,
+            rms_norm_eps: self.rms_norm_eps,
+            tie_word_embeddings: self.tie_word_embeddings,
         }
     }
+
+    /// The API's name of a `config.json` field (`num_attention_heads` →
+    /// `numAttentionHeads`), for pointing at the field to fix.
+    pub fn field_name(hf: &str) -> String {
+        let mut out = String::new();
+        let mut upper = false;
+        for c in hf.chars() {
+            match c {
+                '_' => upper = true,
+                c if upper => {
+                    out.extend(c.to_uppercase());
+                    upper = false;
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
 }
+
+/// Named architectures; the vocabulary comes from the run's tokenizer.
+pub use starling_trainer::model::Preset as ModelPreset;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn presets_have_the_sizes_their_names_promise() {
-        let tiny = ModelPreset::Tiny.config(256).parameter_count();
-        assert!(tiny < 1_000_000, "tiny has {tiny} parameters");
-        let m125 = ModelPreset::Llama125M.config(32_000).parameter_count();
-        assert!((100_000_000..150_000_000).contains(&m125), "{m125}");
-        // Llama 3.2 1B and Llama 3.1 8B with their 128256-token vocabulary.
-        let b1 = ModelPreset::Llama1B.config(128_256).parameter_count();
-        assert_eq!(b1, 1_235_814_400);
-        let b8 = ModelPreset::Llama8B.config(128_256).parameter_count();
-        assert_eq!(b8, 8_030_261_248);
+    fn the_api_spelling_maps_field_for_field_onto_the_trainers_config() {
+        let api: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocabSize": 256, "hiddenSize": 128, "intermediateSize": 384,
+            "numHiddenLayers": 4, "numAttentionHeads": 4, "numKeyValueHeads": 2,
+            "maxPositionEmbeddings": 512, "tieWordEmbeddings": true
+        }))
+        .unwrap();
+        // Defaults are the trainer's, and the result is the tiny preset exactly.
+        assert_eq!(api.to_model(), ModelPreset::Tiny.config(256));
+        // Every trainer field has its API name.
+        let trainer = serde_json::to_value(api.to_model()).unwrap();
+        let ours = serde_json::to_value(&api).unwrap();
+        for field in trainer.as_object().unwrap().keys() {
+            let name = LlamaConfig::field_name(field);
+            assert!(ours.get(&name).is_some(), "{field} has no API field {name}");
+        }
     }
 }

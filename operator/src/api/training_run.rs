@@ -7,6 +7,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{LlamaConfig, ModelPreset, PeerId, Tier};
+/// The trainer's own types: what the operator asks for is what the trainer reads.
+pub use starling_trainer::codec::ValueBits;
+pub use starling_trainer::run::{Aggregation, Algorithm};
 
 /// Fields that change what is trained (the model, its data, the compression, the seed,
 /// the data split across `peers.max` and the inner optimisation) are fixed once the run
@@ -304,6 +307,11 @@ pub struct CompressionSpec {
     pub k_per_chunk: Option<u32>,
     #[serde(default)]
     pub value_bits: ValueBits,
+    /// How a round's updates are combined (`sparseloco`): `weighted-mean`, or
+    /// `median-norm` (each update clipped to the round's median norm first, so no single
+    /// peer can dominate a round).
+    #[serde(default, skip_serializing_if = "Aggregation::is_default")]
+    pub aggregation: Aggregation,
     /// Error-feedback decay β in e ← β·e + Δ.
     #[serde(default = "default_error_feedback_decay")]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -339,76 +347,9 @@ impl Default for CompressionSpec {
             density: None,
             k_per_chunk: None,
             value_bits: ValueBits::default(),
+            aggregation: Aggregation::default(),
             error_feedback_decay: default_error_feedback_decay(),
         }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Algorithm {
-    /// Chunked top-k + low-bit values + error feedback (the default).
-    #[default]
-    #[serde(rename = "sparseloco")]
-    SparseLoCo,
-    /// Dense pseudo-gradients with Nesterov outer momentum: a baseline.
-    #[serde(rename = "diloco")]
-    DiLoCo,
-    /// Dense gradient averaging every inner step: the data-parallel baseline.
-    #[serde(rename = "ddp")]
-    Ddp,
-}
-
-/// Bits per transmitted value: 2, 4 or 8.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(try_from = "u8", into = "u8")]
-pub enum ValueBits {
-    #[default]
-    Two,
-    Four,
-    Eight,
-}
-
-impl ValueBits {
-    pub fn bits(self) -> u8 {
-        match self {
-            ValueBits::Two => 2,
-            ValueBits::Four => 4,
-            ValueBits::Eight => 8,
-        }
-    }
-}
-
-impl TryFrom<u8> for ValueBits {
-    type Error = String;
-
-    fn try_from(bits: u8) -> Result<Self, Self::Error> {
-        match bits {
-            2 => Ok(ValueBits::Two),
-            4 => Ok(ValueBits::Four),
-            8 => Ok(ValueBits::Eight),
-            other => Err(format!("valueBits must be 2, 4 or 8, not {other}")),
-        }
-    }
-}
-
-impl From<ValueBits> for u8 {
-    fn from(bits: ValueBits) -> u8 {
-        bits.bits()
-    }
-}
-
-impl JsonSchema for ValueBits {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "ValueBits".into()
-    }
-
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "integer",
-            "enum": [2, 4, 8],
-            "default": 2,
-            "description": "Bits per transmitted value."
-        })
     }
 }
 

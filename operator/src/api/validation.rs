@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use starling_trainer::model::ModelConfig;
+
 use super::{LlamaConfig, TrainingRunSpec};
 
 /// One thing wrong with a spec.
@@ -80,14 +82,19 @@ pub fn validate(spec: &TrainingRunSpec) -> Result<(), InvalidSpec> {
 
 /// The architecture the run trains, when it can be known from the spec alone (an explicit
 /// config, or a preset with the built-in tokenizer).
-pub fn resolved_model(spec: &TrainingRunSpec) -> Option<LlamaConfig> {
+pub fn resolved_model(spec: &TrainingRunSpec) -> Option<ModelConfig> {
     match (&spec.model.config, spec.model.preset) {
-        (Some(config), None) => Some(config.clone()),
-        (None, Some(preset)) => spec.data.builtin_vocab_size().map(|v| preset.config(v)),
+        (Some(config), None) => Some(config.to_model()),
+        (None, Some(preset)) => spec
+            .data
+            .builtin_vocab_size()
+            .map(|v| preset.config(v as usize)),
         _ => None,
     }
 }
 
+/// The model's arithmetic is the trainer's to check ([`ModelConfig::problems`]); here
+/// each problem gets the path of the API field to change.
 fn check_model(spec: &TrainingRunSpec, p: &mut Problems) {
     let model = &spec.model;
     p.check(
@@ -96,29 +103,12 @@ fn check_model(spec: &TrainingRunSpec, p: &mut Problems) {
         || "set exactly one of preset and config".into(),
     );
     let Some(c) = &model.config else { return };
-    let at = |field: &str| format!("spec.model.config.{field}");
-    let heads = c.num_attention_heads;
-    p.check(
-        heads > 0 && c.hidden_size.is_multiple_of(heads),
-        &at("numAttentionHeads"),
-        || format!("must divide hiddenSize ({} % {heads} != 0)", c.hidden_size),
-    );
-    let kv = c.kv_heads();
-    p.check(
-        kv > 0 && heads.is_multiple_of(kv),
-        &at("numKeyValueHeads"),
-        || format!("must divide numAttentionHeads ({heads} % {kv} != 0)"),
-    );
-    if heads > 0 && c.hidden_size.is_multiple_of(heads) {
-        let head_dim = c.hidden_size / heads;
-        p.check(head_dim.is_multiple_of(2), &at("hiddenSize"), || {
-            format!(
-                "hiddenSize / numAttentionHeads = {head_dim} must be even for rotary embeddings"
-            )
-        });
+    let at = |field: &str| format!("spec.model.config.{}", LlamaConfig::field_name(field));
+    for problem in c.to_model().problems() {
+        p.check(false, &at(problem.field), || problem.message.clone());
     }
     if let Some(vocab) = spec.data.builtin_vocab_size() {
-        p.check(c.vocab_size >= vocab, &at("vocabSize"), || {
+        p.check(c.vocab_size >= vocab, &at("vocab_size"), || {
             format!(
                 "must be at least {vocab} for tokenizer {:?}",
                 spec.data.tokenizer
@@ -141,7 +131,7 @@ fn check_data(spec: &TrainingRunSpec, p: &mut Problems) {
     );
     if let Some(model) = resolved_model(spec) {
         p.check(
-            spec.data.sequence_length <= model.max_position_embeddings,
+            spec.data.sequence_length as usize <= model.max_position_embeddings,
             "spec.data.sequenceLength",
             || {
                 format!(
@@ -281,7 +271,7 @@ peers: {min: 1, max: 1}
         );
         let err = validate(&s).unwrap_err().to_string();
         assert!(
-            err.contains("must divide hiddenSize (100 % 6 != 0)"),
+            err.contains("must divide the hidden size (100 % 6 != 0)"),
             "{err}"
         );
     }
@@ -320,7 +310,12 @@ peers: {min: 1, max: 1}
     #[test]
     fn preset_and_config_are_exclusive() {
         let mut s = spec(VALID);
-        s.model.config = Some(s.model.preset.unwrap().config(256));
+        s.model.config = Some(
+            serde_json::from_value(serde_json::json!({"vocabSize": 256, "hiddenSize": 16,
+                "numHiddenLayers": 1, "numAttentionHeads": 2, "intermediateSize": 32,
+                "maxPositionEmbeddings": 64}))
+            .unwrap(),
+        );
         assert_eq!(paths_of(&s), ["spec.model"]);
         s.model.preset = None;
         s.model.config = None;

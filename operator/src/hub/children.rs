@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use starling_trainer::env as names;
 
 use crate::api::{
     MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
@@ -122,7 +123,7 @@ pub struct ExchangeSettings<'a> {
     pub image: &'a str,
     /// The run configuration every pod of the run shares.
     pub run_env: &'a [EnvVar],
-    /// The exchange's own settings (`STARLING_MIN_PEERS`, deadlines, checkpoints...).
+    /// The exchange's own environment (where it keeps state, its run's name).
     pub exchange_env: Vec<EnvVar>,
 }
 
@@ -145,7 +146,7 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
         },
     );
     let tokens = env_from(
-        "STARLING_TOKENS",
+        names::TOKENS,
         EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: credentials_name(run),
@@ -158,7 +159,7 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
     let mut vars = settings.run_env.to_vec();
     vars.extend([
         pod_ip,
-        env("STARLING_LISTEN", format!("$(POD_IP):{EXCHANGE_PORT}")),
+        env(names::LISTEN, format!("$(POD_IP):{EXCHANGE_PORT}")),
         tokens,
     ]);
     vars.extend(settings.exchange_env.iter().cloned());
@@ -463,7 +464,7 @@ mod tests {
         let settings = ExchangeSettings {
             image: "img",
             run_env: &[env("STARLING_SEED", 1)],
-            exchange_env: vec![env("STARLING_MIN_PEERS", 2)],
+            exchange_env: vec![env(names::RUN, "r")],
         };
         let (deployment, service) = exchange(&sample(), &settings);
         let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];

@@ -70,6 +70,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("exchange: {0}")]
+    Exchange(#[from] starling_trainer::exchange::client::ClientError),
 }
 
 /// What the controllers read instead of listing: one reflector per kind, kept current by

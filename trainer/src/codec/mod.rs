@@ -49,12 +49,38 @@ pub const SEGMENT_CHUNKS: usize = 256;
 /// Largest supported chunk: a Rice quotient must fit the reader's bounds.
 pub const MAX_CHUNK: u32 = 1 << 20;
 
-/// Bits per transmitted value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Bits per transmitted value: 2, 4 or 8. In a TrainingRun and on the wire it is the
+/// number itself.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u8", into = "u8")]
 pub enum ValueBits {
+    #[default]
     Two,
     Four,
     Eight,
+}
+
+impl From<ValueBits> for u8 {
+    fn from(bits: ValueBits) -> u8 {
+        bits.bits()
+    }
+}
+
+impl schemars::JsonSchema for ValueBits {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ValueBits".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "integer",
+            "enum": [2, 4, 8],
+            "default": 2,
+            "description": "Bits per transmitted value."
+        })
+    }
 }
 
 impl ValueBits {

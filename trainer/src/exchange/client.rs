@@ -10,7 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::proto::{self, exchange_client};
-use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal};
+use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
 use crate::outer::Round;
 
 type Grpc = exchange_client::ExchangeClient<InterceptedService<Channel, Bearer>>;
@@ -74,6 +74,8 @@ pub struct ExchangeClient {
 pub struct RoundResult {
     /// The accepted updates, in peer order.
     pub entries: Vec<Entry>,
+    /// The run's length when the round closed (it may change while the run goes on).
+    pub rounds: Round,
     /// Bytes of this peer's update the exchange accepted; `None` if it was not counted.
     pub accepted_bytes: Option<u64>,
 }
@@ -180,9 +182,10 @@ impl ExchangeClient {
                 }
             }
             match self.fetch_round_once(round).await {
-                Ok(entries) => {
+                Ok((entries, rounds)) => {
                     return Ok(RoundResult {
                         entries,
+                        rounds,
                         accepted_bytes,
                     });
                 }
@@ -265,9 +268,9 @@ impl ExchangeClient {
         Ok(reply.accepted_bytes)
     }
 
-    /// Waits for `round` to close and downloads its accepted updates, in peer order;
-    /// one attempt.
-    async fn fetch_round_once(&self, round: Round) -> Result<Vec<Entry>, Status> {
+    /// Waits for `round` to close and downloads its accepted updates, in peer order,
+    /// with the run's length when it closed; one attempt.
+    async fn fetch_round_once(&self, round: Round) -> Result<(Vec<Entry>, Round), Status> {
         use proto::round_chunk::Item;
         let mut stream = self
             .grpc
@@ -280,7 +283,9 @@ impl ExchangeClient {
         let mut expected = None;
         while let Some(chunk) = stream.next().await {
             match chunk?.item {
-                Some(Item::Round(h)) if h.round == round.0 => expected = Some(h.updates),
+                Some(Item::Round(h)) if h.round == round.0 => {
+                    expected = Some((h.updates, Round(h.rounds)));
+                }
                 Some(Item::Entry(e)) => entries.push(Entry {
                     peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
                     weight: e.weight,
@@ -298,7 +303,7 @@ impl ExchangeClient {
             }
         }
         match expected {
-            Some(n) if n as usize == entries.len() => Ok(entries),
+            Some((n, rounds)) if n as usize == entries.len() => Ok((entries, rounds)),
             _ => Err(Status::unavailable("the round stream ended early")),
         }
     }
@@ -362,6 +367,18 @@ impl ExchangeClient {
                 .map(|r| r.into_inner())
         })
         .await
+    }
+
+    /// Operator only: puts `settings` in force in the running exchange; returns them.
+    pub async fn configure(&self, settings: Settings) -> Result<Settings, ClientError> {
+        let reply = self
+            .retrying(|mut g| async move {
+                g.configure(proto::Settings::from(settings))
+                    .await
+                    .map(|r| r.into_inner())
+            })
+            .await?;
+        Settings::try_from(reply).map_err(ClientError::Protocol)
     }
 }
 

@@ -7,6 +7,9 @@
 
 pub mod client;
 pub mod server;
+mod settings;
+
+pub use settings::Settings;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -7,7 +7,7 @@ use candle_core::Device;
 
 use super::client::{ClientError, ClientOptions, ExchangeClient};
 use super::server::{Exchange, ExchangeOptions};
-use super::{Identity, PeerId, Reason, Refusal, Tokens};
+use super::{Identity, PeerId, Reason, Refusal, Settings, Tokens};
 use crate::model::{InnerOptimizer, Llama, load_checkpoint};
 use crate::outer::{Outer, Round};
 use crate::roles::train::{PeerOptions, train};
@@ -29,14 +29,17 @@ fn options(dir: &std::path::Path) -> ExchangeOptions {
     tokens.insert(OPERATOR, Identity::Operator);
     ExchangeOptions {
         tokens,
-        min_peers: 2,
-        deadline: Duration::from_secs(60),
+        settings: Some(Settings {
+            rounds: 3,
+            min_peers: 2,
+            round_deadline: 60.0,
+            checkpoint_every: 100,
+        }),
         liveness: Duration::from_secs(60),
         max_update_bytes: None,
         keep_rounds: 2,
         state_dir: None,
         checkpoint_dir: Some(dir.join("exchange")),
-        checkpoint_every: 100,
         eval_rows: 4,
         run_name: "test".into(),
         tls: None,
@@ -68,7 +71,8 @@ fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClient {
 fn update(run: &Run, p: u32) -> Vec<u8> {
     let model = Llama::new(run.model.clone(), run.config.seed, &Device::Cpu).unwrap();
     let mut outer = Outer::new(&run.config, &model).unwrap();
-    let mut inner = InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule()).unwrap();
+    let mut inner =
+        InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(Round(3))).unwrap();
     outer
         .local_round(&model, &mut inner, &run.batches(p, 0), 2)
         .unwrap()
@@ -104,7 +108,7 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
         let model = Llama::new(config, 0, &Device::Cpu).unwrap();
         let mut outer = Outer::new(&run.config, &model).unwrap();
         let mut inner =
-            InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule()).unwrap();
+            InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(Round(3))).unwrap();
         outer
             .local_round(&model, &mut inner, &run.batches(0, 0), 2)
             .unwrap()
@@ -234,6 +238,16 @@ fn federate_with(
     algorithm: &str,
     setup: impl Fn(&std::path::Path) -> Vec<String>,
 ) -> tempfile::TempDir {
+    federate_lengthened(algorithm, setup, None)
+}
+
+/// [`federate_with`], and with `lengthen_to` the operator makes the run that long once
+/// round 0 has closed.
+fn federate_lengthened(
+    algorithm: &str,
+    setup: impl Fn(&std::path::Path) -> Vec<String>,
+    lengthen_to: Option<u32>,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut args = vec!["--algorithm".to_owned(), algorithm.to_owned()];
     args.extend(["--max-peers".to_owned(), "2".to_owned()]);
@@ -241,7 +255,14 @@ fn federate_with(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = small_run(dir.path(), &args);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = rt.block_on(serve(run, options(dir.path())));
+    let mut opts = options(dir.path());
+    if lengthen_to.is_some() {
+        // Rounds wait out a short deadline (a quorum of three cannot be met), so the
+        // run is still at round 1 when the operator lengthens it.
+        let settings = opts.settings.as_mut().unwrap();
+        (settings.min_peers, settings.round_deadline) = (3, 3.0);
+    }
+    let url = rt.block_on(serve(run, opts));
     let peers: Vec<_> = (0..2)
         .map(|p| {
             let (url, dir) = (url.clone(), dir.path().to_owned());
@@ -263,17 +284,34 @@ fn federate_with(
             })
         })
         .collect();
+    if let Some(rounds) = lengthen_to {
+        rt.block_on(async {
+            let operator = client(&url, OPERATOR, "");
+            while operator.run_state().await.unwrap().open_round < 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let state = operator.run_state().await.unwrap();
+            assert_eq!(
+                state.open_round, 1,
+                "the run went on before it was lengthened"
+            );
+            let mut settings = options(dir.path()).settings.unwrap();
+            settings.rounds = rounds;
+            assert_eq!(operator.configure(settings).await.unwrap(), settings);
+        });
+    }
+    let rounds = lengthen_to.unwrap_or(3);
     for p in peers {
         let report = p.join().unwrap();
-        assert_eq!(report.updates_accepted, 3, "{report:?}");
+        assert_eq!(report.updates_accepted, rounds, "{report:?}");
     }
+    let last = format!("exchange/round-{rounds:06}");
     let bytes = |d: &str| std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();
-    let exchange = bytes("exchange/round-000003");
+    let exchange = bytes(&last);
     assert!(bytes("peer0") == exchange, "{algorithm}: peer 0 differs");
     assert!(bytes("peer1") == exchange, "{algorithm}: peer 1 differs");
-    let (_, meta) =
-        load_checkpoint(&dir.path().join("exchange/round-000003"), &Device::Cpu).unwrap();
-    assert_eq!(meta["round"], 3);
+    let (_, meta) = load_checkpoint(&dir.path().join(&last), &Device::Cpu).unwrap();
+    assert_eq!(meta["round"], rounds);
     assert_eq!(meta["contributors"], serde_json::json!(["p0", "p1"]));
     dir
 }
@@ -348,9 +386,10 @@ async fn a_peer_that_stops_calling_is_not_waited_for_past_its_liveness() {
     let fp = run.fingerprint.clone();
     let good0 = update(&run, 0);
     let mut opts = options(dir.path());
-    opts.min_peers = 1;
+    let settings = opts.settings.as_mut().unwrap();
+    settings.min_peers = 1;
     // Far beyond the test: only p1 lapsing can close the round this soon.
-    opts.deadline = Duration::from_secs(600);
+    settings.round_deadline = 600.0;
     opts.liveness = Duration::from_secs(1);
     let url = serve(run, opts).await;
     let (p0, p1) = (client(&url, &token(0), &fp), client(&url, &token(1), &fp));
@@ -375,6 +414,68 @@ fn diloco_keeps_peers_and_exchange_bit_identical() {
 #[test]
 fn ddp_keeps_peers_and_exchange_bit_identical() {
     federate("ddp");
+}
+
+/// DDP's replicas share the learning-rate schedule, which stretches with the run: every
+/// replica must switch to it at the same round.
+#[test]
+fn a_run_made_longer_mid_way_trains_on_with_replicas_bit_identical() {
+    federate_lengthened("ddp", |_| vec![], Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_awaiting_its_settings_admits_peers_once_configured_and_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let mut opts = options(dir.path());
+    let settings = opts.settings.take().unwrap();
+    opts.state_dir = Some(dir.path().join("state"));
+    let url = serve(run, opts.clone()).await;
+    let p0 = client(&url, &token(0), &fp);
+    let operator = client(&url, OPERATOR, &fp);
+    let state = operator.run_state().await.unwrap();
+    assert_eq!((state.settings, state.done), (None, false));
+    // Unconfigured, the exchange is "not up yet" to a peer, which keeps retrying.
+    let join = tokio::spawn(async move { p0.join().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !join.is_finished(),
+        "a peer was admitted before the settings came"
+    );
+    let (r, m) = reason(
+        operator
+            .configure(Settings {
+                rounds: 0,
+                ..settings
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::BadRequest, "{m}");
+    let (r, _) = reason(
+        client(&url, &token(1), &fp)
+            .configure(settings)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::Forbidden);
+    assert_eq!(operator.configure(settings).await.unwrap(), settings);
+    let (_, open, rounds) = join.await.unwrap().unwrap();
+    assert_eq!((open, rounds), (Round(0), Round(3)));
+
+    // A restarted exchange keeps the operator's latest settings over its own.
+    let longer = Settings {
+        rounds: 7,
+        ..settings
+    };
+    operator.configure(longer).await.unwrap();
+    let run = small_run(&dir.path().join("again"), &[]);
+    opts.settings = Some(settings);
+    let again = client(&serve(run, opts).await, OPERATOR, &fp);
+    let state = again.run_state().await.unwrap();
+    assert_eq!(state.settings, Some(longer.into()));
+    assert_eq!(state.rounds, 7);
 }
 
 #[test]

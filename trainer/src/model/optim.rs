@@ -95,6 +95,12 @@ impl InnerOptimizer {
         self.step = steps;
     }
 
+    /// Replaces the learning-rate schedule from the next step on: the run's length
+    /// changed.
+    pub fn set_schedule(&mut self, schedule: LrSchedule) {
+        self.schedule = schedule;
+    }
+
     /// One optimiser step on `batch`, forwarding `micro_rows` sequences at a time.
     /// Returns the batch's mean loss. A non-finite loss is refused before any parameter
     /// changes.

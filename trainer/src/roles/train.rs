@@ -71,14 +71,14 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
         retry_for: opts.retry_for,
         tls_ca: opts.tls_ca.clone(),
     })?;
-    let (peer, open, rounds) = rt.block_on(client.join())?;
+    let (peer, open, mut rounds) = rt.block_on(client.join())?;
     tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
 
     let model = run.initial_model()?;
     let mut replica = Replica {
         run,
         outer: Outer::new(config, &model)?,
-        inner: InnerOptimizer::new(&model, config.adamw(), config.schedule())?,
+        inner: InnerOptimizer::new(&model, config.adamw(), config.schedule(rounds))?,
         model,
     };
     let mut report = PeerReport {
@@ -141,6 +141,13 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
                 if let Some(n) = result.accepted_bytes {
                     report.updates_accepted += 1;
                     report.bytes_sent += n;
+                }
+                if result.rounds != rounds {
+                    // The operator changed the run's length: apply this round and go
+                    // on with the exchange's schedule, as the exchange does.
+                    tracing::info!(%peer, from = rounds.0, to = result.rounds.0, "run length changed");
+                    rounds = result.rounds;
+                    replica.inner.set_schedule(config.schedule(rounds));
                 }
                 result.entries
             }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
-use starling_trainer::exchange::proto;
+use starling_trainer::exchange::{Settings, proto};
 
 use super::progress;
 use crate::api::{
@@ -89,6 +89,8 @@ pub struct Children {
     )>,
     pub groups: Vec<GroupChildren>,
     pub remove: Vec<GroupRef>,
+    /// Settings to put in force in the running exchange (it differs from the spec).
+    pub configure: Option<Settings>,
 }
 
 pub struct Decision {
@@ -236,7 +238,7 @@ pub fn decide(o: &Observed) -> Decision {
         &ExchangeSettings {
             image,
             run_env: &run_env,
-            exchange_env: contract::exchange_env(&o.run.spec, &o.run.name_any()),
+            exchange_env: contract::exchange_env(&o.run.name_any()),
         },
     ));
     if let Some(why) = exchange_failure(o.exchange.pod.as_ref()) {
@@ -528,6 +530,7 @@ fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
         d.phase(Phase::Succeeded);
         return d.finish(None);
     }
+    keep_settings(&mut d, state);
     let missing = o.run.spec.peers.max.saturating_sub(d.status.active_peers);
     let degraded = if lost > 0 {
         Some((
@@ -566,4 +569,56 @@ fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
     d.condition(condition::READY, true, reason::RUNNING, message);
     d.phase(Phase::Running);
     d.finish(Some(POLL))
+}
+
+/// Keeps the running exchange's settings equal to the spec's, so that edits to the run's
+/// length, quorum, round deadline or checkpoint interval take effect in place. The round
+/// in progress always finishes: a run shortened below it ends after it.
+fn keep_settings(d: &mut Draft, state: &proto::RunState) {
+    let mut desired = contract::settings(&d.o.run.spec);
+    desired.rounds = desired.rounds.max(state.open_round + 1);
+    let current = state.settings.and_then(|s| Settings::try_from(s).ok());
+    if current == Some(desired) {
+        return;
+    }
+    if let Some(current) = current {
+        d.note(
+            false,
+            reason::SETTINGS_CHANGED,
+            settings_change(&current, &desired),
+        );
+    }
+    d.children.configure = Some(desired);
+}
+
+/// `outerRounds 12 → 14, ...`: what changed, in the spec's terms.
+fn settings_change(from: &Settings, to: &Settings) -> String {
+    let fields = [
+        (
+            "schedule.outerRounds",
+            f64::from(from.rounds),
+            f64::from(to.rounds),
+        ),
+        (
+            "peers.min",
+            f64::from(from.min_peers),
+            f64::from(to.min_peers),
+        ),
+        (
+            "placement.roundDeadlineSeconds",
+            from.round_deadline,
+            to.round_deadline,
+        ),
+        (
+            "checkpoint.everyRounds",
+            f64::from(from.checkpoint_every),
+            f64::from(to.checkpoint_every),
+        ),
+    ];
+    let changed: Vec<String> = fields
+        .iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(name, a, b)| format!("{name} {a} → {b}"))
+        .collect();
+    format!("changed in the running exchange: {}", changed.join(", "))
 }

@@ -21,7 +21,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
-use starling_trainer::exchange::proto;
+use starling_trainer::exchange::{Settings, proto};
 
 use super::children::{OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name};
 use super::{Context, Error, Stores, publish};
@@ -286,6 +286,9 @@ async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Act
     for group in &children.remove {
         delete_group(ctx, group).await?;
     }
+    if let Some(settings) = children.configure {
+        configure_exchange(ctx, &run.uid().unwrap_or_default(), settings).await?;
+    }
     publish_notes(ctx, run, &decision.events).await;
     write_status(ctx, run, decision.status).await?;
     Ok(match decision.requeue {
@@ -375,6 +378,29 @@ async fn poll_exchange(
             None
         }
         Err(_) => None,
+    }
+}
+
+/// Puts `settings` in force in the run's exchange, through the connection the
+/// observation used (the decision asks only after the exchange answered).
+async fn configure_exchange(ctx: &Context, uid: &str, settings: Settings) -> Result<(), Error> {
+    let client = ctx
+        .exchanges
+        .lock()
+        .await
+        .get(uid)
+        .map(|c| c.client.clone());
+    let Some(client) = client else {
+        return Ok(()); // Forgotten meanwhile (the run is going away).
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(3), client.configure(settings));
+    match answer.await {
+        Ok(result) => {
+            result?;
+            Ok(())
+        }
+        // Looked at again soon: the decision asks until the exchange reports them.
+        Err(_) => Ok(()),
     }
 }
 

@@ -16,7 +16,7 @@ use crate::api::{
     MemberCluster, MemberClusterStatus, PeerState, Phase, PodState, TrainerGroup,
     TrainerGroupStatus, TrainingRun, TrainingRunStatus,
 };
-use crate::contract::mint_credentials;
+use crate::contract::{self, mint_credentials};
 use crate::hub::children::{GroupSettings, trainer_group};
 use crate::k8s::set_condition;
 
@@ -146,6 +146,8 @@ fn state(round: u32, done: bool) -> proto::RunState {
         bytes_received: 1_000,
         dense_update_bytes: 100_000,
         tokens: 5_000,
+        // The exchange already runs with the sample's settings.
+        settings: Some(contract::settings(&run().spec).into()),
         ..Default::default()
     }
 }
@@ -461,6 +463,71 @@ fn a_running_run_whose_nothing_changed_decides_the_same_status_without_events() 
         "an unchanged run is not rewritten"
     );
     assert!(second.events.is_empty(), "{:?}", second.events);
+    assert_eq!(second.children.configure, None, "settings already in force");
+}
+
+#[test]
+fn an_exchange_awaiting_its_settings_is_given_the_specs_without_an_event() {
+    let mut case = Case::new(run());
+    case.groups = placed(&case.run, &case.members);
+    let mut s = state(0, false);
+    s.settings = None;
+    case.exchange = exchange(Some(s));
+    let d = case.decide();
+    let settings = d.children.configure.unwrap();
+    assert_eq!(settings, contract::settings(&case.run.spec));
+    assert_eq!(
+        (settings.rounds, settings.min_peers, settings.round_deadline),
+        (12, 2, 120.0)
+    );
+    assert!(!reasons(&d).contains(&"SettingsChanged"), "{:?}", d.events);
+}
+
+#[test]
+fn an_edit_of_the_runs_length_reaches_the_running_exchange_in_place() {
+    let mut case = Case::new(run());
+    case.groups = placed(&case.run, &case.members);
+    case.exchange = exchange(Some(state(1, false)));
+    let before = case.decide();
+    case.run.spec.schedule.outer_rounds = 14;
+    case.run.spec.checkpoint.every_rounds = 2;
+    let d = again(&mut case, &before);
+    let settings = d.children.configure.unwrap();
+    assert_eq!((settings.rounds, settings.checkpoint_every), (14, 2));
+    assert_eq!(reasons(&d), ["SettingsChanged"]);
+    let message = &d.events[0].message;
+    assert!(
+        message.contains("schedule.outerRounds 12 → 14")
+            && message.contains("checkpoint.everyRounds 4 → 2")
+            && !message.contains("peers.min"),
+        "{message}"
+    );
+    // Nothing is replaced: not the exchange pod (its state), not a peer.
+    let deployment = |d: &Decision| d.children.exchange.as_ref().unwrap().0.clone();
+    assert_eq!(
+        deployment(&before),
+        deployment(&d),
+        "the exchange Deployment changed"
+    );
+    let groups = |d: &Decision| {
+        d.children
+            .groups
+            .iter()
+            .map(|g| g.group.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(groups(&before), groups(&d));
+}
+
+#[test]
+fn a_run_shortened_below_its_round_in_progress_ends_after_that_round() {
+    let mut case = Case::new(run());
+    case.groups = placed(&case.run, &case.members);
+    case.exchange = exchange(Some(state(5, false)));
+    case.run.spec.schedule.outer_rounds = 3;
+    let d = case.decide();
+    assert_eq!(d.children.configure.unwrap().rounds, 6);
+    assert_eq!(d.status.phase, Some(Phase::Running));
 }
 
 #[test]

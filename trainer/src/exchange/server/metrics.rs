@@ -27,8 +27,8 @@ impl Exchange {
             .collect();
         proto::RunState {
             open_round: state.open.0,
-            rounds: self.rounds().0,
-            done: state.open >= self.rounds(),
+            rounds: state.settings.map_or(0, |s| s.rounds),
+            done: state.done(),
             peers,
             recent: state.summaries.iter().cloned().collect(),
             bytes_received: state.bytes_received,
@@ -36,6 +36,7 @@ impl Exchange {
             dense_update_bytes: self.shared.dense_bytes,
             initial_validation_loss: state.initial_validation_loss,
             tokens: state.tokens,
+            settings: state.settings.map(Into::into),
         }
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::{Notify, watch};
 use tonic::{Request, Status};
 
 use super::proto::{self, exchange_server::ExchangeServer};
-use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Tokens};
+use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama};
 use crate::outer::{Outer, Round};
@@ -41,10 +41,10 @@ use round::{Closed, RoundState, Submission};
 #[derive(Clone, Debug)]
 pub struct ExchangeOptions {
     pub tokens: Tokens,
-    /// Updates needed before a round may close at quorum (the deadline closes it anyway).
-    pub min_peers: u32,
-    /// How long a round stays open after its first update.
-    pub deadline: Duration,
+    /// The run's length, quorum, deadline and checkpoint interval; `None` admits no peer
+    /// until the operator sends them (`Configure`). Settings saved in `state_dir` win
+    /// over these: they are the operator's latest.
+    pub settings: Option<Settings>,
     /// A peer not heard from for this long is not waited for.
     pub liveness: Duration,
     /// Largest update accepted; by default the dense fp32 size of the model.
@@ -55,7 +55,6 @@ pub struct ExchangeOptions {
     pub state_dir: Option<PathBuf>,
     /// Where checkpoints go: `<dir>/round-<NNNNNN>/` in the Hugging Face layout.
     pub checkpoint_dir: Option<PathBuf>,
-    pub checkpoint_every: u32,
     /// Held-out sequences the validation loss is measured on after every round.
     pub eval_rows: u32,
     pub run_name: String,
@@ -105,6 +104,8 @@ struct Global {
 
 struct State {
     open: Round,
+    /// `None` until the operator has configured an exchange that awaits it.
+    settings: Option<Settings>,
     round_state: RoundState,
     submissions: BTreeMap<PeerId, Submission>,
     closed: VecDeque<Closed>,
@@ -120,9 +121,15 @@ struct State {
 }
 
 impl State {
-    fn new(open: Round, state_bytes: Vec<u8>, initial_validation_loss: f32) -> Self {
+    fn new(
+        open: Round,
+        settings: Option<Settings>,
+        state_bytes: Vec<u8>,
+        initial_validation_loss: f32,
+    ) -> Self {
         Self {
             open,
+            settings,
             round_state: RoundState::Open,
             submissions: BTreeMap::new(),
             closed: VecDeque::new(),
@@ -135,6 +142,19 @@ impl State {
             tokens: 0,
             initial_validation_loss,
         }
+    }
+
+    /// The settings in force, or the refusal a peer gets while there are none yet (not a
+    /// [`Refusal`]: peers retry it as they retry an exchange that is not up).
+    fn settings(&self) -> Result<Settings, Status> {
+        self.settings.ok_or_else(|| {
+            Status::unavailable("the exchange is waiting for the run's settings from the operator")
+        })
+    }
+
+    /// Whether every round of the run has closed; never while unconfigured.
+    fn done(&self) -> bool {
+        self.settings.is_some_and(|s| self.open.0 >= s.rounds)
     }
 }
 
@@ -192,23 +212,28 @@ impl Exchange {
         let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
         let model = run.initial_model().map_err(|e| init(&e))?;
         let mut outer = Outer::new(&run.config, &model).map_err(|e| init(&e))?;
+        // DDP's schedule is set from the settings before every step.
         let inner = match run.config.algorithm {
             Algorithm::Ddp => Some(
-                InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule())
+                InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(Round(1)))
                     .map_err(|e| init(&e))?,
             ),
             _ => None,
         };
         let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
         let initial_validation_loss = validation_loss(&model, &validation);
-        let open = match &opts.state_dir {
-            Some(dir) => persist::resume(dir, &mut outer, &model)?,
-            None => Round(0),
+        let (open, saved) = match &opts.state_dir {
+            Some(dir) => (
+                persist::resume(dir, &mut outer, &model)?,
+                persist::load_settings(dir)?,
+            ),
+            None => (Round(0), None),
         };
+        let settings = saved.or(opts.settings);
         let state_bytes = outer.export(&model, open).map_err(|e| init(&e))?;
         let dense_bytes = 4 * model.parameter_count() as u64;
         let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
-        let state = State::new(open, state_bytes, initial_validation_loss);
+        let state = State::new(open, settings, state_bytes, initial_validation_loss);
         let global = Global {
             model,
             outer,
@@ -330,10 +355,6 @@ impl Exchange {
             ));
         }
         Ok(())
-    }
-
-    fn rounds(&self) -> Round {
-        Round(self.shared.run.config.rounds)
     }
 
     fn record_rejection(&self, peer: PeerId, refusal: &Refusal) {

@@ -3,12 +3,34 @@
 
 use std::path::Path;
 
-use super::{ExchangeError, Global, PeerId, Shared};
+use super::{ExchangeError, Global, PeerId, Settings, Shared};
 use crate::model::{Llama, save_checkpoint};
 use crate::outer::{Outer, Round};
 
 /// The persisted global state, inside `state_dir`.
 const STATE_FILE: &str = "state.safetensors";
+/// The operator's latest settings, inside `state_dir`.
+const SETTINGS_FILE: &str = "settings.json";
+
+/// The settings saved in `dir`, if any.
+pub(super) fn load_settings(dir: &Path) -> Result<Option<Settings>, ExchangeError> {
+    let path = dir.join(SETTINGS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let settings: Settings = serde_json::from_str(&text).map_err(|e| ExchangeError::Resume {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    tracing::info!(?settings, path = %path.display(), "resumed the run's settings");
+    Ok(Some(settings))
+}
+
+/// Saves the settings into `dir`, so that a restarted exchange keeps them.
+pub(super) fn save_settings(dir: &Path, settings: &Settings) -> Result<(), String> {
+    let text = serde_json::to_vec_pretty(settings).map_err(|e| e.to_string())?;
+    write_atomically(&dir.join(SETTINGS_FILE), &text)
+}
 
 /// Loads the state saved in `dir` into `outer` and the model, returning the round it
 /// belongs to; round 0 when nothing was saved yet.
@@ -46,6 +68,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
 pub(super) struct Checkpoint<'a> {
     /// The round the checkpoint starts (the one after the round just closed).
     pub next: Round,
+    /// The settings the round closed under.
+    pub settings: Settings,
     pub validation_loss: f32,
     pub train_loss: f32,
     pub contributors: &'a [PeerId],
@@ -63,8 +87,8 @@ pub(super) fn write_checkpoint(
     };
     let config = &shared.run.config;
     let next = checkpoint.next;
-    let every = shared.opts.checkpoint_every.max(1);
-    if !(next.0.is_multiple_of(every) || next.0 >= config.rounds) {
+    let every = checkpoint.settings.checkpoint_every.max(1);
+    if !(next.0.is_multiple_of(every) || next.0 >= checkpoint.settings.rounds) {
         return Ok(());
     }
     let meta = serde_json::json!({

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{Exchange, Failure, PeerId, Shared, mean, persist, proto, validation_loss};
+use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
 use crate::outer::Round;
 
 /// Recent round summaries kept for `GetRunState`.
@@ -97,6 +97,8 @@ pub(super) struct ClosingRound {
     entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
     train_loss: f32,
     at_deadline: bool,
+    /// The settings in force when the round closed: its result is applied with them.
+    settings: Settings,
 }
 
 /// One peer's update for the open round.
@@ -109,6 +111,8 @@ pub(super) struct Submission {
 pub(super) struct Closed {
     pub round: Round,
     pub entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+    /// The run's length when the round closed.
+    pub rounds: Round,
 }
 
 /// Closes rounds as they fall due, until the exchange is dropped or a round's result
@@ -151,6 +155,9 @@ impl Exchange {
     fn start_closing(&self, now: Instant) -> Result<ClosingRound, Option<Instant>> {
         let opts = &self.shared.opts;
         let mut state = self.state();
+        let Some(settings) = state.settings else {
+            return Err(None);
+        };
         let first_at = match state.round_state {
             RoundState::Open => None,
             RoundState::Collecting { first_at } => Some(first_at),
@@ -163,8 +170,8 @@ impl Exchange {
             &submitted,
             &last_seen,
             opts.liveness,
-            opts.min_peers,
-            opts.deadline,
+            settings.min_peers,
+            settings.deadline(),
             first_at,
             now,
         );
@@ -193,6 +200,7 @@ impl Exchange {
             entries,
             train_loss,
             at_deadline,
+            settings,
         })
     }
 
@@ -203,13 +211,15 @@ impl Exchange {
             entries,
             train_loss,
             at_deadline,
+            settings,
         } = closing;
         let this = self.clone();
         let to_apply = entries.clone();
-        let applied =
-            tokio::task::spawn_blocking(move || this.advance(round, &to_apply, train_loss))
-                .await
-                .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
+        let applied = tokio::task::spawn_blocking(move || {
+            this.advance(round, &to_apply, train_loss, settings)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
         let (state_bytes, validation_loss) =
             applied.map_err(|message| Failure { round, message })?;
         let summary = proto::RoundSummary {
@@ -230,7 +240,16 @@ impl Exchange {
             at_deadline,
             "round closed"
         );
-        self.open_next(Closed { round, entries }, summary, state_bytes);
+        let rounds = Round(settings.rounds);
+        self.open_next(
+            Closed {
+                round,
+                entries,
+                rounds,
+            },
+            summary,
+            state_bytes,
+        );
         Ok(())
     }
 
@@ -267,10 +286,14 @@ impl Exchange {
         round: Round,
         entries: &[(PeerId, f32, Arc<Vec<u8>>)],
         train_loss: f32,
+        settings: Settings,
     ) -> Result<(Vec<u8>, f32), String> {
         let shared = &self.shared;
         let mut global = shared.global.lock().unwrap_or_else(|p| p.into_inner());
         let g = &mut *global;
+        if let Some(inner) = g.inner.as_mut() {
+            inner.set_schedule(shared.run.config.schedule(Round(settings.rounds)));
+        }
         let updates: Vec<(&[u8], f32)> =
             entries.iter().map(|(_, w, b)| (b.as_slice(), *w)).collect();
         g.outer
@@ -290,6 +313,7 @@ impl Exchange {
         let contributors: Vec<PeerId> = entries.iter().map(|(p, _, _)| *p).collect();
         let checkpoint = persist::Checkpoint {
             next,
+            settings,
             validation_loss,
             train_loss,
             contributors: &contributors,

@@ -10,7 +10,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::round::{RoundState, Submission};
-use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, proto};
+use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto};
 use crate::exchange::CHUNK_BYTES;
 use crate::outer::Round;
 
@@ -168,10 +168,10 @@ impl Exchange {
     /// holds its update for that round (a retry after a lost reply).
     fn check_round(&self, peer: PeerId, round: Round) -> Result<bool, Refusal> {
         let state = self.state();
-        if state.open >= self.rounds() {
+        if state.done() {
             return Err(Refusal::new(
                 Reason::RunDone,
-                format!("the run is done after {} rounds", self.rounds()),
+                format!("the run is done after {} rounds", state.open),
             ));
         }
         if round > state.open {
@@ -218,6 +218,7 @@ impl Exchange {
             item: Some(Item::Round(proto::RoundHeader {
                 round: round.0,
                 updates: closed.entries.len() as u32,
+                rounds: closed.rounds.0,
             })),
         }];
         let mut sent = 0u64;
@@ -247,11 +248,15 @@ impl proto::exchange_server::Exchange for Exchange {
     ) -> Result<Response<proto::JoinReply>, Status> {
         let peer = self.peer(&req)?;
         self.check_fingerprint(&req.get_ref().config_fingerprint)?;
+        let (open, settings) = {
+            let state = self.state();
+            (state.open, state.settings()?)
+        };
         tracing::info!(%peer, "peer joined");
         Ok(Response::new(proto::JoinReply {
             peer: peer.to_string(),
-            open_round: self.state().open.0,
-            rounds: self.rounds().0,
+            open_round: open.0,
+            rounds: settings.rounds,
         }))
     }
 
@@ -289,7 +294,7 @@ impl proto::exchange_server::Exchange for Exchange {
     ) -> Result<Response<Self::FetchRoundStream>, Status> {
         self.peer(&req)?;
         let round = Round(req.get_ref().round);
-        if round >= self.rounds() {
+        if round.0 >= self.state().settings()?.rounds {
             return Err(
                 Refusal::new(Reason::RunDone, format!("the run has no round {round}")).into(),
             );
@@ -371,5 +376,43 @@ impl proto::exchange_server::Exchange for Exchange {
     ) -> Result<Response<proto::RunState>, Status> {
         Self::operator(&req)?;
         Ok(Response::new(self.run_state()))
+    }
+
+    async fn configure(
+        &self,
+        req: Request<proto::Settings>,
+    ) -> Result<Response<proto::Settings>, Status> {
+        Self::operator(&req)?;
+        let settings = Settings::try_from(req.into_inner()).map_err(|e| bad(&e))?;
+        Ok(Response::new(self.configure_settings(settings)?.into()))
+    }
+}
+
+impl Exchange {
+    /// Puts `settings` in force (saved first, so a restart keeps them) and wakes the task
+    /// that closes rounds: the quorum or the deadline may have changed.
+    fn configure_settings(&self, settings: Settings) -> Result<Settings, Status> {
+        let mut state = self.state();
+        if state.settings == Some(settings) {
+            return Ok(settings);
+        }
+        // The round in progress always finishes: its updates may be on their way.
+        let least = state.open.0 + 1;
+        if settings.rounds < least && !state.done() {
+            return Err(bad(&format!(
+                "the run is at round {}: it can end after {least} rounds at the earliest, not {}",
+                state.open, settings.rounds
+            ))
+            .into());
+        }
+        if let Some(dir) = &self.shared.opts.state_dir {
+            persist::save_settings(dir, &settings)
+                .map_err(|e| Status::internal(format!("saving the settings: {e}")))?;
+        }
+        tracing::info!(?settings, previous = ?state.settings, "settings changed");
+        state.settings = Some(settings);
+        drop(state);
+        self.shared.wake.notify_one();
+        Ok(settings)
     }
 }

@@ -1,0 +1,90 @@
+//! The environment variables the trainer reads, named once: the trainer's flags bind to
+//! these constants and the operator writes pods' environments with them, so a renamed
+//! variable cannot leave the two sides disagreeing.
+//!
+//! Typed values travel through [`crate::run::RunConfig::to_env`] and
+//! [`crate::exchange::Settings::to_env`]; their tests parse the variables back through the
+//! very flags that read them.
+
+// The run configuration every pod of a run shares (`RunConfig`).
+pub const MODEL_CONFIG: &str = "STARLING_MODEL_CONFIG";
+pub const SEED: &str = "STARLING_SEED";
+pub const ALGORITHM: &str = "STARLING_ALGORITHM";
+pub const MAX_PEERS: &str = "STARLING_MAX_PEERS";
+pub const INNER_STEPS: &str = "STARLING_INNER_STEPS";
+pub const BATCH: &str = "STARLING_BATCH";
+pub const MICRO_BATCH: &str = "STARLING_MICRO_BATCH";
+pub const SEQUENCE_LENGTH: &str = "STARLING_SEQUENCE_LENGTH";
+pub const LR: &str = "STARLING_LR";
+pub const WARMUP_STEPS: &str = "STARLING_WARMUP_STEPS";
+pub const OUTER_LR: &str = "STARLING_OUTER_LR";
+pub const OUTER_MOMENTUM: &str = "STARLING_OUTER_MOMENTUM";
+pub const CHUNK: &str = "STARLING_CHUNK";
+pub const TOPK: &str = "STARLING_TOPK";
+pub const VALUE_BITS: &str = "STARLING_VALUE_BITS";
+pub const ERROR_FEEDBACK: &str = "STARLING_ERROR_FEEDBACK";
+pub const AGGREGATION: &str = "STARLING_AGGREGATION";
+pub const CORPUS: &str = "STARLING_CORPUS";
+pub const TOKENIZER: &str = "STARLING_TOKENIZER";
+pub const INIT_FROM: &str = "STARLING_INIT_FROM";
+
+// What the operator may change while the run goes on (`Settings`).
+pub const ROUNDS: &str = "STARLING_ROUNDS";
+pub const MIN_PEERS: &str = "STARLING_MIN_PEERS";
+pub const ROUND_DEADLINE: &str = "STARLING_ROUND_DEADLINE";
+pub const CHECKPOINT_EVERY: &str = "STARLING_CHECKPOINT_EVERY";
+
+// The exchange pod.
+pub const LISTEN: &str = "STARLING_LISTEN";
+pub const TOKENS: &str = "STARLING_TOKENS";
+pub const TOKENS_FILE: &str = "STARLING_TOKENS_FILE";
+pub const AWAIT_SETTINGS: &str = "STARLING_AWAIT_SETTINGS";
+pub const STATE_DIR: &str = "STARLING_STATE_DIR";
+pub const RUN: &str = "STARLING_RUN";
+
+// Read by the trainer but not set by the operator: defaults suit a pod.
+pub const LIVENESS: &str = "STARLING_LIVENESS";
+pub const MAX_UPDATE_BYTES: &str = "STARLING_MAX_UPDATE_BYTES";
+pub const KEEP_ROUNDS: &str = "STARLING_KEEP_ROUNDS";
+pub const EVAL_ROWS: &str = "STARLING_EVAL_ROWS";
+pub const TLS_CERT: &str = "STARLING_TLS_CERT";
+pub const TLS_KEY: &str = "STARLING_TLS_KEY";
+pub const TLS_CA: &str = "STARLING_TLS_CA";
+pub const RETRY_FOR: &str = "STARLING_RETRY_FOR";
+/// The checkpoint `sample` reads.
+pub const CHECKPOINT: &str = "STARLING_CHECKPOINT";
+
+// A peer pod.
+pub const EXCHANGE: &str = "STARLING_EXCHANGE";
+pub const TOKEN: &str = "STARLING_TOKEN";
+pub const BANDWIDTH_MBPS: &str = "STARLING_BANDWIDTH_MBPS";
+
+// Both.
+pub const DATA_DIR: &str = "STARLING_DATA_DIR";
+pub const CHECKPOINT_DIR: &str = "STARLING_CHECKPOINT_DIR";
+
+/// Parses `vars` (name, value) through the flags of `A` as if they were the process
+/// environment: each variable becomes the flag bound to it. Fails on a variable no flag
+/// reads, so a test of a `to_env` also proves every name it writes is one the trainer
+/// reads.
+pub fn parse_as_env<A: clap::Args + clap::FromArgMatches>(
+    vars: &[(impl AsRef<str>, String)],
+) -> Result<A, String> {
+    let command = A::augment_args(clap::Command::new("env"));
+    let mut argv = vec!["env".to_owned()];
+    for (name, value) in vars {
+        let name = name.as_ref();
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == name))
+            .ok_or_else(|| format!("no flag reads {name}"))?;
+        let long = arg
+            .get_long()
+            .ok_or_else(|| format!("{name} has no long flag"))?;
+        argv.push(format!("--{long}={value}"));
+    }
+    let matches = command
+        .try_get_matches_from(argv)
+        .map_err(|e| e.to_string())?;
+    A::from_arg_matches(&matches).map_err(|e| e.to_string())
+}
