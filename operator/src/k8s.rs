@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -195,6 +196,17 @@ impl Backoff {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&ObjectRef::from_obj(object).erase());
     }
+}
+
+/// A watch as the stores keep it: with the watch's backoff, and without `managedFields`,
+/// which no decision reads and which are most of an applied object's size (one entry per
+/// field per manager), so a thousand runs' children stay small in memory.
+pub fn slim<K: Resource + Clone + Send + 'static>(
+    watch: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send {
+    watch
+        .default_backoff()
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
 }
 
 #[cfg(test)]

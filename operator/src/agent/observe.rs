@@ -17,7 +17,7 @@ use futures::stream::{self, BoxStream};
 use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
@@ -127,7 +127,7 @@ where
     K: 'static,
 {
     let (store, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let events = reflector::reflector(writer, crate::k8s::slim(watcher(api, config)));
     (store, events)
 }
 

@@ -201,7 +201,7 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
+    let stream = reflector::reflector(writer, crate::k8s::slim(watcher(api, config)))
         .touched_objects()
         .for_each(|_| futures::future::ready(()));
     (reader, stream)

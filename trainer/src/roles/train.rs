@@ -62,43 +62,89 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
         .build()?;
     // The lazy channel and the heartbeat task live on this runtime.
     let _runtime = rt.enter();
-    let config = &run.config;
-    let client = ExchangeClient::new(ClientOptions {
-        url: opts.exchange.clone(),
-        token: opts.token.clone(),
-        fingerprint: run.fingerprint.clone(),
-        bandwidth_mbps: opts.bandwidth_mbps,
-        retry_for: opts.retry_for,
-        tls_ca: opts.tls_ca.clone(),
-    })?;
-    let (peer, open, mut rounds) = rt.block_on(client.join())?;
-    tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
-
-    let model = run.initial_model()?;
-    let mut replica = Replica {
-        run,
-        outer: Outer::new(config, &model)?,
-        inner: InnerOptimizer::new(&model, config.adamw(), config.schedule(rounds))?,
-        model,
-    };
-    let mut report = PeerReport {
-        peer,
-        rounds_trained: 0,
-        updates_accepted: 0,
-        resyncs: 0,
-        bytes_sent: 0,
-        last_train_loss: f32::NAN,
-    };
+    let mut peer = Peer::join(&rt, run, &opts)?;
     let mut round = Round(0);
-    if open > round {
-        round = resync(&rt, &client, &mut replica, &mut report)?;
+    if peer.open > round {
+        round = peer.resync()?;
     }
-
     // Heartbeats keep this peer in the membership while it computes.
     let current = Arc::new(AtomicU32::new(round.0));
-    let beat = {
-        let (client, current, every) = (client.clone(), current.clone(), opts.heartbeat);
-        rt.spawn(async move {
+    let beat = peer.heartbeats(current.clone(), opts.heartbeat);
+    while round < peer.rounds {
+        current.store(round.0, Ordering::Relaxed);
+        round = match peer.round(round)? {
+            Next::Round(next) => next,
+            Next::Done => break,
+        };
+    }
+    beat.abort();
+    peer.finish(round, opts.checkpoint_dir.as_deref())
+}
+
+/// One peer at work: its connection, its replica and what it has done.
+struct Peer<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: ExchangeClient,
+    replica: Replica<'a>,
+    report: PeerReport,
+    /// The round the exchange had open when this peer joined.
+    open: Round,
+    /// The run's length, as the exchange last said.
+    rounds: Round,
+}
+
+/// Where a round leaves the peer.
+enum Next {
+    Round(Round),
+    Done,
+}
+
+impl<'a> Peer<'a> {
+    /// Joins the run and sets up this peer's replica from the run's start.
+    fn join(
+        rt: &'a tokio::runtime::Runtime,
+        run: &'a Run,
+        opts: &PeerOptions,
+    ) -> Result<Self, PeerError> {
+        let config = &run.config;
+        let client = ExchangeClient::new(ClientOptions {
+            url: opts.exchange.clone(),
+            token: opts.token.clone(),
+            fingerprint: run.fingerprint.clone(),
+            bandwidth_mbps: opts.bandwidth_mbps,
+            retry_for: opts.retry_for,
+            tls_ca: opts.tls_ca.clone(),
+        })?;
+        let (peer, open, rounds) = rt.block_on(client.join())?;
+        tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
+        let model = run.initial_model()?;
+        let replica = Replica {
+            run,
+            outer: Outer::new(config, &model)?,
+            inner: InnerOptimizer::new(&model, config.adamw(), config.schedule(rounds))?,
+            model,
+        };
+        let report = PeerReport {
+            peer,
+            rounds_trained: 0,
+            updates_accepted: 0,
+            resyncs: 0,
+            bytes_sent: 0,
+            last_train_loss: f32::NAN,
+        };
+        Ok(Self {
+            rt,
+            client,
+            replica,
+            report,
+            open,
+            rounds,
+        })
+    }
+
+    fn heartbeats(&self, current: Arc<AtomicU32>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        self.rt.spawn(async move {
             loop {
                 let _ = client
                     .heartbeat(Round(current.load(Ordering::Relaxed)))
@@ -106,100 +152,130 @@ pub fn train(run: &Run, opts: PeerOptions) -> Result<PeerReport, PeerError> {
                 tokio::time::sleep(every).await;
             }
         })
-    };
+    }
 
-    let dense = 4 * replica.model.parameter_count();
-    let micro = config.micro_batch as usize;
-    while round < rounds {
-        current.store(round.0, Ordering::Relaxed);
+    /// Local work on `round`, the exchange, and the outer step; returns the round to work
+    /// on next.
+    fn round(&mut self, round: Round) -> Result<Next, PeerError> {
+        let peer = self.report.peer;
         let started = Instant::now();
-        let batches = run.batches(peer.index(), round.0);
-        let Replica {
-            model,
-            outer,
-            inner,
-            ..
-        } = &mut replica;
-        let update = match outer.local_round(model, inner, &batches, micro) {
-            Ok(update) => {
-                report.rounds_trained += 1;
-                report.last_train_loss = update.1;
-                Some(update)
-            }
-            // A diverged step: no update this round; take everyone else's.
-            Err(e) => {
-                tracing::warn!(%peer, round = round.0, error = %e, "no update this round");
-                None
-            }
-        };
+        let update = self.local_work(round);
         let computed = started.elapsed();
-        let result = rt.block_on(
-            client.exchange_round(round, update.as_ref().map(|(b, l)| (b.as_slice(), *l))),
-        );
-        let entries = match result {
-            Ok(result) => {
-                if let Some(n) = result.accepted_bytes {
-                    report.updates_accepted += 1;
-                    report.bytes_sent += n;
-                }
-                if result.rounds != rounds {
-                    // The operator changed the run's length: apply this round and go
-                    // on with the exchange's schedule, as the exchange does.
-                    tracing::info!(%peer, from = rounds.0, to = result.rounds.0, "run length changed");
-                    rounds = result.rounds;
-                    replica.inner.set_schedule(config.schedule(rounds));
-                }
-                result.entries
+        let sent = update.as_ref().map(|(b, l)| (b.as_slice(), *l));
+        let result = match self.rt.block_on(self.client.exchange_round(round, sent)) {
+            Ok(result) => result,
+            Err(e) => {
+                return match e.refusal().map(|r| r.reason) {
+                    Some(Reason::Resync) => Ok(Next::Round(self.resync()?)),
+                    Some(Reason::RunDone) => Ok(Next::Done),
+                    _ => Err(e.into()),
+                };
             }
-            Err(e) => match e.refusal().map(|r| r.reason) {
-                Some(Reason::Resync) => {
-                    round = resync(&rt, &client, &mut replica, &mut report)?;
-                    continue;
-                }
-                Some(Reason::RunDone) => break,
-                _ => return Err(e.into()),
-            },
         };
+        if let Some(n) = result.accepted_bytes {
+            self.report.updates_accepted += 1;
+            self.report.bytes_sent += n;
+        }
+        if result.rounds != self.rounds {
+            // The operator changed the run's length: apply this round and go on with the
+            // exchange's schedule, as the exchange does.
+            tracing::info!(%peer, from = self.rounds.0, to = result.rounds.0, "run length changed");
+            self.rounds = result.rounds;
+            let schedule = self.replica.run.config.schedule(self.rounds);
+            self.replica.inner.set_schedule(schedule);
+        }
         if let Some((bytes, loss)) = &update {
+            let dense = 4 * self.replica.model.parameter_count();
             tracing::info!(
                 %peer,
-                round = format!("{}/{}", round.0 + 1, rounds.0),
+                round = format!("{}/{}", round.0 + 1, self.rounds.0),
                 train_loss = format!("{loss:.4}"),
                 update_bytes = bytes.len(),
                 compression = format!("{:.1}x", dense as f64 / bytes.len() as f64),
                 compute_s = format!("{:.2}", computed.as_secs_f64()),
                 round_s = format!("{:.2}", started.elapsed().as_secs_f64()),
-                updates = entries.len(),
+                updates = result.entries.len(),
                 "round done"
             );
         }
-        let updates: Vec<(&[u8], f32)> = entries
+        let updates: Vec<(&[u8], f32)> = result
+            .entries
             .iter()
             .map(|e| (e.bytes.as_slice(), e.weight))
             .collect();
         let Replica {
+            run,
             model,
             outer,
             inner,
-            ..
-        } = &mut replica;
-        outer.apply(model, Some(inner), &updates, config.outer_lr)?;
-        tracing::debug!(%peer, round = round.0, updates = entries.len(), "round applied");
-        round = round.next();
+        } = &mut self.replica;
+        outer.apply(model, Some(inner), &updates, run.config.outer_lr)?;
+        tracing::debug!(%peer, round = round.0, updates = updates.len(), "round applied");
+        Ok(Next::Round(round.next()))
     }
-    beat.abort();
-    if let Some(dir) = &opts.checkpoint_dir {
-        let meta = serde_json::json!({
-            "round": round.0,
-            "peer": peer.to_string(),
-            "seed": config.seed,
-            "algorithm": config.algorithm,
-            "tokenizer": run.tokenizer.name(),
-        });
-        save_checkpoint(dir, &replica.model, &meta, &run.tokenizer.files())?;
+
+    /// This peer's update for `round` and its training loss; `None` when a step
+    /// diverged (it then takes everyone else's updates).
+    fn local_work(&mut self, round: Round) -> Option<(Vec<u8>, f32)> {
+        let peer = self.report.peer;
+        let Replica {
+            run,
+            model,
+            outer,
+            inner,
+        } = &mut self.replica;
+        let batches = run.batches(peer.index(), round.0);
+        let micro = run.config.micro_batch as usize;
+        match outer.local_round(model, inner, &batches, micro) {
+            Ok(update) => {
+                self.report.rounds_trained += 1;
+                self.report.last_train_loss = update.1;
+                Some(update)
+            }
+            Err(e) => {
+                tracing::warn!(%peer, round = round.0, error = %e, "no update this round");
+                None
+            }
+        }
     }
-    tracing::info!(%peer, ?report, "run finished");
-    Ok(report)
+
+    /// Replaces this peer's state with the exchange's and returns the round to work on.
+    fn resync(&mut self) -> Result<Round, PeerError> {
+        let (round, bytes) = self.rt.block_on(self.client.fetch_state())?;
+        let replica = &mut self.replica;
+        let imported = replica.outer.import(&replica.model, &bytes)?;
+        let steps = u64::from(imported.0) * u64::from(replica.run.config.steps_per_round());
+        replica.inner.set_steps(steps);
+        self.report.resyncs += 1;
+        if replica.run.config.algorithm == Algorithm::Ddp {
+            // DDP's shared state includes the optimiser moments, which the exchange does
+            // not send: a DDP peer that resyncs trains on, but no longer bit-identically.
+            tracing::warn!("resynced a DDP peer: its optimiser moments start afresh");
+        }
+        tracing::info!(
+            round = round.0,
+            bytes = bytes.len(),
+            "synced the global state"
+        );
+        Ok(imported)
+    }
+
+    /// Writes the final parameters (when asked) and reports.
+    fn finish(self, round: Round, dir: Option<&std::path::Path>) -> Result<PeerReport, PeerError> {
+        if let Some(dir) = dir {
+            let run = self.replica.run;
+            let meta = serde_json::json!({
+                "round": round.0,
+                "peer": self.report.peer.to_string(),
+                "seed": run.config.seed,
+                "algorithm": run.config.algorithm,
+                "tokenizer": run.tokenizer.name(),
+            });
+            save_checkpoint(dir, &self.replica.model, &meta, &run.tokenizer.files())?;
+        }
+        tracing::info!(peer = %self.report.peer, report = ?self.report, "run finished");
+        Ok(self.report)
+    }
 }
 
 /// A peer's copy of the run: its model and the optimisers that move it.
@@ -208,29 +284,4 @@ struct Replica<'a> {
     model: Llama,
     outer: Outer,
     inner: InnerOptimizer,
-}
-
-/// Replaces this peer's state with the exchange's and returns the round to work on.
-fn resync(
-    rt: &tokio::runtime::Runtime,
-    client: &ExchangeClient,
-    replica: &mut Replica,
-    report: &mut PeerReport,
-) -> Result<Round, PeerError> {
-    let (round, bytes) = rt.block_on(client.fetch_state())?;
-    let imported = replica.outer.import(&replica.model, &bytes)?;
-    let steps = u64::from(imported.0) * u64::from(replica.run.config.steps_per_round());
-    replica.inner.set_steps(steps);
-    report.resyncs += 1;
-    if replica.run.config.algorithm == Algorithm::Ddp {
-        // DDP's shared state includes the optimiser moments, which the exchange does
-        // not send: a DDP peer that resyncs trains on, but no longer bit-identically.
-        tracing::warn!("resynced a DDP peer: its optimiser moments start afresh");
-    }
-    tracing::info!(
-        round = round.0,
-        bytes = bytes.len(),
-        "synced the global state"
-    );
-    Ok(imported)
 }
