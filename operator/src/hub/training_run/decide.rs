@@ -485,11 +485,13 @@ fn placement_view<'a>(o: &'a Observed) -> PlacementView<'a> {
         }
     }
     let gpus_per_peer = crate::k8s::gpus(o.run.spec.peers.resources.as_ref());
+    let held = progress::held_by_others(o.groups, &uid);
     let candidates = ready
         .values()
         .map(|m| {
             let ours_here = current.values().filter(|c| **c == m.name_any()).count() as u32;
-            progress::capacity(m, o.groups, &uid, ours_here, gpus_per_peer)
+            let held = held.get(m.name_any().as_str()).copied().unwrap_or_default();
+            progress::capacity(m, held, ours_here, gpus_per_peer)
         })
         .collect();
     PlacementView {

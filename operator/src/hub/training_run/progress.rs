@@ -132,22 +132,16 @@ fn checkpoints(
     out
 }
 
-/// A Ready member as placement sees it: how many more of this run's peers it can take
-/// after what other runs hold (`maxTrainers` and GPUs). Peers whose pods finished hold
-/// nothing: a finished run's groups stay for inspection without blocking new runs.
-pub fn capacity(
-    member: &MemberCluster,
-    groups: &[std::sync::Arc<TrainerGroup>],
+/// What other runs' trainers hold on each member, by member name: peers and GPUs.
+/// Peers whose pods finished hold nothing: a finished run's groups stay for inspection
+/// without blocking new runs. One pass over the groups, so a decision costs O(groups),
+/// not O(members × groups).
+pub fn held_by_others<'g>(
+    groups: &'g [std::sync::Arc<TrainerGroup>],
     run_uid: &str,
-    ours_here: u32,
-    gpus_per_peer: u32,
-) -> placement::Member {
-    let name = member.name_any();
-    let others = groups
-        .iter()
-        .filter(|g| g.spec.run_ref.uid != run_uid && g.spec.member == name);
-    let (mut other_peers, mut other_gpus) = (0u32, 0u32);
-    for g in others {
+) -> std::collections::HashMap<&'g str, (u32, u32)> {
+    let mut held = std::collections::HashMap::new();
+    for g in groups.iter().filter(|g| g.spec.run_ref.uid != run_uid) {
         let finished = g
             .status
             .iter()
@@ -155,9 +149,24 @@ pub fn capacity(
             .filter(|p| p.phase == "Succeeded")
             .count() as u32;
         let holding = (g.spec.peers.len() as u32).saturating_sub(finished);
-        other_peers += holding;
-        other_gpus += holding * gpus(g.spec.template.resources.as_ref());
+        let entry: &mut (u32, u32) = held.entry(g.spec.member.as_str()).or_default();
+        entry.0 += holding;
+        entry.1 += holding * gpus(g.spec.template.resources.as_ref());
     }
+    held
+}
+
+/// A Ready member as placement sees it: how many more of this run's peers it can take
+/// after what other runs hold (`held`: peers and GPUs, from [`held_by_others`]) within
+/// `maxTrainers` and its GPUs.
+pub fn capacity(
+    member: &MemberCluster,
+    held: (u32, u32),
+    ours_here: u32,
+    gpus_per_peer: u32,
+) -> placement::Member {
+    let name = member.name_any();
+    let (other_peers, other_gpus) = held;
     let by_trainers = member
         .spec
         .max_trainers
