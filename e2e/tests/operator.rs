@@ -88,6 +88,16 @@ async fn wait_run(
     }
 }
 
+/// Creates `run` and waits until it has trained a round.
+async fn start_run(runs: &Api<TrainingRun>, run: TrainingRun) -> TrainingRun {
+    let name = run.name_any();
+    runs.create(&PostParams::default(), &run).await.unwrap();
+    wait_run(runs, &name, "round 1", 240, |r| {
+        r.status.as_ref().is_some_and(|s| s.round >= 1)
+    })
+    .await
+}
+
 async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
 where
     F: FnMut() -> Fut,
@@ -288,13 +298,7 @@ async fn a_running_run_takes_a_new_length_in_place_and_refuses_a_new_seed() {
     let hub = fed.clusters.hub.client.clone();
     let kubeconfig = &fed.clusters.hub.kubeconfig;
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    runs.create(&PostParams::default(), &run("edited", 3))
-        .await
-        .unwrap();
-    let before = wait_run(&runs, "edited", "round 1", 240, |r| {
-        r.status.as_ref().is_some_and(|s| s.round >= 1)
-    })
-    .await;
+    let before = start_run(&runs, run("edited", 3)).await;
     let round_at_edit = before.status.unwrap().round;
     let exchange_pods = Api::<Pod>::namespaced(hub.clone(), "default");
     let exchange = |label| ListParams::default().labels(label);
@@ -398,13 +402,7 @@ async fn a_member_that_goes_dark_is_replaced_and_the_run_still_succeeds() {
     let (mut fed, _dir) = federation(&members).await;
     let hub = fed.clusters.hub.client.clone();
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    runs.create(&PostParams::default(), &run("dark", 6))
-        .await
-        .unwrap();
-    let running = wait_run(&runs, "dark", "round 1", 240, |r| {
-        r.status.as_ref().is_some_and(|s| s.round >= 1)
-    })
-    .await;
+    let running = start_run(&runs, run("dark", 6)).await;
     let placed = running.status.unwrap().peers;
     let victim = placed[0].member.clone();
     let spare: Vec<String> = members
@@ -456,13 +454,7 @@ async fn the_operator_restarts_mid_run_and_deleting_the_run_cleans_every_member(
     let (mut fed, _dir) = federation(&three_members()).await;
     let hub = fed.clusters.hub.client.clone();
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    runs.create(&PostParams::default(), &run("restart", 40))
-        .await
-        .unwrap();
-    let before = wait_run(&runs, "restart", "round 1", 240, |r| {
-        r.status.as_ref().is_some_and(|s| s.round >= 1)
-    })
-    .await;
+    let before = start_run(&runs, run("restart", 40)).await;
     let uids = |items: Vec<TrainerGroup>| {
         let mut v: Vec<String> = items.iter().filter_map(|g| g.uid()).collect();
         v.sort();
