@@ -141,6 +141,23 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> String {
     }
 }
 
+/// `kubectl patch tr NAME --type merge -p PATCH`, as a user edits a run.
+fn merge_patch(kubeconfig: &std::path::Path, run: &str, patch: &str) -> Result<String, String> {
+    try_kubectl(
+        kubeconfig,
+        &["patch", "tr", run, "--type", "merge", "-p", patch],
+    )
+}
+
+/// The trainer pods of every member cluster.
+async fn every_members_trainer_pods(fed: &Federation) -> Vec<Pod> {
+    let mut pods = vec![];
+    for m in &fed.clusters.members {
+        pods.extend(trainer_pods(&m.client).await);
+    }
+    pods
+}
+
 /// kubectl's stdout, or its stderr when it fails.
 fn try_kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("kubectl")
@@ -307,43 +324,22 @@ async fn a_running_run_takes_a_new_length_in_place_and_refuses_a_new_seed() {
         .await
         .unwrap()
         .items;
-    let mut trainers_before = vec![];
-    for m in &fed.clusters.members {
-        trainers_before.extend(trainer_pods(&m.client).await);
-    }
+    let trainers_before = every_members_trainer_pods(&fed).await;
 
     // What the run trains is fixed once it runs: the API server says why and what to do.
-    let refused = try_kubectl(
-        kubeconfig,
-        &[
-            "patch",
-            "tr",
-            "edited",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"seed":8}}"#,
-        ],
-    )
-    .unwrap_err();
+    let refused = merge_patch(kubeconfig, "edited", r#"{"spec":{"seed":8}}"#).unwrap_err();
     assert!(
         refused.contains("cannot change once the run has started")
             && refused.contains("Create a new TrainingRun"),
         "{refused}"
     );
     // Its length is not: two more rounds, in the running exchange.
-    kubectl(
+    merge_patch(
         kubeconfig,
-        &[
-            "patch",
-            "tr",
-            "edited",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"schedule":{"outerRounds":5}}}"#,
-        ],
-    );
+        "edited",
+        r#"{"spec":{"schedule":{"outerRounds":5}}}"#,
+    )
+    .unwrap();
     let mut rounds_seen = vec![round_at_edit];
     let start = Instant::now();
     let done = loop {
@@ -382,10 +378,7 @@ async fn a_running_run_takes_a_new_length_in_place_and_refuses_a_new_seed() {
         .unwrap()[0]
         .restart_count;
     assert_eq!(restarts, 0);
-    let mut trainers_after = vec![];
-    for m in &fed.clusters.members {
-        trainers_after.extend(trainer_pods(&m.client).await);
-    }
+    let trainers_after = every_members_trainer_pods(&fed).await;
     assert_eq!(uids(&trainers_after), uids(&trainers_before));
     let described = kubectl(kubeconfig, &["describe", "tr", "edited"]);
     assert!(

@@ -203,13 +203,7 @@ impl<'a> Peer<'a> {
             .iter()
             .map(|e| (e.bytes.as_slice(), e.weight))
             .collect();
-        let Replica {
-            run,
-            model,
-            outer,
-            inner,
-        } = &mut self.replica;
-        outer.apply(model, Some(inner), &updates, run.config.outer_lr)?;
+        self.replica.apply(&updates)?;
         tracing::debug!(%peer, round = round.0, updates = updates.len(), "round applied");
         Ok(Next::Round(round.next()))
     }
@@ -218,15 +212,7 @@ impl<'a> Peer<'a> {
     /// diverged (it then takes everyone else's updates).
     fn local_work(&mut self, round: Round) -> Option<(Vec<u8>, f32)> {
         let peer = self.report.peer;
-        let Replica {
-            run,
-            model,
-            outer,
-            inner,
-        } = &mut self.replica;
-        let batches = run.batches(peer.index(), round.0);
-        let micro = run.config.micro_batch as usize;
-        match outer.local_round(model, inner, &batches, micro) {
+        match self.replica.local_round(peer, round) {
             Ok(update) => {
                 self.report.rounds_trained += 1;
                 self.report.last_train_loss = update.1;
@@ -284,4 +270,25 @@ struct Replica<'a> {
     model: Llama,
     outer: Outer,
     inner: InnerOptimizer,
+}
+
+impl Replica<'_> {
+    /// `peer`'s inner steps on its data for `round`: its update and training loss.
+    fn local_round(
+        &mut self,
+        peer: PeerId,
+        round: Round,
+    ) -> Result<(Vec<u8>, f32), crate::outer::RoundError> {
+        let batches = self.run.batches(peer.index(), round.0);
+        let micro = self.run.config.micro_batch as usize;
+        self.outer
+            .local_round(&self.model, &mut self.inner, &batches, micro)
+    }
+
+    /// The outer step with a round's accepted updates.
+    fn apply(&mut self, updates: &[(&[u8], f32)]) -> Result<(), crate::outer::RoundError> {
+        let lr = self.run.config.outer_lr;
+        self.outer
+            .apply(&self.model, Some(&mut self.inner), updates, lr)
+    }
 }
