@@ -140,23 +140,32 @@ impl ExchangeClient {
         start: Instant,
         wait: &mut Duration,
     ) -> Result<(), ClientError> {
-        if let Some(refusal) = Refusal::from_status(&status) {
-            return Err(refusal.into());
-        }
-        if !transient(&status) {
-            return Err(ClientError::Protocol(status.to_string()));
-        }
-        if start.elapsed() >= self.opts.retry_for {
-            return Err(ClientError::Unreachable {
-                url: self.opts.url.clone(),
-                waited: start.elapsed(),
-                last: status,
-            });
+        let retry = Refusal::from_status(&status).is_none()
+            && transient(&status)
+            && start.elapsed() < self.opts.retry_for;
+        if !retry {
+            return Err(self.error(status, start.elapsed()));
         }
         tracing::debug!(%status, ?wait, "exchange unreachable; retrying");
         tokio::time::sleep(*wait).await;
         *wait = (*wait * 2).min(Duration::from_secs(5));
         Ok(())
+    }
+
+    /// What a failed call means: a refusal, an exchange unreachable for `waited`, or an
+    /// answer that makes no sense.
+    fn error(&self, status: Status, waited: Duration) -> ClientError {
+        if let Some(refusal) = Refusal::from_status(&status) {
+            return refusal.into();
+        }
+        if !transient(&status) {
+            return ClientError::Protocol(status.to_string());
+        }
+        ClientError::Unreachable {
+            url: self.opts.url.clone(),
+            waited,
+            last: status,
+        }
     }
 
     /// One round from this peer's side: upload its update (if it has one), then wait for
@@ -367,6 +376,24 @@ impl ExchangeClient {
                 .map(|r| r.into_inner())
         })
         .await
+    }
+
+    /// Operator: where the run stands now, then each time that changes (and unchanged
+    /// every [`super::WATCH_KEEPALIVE`]); one attempt, as the caller decides when to
+    /// watch again. The stream ends with the first error.
+    pub async fn watch_run_state(
+        &self,
+    ) -> Result<impl tokio_stream::Stream<Item = Result<proto::RunState, ClientError>>, ClientError>
+    {
+        let stream = self
+            .grpc
+            .clone()
+            .watch_run_state(proto::RunStateRequest {})
+            .await
+            .map_err(|status| self.error(status, Duration::ZERO))?
+            .into_inner();
+        let this = self.clone();
+        Ok(stream.map(move |item| item.map_err(|status| this.error(status, Duration::ZERO))))
     }
 
     /// Operator only: puts `settings` in force in the running exchange; returns them.

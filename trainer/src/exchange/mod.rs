@@ -28,6 +28,25 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 /// The largest single gRPC message either side accepts: a chunk and its framing.
 pub const MAX_MESSAGE_BYTES: usize = CHUNK_BYTES + 64 * 1024;
 const REASON_KEY: &str = "x-starling-reason";
+/// How often `WatchRunState` sends an unchanged state again, so that a watcher notices
+/// a link that went silent without closing.
+pub const WATCH_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+impl proto::RunState {
+    /// Whether `other` says anything this state does not: everything but what changes on
+    /// its own with time (how long ago each peer was heard from). Compared encoded, so a
+    /// NaN loss equals itself and an unchanged run is never reported as changed.
+    pub fn differs_from(&self, other: &proto::RunState) -> bool {
+        fn key(state: &proto::RunState) -> Vec<u8> {
+            let mut state = state.clone();
+            for peer in &mut state.peers {
+                peer.last_seen_ms_ago = 0;
+            }
+            prost::Message::encode_to_vec(&state)
+        }
+        key(self) != key(other)
+    }
+}
 
 /// A peer within a run: `p` followed by its index, which also picks its data slice.
 ///

@@ -406,6 +406,67 @@ async fn a_peer_that_stops_calling_is_not_waited_for_past_its_liveness() {
     assert!(!summary.closed_at_deadline, "{summary:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_watching_a_run_hears_of_each_change_and_not_of_time_passing() {
+    use tokio_stream::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let good0 = update(&run, 0);
+    let mut opts = options(dir.path());
+    opts.settings.as_mut().unwrap().min_peers = 1;
+    opts.liveness = Duration::from_secs(1);
+    let url = serve(run, opts).await;
+    let (p0, p1) = (client(&url, &token(0), &fp), client(&url, &token(1), &fp));
+    let operator = client(&url, OPERATOR, &fp);
+    let (r, _) = reason(
+        p0.watch_run_state()
+            .await
+            .err()
+            .expect("a peer may not watch"),
+    );
+    assert_eq!(r, Reason::Forbidden);
+    let mut watch = Box::pin(operator.watch_run_state().await.unwrap());
+    let mut next = async |within: Duration| {
+        let item = tokio::time::timeout(within, watch.next()).await.ok()?;
+        Some(item.expect("the watch ended").expect("the watch failed"))
+    };
+    let minute = Duration::from_secs(60);
+    let first = next(minute).await.expect("the state as it is");
+    assert_eq!((first.open_round, first.peers.len()), (0, 0));
+
+    p1.join().await.unwrap();
+    let joined = next(minute).await.expect("p1's arrival");
+    assert_eq!(joined.peers[0].peer, "p1", "{joined:?}");
+    // p1 falls silent; p0 alone closes round 0 (the quorum is 1).
+    p0.join().await.unwrap();
+    p0.exchange_round(Round(0), Some((&good0, 2.0)))
+        .await
+        .unwrap();
+    // Pushed when it happens, well before the keepalive would have carried it.
+    let mut state = joined;
+    while state.open_round == 0 {
+        let before_keepalive = super::WATCH_KEEPALIVE - Duration::from_secs(5);
+        state = next(before_keepalive)
+            .await
+            .expect("the closed round pushed at once");
+    }
+    while state.peers.iter().any(|p| p.alive) {
+        state = next(minute).await.expect("p0 falling silent");
+    }
+    // Nothing changes now: time passing alone sends nothing until the keepalive, which
+    // repeats the same state.
+    assert!(
+        next(Duration::from_secs(5)).await.is_none(),
+        "an unchanged run was sent again"
+    );
+    let again = next(super::WATCH_KEEPALIVE * 2)
+        .await
+        .expect("the keepalive");
+    assert!(!again.differs_from(&state), "{again:?}\n{state:?}");
+    assert!(again.peers[0].last_seen_ms_ago > state.peers[0].last_seen_ms_ago);
+}
+
 #[test]
 fn diloco_keeps_peers_and_exchange_bit_identical() {
     federate("diloco");

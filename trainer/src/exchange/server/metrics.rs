@@ -1,12 +1,21 @@
-//! Where the run stands: the `RunState` the operator polls, and the same numbers in the
-//! Prometheus text format for `GET /metrics`.
+//! Where the run stands: the `RunState` the operator watches, and the same numbers in
+//! the Prometheus text format for `GET /metrics`.
 
 use std::fmt::Write;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tonic::Status;
 
 use super::{Exchange, proto};
+use crate::exchange::WATCH_KEEPALIVE;
+
+/// How often a watched state is looked at between round closings, for what changes
+/// without waking anyone: updates arriving, peers joining or falling silent.
+const WATCH_TICK: Duration = Duration::from_millis(500);
 
 impl Exchange {
-    /// Where the run stands, as the operator polls it and `/metrics` reports it.
+    /// Where the run stands, as the operator watches it and `/metrics` reports it.
     pub fn run_state(&self) -> proto::RunState {
         let state = self.state();
         let liveness = self.shared.opts.liveness;
@@ -37,6 +46,34 @@ impl Exchange {
             initial_validation_loss: state.initial_validation_loss,
             tokens: state.tokens,
             settings: state.settings.map(Into::into),
+        }
+    }
+}
+
+impl Exchange {
+    /// Sends the run's state into `tx` now, then whenever it changes and at least every
+    /// [`WATCH_KEEPALIVE`], until the watcher goes away. A closed round is sent at once;
+    /// other changes within [`WATCH_TICK`].
+    pub(super) async fn watch_run_state(self, tx: mpsc::Sender<Result<proto::RunState, Status>>) {
+        let mut closed = self.shared.open_tx.subscribe();
+        let mut sent: Option<(proto::RunState, Instant)> = None;
+        loop {
+            let state = self.run_state();
+            let due = sent.as_ref().is_none_or(|(last, at)| {
+                state.differs_from(last) || at.elapsed() >= WATCH_KEEPALIVE
+            });
+            if due {
+                if tx.send(Ok(state.clone())).await.is_err() {
+                    return;
+                }
+                sent = Some((state, Instant::now()));
+            }
+            tokio::select! {
+                _ = tx.closed() => return,
+                // `self` keeps the sender alive, so this only ends by a change.
+                _ = closed.changed() => {}
+                _ = tokio::time::sleep(WATCH_TICK) => {}
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 //! The gRPC calls: joining, heartbeats, submitting an update, fetching a closed round or
-//! the global state, and the operator's weights and run state.
+//! the global state, and the operator's weights, settings and run state.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -376,6 +376,20 @@ impl proto::exchange_server::Exchange for Exchange {
     ) -> Result<Response<proto::RunState>, Status> {
         Self::operator(&req)?;
         Ok(Response::new(self.run_state()))
+    }
+
+    type WatchRunStateStream = ResponseStream<proto::RunState>;
+
+    async fn watch_run_state(
+        &self,
+        req: Request<proto::RunStateRequest>,
+    ) -> Result<Response<Self::WatchRunStateStream>, Status> {
+        Self::operator(&req)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(self.clone().watch_run_state(tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn configure(
