@@ -10,6 +10,7 @@
 //! the `starling-hub` Lease reconciles, so a second replica never writes.
 
 pub mod children;
+mod exchanges;
 mod lease;
 mod member_cluster;
 pub mod training_run;
@@ -26,11 +27,10 @@ use kube::api::DynamicObject;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::Mutex;
 
 use crate::api::Phase;
 use crate::api::{MemberCluster, TrainerGroup, TrainingRun};
@@ -39,6 +39,7 @@ use crate::k8s::{
     condition_true,
 };
 use crate::telemetry::{Metrics, PhaseLabel, Readiness, Refresh};
+use exchanges::Wake;
 
 /// What the hub is configured with.
 #[derive(Clone, Debug, clap::Args)]
@@ -94,8 +95,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub config: HubConfig,
     pub stores: Stores,
-    /// Connections to each run's exchange, by run uid.
-    pub exchanges: Mutex<HashMap<String, training_run::ExchangeConnection>>,
+    /// Each live run's exchange, watched.
+    pub exchanges: exchanges::Exchanges,
     pub backoff: Backoff,
     pub metrics: Arc<Metrics>,
     applied: Applied,
@@ -189,8 +190,17 @@ impl Context {
     }
 }
 
-/// A reflector over `api`, and the task that keeps it current.
-fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, impl Future<Output = ()>)
+/// Which runs an object of kind `K` concerns: they are woken when it changes.
+type Concerns<K> = Box<dyn Fn(&K) -> Vec<ObjectRef<TrainingRun>> + Send + Sync>;
+
+/// A reflector over `api`, and the task that keeps it current. With `wake`, every
+/// object that changes (or goes) wakes the runs it concerns, after the store holds the
+/// change.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wake: Option<(Wake, Concerns<K>)>,
+) -> (Store<K>, impl Future<Output = ()>)
 where
     K: Resource<DynamicType = ()>
         + DeserializeOwned
@@ -201,24 +211,58 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, crate::k8s::slim(watcher(api, config)))
-        .touched_objects()
-        .for_each(|_| futures::future::ready(()));
-    (reader, stream)
+    let stream = reflector::reflector(writer, crate::k8s::slim(watcher(api, config)));
+    let task = stream.for_each(move |event| {
+        let changed = match &event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o))
+            | Ok(watcher::Event::InitApply(o)) => Some(o),
+            _ => None,
+        };
+        if let (Some(object), Some((wake, concerns))) = (changed, &wake) {
+            for run in concerns(object) {
+                let _ = wake.unbounded_send(run);
+            }
+        }
+        futures::future::ready(())
+    });
+    (reader, task)
 }
 
-/// Starts the reflectors; the returned future drives them all.
-fn stores(client: &Client) -> (Stores, impl Future<Output = ()> + use<>) {
+/// Starts the reflectors, waking runs through `wake`; the returned future drives them.
+fn stores(client: &Client, wake: &Wake) -> (Stores, impl Future<Output = ()> + use<>) {
     let managed = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGER}"));
     let exchange = managed.clone().labels(&format!(
         "{LABEL_MANAGED_BY}={MANAGER},{LABEL_COMPONENT}={COMPONENT_EXCHANGE}"
     ));
-    let (members, a) = reflect(Api::all(client.clone()), watcher::Config::default());
-    let (groups, b) = reflect(Api::all(client.clone()), watcher::Config::default());
-    let (exchange_pods, c) = reflect(Api::all(client.clone()), exchange.clone());
-    let (services, d) = reflect(Api::all(client.clone()), exchange.clone());
-    let (deployments, e) = reflect(Api::all(client.clone()), exchange);
-    let (secrets, f) = reflect(Api::all(client.clone()), managed);
+    let (groups, b) = reflect(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        Some((wake.clone(), Box::new(training_run::concerned_by_group))),
+    );
+    let flipped = training_run::runs_on_flipped_member(groups.clone());
+    let (members, a) = reflect(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        Some((wake.clone(), Box::new(flipped))),
+    );
+    let (exchange_pods, c) = reflect(
+        Api::all(client.clone()),
+        exchange.clone(),
+        Some((
+            wake.clone(),
+            Box::new(training_run::concerned_by_labels::<Pod>),
+        )),
+    );
+    let (services, d) = reflect(
+        Api::all(client.clone()),
+        exchange.clone(),
+        Some((
+            wake.clone(),
+            Box::new(training_run::concerned_by_labels::<Service>),
+        )),
+    );
+    let (deployments, e) = reflect(Api::all(client.clone()), exchange, None);
+    let (secrets, f) = reflect(Api::all(client.clone()), managed, None);
     let stores = Stores {
         members,
         groups,
@@ -315,7 +359,8 @@ async fn lead(
     let leadership = lease.acquire().await?;
     tracing::info!("leading; starting controllers");
 
-    let (stores, reflectors) = stores(&client);
+    let (wake, wakes) = futures::channel::mpsc::unbounded();
+    let (stores, reflectors) = stores(&client, &wake);
     let reflectors = tokio::spawn(reflectors);
     stores.ready().await?;
     let recorder = Recorder::new(
@@ -330,12 +375,12 @@ async fn lead(
         recorder,
         config,
         stores: stores.clone(),
-        exchanges: Mutex::new(HashMap::new()),
+        exchanges: exchanges::Exchanges::new(wake),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
         applied: Applied::default(),
     });
-    let outcome = control(&client, ctx, &leadership, &scraped, stores).await;
+    let outcome = control(&client, ctx, &leadership, &scraped, stores, wakes).await;
     reflectors.abort();
     outcome?;
     leadership.release().await;
@@ -349,6 +394,7 @@ async fn control(
     leadership: &lease::Leadership,
     scraped: &Scraped,
     stores: Stores,
+    wakes: impl futures::Stream<Item = ObjectRef<TrainingRun>> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -368,7 +414,7 @@ async fn control(
         ctx.clone(),
     )
     .for_each(|_| async {});
-    let runs = training_run::controller(client, &stores);
+    let runs = training_run::controller(client, wakes);
     let _ = scraped.set((stores, runs.store()));
     ctx.metrics.set_readiness(Readiness::Ready);
     let runs = runs

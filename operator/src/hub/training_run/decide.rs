@@ -22,8 +22,13 @@ use crate::hub::children::{self, ExchangeSettings, GroupChildren, GroupSettings}
 use crate::k8s::{condition, condition_true, member_namespace, reason, set_condition};
 use crate::placement::{self, Plan, Unschedulable};
 
-/// How often a live run is looked at again (its exchange polled for progress).
-pub const POLL: Duration = Duration::from_secs(2);
+/// How often a live run is looked at again without a change. Its exchange's progress,
+/// Service, pod, TrainerGroups and members wake it as they change; this only repairs what
+/// a lost wake-up (or an edit nothing watches) would leave behind.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a run that waits for capacity looks again: a member's room grows without
+/// any event that names the run.
+pub const CAPACITY_POLL: Duration = Duration::from_secs(5);
 /// Restarts after which an exchange that keeps crashing fails its run.
 pub const EXCHANGE_MAX_RESTARTS: u32 = 5;
 
@@ -249,7 +254,7 @@ pub fn decide(o: &Observed) -> Decision {
             &mut d,
             "waiting for the exchange Service's load-balancer address",
         );
-        return d.finish(Some(POLL));
+        return d.finish(Some(RESYNC));
     };
     let endpoint = format!("http://{address}:{}", children::EXCHANGE_PORT);
     let settings = GroupSettings {
@@ -412,7 +417,7 @@ fn unschedulable(mut d: Draft, why: Unschedulable) -> Decision {
     d.note_once(condition::READY, true, reason::UNSCHEDULABLE, &message);
     d.condition(condition::READY, false, reason::UNSCHEDULABLE, message);
     d.phase(Phase::Pending);
-    d.finish(Some(Duration::from_secs(5)))
+    d.finish(Some(CAPACITY_POLL))
 }
 
 /// Already running but short of capacity: keep every peer whose member is still Ready
@@ -523,7 +528,7 @@ fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
         } else {
             starting(&mut d, "waiting for the exchange to answer");
         }
-        return d.finish(Some(POLL));
+        return d.finish(Some(RESYNC));
     };
     if state.done {
         let message = format!("trained {} rounds", d.status.round);
@@ -570,7 +575,7 @@ fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
     );
     d.condition(condition::READY, true, reason::RUNNING, message);
     d.phase(Phase::Running);
-    d.finish(Some(POLL))
+    d.finish(Some(RESYNC))
 }
 
 /// Keeps the running exchange's settings equal to the spec's, so that edits to the run's

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -20,16 +20,15 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
-use starling_trainer::exchange::{Settings, proto};
+use starling_trainer::exchange::Settings;
 
 use super::children::{OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name};
-use super::{Context, Error, Stores, publish};
+use super::{Context, Error, publish};
 use crate::api::{MemberCluster, TrainerGroup, TrainingRun, TrainingRunStatus};
 use crate::contract;
 use crate::k8s::{
-    COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER,
-    condition, condition_true, ignore_not_found, reason,
+    LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, condition, condition_true,
+    ignore_not_found, reason,
 };
 use decide::{Decision, ExchangeObserved, GroupRef, Observed, PodHealth};
 
@@ -37,19 +36,15 @@ const FINALIZER: &str = "starling.dev/cleanup";
 /// Runs reconciled at once.
 const RECONCILES: u16 = 16;
 
-/// The controller, woken by its runs, their TrainerGroups (the agents' reports), their
-/// exchange pods and Services, and members turning Ready or not Ready (the runs with
-/// peers there).
-pub fn controller(client: &Client, stores: &Stores) -> Controller<TrainingRun> {
-    let run_of_group = |g: TrainerGroup| {
-        Some(ObjectRef::new(&g.spec.run_ref.name).within(&g.spec.run_ref.namespace))
-    };
-    let run_of_pod = |p: Pod| {
-        let labels = p.labels();
-        Some(ObjectRef::new(labels.get(LABEL_RUN)?).within(labels.get(LABEL_RUN_NAMESPACE)?))
-    };
-    let exchange =
-        watcher::Config::default().labels(&format!("{LABEL_COMPONENT}={COMPONENT_EXCHANGE}"));
+/// The controller, woken by its runs and by `wakes`: the stores' reflectors (a run's
+/// TrainerGroups, exchange pod and Service, a member it uses turning Ready or not; see
+/// [`concerned_by_labels`], [`concerned_by_group`], [`runs_on_flipped_member`]) and the
+/// exchange watches. The stores are updated before their wake-ups are sent, so a
+/// reconcile always sees what woke it.
+pub fn controller(
+    client: &Client,
+    wakes: impl futures::Stream<Item = ObjectRef<TrainingRun>> + Send + 'static,
+) -> Controller<TrainingRun> {
     Controller::new(
         Api::<TrainingRun>::all(client.clone()),
         watcher::Config::default(),
@@ -57,28 +52,33 @@ pub fn controller(client: &Client, stores: &Stores) -> Controller<TrainingRun> {
     // Bounded, so a thousand runs waking at once queue here instead of opening a
     // thousand connections to the API server.
     .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILES))
-    .watches(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        run_of_group,
-    )
-    .watches(Api::all(client.clone()), exchange.clone(), run_of_pod)
-    .owns(Api::<Service>::all(client.clone()), exchange)
-    .watches(
-        Api::<MemberCluster>::all(client.clone()),
-        watcher::Config::default(),
-        runs_on_flipped_member(stores.groups.clone()),
-    )
+    .reconcile_on(wakes)
+}
+
+/// The run an object labelled as one of a run's children belongs to (its exchange pod
+/// and Service).
+pub fn concerned_by_labels<K: kube::Resource>(object: &K) -> Vec<ObjectRef<TrainingRun>> {
+    let labels = object.labels();
+    match (labels.get(LABEL_RUN), labels.get(LABEL_RUN_NAMESPACE)) {
+        (Some(name), Some(ns)) => vec![ObjectRef::new(name).within(ns)],
+        _ => vec![],
+    }
+}
+
+/// The run a TrainerGroup places peers for.
+pub fn concerned_by_group(group: &TrainerGroup) -> Vec<ObjectRef<TrainingRun>> {
+    let run = &group.spec.run_ref;
+    vec![ObjectRef::new(&run.name).within(&run.namespace)]
 }
 
 /// Maps a MemberCluster event to the runs with peers on it, only when its readiness
 /// changed: heartbeats rewrite a member's status every few seconds and must not wake
 /// every run on it each time.
-fn runs_on_flipped_member(
+pub fn runs_on_flipped_member(
     groups: Store<TrainerGroup>,
-) -> impl Fn(MemberCluster) -> Vec<ObjectRef<TrainingRun>> + Send + Sync + 'static {
+) -> impl Fn(&MemberCluster) -> Vec<ObjectRef<TrainingRun>> + Send + Sync + 'static {
     let readiness: std::sync::Mutex<HashMap<String, bool>> = Default::default();
-    move |member: MemberCluster| {
+    move |member: &MemberCluster| {
         let ready = member
             .status
             .as_ref()
@@ -92,15 +92,9 @@ fn runs_on_flipped_member(
             .state()
             .iter()
             .filter(|g| g.spec.member == name)
-            .map(|g| ObjectRef::new(&g.spec.run_ref.name).within(&g.spec.run_ref.namespace))
+            .flat_map(|g| concerned_by_group(g))
             .collect()
     }
-}
-
-/// A cached connection to a run's exchange.
-pub struct ExchangeConnection {
-    url: String,
-    client: ExchangeClient,
 }
 
 #[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default()))]
@@ -154,7 +148,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         now: Timestamp::now(),
         default_image: &ctx.config.trainer_image,
         credentials: credentials(ctx, run),
-        exchange: observe_exchange(ctx, run).await,
+        exchange: observe_exchange(ctx, run),
         members: &members,
         groups: &groups,
     };
@@ -207,7 +201,7 @@ fn credentials(ctx: &Context, run: &TrainingRun) -> Option<BTreeMap<String, Stri
 }
 
 /// The exchange's address, pod health and, if it answers, its state.
-async fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved {
+fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved {
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let address = ctx
@@ -229,11 +223,15 @@ async fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved 
         .as_ref()
         .and_then(|s| s.phase)
         .is_some_and(|p| p.is_terminal());
-    let state = match (&address, credentials(ctx, run)) {
-        (Some(host), Some(tokens)) if !finished => match tokens.get(OPERATOR_TOKEN_KEY) {
-            Some(token) => poll_exchange(ctx, &uid, host, token).await,
-            None => None,
-        },
+    if finished {
+        ctx.exchanges.forget(&uid);
+    }
+    let token = credentials(ctx, run).and_then(|mut t| t.remove(OPERATOR_TOKEN_KEY));
+    let state = match (&address, token) {
+        (Some(host), Some(token)) if !finished => {
+            let url = format!("http://{host}:{}", super::children::EXCHANGE_PORT);
+            ctx.exchanges.state(run, &url, &token)
+        }
         _ => None,
     };
     ExchangeObserved {
@@ -334,63 +332,16 @@ async fn cleanup(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     for g in &ours {
         delete_group(ctx, g).await?;
     }
-    ctx.exchanges.lock().await.remove(&uid);
+    ctx.exchanges.forget(&uid);
     let note = format!("removed {} trainer group(s)", ours.len());
     publish(ctx, run, false, reason::DELETED, &note, "Delete").await;
     Ok(Action::await_change())
 }
 
-/// The exchange's view of the run, or `None` while it does not answer.
-async fn poll_exchange(
-    ctx: &Context,
-    uid: &str,
-    host: &str,
-    token: &str,
-) -> Option<proto::RunState> {
-    let endpoint = format!("http://{host}:{}", super::children::EXCHANGE_PORT);
-    let client = {
-        let mut exchanges = ctx.exchanges.lock().await;
-        let stale = exchanges.get(uid).is_none_or(|c| c.url != endpoint);
-        if stale {
-            let client = ExchangeClient::new(ClientOptions {
-                url: endpoint.clone(),
-                token: token.into(),
-                bandwidth_mbps: None,
-                // One attempt: the next look is soon, and a reconcile must not wait on it.
-                retry_for: Duration::ZERO,
-                tls_ca: None,
-                // Only peers' joins and updates are checked against the run's fingerprint.
-                fingerprint: String::new(),
-            })
-            .ok()?;
-            let connection = ExchangeConnection {
-                url: endpoint,
-                client,
-            };
-            exchanges.insert(uid.into(), connection);
-        }
-        exchanges.get(uid)?.client.clone()
-    };
-    match tokio::time::timeout(Duration::from_secs(3), client.run_state()).await {
-        Ok(Ok(state)) => Some(state),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "exchange not answering");
-            None
-        }
-        Err(_) => None,
-    }
-}
-
 /// Puts `settings` in force in the run's exchange, through the connection the
 /// observation used (the decision asks only after the exchange answered).
 async fn configure_exchange(ctx: &Context, uid: &str, settings: Settings) -> Result<(), Error> {
-    let client = ctx
-        .exchanges
-        .lock()
-        .await
-        .get(uid)
-        .map(|c| c.client.clone());
-    let Some(client) = client else {
+    let Some(client) = ctx.exchanges.client(uid) else {
         return Ok(()); // Forgotten meanwhile (the run is going away).
     };
     let answer = tokio::time::timeout(Duration::from_secs(3), client.configure(settings));

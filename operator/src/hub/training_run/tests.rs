@@ -3,15 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use starling_trainer::exchange::proto;
 
-use super::decide::{Decision, ExchangeObserved, Observed, POLL, PodHealth, decide};
+use super::decide::{
+    CAPACITY_POLL, Decision, ExchangeObserved, Observed, PodHealth, RESYNC, decide,
+};
 use crate::api::{
     MemberCluster, MemberClusterStatus, PeerState, Phase, PodState, TrainerGroup,
     TrainerGroupStatus, TrainingRun, TrainingRunStatus,
@@ -287,7 +289,7 @@ fn the_exchange_comes_first_and_peers_wait_for_its_address() {
     assert_eq!(service.name_any(), "shakespeare-exchange");
     assert!(d.children.groups.is_empty());
     assert_eq!(condition(&d, "Ready").1, "ExchangeStarting");
-    assert_eq!(d.requeue, Some(POLL));
+    assert_eq!(d.requeue, Some(RESYNC));
 }
 
 #[test]
@@ -430,7 +432,7 @@ fn a_placed_run_waits_for_its_exchange_to_answer() {
         !reasons(&d).contains(&"Placed"),
         "placed before: not announced again"
     );
-    assert_eq!(d.requeue, Some(POLL));
+    assert_eq!(d.requeue, Some(RESYNC));
 }
 
 #[test]
@@ -664,7 +666,7 @@ fn an_exchange_that_stops_answering_degrades_a_running_run_but_keeps_its_progres
     assert_eq!(d.status.round, 4);
     assert_eq!(condition(&d, "Degraded").1, "ExchangeUnreachable");
     assert_eq!(reasons(&d), vec!["ExchangeUnreachable"]);
-    assert_eq!(d.requeue, Some(POLL));
+    assert_eq!(d.requeue, Some(RESYNC));
 }
 
 #[test]
@@ -888,10 +890,58 @@ fn a_home_members_trainers_are_capped_at_its_declared_upload() {
 }
 
 #[test]
-fn the_next_look_comes_sooner_while_waiting_than_when_done() {
+fn only_a_run_waiting_for_capacity_looks_again_on_a_clock() {
     let mut case = Case::new(run());
     case.members = vec![];
-    assert_eq!(case.decide().requeue, Some(Duration::from_secs(5)));
+    assert_eq!(case.decide().requeue, Some(CAPACITY_POLL));
+    // Placed, training, waiting for its exchange: woken by what changes, resynced rarely.
     case.members = three_clouds();
-    assert_eq!(case.decide().requeue, Some(POLL));
+    assert_eq!(case.decide().requeue, Some(RESYNC));
+    case.groups = placed(&case.run, &case.members);
+    case.exchange = exchange(Some(state(4, false)));
+    let running = case.decide();
+    assert_eq!(running.requeue, Some(RESYNC));
+    case.exchange = exchange(Some(state(12, true)));
+    assert_eq!(again(&mut case, &running).requeue, None);
+}
+
+#[test]
+fn every_child_that_wakes_its_run_names_it() {
+    let case = Case::new(run());
+    let d = case.decide();
+    let me = vec![ObjectRef::from_obj(&case.run)];
+    let (deployment, service) = d.children.exchange.as_ref().unwrap();
+    let template = deployment.spec.template.metadata.clone();
+    let pod = k8s_openapi::api::core::v1::Pod {
+        metadata: template.unwrap(),
+        ..Default::default()
+    };
+    assert_eq!(super::concerned_by_labels(service), me);
+    assert_eq!(super::concerned_by_labels(&pod), me);
+    assert!(!d.children.groups.is_empty());
+    for child in &d.children.groups {
+        assert_eq!(super::concerned_by_group(&child.group), me);
+    }
+}
+
+#[test]
+fn a_heartbeat_wakes_no_run_but_a_member_turning_unready_wakes_the_runs_there() {
+    let case = Case::new(run());
+    let (groups, mut writer) = kube::runtime::reflector::store();
+    for g in placed(&case.run, &case.members) {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply((*g).clone()));
+    }
+    let wakes = super::runs_on_flipped_member(groups);
+    let me = vec![ObjectRef::from_obj(&case.run)];
+    assert_eq!(wakes(&member("cloud-a", "cloud", true)), me, "first seen");
+    assert!(
+        wakes(&member("cloud-a", "cloud", true)).is_empty(),
+        "a heartbeat"
+    );
+    assert_eq!(wakes(&member("cloud-a", "cloud", false)), me, "dark");
+    assert!(
+        wakes(&member("cloud-z", "cloud", false)).is_empty(),
+        "no peers there"
+    );
+    assert_eq!(wakes(&member("cloud-a", "cloud", true)), me, "back");
 }
