@@ -33,6 +33,9 @@ pub const LABEL_RUN_UID: &str = "starling.dev/run-uid";
 pub const LABEL_MEMBER: &str = "starling.dev/member";
 pub const LABEL_GROUP: &str = "starling.dev/group";
 pub const LABEL_PEER: &str = "starling.dev/peer";
+/// On a trainer pod: a hash of the spec it was made from, so that a pod made from an
+/// older TrainerGroup template (a new image, say) is told apart and replaced.
+pub const ANNOTATION_TEMPLATE_HASH: &str = "starling.dev/template-hash";
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// `app.kubernetes.io/component` of a run's exchange (Deployment, Pods, Service).

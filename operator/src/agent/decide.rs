@@ -17,7 +17,7 @@ use starling_trainer::env as names;
 
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
-use crate::k8s::{LABEL_MANAGED_BY, LABEL_MEMBER};
+use crate::k8s::{ANNOTATION_TEMPLATE_HASH, LABEL_MANAGED_BY, LABEL_MEMBER};
 
 /// Where the agent puts things: its member's name and its trainer namespace.
 #[derive(Clone, Copy, Debug)]
@@ -99,9 +99,9 @@ fn phase(pod: &Pod) -> Option<&str> {
     pod.status.as_ref()?.phase.as_deref()
 }
 
-/// One pod per peer of the group. A failed pod is deleted and, once it is gone, created
-/// afresh; a pod being deleted is left to finish. Pods wait for the group's credentials,
-/// which they read their token from.
+/// One pod per peer of the group. A failed pod, or one made from another template, is
+/// deleted and, once it is gone, created afresh; a pod being deleted is left to finish.
+/// Pods wait for the group's credentials, which they read their token from.
 pub fn decide(observed: &Observed, site: &Site) -> Plan {
     let group = &observed.group;
     let name = group.name_any();
@@ -118,8 +118,14 @@ pub fn decide(observed: &Observed, site: &Site) -> Plan {
         .collect();
     let mut plan = Plan::default();
     for (existing_name, pod) in &existing {
-        let unwanted = !wanted.contains_key(existing_name);
-        if !terminating(&pod.metadata) && (unwanted || phase(pod) == Some("Failed")) {
+        let replace = match wanted.get(existing_name) {
+            None => true,
+            Some(peer) => {
+                phase(pod) == Some("Failed")
+                    || outdated(pod, &trainer_pod(group, existing_name, *peer, site))
+            }
+        };
+        if replace && !terminating(&pod.metadata) {
             plan.delete.push(Deletion::of(&pod.metadata));
         }
     }
@@ -250,29 +256,50 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     if let Some(mbps) = t.upload_limit_mbps {
         env.push(env_value(names::BANDWIDTH_MBPS, mbps.to_string()));
     }
+    let spec = PodSpec {
+        restart_policy: Some("OnFailure".into()),
+        node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
+        tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
+        containers: vec![Container {
+            name: "trainer".into(),
+            image: Some(t.image.clone()),
+            args: Some(t.args.clone()),
+            env: Some(env),
+            resources: t.resources.clone(),
+            ..Container::default()
+        }],
+        ..PodSpec::default()
+    };
+    let hash = template_hash(&spec);
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(site.namespace.into()),
             labels: Some(labels),
+            annotations: Some(BTreeMap::from([(ANNOTATION_TEMPLATE_HASH.into(), hash)])),
             ..ObjectMeta::default()
         },
-        spec: Some(PodSpec {
-            restart_policy: Some("OnFailure".into()),
-            node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
-            tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
-            containers: vec![Container {
-                name: "trainer".into(),
-                image: Some(t.image.clone()),
-                args: Some(t.args.clone()),
-                env: Some(env),
-                resources: t.resources.clone(),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
+        spec: Some(spec),
         ..Pod::default()
     }
+}
+
+/// Whether `pod` was made from another template than `wanted`. A pod that carries no
+/// hash (made by an older agent) is left alone: an agent upgrade alone must not restart
+/// every trainer.
+fn outdated(pod: &Pod, wanted: &Pod) -> bool {
+    let hash = |p: &Pod| p.annotations().get(ANNOTATION_TEMPLATE_HASH).cloned();
+    hash(pod).is_some_and(|h| Some(h) != hash(wanted))
+}
+
+/// A hash of a pod spec that stays the same across agent builds and versions (FNV-1a
+/// over its JSON form), unlike `std`'s hasher.
+fn template_hash(spec: &PodSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let hash = json.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// One line per wanted peer, as its pod last reported (`Pending` while it has none).

@@ -234,6 +234,36 @@ fn the_agent_decides_only_what_differs() {
 }
 
 #[test]
+fn a_pod_made_from_another_template_is_replaced_and_a_current_one_kept() {
+    let made: Vec<Pod> = decide(&observed(&[0, 1], vec![]), &SITE)
+        .create
+        .into_iter()
+        .map(|mut pod| {
+            pod.metadata.uid = Some(format!("uid-{}", pod.name_any()));
+            pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: Some("Running".into()),
+                ..Default::default()
+            });
+            pod
+        })
+        .collect();
+    let current = observed(&[0, 1], made.clone());
+    assert_eq!(
+        calls(&decide(&current, &SITE)),
+        expect(&[], &[], false, false)
+    );
+    let mut group = (*current.group).clone();
+    group.spec.template.image = "starling-trainer:v2".into();
+    let changed = Observed {
+        group: Arc::new(group),
+        ..current
+    };
+    let plan = decide(&changed, &SITE);
+    assert_eq!(calls(&plan), expect(&[], &["g-p0", "g-p1"], false, false));
+    assert_eq!(plan.delete[0].uid.as_deref(), Some("uid-g-p0"));
+}
+
+#[test]
 fn deletions_are_pinned_to_the_observed_pod() {
     let observed = observed(&[0], vec![pod(0, Some("Failed"), false)]);
     let plan = decide(&observed, &SITE);
