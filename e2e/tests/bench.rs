@@ -42,6 +42,19 @@ async fn bench_operator_reports_sane_numbers() {
         (by_request - report.steady_requests_per_s).abs() < 0.1,
         "{report:?}"
     );
+    // A fleet at rest costs the leader's Lease and nothing per run.
+    assert!(
+        report
+            .steady_by_request
+            .keys()
+            .all(|k| k.ends_with(" leases")),
+        "{report:?}"
+    );
+    let per_run: f64 = report.placement_requests_per_run.values().sum();
+    assert!(
+        (per_run * 3.0 - report.placement_requests as f64).abs() < 0.1,
+        "{report:?}"
+    );
     // Every run spreads 3 peers over 4 members, so the busiest member hosts them all.
     assert_eq!(report.replaced_runs, 3, "{report:?}");
     let (p50, p99) = (

@@ -87,17 +87,6 @@ impl Hub {
         }
         Ok(())
     }
-
-    /// Requests the operator has made so far.
-    pub fn operator_requests(&self) -> u64 {
-        self.running
-            .server
-            .request_counts()
-            .iter()
-            .filter(|(k, _)| k.user == OPERATOR_USER)
-            .map(|(_, n)| n)
-            .sum()
-    }
 }
 
 /// Members whose heartbeats have stopped.

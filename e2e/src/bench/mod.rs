@@ -43,6 +43,10 @@ pub struct BenchOptions {
     /// Runs being created at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Runs created per second, as a fleet receives them; 0 creates them as fast as
+    /// `--concurrency` allows (a burst, which measures throughput rather than latency).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// Each member's `maxTrainers`; unset is twice an even share of the peers (at least
     /// 3), so runs spread over the fleet and capacity never blocks placement.
     #[arg(long)]
@@ -111,6 +115,8 @@ pub struct Report {
     pub max_trainers: u32,
     pub peers_per_run: usize,
     pub concurrency: usize,
+    /// Runs created per second; 0 for a burst.
+    pub rate: f64,
     pub heartbeat_seconds: u64,
     pub heartbeat_grace_seconds: u64,
     /// Seconds to send every create.
@@ -121,6 +127,8 @@ pub struct Report {
     pub place_max_ms: f64,
     /// Operator requests from the first create until every run was placed.
     pub placement_requests: u64,
+    /// The same, per run and by `VERB resource`.
+    pub placement_requests_per_run: BTreeMap<String, f64>,
     pub steady_window_s: u64,
     /// Operator requests per second once everything is placed and nothing changes
     /// (heartbeats go on).
@@ -300,13 +308,15 @@ async fn measure(
         max_trainers: opts.max_trainers(),
         peers_per_run: PEERS,
         concurrency: opts.concurrency,
+        rate: opts.rate,
         heartbeat_seconds: opts.heartbeat_seconds,
         heartbeat_grace_seconds: opts.heartbeat_grace,
         create_s: placement.create_s,
         place_p50_ms: placement.p50_ms,
         place_p99_ms: placement.p99_ms,
         place_max_ms: placement.max_ms,
-        placement_requests: placement.requests,
+        placement_requests: placement.requests.values().sum(),
+        placement_requests_per_run: per(&placement.requests, opts.runs as f64),
         steady_window_s: opts.window_seconds,
         steady_requests_per_s: steady_rate,
         steady_by_request,
@@ -377,7 +387,7 @@ struct Placement {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
-    requests: u64,
+    requests: BTreeMap<String, u64>,
 }
 
 /// Creates every run, `concurrency` at a time, in the background.
@@ -389,11 +399,15 @@ fn create_runs(
 ) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
     let api: Api<TrainingRun> = Api::namespaced(hub.client.clone(), NAMESPACE);
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
-    let (runs, tracker) = (opts.runs, tracker.clone());
+    let (runs, rate, tracker) = (opts.runs, opts.rate, tracker.clone());
     tokio::spawn(async move {
         let started = Instant::now();
         let mut creates = tokio::task::JoinSet::new();
         for i in 0..runs {
+            if rate > 0.0 {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
             let permit = limit.clone().acquire_owned().await?;
             let (api, tracker, created) = (api.clone(), tracker.clone(), created.clone());
             creates.spawn(async move {
@@ -429,7 +443,7 @@ async fn place_runs(
     tracker: &Shared,
     operator: &mut Operator,
 ) -> anyhow::Result<Placement> {
-    let requests_before = hub.operator_requests();
+    let requests_before = operator_requests(hub);
     let created = Arc::new(AtomicUsize::new(0));
     let mut creating = create_runs(opts, hub, tracker, created.clone());
     let mut create_s = None;
@@ -469,35 +483,50 @@ async fn place_runs(
         p50_ms: p(50.0),
         p99_ms: p(99.0),
         max_ms: p(100.0),
-        requests: hub.operator_requests() - requests_before,
+        requests: since(&requests_before, &operator_requests(hub)),
     })
+}
+
+/// The operator's requests so far, by `VERB resource`.
+fn operator_requests(hub: &Hub) -> BTreeMap<String, u64> {
+    let mut by = BTreeMap::new();
+    for (k, n) in hub.running.server.request_counts() {
+        if k.user == OPERATOR_USER {
+            *by.entry(format!("{} {}", k.verb, k.resource)).or_default() += n;
+        }
+    }
+    by
+}
+
+/// Requests made between two counts, leaving out kinds that saw none.
+fn since(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, n)| (k.clone(), n - before.get(k).copied().unwrap_or_default()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Each count divided by `by`, to two decimals.
+fn per(counts: &BTreeMap<String, u64>, by: f64) -> BTreeMap<String, f64> {
+    counts
+        .iter()
+        .map(|(k, n)| (k.clone(), (*n as f64 / by * 100.0).round() / 100.0))
+        .collect()
 }
 
 /// The operator's requests per second over `seconds`, in all and by `VERB resource`.
 async fn steady_requests(hub: &Hub, seconds: u64) -> (f64, BTreeMap<String, f64>) {
-    let operator_counts = || -> BTreeMap<String, u64> {
-        let mut by = BTreeMap::new();
-        for (k, n) in hub.running.server.request_counts() {
-            if k.user == OPERATOR_USER {
-                *by.entry(format!("{} {}", k.verb, k.resource)).or_default() += n;
-            }
-        }
-        by
-    };
-    let before = operator_counts();
+    let before = operator_requests(hub);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let after = operator_counts();
+    let made = since(&before, &operator_requests(hub));
     let elapsed = started.elapsed().as_secs_f64();
-    let rate = |n: u64| (n as f64 / elapsed * 100.0).round() / 100.0;
-    let by_request: BTreeMap<String, f64> = after
-        .iter()
-        .map(|(k, n)| (k, n - before.get(k).copied().unwrap_or_default()))
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k.clone(), rate(n)))
-        .collect();
-    let total = after.values().sum::<u64>() - before.values().sum::<u64>();
-    (rate(total), by_request)
+    let total = made.values().sum::<u64>() as f64;
+    (
+        (total / elapsed * 100.0).round() / 100.0,
+        per(&made, elapsed),
+    )
 }
 
 struct Replacement {
@@ -577,7 +606,7 @@ pub fn summary(r: &Report) -> String {
     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
     let mut out = format!(
         "operator benchmark: {} runs x {} members ({} peers each, maxTrainers {})\n\
-         created in           {:.2} s ({} at a time)\n\
+         created in           {:.2} s ({} at a time, {})\n\
          create -> placed     p50 {:.0} ms   p99 {:.0} ms   max {:.0} ms\n\
          placement requests   {} ({:.1} per run)\n\
          steady requests/s    {:.2} (over {} s; heartbeats every {} s go on)\n",
@@ -587,6 +616,11 @@ pub fn summary(r: &Report) -> String {
         r.max_trainers,
         r.create_s,
         r.concurrency,
+        if r.rate > 0.0 {
+            format!("{} runs/s", r.rate)
+        } else {
+            "a burst".into()
+        },
         r.place_p50_ms,
         r.place_p99_ms,
         r.place_max_ms,
@@ -598,6 +632,10 @@ pub fn summary(r: &Report) -> String {
     );
     for (request, rate) in &r.steady_by_request {
         out += &format!("    {rate:>9.2}/s  {request}\n");
+    }
+    out += "placement requests, per run:\n";
+    for (request, n) in &r.placement_requests_per_run {
+        out += &format!("    {n:>9.2}    {request}\n");
     }
     out += &format!(
         "member {} dark     Ready=False after {:.0} ms (grace {} s); {} runs had a peer there\n\
