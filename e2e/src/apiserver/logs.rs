@@ -9,6 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 
 use super::ApiServer;
 use super::error::ApiError;
@@ -17,32 +18,14 @@ use super::http::param;
 /// The query parameters passed on to the kubelet.
 const PASSED_ON: &[&str] = &["follow", "tailLines", "limitBytes"];
 
+/// Answers `GET .../pods/<name>/log` with what the kubelet of the pod's node says.
 pub async fn pod_log(
     server: &ApiServer,
     namespace: &str,
     name: &str,
     q: &[(String, String)],
 ) -> Result<Response, ApiError> {
-    let (container, address) = {
-        let store = server.store();
-        let pod = store
-            .get_raw("", "pods", namespace, name)
-            .ok_or_else(|| ApiError::not_found("pods", name))?;
-        let container = container(pod, name, param(q, "container"))?;
-        let node = pod["spec"]["nodeName"]
-            .as_str()
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("pod {name} does not have a host assigned"))
-            })?
-            .to_owned();
-        let address = store
-            .get_raw("", "nodes", "", &node)
-            .and_then(kubelet_address)
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("node {node} has no kubelet endpoint to ask"))
-            })?;
-        (container, address)
-    };
+    let (container, address) = locate(server, namespace, name, param(q, "container"))?;
     if matches!(param(q, "previous"), Some("true" | "1")) {
         return Err(ApiError::bad_request(format!(
             "previous terminated container \"{container}\" in pod \"{name}\" not found"
@@ -57,12 +40,47 @@ pub async fn pod_log(
         "/containerLogs/{namespace}/{name}/{container}?{}",
         passed.join("&")
     );
+    let body = ask_kubelet(&address, &path).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from_stream(forward(body)))
+        .expect("a valid response"))
+}
+
+/// The pod's container whose log is asked for, and the `address:port` of the kubelet
+/// of the node it runs on.
+fn locate(
+    server: &ApiServer,
+    namespace: &str,
+    name: &str,
+    asked: Option<&str>,
+) -> Result<(String, String), ApiError> {
+    let store = server.store();
+    let pod = store
+        .get_raw("", "pods", namespace, name)
+        .ok_or_else(|| ApiError::not_found("pods", name))?;
+    let container = container(pod, name, asked)?;
+    let node = pod["spec"]["nodeName"]
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?
+        .to_owned();
+    let address = store
+        .get_raw("", "nodes", "", &node)
+        .and_then(kubelet_address)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("node {node} has no kubelet endpoint to ask"))
+        })?;
+    Ok((container, address))
+}
+
+/// Sends `GET path` to the kubelet at `address`: the connection, read up to the body of
+/// its answer, or the kubelet's own words as a 400 when it answers anything but 200.
+async fn ask_kubelet(address: &str, path: &str) -> Result<BufReader<TcpStream>, ApiError> {
     let unreachable = |e: std::io::Error| {
         ApiError::bad_request(format!("the kubelet at {address} did not answer: {e}"))
     };
-    let stream = tokio::net::TcpStream::connect(&address)
-        .await
-        .map_err(unreachable)?;
+    let stream = TcpStream::connect(address).await.map_err(unreachable)?;
     let mut stream = BufReader::new(stream);
     // HTTP/1.0: the kubelet answers with a body that ends when the connection does.
     let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
@@ -71,8 +89,20 @@ pub async fn pod_log(
         .write_all(request.as_bytes())
         .await
         .map_err(unreachable)?;
+    let status = read_head(&mut stream).await.map_err(unreachable)?;
+    if status != 200 {
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text).await;
+        return Err(ApiError::bad_request(text.trim().to_owned()));
+    }
+    Ok(stream)
+}
+
+/// Reads an HTTP answer's status line and headers: its status code (502 when the line
+/// makes no sense), with `stream` left at the start of the body.
+async fn read_head(stream: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
     let mut line = String::new();
-    stream.read_line(&mut line).await.map_err(unreachable)?;
+    stream.read_line(&mut line).await?;
     let status: u16 = line
         .split_whitespace()
         .nth(1)
@@ -80,21 +110,23 @@ pub async fn pod_log(
         .unwrap_or(502);
     loop {
         line.clear();
-        let n = stream.read_line(&mut line).await.map_err(unreachable)?;
+        let n = stream.read_line(&mut line).await?;
         if n == 0 || line == "\r\n" || line == "\n" {
-            break;
+            return Ok(status);
         }
     }
-    if status != 200 {
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text).await;
-        return Err(ApiError::bad_request(text.trim().to_owned()));
-    }
+}
+
+/// The rest of `body` as it arrives, copied by a task of its own until the kubelet
+/// closes the connection or the client goes away.
+fn forward(
+    mut body: BufReader<TcpStream>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<Bytes, Infallible>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(16);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            match stream.read(&mut buf).await {
+            match body.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     if tx
@@ -108,13 +140,7 @@ pub async fn pod_log(
             }
         }
     });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/plain")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .expect("a valid response"))
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The container asked for, or the pod's only one.

@@ -600,37 +600,10 @@ pub fn apply(
 ) -> Result<Value, ApiError> {
     let scope = Scope::of(t, part);
     let shape = Shape::root(t.schema.as_ref());
-    for field in ["apiVersion", "kind"] {
-        if !config[field].is_string() {
-            return Err(ApiError::bad_request(format!(
-                "invalid object: {field} is required in an apply configuration"
-            )));
-        }
-    }
-    if let Some(sent) = config["metadata"]["name"].as_str()
-        && sent != apply.name
-    {
-        return Err(ApiError::bad_request(format!(
-            "the name of the object ({sent}) does not match the name on the URL ({})",
-            apply.name
-        )));
-    }
+    check_config(&config, apply.name)?;
     let explicit_rv = config["metadata"]["resourceVersion"].clone();
     without_nulls(&mut config);
-    if let Some(fields) = config.as_object_mut() {
-        let kinds = (fields.remove("apiVersion"), fields.remove("kind"));
-        fields.retain(|top, _| top == "metadata" || scope.admits(top));
-        if let Some(meta) = fields.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.retain(|k, _| !SERVER_METADATA.contains(&k.as_str()));
-            if part == Part::Status {
-                meta.clear();
-            }
-        }
-        if let (Some(v), Some(k)) = kinds {
-            fields.insert("apiVersion".into(), v);
-            fields.insert("kind".into(), k);
-        }
-    }
+    trim_to_scope(&mut config, scope);
     let applied = Fields::of(&config, shape, scope);
     let base = match live {
         Some(l) => l.clone(),
@@ -640,18 +613,7 @@ pub fn apply(
     let mut entries = entries(&base);
     let mine = |e: &Entry| e.is(apply.manager, Operation::Apply, scope);
 
-    let mut conflicts: Vec<(usize, Path)> = vec![];
-    for path in applied.leaves() {
-        let was = lookup(&base, shape, path);
-        if was.is_none() || was == lookup(&config, shape, path) {
-            continue;
-        }
-        for (i, e) in entries.iter().enumerate() {
-            if !mine(e) && e.fields.touches(path) {
-                conflicts.push((i, path.clone()));
-            }
-        }
-    }
+    let conflicts = conflicts(&entries, &applied, &base, &config, shape, mine);
     if !conflicts.is_empty() && !apply.force {
         return Err(conflict_error(&entries, &conflicts));
     }
@@ -666,14 +628,7 @@ pub fn apply(
         .unwrap_or_default();
     let mut object = base;
     merge(&mut object, &config, shape);
-    let owned_by_others = |p: &Path| entries.iter().any(|e| !mine(e) && e.fields.touches(p));
-    for gone in previous.0.difference(&applied.0) {
-        if !applied.touches(gone) && !owned_by_others(gone) {
-            remove(&mut object, shape, gone, &|p| {
-                applied.touches(p) || owned_by_others(p)
-            });
-        }
-    }
+    remove_left_out(&mut object, shape, &previous, &applied, &entries, mine);
     own(
         &mut entries,
         apply.manager,
@@ -693,6 +648,94 @@ pub fn apply(
         }
     }
     Ok(object)
+}
+
+/// 400 unless the configuration names its apiVersion and kind, and (if it names one)
+/// the object on the URL.
+fn check_config(config: &Value, name: &str) -> Result<(), ApiError> {
+    for field in ["apiVersion", "kind"] {
+        if !config[field].is_string() {
+            return Err(ApiError::bad_request(format!(
+                "invalid object: {field} is required in an apply configuration"
+            )));
+        }
+    }
+    if let Some(sent) = config["metadata"]["name"].as_str()
+        && sent != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({sent}) does not match the name on the URL ({name})"
+        )));
+    }
+    Ok(())
+}
+
+/// Cuts the configuration to what the write may touch: top-level fields outside `scope`
+/// and the metadata the server sets go (a status apply keeps no metadata at all);
+/// apiVersion and kind stay.
+fn trim_to_scope(config: &mut Value, scope: Scope) {
+    let Some(fields) = config.as_object_mut() else {
+        return;
+    };
+    let kinds = (fields.remove("apiVersion"), fields.remove("kind"));
+    fields.retain(|top, _| top == "metadata" || scope.admits(top));
+    if let Some(meta) = fields.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.retain(|k, _| !SERVER_METADATA.contains(&k.as_str()));
+        if scope.part == Part::Status {
+            meta.clear();
+        }
+    }
+    if let (Some(v), Some(k)) = kinds {
+        fields.insert("apiVersion".into(), v);
+        fields.insert("kind".into(), k);
+    }
+}
+
+/// The applied fields whose value would change that other managers own, each with the
+/// index of the owner's entry. Setting a field to the value it already has is no
+/// conflict: the field becomes shared.
+fn conflicts(
+    entries: &[Entry],
+    applied: &Fields,
+    base: &Value,
+    config: &Value,
+    shape: Shape<'_>,
+    mine: impl Fn(&Entry) -> bool,
+) -> Vec<(usize, Path)> {
+    let mut conflicts = vec![];
+    for path in applied.leaves() {
+        let was = lookup(base, shape, path);
+        if was.is_none() || was == lookup(config, shape, path) {
+            continue;
+        }
+        for (i, e) in entries.iter().enumerate() {
+            if !mine(e) && e.fields.touches(path) {
+                conflicts.push((i, path.clone()));
+            }
+        }
+    }
+    conflicts
+}
+
+/// Removes from `object` the fields the manager applied before (`previous`) but leaves
+/// out now, except where it still applies something under them or another manager owns
+/// them.
+fn remove_left_out(
+    object: &mut Value,
+    shape: Shape<'_>,
+    previous: &Fields,
+    applied: &Fields,
+    entries: &[Entry],
+    mine: impl Fn(&Entry) -> bool,
+) {
+    let owned_by_others = |p: &Path| entries.iter().any(|e| !mine(e) && e.fields.touches(p));
+    for gone in previous.0.difference(&applied.0) {
+        if !applied.touches(gone) && !owned_by_others(gone) {
+            remove(object, shape, gone, &|p| {
+                applied.touches(p) || owned_by_others(p)
+            });
+        }
+    }
 }
 
 /// 409 as a real server words it: `Apply failed with 1 conflict: conflict with

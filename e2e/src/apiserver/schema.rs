@@ -127,6 +127,7 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
+/// Prunes, defaults and checks `value`, at `path`, against its schema node `schema`.
 fn visit(schema: &Value, value: &mut Value, path: &str, out: &mut Admission) {
     if value.is_null() && schema["nullable"] == true {
         return;
@@ -139,126 +140,157 @@ fn visit(schema: &Value, value: &mut Value, path: &str, out: &mut Admission) {
         return;
     }
     match schema["type"].as_str() {
-        Some("object") => {
-            let Some(fields) = value.as_object_mut() else {
-                out.causes.push(type_error(path, value, "object"));
-                return;
-            };
-            let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
-            if let Some(properties) = schema["properties"].as_object() {
-                if !preserve {
-                    prune(fields, path, out, |k| properties.contains_key(k));
-                }
-                for (name, sub) in properties {
-                    visit_field(fields, name, sub, &join(path, name), out);
-                }
-            } else if let Some(additional) =
-                schema.get("additionalProperties").filter(|a| a.is_object())
-            {
-                for (name, v) in fields.iter_mut() {
-                    visit(additional, v, &join(path, name), out);
-                }
-            } else if !preserve {
-                prune(fields, path, out, |_| false);
-            }
-            required(schema, fields, path, out);
-        }
-        Some("array") => {
-            let Some(items) = value.as_array_mut() else {
-                out.causes.push(type_error(path, value, "array"));
-                return;
-            };
-            let n = items.len() as u64;
-            if let Some(min) = schema["minItems"].as_u64().filter(|m| n < *m) {
-                out.causes.push((
-                    path.into(),
-                    format!("Invalid value: {n}: must have at least {min} items"),
-                ));
-            }
-            if let Some(max) = schema["maxItems"].as_u64().filter(|m| n > *m) {
-                out.causes.push((
-                    path.into(),
-                    format!("Too many: {n}: must have at most {max} items"),
-                ));
-            }
-            for (i, item) in items.iter_mut().enumerate() {
-                visit(&schema["items"], item, &format!("{path}[{i}]"), out);
-            }
-        }
-        Some("string") => {
-            let Some(s) = value.as_str() else {
-                out.causes.push(type_error(path, value, "string"));
-                return;
-            };
-            let len = s.chars().count() as u64;
-            if let Some(min) = schema["minLength"].as_u64().filter(|m| len < *m) {
-                out.causes.push((
-                    path.into(),
-                    format!(
-                        "Invalid value: \"{s}\": {path} in body should be at least {min} chars long"
-                    ),
-                ));
-            }
-            if let Some(max) = schema["maxLength"].as_u64().filter(|m| len > *m) {
-                out.causes.push((
-                    path.into(),
-                    format!("Too long: may not be more than {max} bytes"),
-                ));
-            }
-            if let Some(pattern) = schema["pattern"].as_str()
-                && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
-            {
-                out.causes.push((
-                    path.into(),
-                    format!("Invalid value: \"{s}\": {path} in body should match '{pattern}'"),
-                ));
-            }
-            check_enum(schema, value, path, out);
-        }
-        Some(t @ ("integer" | "number")) => {
-            let ok = if t == "integer" {
-                value.is_i64() || value.is_u64()
-            } else {
-                value.is_number()
-            };
-            if !ok {
-                out.causes.push(type_error(path, value, t));
-                return;
-            }
-            let x = value.as_f64().unwrap_or_default();
-            let exclusive = |k: &str| schema[k] == true;
-            if let Some(min) = schema["minimum"].as_f64()
-                && (x < min || (exclusive("exclusiveMinimum") && x == min))
-            {
-                let op = if exclusive("exclusiveMinimum") {
-                    "greater than"
-                } else {
-                    "greater than or equal to"
-                };
-                out.causes.push((
-                    path.into(),
-                    format!("Invalid value: {value}: {path} in body should be {op} {min}"),
-                ));
-            }
-            if let Some(max) = schema["maximum"].as_f64()
-                && (x > max || (exclusive("exclusiveMaximum") && x == max))
-            {
-                let op = if exclusive("exclusiveMaximum") {
-                    "less than"
-                } else {
-                    "less than or equal to"
-                };
-                out.causes.push((
-                    path.into(),
-                    format!("Invalid value: {value}: {path} in body should be {op} {max}"),
-                ));
-            }
-            check_enum(schema, value, path, out);
-        }
+        Some("object") => visit_object(schema, value, path, out),
+        Some("array") => visit_array(schema, value, path, out),
+        Some("string") => visit_string(schema, value, path, out),
+        Some(t @ ("integer" | "number")) => visit_number(schema, value, t, path, out),
         Some("boolean") if !value.is_boolean() => {
             out.causes.push(type_error(path, value, "boolean"))
         }
         _ => check_enum(schema, value, path, out),
+    }
+}
+
+/// An object: its declared properties visited and the rest pruned (unless the schema
+/// preserves unknown fields), or, for a map, every entry against `additionalProperties`;
+/// then its required fields checked.
+fn visit_object(schema: &Value, value: &mut Value, path: &str, out: &mut Admission) {
+    let Some(fields) = value.as_object_mut() else {
+        out.causes.push(type_error(path, value, "object"));
+        return;
+    };
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    if let Some(properties) = schema["properties"].as_object() {
+        if !preserve {
+            prune(fields, path, out, |k| properties.contains_key(k));
+        }
+        for (name, sub) in properties {
+            visit_field(fields, name, sub, &join(path, name), out);
+        }
+    } else if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
+        for (name, v) in fields.iter_mut() {
+            visit(additional, v, &join(path, name), out);
+        }
+    } else if !preserve {
+        prune(fields, path, out, |_| false);
+    }
+    required(schema, fields, path, out);
+}
+
+/// A list: its length against `minItems`/`maxItems`, then every item against `items`.
+fn visit_array(schema: &Value, value: &mut Value, path: &str, out: &mut Admission) {
+    let Some(items) = value.as_array_mut() else {
+        out.causes.push(type_error(path, value, "array"));
+        return;
+    };
+    let n = items.len() as u64;
+    if let Some(min) = schema["minItems"].as_u64().filter(|m| n < *m) {
+        out.causes.push((
+            path.into(),
+            format!("Invalid value: {n}: must have at least {min} items"),
+        ));
+    }
+    if let Some(max) = schema["maxItems"].as_u64().filter(|m| n > *m) {
+        out.causes.push((
+            path.into(),
+            format!("Too many: {n}: must have at most {max} items"),
+        ));
+    }
+    for (i, item) in items.iter_mut().enumerate() {
+        visit(&schema["items"], item, &format!("{path}[{i}]"), out);
+    }
+}
+
+/// A string: its length (in characters) against `minLength`/`maxLength`, its `pattern`
+/// and its `enum`.
+fn visit_string(schema: &Value, value: &Value, path: &str, out: &mut Admission) {
+    let Some(s) = value.as_str() else {
+        out.causes.push(type_error(path, value, "string"));
+        return;
+    };
+    let len = s.chars().count() as u64;
+    if let Some(min) = schema["minLength"].as_u64().filter(|m| len < *m) {
+        out.causes.push((
+            path.into(),
+            format!("Invalid value: \"{s}\": {path} in body should be at least {min} chars long"),
+        ));
+    }
+    if let Some(max) = schema["maxLength"].as_u64().filter(|m| len > *m) {
+        out.causes.push((
+            path.into(),
+            format!("Too long: may not be more than {max} bytes"),
+        ));
+    }
+    if let Some(pattern) = schema["pattern"].as_str()
+        && regex::Regex::new(pattern).is_ok_and(|re| !re.is_match(s))
+    {
+        out.causes.push((
+            path.into(),
+            format!("Invalid value: \"{s}\": {path} in body should match '{pattern}'"),
+        ));
+    }
+    check_enum(schema, value, path, out);
+}
+
+/// A number of type `t` (`integer` or `number`): its type, its range and its `enum`.
+fn visit_number(schema: &Value, value: &Value, t: &str, path: &str, out: &mut Admission) {
+    let ok = if t == "integer" {
+        value.is_i64() || value.is_u64()
+    } else {
+        value.is_number()
+    };
+    if !ok {
+        out.causes.push(type_error(path, value, t));
+        return;
+    }
+    check_bound(schema, value, &MINIMUM, path, out);
+    check_bound(schema, value, &MAXIMUM, path, out);
+    check_enum(schema, value, path, out);
+}
+
+/// One end of a numeric range: its schema keywords, which side of the limit is out of
+/// it, and how a real server words what it wants.
+struct Bound {
+    limit: &'static str,
+    exclusive: &'static str,
+    beyond: fn(f64, f64) -> bool,
+    inclusive_op: &'static str,
+    exclusive_op: &'static str,
+}
+
+const MINIMUM: Bound = Bound {
+    limit: "minimum",
+    exclusive: "exclusiveMinimum",
+    beyond: |x, limit| x < limit,
+    inclusive_op: "greater than or equal to",
+    exclusive_op: "greater than",
+};
+
+const MAXIMUM: Bound = Bound {
+    limit: "maximum",
+    exclusive: "exclusiveMaximum",
+    beyond: |x, limit| x > limit,
+    inclusive_op: "less than or equal to",
+    exclusive_op: "less than",
+};
+
+/// A number against one end of its range (`minimum`, or `maximum`), honouring the
+/// schema's `exclusiveMinimum`/`exclusiveMaximum`.
+fn check_bound(schema: &Value, value: &Value, bound: &Bound, path: &str, out: &mut Admission) {
+    let x = value.as_f64().unwrap_or_default();
+    let exclusive = schema[bound.exclusive] == true;
+    if let Some(limit) = schema[bound.limit].as_f64()
+        && ((bound.beyond)(x, limit) || (exclusive && x == limit))
+    {
+        let op = if exclusive {
+            bound.exclusive_op
+        } else {
+            bound.inclusive_op
+        };
+        out.causes.push((
+            path.into(),
+            format!("Invalid value: {value}: {path} in body should be {op} {limit}"),
+        ));
     }
 }
 

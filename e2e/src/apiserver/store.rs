@@ -185,6 +185,24 @@ impl Store {
         validation: FieldValidation,
     ) -> Result<Value, ApiError> {
         check_type(t, &object)?;
+        let name = self.name_new(t, namespace, &mut object)?;
+        let k = key(t, namespace, &name);
+        self.check_vacant(t, namespace, &k, &name)?;
+        self.stamp_new(t, &mut object);
+        admit(t, &mut object, None, &name, validation)?;
+        self.record(&k, "ADDED", object.clone());
+        self.objects.insert(k, object.clone());
+        Ok(object)
+    }
+
+    /// The name a new object is created under: its own, or its `generateName` with a
+    /// suffix; its namespace is set to the URL's (and removed for cluster-scoped kinds).
+    fn name_new(
+        &self,
+        t: &ResourceType,
+        namespace: &str,
+        object: &mut Value,
+    ) -> Result<String, ApiError> {
         let meta = object
             .get_mut("metadata")
             .and_then(Value::as_object_mut)
@@ -201,22 +219,18 @@ impl Store {
             .unwrap_or("")
             .is_empty()
         {
-            match meta.get("generateName").and_then(Value::as_str) {
-                Some(prefix) => {
-                    let name = format!("{prefix}{:05x}", self.rv + 1);
-                    meta.insert("name".into(), json!(name));
-                }
-                None => {
-                    return Err(ApiError::invalid(
-                        &t.kind,
-                        "",
-                        vec![(
-                            "metadata.name".into(),
-                            "Required value: name or generateName is required".into(),
-                        )],
-                    ));
-                }
-            }
+            let Some(prefix) = meta.get("generateName").and_then(Value::as_str) else {
+                return Err(ApiError::invalid(
+                    &t.kind,
+                    "",
+                    vec![(
+                        "metadata.name".into(),
+                        "Required value: name or generateName is required".into(),
+                    )],
+                ));
+            };
+            let name = format!("{prefix}{:05x}", self.rv + 1);
+            meta.insert("name".into(), json!(name));
         }
         let name = meta["name"].as_str().unwrap_or_default().to_owned();
         if t.namespaced {
@@ -224,9 +238,20 @@ impl Store {
         } else {
             meta.remove("namespace");
         }
-        let k = key(t, namespace, &name);
-        if self.objects.contains_key(&k) {
-            return Err(ApiError::already_exists(&resource_name(t), &name));
+        Ok(name)
+    }
+
+    /// 409 when an object is already stored at `k`, 404 when the namespace it would be
+    /// created in does not exist.
+    fn check_vacant(
+        &self,
+        t: &ResourceType,
+        namespace: &str,
+        k: &Key,
+        name: &str,
+    ) -> Result<(), ApiError> {
+        if self.objects.contains_key(k) {
+            return Err(ApiError::already_exists(&resource_name(t), name));
         }
         if t.namespaced
             && !self.objects.contains_key(&(
@@ -238,27 +263,31 @@ impl Store {
         {
             return Err(ApiError::not_found("namespaces", namespace));
         }
+        Ok(())
+    }
+
+    /// Writes what only the server sets on a new object: a uid, its first
+    /// resourceVersion, creation time and generation (and no status, for a custom
+    /// resource).
+    fn stamp_new(&mut self, t: &ResourceType, object: &mut Value) {
         self.uids += 1;
         let rv = self.next_rv();
-        let meta = object["metadata"].as_object_mut().expect("checked above");
-        meta.insert(
-            "uid".into(),
-            json!(format!("00000000-0000-4000-8000-{:012x}", self.uids)),
-        );
-        meta.insert("resourceVersion".into(), json!(rv.to_string()));
-        meta.insert("creationTimestamp".into(), json!(now()));
-        meta.insert("generation".into(), json!(1));
-        meta.remove("deletionTimestamp");
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert(
+                "uid".into(),
+                json!(format!("00000000-0000-4000-8000-{:012x}", self.uids)),
+            );
+            meta.insert("resourceVersion".into(), json!(rv.to_string()));
+            meta.insert("creationTimestamp".into(), json!(now()));
+            meta.insert("generation".into(), json!(1));
+            meta.remove("deletionTimestamp");
+        }
         if t.status && !t.group.is_empty() {
             // A custom resource's status is set through the subresource only.
             if let Some(o) = object.as_object_mut() {
                 o.remove("status");
             }
         }
-        admit(t, &mut object, None, &name, validation)?;
-        self.record(&k, "ADDED", object.clone());
-        self.objects.insert(k, object.clone());
-        Ok(object)
     }
 
     /// Replaces an object (or, with [`Part::Status`], its status) with `object`, checking
@@ -279,98 +308,29 @@ impl Store {
             .get(&k)
             .cloned()
             .ok_or_else(|| ApiError::not_found(&resource_name(t), name))?;
-        if object["metadata"]["name"]
-            .as_str()
-            .is_some_and(|n| n != name)
-        {
-            return Err(ApiError::bad_request(format!(
-                "the name of the object ({}) does not match the name on the URL ({name})",
-                object["metadata"]["name"]
-            )));
-        }
-        if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
-            && rv
-                != current["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(&resource_name(t), name));
-        }
-        // What the caller may not change is taken from the stored object.
-        match part {
-            Part::Status => {
-                let status = object.get("status").cloned();
-                let managed = object["metadata"].get("managedFields").cloned();
-                object = current.clone();
-                match status {
-                    Some(s) => object["status"] = s,
-                    None => {
-                        object.as_object_mut().map(|o| o.remove("status"));
-                    }
-                }
-                match managed {
-                    Some(m) => object["metadata"]["managedFields"] = m,
-                    None => {
-                        object["metadata"]
-                            .as_object_mut()
-                            .map(|o| o.remove("managedFields"));
-                    }
-                }
-            }
-            Part::Main if t.status => match current.get("status") {
-                Some(s) => object["status"] = s.clone(),
-                None => {
-                    object.as_object_mut().map(|o| o.remove("status"));
-                }
-            },
-            Part::Main => {}
-        }
-        let meta = object
-            .get_mut("metadata")
-            .and_then(Value::as_object_mut)
-            .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
-        for fixed in [
-            "uid",
-            "creationTimestamp",
-            "deletionTimestamp",
-            "generation",
-            "namespace",
-        ] {
-            match current["metadata"].get(fixed) {
-                Some(v) => meta.insert(fixed.into(), v.clone()),
-                None => meta.remove(fixed),
-            };
-        }
-        meta.insert("name".into(), json!(name));
+        check_replaces(t, name, &object, &current)?;
+        keep_other_part(t, part, &mut object, &current);
+        keep_server_metadata(&mut object, &current, name)?;
         admit(t, &mut object, Some(&current), name, validation)?;
         // The generation counts changes to everything but metadata and status.
-        let spec_changed = strip(&current) != strip(&object);
-        if spec_changed {
+        if strip(&current) != strip(&object) {
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
             object["metadata"]["generation"] = json!(generation);
         }
         if object == current_with_rv(&current, &object) {
             return Ok(current); // nothing changed: no new resourceVersion, no event
         }
-        let rv = self.next_rv();
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
         // A deleted object whose last finalizer went away is gone now (unless it is a
         // pod waiting out its grace period for its kubelet).
-        let finalizers_left = object["metadata"]["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
-        let graceful = object["metadata"]["deletionGracePeriodSeconds"]
-            .as_i64()
-            .is_some_and(|g| g > 0);
-        if object["metadata"]["deletionTimestamp"].is_string() && !finalizers_left && !graceful {
-            self.objects.remove(&k);
-            self.record(&k, "DELETED", object.clone());
+        if object["metadata"]["deletionTimestamp"].is_string()
+            && !has_finalizers(&object)
+            && !in_grace_period(&object)
+        {
+            let object = self.remove(&k, object);
             self.collect_garbage();
             return Ok(object);
         }
-        self.record(&k, "MODIFIED", object.clone());
-        self.objects.insert(k, object.clone());
-        Ok(object)
+        Ok(self.put(&k, object))
     }
 
     /// Deletes an object, or — while it has finalizers — marks it deleted and leaves it
@@ -389,48 +349,49 @@ impl Store {
         let Some(object) = self.objects.get(&k) else {
             return Err(ApiError::not_found(&resource_name(t), name));
         };
-        let meta = &object["metadata"];
-        for (field, wanted) in [("uid", &options.uid), ("resourceVersion", &options.rv)] {
-            if let Some(wanted) = wanted
-                && meta[field].as_str() != Some(wanted)
-            {
-                return Err(ApiError::precondition_failed(
-                    &resource_name(t),
-                    name,
-                    &format!(
-                        "{field} in precondition: {wanted}, {field} in object meta: {}",
-                        meta[field].as_str().unwrap_or_default()
-                    ),
-                ));
-            }
-        }
+        check_preconditions(t, name, object, options)?;
         if let Some(grace) = pod_grace_period(t, object, options.grace_period) {
-            // The kubelet stops the pod's process, then deletes it for good (grace 0).
-            let shorter = meta["deletionGracePeriodSeconds"]
-                .as_i64()
-                .is_none_or(|g| grace < g);
-            if shorter {
-                let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
-                self.edit(&k, |o| {
-                    o["metadata"]["deletionTimestamp"] =
-                        json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                    o["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                });
-            }
-            return Ok(self.objects[&k].clone());
+            return Ok(self.start_grace_period(&k, grace));
         }
-        if meta["deletionGracePeriodSeconds"]
-            .as_i64()
-            .is_some_and(|g| g > 0)
-        {
+        if in_grace_period(object) {
             // The grace period is over (a kubelet's final delete): only finalizers may
             // hold the object now.
             self.edit(&k, |o| {
                 o["metadata"]["deletionGracePeriodSeconds"] = json!(0)
             });
         }
-        let propagation = options.propagation;
-        let uid = self.objects[&k]["metadata"]["uid"]
+        self.propagate(&k, options.propagation);
+        if t.plural == "namespaces" && t.group.is_empty() {
+            self.delete_contents(&k, name);
+        }
+        let object = self.delete_key(&k, options.propagation);
+        self.collect_garbage();
+        Ok(object)
+    }
+
+    /// Marks the pod at `k` deleted, for its kubelet to stop within `grace` seconds (a
+    /// later delete may shorten that, never lengthen it); the kubelet then deletes it for
+    /// good (grace 0). Returns the pod as it now is.
+    fn start_grace_period(&mut self, k: &Key, grace: i64) -> Value {
+        let shorter = self.objects[k]["metadata"]["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_none_or(|g| grace < g);
+        if shorter {
+            let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
+            self.edit(k, |o| {
+                o["metadata"]["deletionTimestamp"] =
+                    json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                o["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            });
+        }
+        self.objects[k].clone()
+    }
+
+    /// What happens to the dependents of the object at `k` as it is deleted: orphans lose
+    /// their reference to it; in the foreground it is held, marked, while they are deleted
+    /// first. Background dependents are left to the garbage collector.
+    fn propagate(&mut self, k: &Key, propagation: Propagation) {
+        let uid = self.objects[k]["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
             .to_owned();
@@ -445,7 +406,7 @@ impl Store {
                 }
             }
             Propagation::Foreground if !self.dependents(&uid).is_empty() => {
-                self.edit(&k, |o| {
+                self.edit(k, |o| {
                     let finalizers = o["metadata"]["finalizers"]
                         .as_array()
                         .cloned()
@@ -462,38 +423,40 @@ impl Store {
             }
             _ => {}
         }
-        if t.plural == "namespaces" && t.group.is_empty() {
-            self.edit(&k, |o| o["status"]["phase"] = json!("Terminating"));
-            let inside: Vec<Key> = self
-                .objects
-                .keys()
-                .filter(|(_, _, ns, _)| ns == name)
-                .cloned()
-                .collect();
-            for object in inside {
-                self.delete_key(&object, Propagation::Background);
-            }
-            if self.objects.keys().any(|(_, _, ns, _)| ns == name) {
-                // Held until what is in it has gone.
-                self.edit(&k, |o| {
-                    o["metadata"]["finalizers"] = json!([NAMESPACE_CONTENT]);
-                });
-            }
+    }
+
+    /// Deletes what is in the namespace `name` (stored at `k`), which is Terminating and
+    /// held by a finalizer until that has gone.
+    fn delete_contents(&mut self, k: &Key, name: &str) {
+        self.edit(k, |o| o["status"]["phase"] = json!("Terminating"));
+        let inside: Vec<Key> = self
+            .objects
+            .keys()
+            .filter(|(_, _, ns, _)| ns == name)
+            .cloned()
+            .collect();
+        for object in inside {
+            self.delete_key(&object, Propagation::Background);
         }
-        let object = self.delete_key(&k, propagation);
-        self.collect_garbage();
-        Ok(object)
+        if self.holds_objects(name) {
+            // Held until what is in it has gone.
+            self.edit(k, |o| {
+                o["metadata"]["finalizers"] = json!([NAMESPACE_CONTENT]);
+            });
+        }
+    }
+
+    /// Whether any object is stored in the namespace `namespace`.
+    fn holds_objects(&self, namespace: &str) -> bool {
+        self.objects.keys().any(|(_, _, ns, _)| ns == namespace)
     }
 
     /// Deletes (or marks, while it has finalizers) the object at `k`.
     fn delete_key(&mut self, k: &Key, propagation: Propagation) -> Value {
-        let Some(mut object) = self.objects.get(k).cloned() else {
+        let Some(object) = self.objects.get(k).cloned() else {
             return Value::Null;
         };
-        let has_finalizers = object["metadata"]["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
-        if has_finalizers {
+        if has_finalizers(&object) {
             if !object["metadata"]["deletionTimestamp"].is_string() {
                 self.edit(k, |o| o["metadata"]["deletionTimestamp"] = json!(now()));
             }
@@ -508,11 +471,7 @@ impl Store {
                 self.delete_key(&dependent, Propagation::Foreground);
             }
         }
-        self.objects.remove(k);
-        let rv = self.next_rv();
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(k, "DELETED", object.clone());
-        object
+        self.remove(k, object)
     }
 
     /// Changes the stored object at `k` in place, as a new version.
@@ -521,10 +480,26 @@ impl Store {
             return;
         };
         change(&mut object);
+        self.put(k, object);
+    }
+
+    /// Stores `object` at `k` as a new version (`MODIFIED`); returns it as stored.
+    fn put(&mut self, k: &Key, mut object: Value) -> Value {
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(k, "MODIFIED", object.clone());
-        self.objects.insert(k.clone(), object);
+        self.objects.insert(k.clone(), object.clone());
+        object
+    }
+
+    /// Removes the object at `k`, whose last state is `object`, as a new version
+    /// (`DELETED`); returns that last state.
+    fn remove(&mut self, k: &Key, mut object: Value) -> Value {
+        self.objects.remove(k);
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(k, "DELETED", object.clone());
+        object
     }
 
     /// Objects with an ownerReference to `uid`.
@@ -577,7 +552,7 @@ impl Store {
                     let uid = o["metadata"]["uid"].as_str().unwrap_or_default();
                     (finalizers.contains(&json!(FOREGROUND)) && self.dependents(uid).is_empty())
                         || (finalizers.contains(&json!(NAMESPACE_CONTENT))
-                            && !self.objects.keys().any(|(_, _, ns, _)| *ns == k.3))
+                            && !self.holds_objects(&k.3))
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
@@ -593,10 +568,7 @@ impl Store {
                         f.retain(|f| *f != FOREGROUND && *f != NAMESPACE_CONTENT);
                     }
                 });
-                let left = self.objects[&k]["metadata"]["finalizers"]
-                    .as_array()
-                    .is_some_and(|f| !f.is_empty());
-                if !left {
+                if !has_finalizers(&self.objects[&k]) {
                     self.delete_key(&k, Propagation::Background);
                 }
             }
@@ -670,6 +642,122 @@ fn current_with_rv(current: &Value, object: &Value) -> Value {
         m.remove("resourceVersion");
     }
     c
+}
+
+/// 400 when `object` is named differently from the URL, 409 when it carries a
+/// resourceVersion other than the stored one's (optimistic concurrency).
+fn check_replaces(
+    t: &ResourceType,
+    name: &str,
+    object: &Value,
+    current: &Value,
+) -> Result<(), ApiError> {
+    if object["metadata"]["name"]
+        .as_str()
+        .is_some_and(|n| n != name)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            object["metadata"]["name"]
+        )));
+    }
+    if let Some(rv) = object["metadata"]["resourceVersion"].as_str()
+        && rv
+            != current["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
+    {
+        return Err(ApiError::conflict(&resource_name(t), name));
+    }
+    Ok(())
+}
+
+/// What a write to one part may not change, taken from the stored object: a status
+/// write changes only the status (and managed fields), a main write of a type with a
+/// status subresource everything but the status.
+fn keep_other_part(t: &ResourceType, part: Part, object: &mut Value, current: &Value) {
+    match part {
+        Part::Status => {
+            let status = object.get("status").cloned();
+            let managed = object["metadata"].get("managedFields").cloned();
+            *object = current.clone();
+            set_or_remove(object, "status", status);
+            set_or_remove(&mut object["metadata"], "managedFields", managed);
+        }
+        Part::Main if t.status => set_or_remove(object, "status", current.get("status").cloned()),
+        Part::Main => {}
+    }
+}
+
+/// The metadata only the server writes, taken from the stored object; the name is the
+/// URL's. 400 when `object` has no metadata.
+fn keep_server_metadata(object: &mut Value, current: &Value, name: &str) -> Result<(), ApiError> {
+    let meta = object
+        .get_mut("metadata")
+        .filter(|m| m.is_object())
+        .ok_or_else(|| ApiError::bad_request("metadata is required"))?;
+    for fixed in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "generation",
+        "namespace",
+    ] {
+        set_or_remove(meta, fixed, current["metadata"].get(fixed).cloned());
+    }
+    meta["name"] = json!(name);
+    Ok(())
+}
+
+/// Sets `field` of `object` to `value`, or removes it when there is none.
+fn set_or_remove(object: &mut Value, field: &str, value: Option<Value>) {
+    match value {
+        Some(v) => object[field] = v,
+        None => {
+            if let Some(o) = object.as_object_mut() {
+                o.remove(field);
+            }
+        }
+    }
+}
+
+/// Whether finalizers still hold `object`.
+fn has_finalizers(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty())
+}
+
+/// Whether `object` is a pod its kubelet is still given time to stop.
+fn in_grace_period(object: &Value) -> bool {
+    object["metadata"]["deletionGracePeriodSeconds"]
+        .as_i64()
+        .is_some_and(|g| g > 0)
+}
+
+/// 412 when a delete's preconditions (uid, resourceVersion) no longer hold for `object`.
+fn check_preconditions(
+    t: &ResourceType,
+    name: &str,
+    object: &Value,
+    options: &DeleteOptions,
+) -> Result<(), ApiError> {
+    let meta = &object["metadata"];
+    for (field, wanted) in [("uid", &options.uid), ("resourceVersion", &options.rv)] {
+        if let Some(wanted) = wanted
+            && meta[field].as_str() != Some(wanted)
+        {
+            return Err(ApiError::precondition_failed(
+                &resource_name(t),
+                name,
+                &format!(
+                    "{field} in precondition: {wanted}, {field} in object meta: {}",
+                    meta[field].as_str().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How unknown fields are treated (`fieldValidation`).

@@ -26,49 +26,65 @@ pub fn merge(target: &mut Value, patch: &Value, shape: Shape<'_>) {
         if name.starts_with('$') {
             continue; // directives, applied below
         }
-        let field = shape.field(name);
-        match (value, field.list_type()) {
-            (Value::Null, _) => {
-                fields.remove(name);
-            }
-            (Value::Array(items), ListType::Map(keys)) => {
-                let key = keys[0];
-                let list = list_at(fields, name);
-                for item in items {
-                    let id = &item[key];
-                    let at = list.iter().position(|e| !id.is_null() && e[key] == *id);
-                    match (at, item.get("$patch").and_then(Value::as_str)) {
-                        (Some(i), Some("delete")) => {
-                            list.remove(i);
-                        }
-                        (None, Some("delete")) => {}
-                        (Some(i), _) => merge(&mut list[i], item, field.items()),
-                        (None, _) => {
-                            let mut new = Value::Null;
-                            merge(&mut new, item, field.items());
-                            list.push(new);
-                        }
-                    }
+        merge_field(fields, name, value, shape.field(name));
+    }
+    apply_directives(fields, patch, shape);
+    fields.remove("$patch");
+}
+
+/// Merges the patch's `value` for field `name` into `fields`: null deletes it, keyed
+/// lists and sets merge item by item, objects field by field, anything else replaces.
+fn merge_field(fields: &mut Map<String, Value>, name: &str, value: &Value, field: Shape<'_>) {
+    match (value, field.list_type()) {
+        (Value::Null, _) => {
+            fields.remove(name);
+        }
+        (Value::Array(items), ListType::Map(keys)) => {
+            merge_keyed(list_at(fields, name), items, keys[0], field);
+        }
+        (Value::Array(items), ListType::Set) => {
+            let list = list_at(fields, name);
+            for item in items {
+                if !list.contains(item) {
+                    list.push(item.clone());
                 }
             }
-            (Value::Array(items), ListType::Set) => {
-                let list = list_at(fields, name);
-                for item in items {
-                    if !list.contains(item) {
-                        list.push(item.clone());
-                    }
-                }
+        }
+        (Value::Object(_), _) => merge(
+            fields.entry(name.to_owned()).or_insert(Value::Null),
+            value,
+            field,
+        ),
+        _ => {
+            fields.insert(name.to_owned(), value.clone());
+        }
+    }
+}
+
+/// Merges patch `items` into a keyed `list` by their `key`: an item with `$patch:
+/// delete` removes its match, others merge into it, or are added when there is none.
+fn merge_keyed(list: &mut Vec<Value>, items: &[Value], key: &str, field: Shape<'_>) {
+    for item in items {
+        let id = &item[key];
+        let at = list.iter().position(|e| !id.is_null() && e[key] == *id);
+        match (at, item.get("$patch").and_then(Value::as_str)) {
+            (Some(i), Some("delete")) => {
+                list.remove(i);
             }
-            (Value::Object(_), _) => merge(
-                fields.entry(name.clone()).or_insert(Value::Null),
-                value,
-                field,
-            ),
-            _ => {
-                fields.insert(name.clone(), value.clone());
+            (None, Some("delete")) => {}
+            (Some(i), _) => merge(&mut list[i], item, field.items()),
+            (None, _) => {
+                let mut new = Value::Null;
+                merge(&mut new, item, field.items());
+                list.push(new);
             }
         }
     }
+}
+
+/// The patch's directives on `fields`: `$deleteFromPrimitiveList/<field>`,
+/// `$setElementOrder/<field>` and `$retainKeys`.
+fn apply_directives(fields: &mut Map<String, Value>, patch: &Map<String, Value>, shape: Shape<'_>) {
     for (directive, value) in patch {
         if let Some(name) = directive.strip_prefix(DELETE_FROM)
             && let (Some(list), Some(gone)) = (
@@ -94,7 +110,6 @@ pub fn merge(target: &mut Value, patch: &Value, shape: Shape<'_>) {
             fields.retain(|k, _| keep.iter().any(|r| r == k));
         }
     }
-    fields.remove("$patch");
 }
 
 /// The list in field `name`, made one if it is missing or something else.
