@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
-use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun};
+use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun, TrainingRunStatus};
 
 use crate::federation::{Federation, MemberSpec, Timing};
 
@@ -37,17 +37,48 @@ pub fn demo_members() -> Vec<MemberSpec> {
     ]
 }
 
+/// The demo from start to finish: federation up, sample applied, progress until it
+/// succeeds, text from the model, then the clusters left running for a look around.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let exe_dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
     build_siblings(&exe_dir)?;
-    if opts.dir.exists() {
-        std::fs::remove_dir_all(&opts.dir)
-            .with_context(|| format!("emptying {}", opts.dir.display()))?;
-    }
-    std::fs::create_dir_all(&opts.dir)?;
-    let dir = std::fs::canonicalize(&opts.dir)?;
+    let dir = fresh_dir(&opts.dir)?;
+    let federation = start_federation(&dir, &exe_dir).await?;
+    let hub = federation.clusters.hub.client.clone();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    apply_sample(&runs).await?;
 
+    let started = Instant::now();
+    let deadline = Duration::from_secs(opts.timeout);
+    let final_run = await_success(&hub, &runs, started, deadline, &dir).await?;
+    let status = final_run.status.clone().unwrap_or_default();
+    print_outcome(&status, started);
+
+    let checkpoint = final_checkpoint(&hub, &federation, status.round).await?;
+    println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
+    print_sample(&exe_dir, &checkpoint)?;
+    print_kubectl_hints(&federation);
+    if !opts.exit_when_done {
+        println!("The clusters keep running until Ctrl-C.");
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+/// `dir` emptied (or made) and made absolute: the demo starts from nothing each time, and
+/// the paths it prints work from anywhere.
+fn fresh_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(std::fs::canonicalize(dir)?)
+}
+
+/// The hub and the members, with short heartbeats and leases so a demo run reacts in
+/// seconds; prints where each cluster's API server listens.
+async fn start_federation(dir: &Path, exe_dir: &Path) -> anyhow::Result<Federation> {
     println!(
         "Starting a hub and 3 member clusters under {} ...",
         dir.display()
@@ -57,12 +88,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         heartbeat_grace_seconds: 10,
         lease_seconds: 10,
     };
-    let federation = Federation::start(&demo_members(), timing, &dir, &exe_dir).await?;
+    let federation = Federation::start(&demo_members(), timing, dir, exe_dir).await?;
     for c in std::iter::once(&federation.clusters.hub).chain(&federation.clusters.members) {
         println!("  {:<11} {}", c.name, c.url);
     }
-    let hub = federation.clusters.hub.client.clone();
-    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    Ok(federation)
+}
+
+/// Creates the sample run on the hub, as `kubectl apply` would, and says what it asks for.
+async fn apply_sample(runs: &Api<TrainingRun>) -> anyhow::Result<()> {
     let run: TrainingRun = serde_yaml::from_str(SAMPLE)?;
     runs.create(&PostParams::default(), &run).await?;
     println!(
@@ -74,15 +108,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         run.spec.compression.chunk_size,
         run.spec.compression.value_bits.bits(),
     );
+    Ok(())
+}
 
-    let started = Instant::now();
-    let tty = std::io::stdout().is_terminal();
-    let mut last_line = String::new();
+/// Polls the sample run every second, showing its progress, until it succeeds; an error
+/// when it fails or `deadline` after `started` passes first.
+async fn await_success(
+    hub: &kube::Client,
+    runs: &Api<TrainingRun>,
+    started: Instant,
+    deadline: Duration,
+    dir: &Path,
+) -> anyhow::Result<TrainingRun> {
+    let mut progress = Progress::new(started);
     let final_run = loop {
         anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(opts.timeout),
+            started.elapsed() < deadline,
             "the run did not finish in {} s; logs are under {}",
-            opts.timeout,
+            deadline.as_secs(),
             dir.display()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -93,17 +136,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .list(&ListParams::default())
             .await?
             .items;
-        let line = progress_line(&run, &members);
-        if tty || line != last_line {
-            let at = started.elapsed().as_secs();
-            if tty {
-                print!("\r\x1b[2K[{at:>4}s] {line}");
-            } else {
-                println!("[{at:>4}s] {line}");
-            }
-            std::io::stdout().flush()?;
-            last_line = line;
-        }
+        progress.show(progress_line(&run, &members))?;
         let status = run.status.clone().unwrap_or_default();
         match status.phase {
             Some(Phase::Succeeded) => break run,
@@ -111,10 +144,50 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             _ => {}
         }
     };
-    if tty {
-        println!();
+    progress.finish();
+    Ok(final_run)
+}
+
+/// The live progress display: on a terminal one line redrawn in place every second,
+/// otherwise (a log) a new line only when something changed.
+struct Progress {
+    started: Instant,
+    tty: bool,
+    last_line: String,
+}
+
+impl Progress {
+    fn new(started: Instant) -> Self {
+        Self {
+            started,
+            tty: std::io::stdout().is_terminal(),
+            last_line: String::new(),
+        }
     }
-    let status = final_run.status.clone().unwrap_or_default();
+
+    fn show(&mut self, line: String) -> std::io::Result<()> {
+        if self.tty || line != self.last_line {
+            let at = self.started.elapsed().as_secs();
+            if self.tty {
+                print!("\r\x1b[2K[{at:>4}s] {line}");
+            } else {
+                println!("[{at:>4}s] {line}");
+            }
+            std::io::stdout().flush()?;
+            self.last_line = line;
+        }
+        Ok(())
+    }
+
+    /// Ends the line being redrawn, so what follows starts on its own.
+    fn finish(&self) {
+        if self.tty {
+            println!();
+        }
+    }
+}
+
+fn print_outcome(status: &TrainingRunStatus, started: Instant) {
     println!(
         "\nSucceeded in {:.0} s: {} rounds, validation loss {}, {} on the wire ({}x less than dense fp32).",
         started.elapsed().as_secs_f64(),
@@ -125,7 +198,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .compression_ratio
             .map_or("-".into(), |r| format!("{r:.0}")),
     );
+}
 
+/// The checkpoint the exchange wrote after round `round`, in its pod's directory.
+async fn final_checkpoint(
+    hub: &kube::Client,
+    federation: &Federation,
+    round: u32,
+) -> anyhow::Result<PathBuf> {
     let pods: Api<Pod> = Api::namespaced(hub.clone(), "default");
     let exchange_pod = pods
         .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
@@ -135,11 +215,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .next()
         .context("the exchange pod is gone")?;
     let name = exchange_pod.metadata.name.unwrap_or_default();
-    let checkpoint = federation
+    Ok(federation
         .hub_pod_dir("default", &name)
         .join("checkpoints")
-        .join(format!("round-{:06}", status.round));
-    println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
+        .join(format!("round-{round:06}")))
+}
+
+/// Text from the trained model, by the trainer binary a user would run on the checkpoint.
+fn print_sample(exe_dir: &Path, checkpoint: &Path) -> anyhow::Result<()> {
     let sample = std::process::Command::new(exe_dir.join("starling-trainer"))
         .args([
             "sample",
@@ -151,13 +234,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             "ROMEO:\n",
         ])
         .arg("--checkpoint")
-        .arg(&checkpoint)
+        .arg(checkpoint)
         .output()
         .context("running starling-trainer sample")?;
     println!("\nSampled from the trained model:\n");
     for line in String::from_utf8_lossy(&sample.stdout).lines() {
         println!("    {line}");
     }
+    Ok(())
+}
+
+/// How to look at the clusters that keep running with a user's own kubectl.
+fn print_kubectl_hints(federation: &Federation) {
     println!(
         "\nInspect the federation with your own kubectl:\n\n    export KUBECONFIG={}\n    kubectl get tr,tg,mc -A\n    kubectl describe tr shakespeare\n    kubectl logs -l app.kubernetes.io/component=exchange\n",
         federation.clusters.hub.kubeconfig.display()
@@ -169,11 +257,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             member.kubeconfig.display()
         );
     }
-    if !opts.exit_when_done {
-        println!("The clusters keep running until Ctrl-C.");
-        tokio::signal::ctrl_c().await?;
-    }
-    Ok(())
 }
 
 fn progress_line(run: &TrainingRun, members: &[MemberCluster]) -> String {

@@ -335,99 +335,137 @@ pub fn printer<R: Serialize>(
 pub const TINY_CONFIG: &str = include_str!("../tests/fixtures/tiny-config.json");
 
 impl ConvergenceBench {
+    /// Trains every algorithm in turn, calling `report` as each row is ready.
     pub fn run(
         &self,
         mut report: impl FnMut(&ConvergenceRow),
     ) -> anyhow::Result<Vec<ConvergenceRow>> {
+        let model_config = self.model_config()?;
+        let mut rows = vec![];
+        for &algorithm in &self.algorithms {
+            let row = self.run_one(algorithm, &model_config)?;
+            report(&row);
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    /// The model config to train: the one given, or the tiny preset written into the
+    /// work directory.
+    fn model_config(&self) -> anyhow::Result<std::path::PathBuf> {
         std::fs::create_dir_all(&self.work_dir)?;
-        let model_config = match &self.model_config {
+        Ok(match &self.model_config {
             Some(path) => path.clone(),
             None => {
                 let path = self.work_dir.join("tiny-config.json");
                 std::fs::write(&path, TINY_CONFIG)?;
                 path
             }
+        })
+    }
+
+    /// One algorithm's run, from a fresh directory to its end, measured.
+    fn run_one(
+        &self,
+        algorithm: Algorithm,
+        model_config: &std::path::Path,
+    ) -> anyhow::Result<ConvergenceRow> {
+        // Same tokens for everyone: DDP's rounds are single steps.
+        let (rounds, inner) = match algorithm {
+            Algorithm::Ddp => (self.rounds * self.inner_steps, 1),
+            _ => (self.rounds, self.inner_steps),
         };
-        let mut rows = vec![];
-        for &algorithm in &self.algorithms {
-            // Same tokens for everyone: DDP's rounds are single steps.
-            let (rounds, inner) = match algorithm {
-                Algorithm::Ddp => (self.rounds * self.inner_steps, 1),
-                _ => (self.rounds, self.inner_steps),
-            };
-            let outer_lr = match algorithm {
-                Algorithm::SparseLoCo => self.sparseloco_outer_lr,
-                Algorithm::DiLoCo => self.diloco_outer_lr,
-                Algorithm::Ddp => 1.0,
-            };
-            let args: Vec<String> = [
-                ("--model-config", model_config.display().to_string()),
-                ("--algorithm", format!("{algorithm:?}").to_lowercase()),
-                ("--seed", self.seed.to_string()),
-                ("--max-peers", self.peers.to_string()),
-                ("--inner-steps", inner.to_string()),
-                ("--batch", self.batch.to_string()),
-                ("--micro-batch", self.batch.to_string()),
-                ("--sequence-length", self.sequence_length.to_string()),
-                ("--lr", self.lr.to_string()),
-                ("--warmup-steps", self.warmup_steps.to_string()),
-                ("--outer-lr", outer_lr.to_string()),
-                ("--outer-momentum", self.diloco_momentum.to_string()),
-                ("--chunk", self.chunk.to_string()),
-                ("--k", self.k.to_string()),
-                ("--bits", self.bits.to_string()),
-                ("--error-feedback", self.error_feedback.to_string()),
-            ]
-            .into_iter()
-            .flat_map(|(flag, value)| [flag.to_owned(), value])
-            .collect();
-            let dir = self.work_dir.join(format!("{algorithm:?}").to_lowercase());
-            let _ = std::fs::remove_dir_all(&dir);
-            let mut federation =
-                crate::local::LocalFederation::new(&self.binary, &dir, self.peers, args)?;
-            let start = Instant::now();
-            federation.start_exchange(&[
-                "--rounds",
-                &rounds.to_string(),
-                "--min-peers",
-                &self.peers.to_string(),
-                "--round-deadline",
-                "600",
-                "--eval-rows",
-                &self.eval_rows.to_string(),
-            ])?;
-            let children = (0..self.peers)
-                .map(|p| federation.start_peer(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            for (p, child) in children.into_iter().enumerate() {
-                federation
-                    .finish(p as u32, child)
-                    .map_err(anyhow::Error::msg)?;
-            }
-            let wall_s = start.elapsed().as_secs_f64();
-            let state = federation.run_state()?;
-            let last = state
-                .recent
-                .last()
-                .ok_or_else(|| anyhow::anyhow!("{algorithm:?}: no round closed"))?;
-            let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
-            let dense_bytes_per_peer = state.dense_update_bytes * u64::from(rounds);
-            let row = ConvergenceRow {
-                algorithm,
-                peers: self.peers,
-                rounds,
-                tokens: state.tokens,
-                initial_validation_loss: state.initial_validation_loss,
-                final_validation_loss: last.validation_loss,
-                bytes_sent_per_peer,
-                dense_bytes_per_peer,
-                ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
-                wall_s,
-            };
-            report(&row);
-            rows.push(row);
+        let args = self.run_args(algorithm, model_config, inner);
+        let dir = self.work_dir.join(format!("{algorithm:?}").to_lowercase());
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut federation =
+            crate::local::LocalFederation::new(&self.binary, &dir, self.peers, args)?;
+        let start = Instant::now();
+        self.train(&mut federation, rounds)?;
+        let wall_s = start.elapsed().as_secs_f64();
+        let state = federation.run_state()?;
+        let last = state
+            .recent
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("{algorithm:?}: no round closed"))?;
+        let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
+        let dense_bytes_per_peer = state.dense_update_bytes * u64::from(rounds);
+        Ok(ConvergenceRow {
+            algorithm,
+            peers: self.peers,
+            rounds,
+            tokens: state.tokens,
+            initial_validation_loss: state.initial_validation_loss,
+            final_validation_loss: last.validation_loss,
+            bytes_sent_per_peer,
+            dense_bytes_per_peer,
+            ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
+            wall_s,
+        })
+    }
+
+    /// The run flags the exchange and every peer of `algorithm`'s run get, with `inner`
+    /// steps a round.
+    fn run_args(
+        &self,
+        algorithm: Algorithm,
+        model_config: &std::path::Path,
+        inner: u32,
+    ) -> Vec<String> {
+        let outer_lr = match algorithm {
+            Algorithm::SparseLoCo => self.sparseloco_outer_lr,
+            Algorithm::DiLoCo => self.diloco_outer_lr,
+            Algorithm::Ddp => 1.0,
+        };
+        [
+            ("--model-config", model_config.display().to_string()),
+            ("--algorithm", format!("{algorithm:?}").to_lowercase()),
+            ("--seed", self.seed.to_string()),
+            ("--max-peers", self.peers.to_string()),
+            ("--inner-steps", inner.to_string()),
+            ("--batch", self.batch.to_string()),
+            ("--micro-batch", self.batch.to_string()),
+            ("--sequence-length", self.sequence_length.to_string()),
+            ("--lr", self.lr.to_string()),
+            ("--warmup-steps", self.warmup_steps.to_string()),
+            ("--outer-lr", outer_lr.to_string()),
+            ("--outer-momentum", self.diloco_momentum.to_string()),
+            ("--chunk", self.chunk.to_string()),
+            ("--k", self.k.to_string()),
+            ("--bits", self.bits.to_string()),
+            ("--error-feedback", self.error_feedback.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value])
+        .collect()
+    }
+
+    /// Starts the exchange (for `rounds` rounds, each waiting for every peer) and the
+    /// peers, and waits until every peer has finished.
+    fn train(
+        &self,
+        federation: &mut crate::local::LocalFederation,
+        rounds: u32,
+    ) -> anyhow::Result<()> {
+        federation.start_exchange(&[
+            "--rounds",
+            &rounds.to_string(),
+            "--min-peers",
+            &self.peers.to_string(),
+            "--round-deadline",
+            "600",
+            "--eval-rows",
+            &self.eval_rows.to_string(),
+        ])?;
+        let children = (0..self.peers)
+            .map(|p| federation.start_peer(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (p, child) in children.into_iter().enumerate() {
+            federation
+                .finish(p as u32, child)
+                .map_err(anyhow::Error::msg)?;
         }
-        Ok(rows)
+        Ok(())
     }
 }
 

@@ -332,6 +332,7 @@ fn rule(group: &str, resource: &str, names: Option<&str>, verbs: &[&str]) -> Pol
     }
 }
 
+/// The hub objects that let `member`'s agent in, and no further (see [`MemberAccess`]).
 pub fn member_access(member: &MemberCluster) -> MemberAccess {
     let name = member.name_any();
     let ns = member_namespace(&name);
@@ -339,26 +340,18 @@ pub fn member_access(member: &MemberCluster) -> MemberAccess {
         (LABEL_MEMBER.to_string(), name.clone()),
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
     ]);
-    let owned = |mut m: ObjectMeta| {
-        m.owner_references = member.controller_owner_ref(&()).map(|o| vec![o]);
-        m
+    // Cluster-scoped objects go with their MemberCluster (and the namespace takes what
+    // is in it along).
+    let owned = |n: String| ObjectMeta {
+        owner_references: member.controller_owner_ref(&()).map(|o| vec![o]),
+        ..meta(n, None, labels.clone())
     };
     let in_ns = |n: &str| meta(n.into(), Some(ns.clone()), labels.clone());
     let cluster_wide = format!("starling-member-{name}");
-    let subjects = Some(vec![Subject {
-        kind: "ServiceAccount".into(),
-        name: "agent".into(),
-        namespace: Some(ns.clone()),
-        api_group: None,
-    }]);
-    let role_ref = |kind: &str, n: &str| RoleRef {
-        api_group: Some("rbac.authorization.k8s.io".into()),
-        kind: kind.into(),
-        name: n.into(),
-    };
+    let subjects = Some(vec![agent(&ns)]);
     MemberAccess {
         namespace: Namespace {
-            metadata: owned(meta(ns.clone(), None, labels.clone())),
+            metadata: owned(ns.clone()),
             ..Namespace::default()
         },
         service_account: ServiceAccount {
@@ -367,21 +360,7 @@ pub fn member_access(member: &MemberCluster) -> MemberAccess {
         },
         role: Role {
             metadata: in_ns("agent"),
-            rules: Some(vec![
-                rule(
-                    "starling.dev",
-                    "trainergroups",
-                    None,
-                    &["get", "list", "watch"],
-                ),
-                rule(
-                    "starling.dev",
-                    "trainergroups/status",
-                    None,
-                    &["get", "patch", "update"],
-                ),
-                rule("", "secrets", None, &["get", "list", "watch"]),
-            ]),
+            rules: Some(agent_group_rules()),
         },
         role_binding: RoleBinding {
             metadata: in_ns("agent"),
@@ -389,29 +368,74 @@ pub fn member_access(member: &MemberCluster) -> MemberAccess {
             subjects: subjects.clone(),
         },
         cluster_role: ClusterRole {
-            metadata: owned(meta(cluster_wide.clone(), None, labels.clone())),
-            rules: Some(vec![
-                rule(
-                    "starling.dev",
-                    "memberclusters",
-                    Some(&name),
-                    &["get", "watch"],
-                ),
-                rule(
-                    "starling.dev",
-                    "memberclusters/status",
-                    Some(&name),
-                    &["get", "patch", "update"],
-                ),
-            ]),
+            metadata: owned(cluster_wide.clone()),
+            rules: Some(agent_member_rules(&name)),
             aggregation_rule: None,
         },
         cluster_role_binding: ClusterRoleBinding {
-            metadata: owned(meta(cluster_wide.clone(), None, labels)),
+            metadata: owned(cluster_wide.clone()),
             role_ref: role_ref("ClusterRole", &cluster_wide),
             subjects,
         },
     }
+}
+
+/// The identity a member's agent acts as on the hub: the `agent` ServiceAccount in its
+/// namespace.
+fn agent(namespace: &str) -> Subject {
+    Subject {
+        kind: "ServiceAccount".into(),
+        name: "agent".into(),
+        namespace: Some(namespace.into()),
+        api_group: None,
+    }
+}
+
+/// A binding's reference to the Role or ClusterRole it grants.
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: kind.into(),
+        name: name.into(),
+    }
+}
+
+/// In its own namespace the agent reads its TrainerGroups and their credentials and
+/// writes the groups' status.
+fn agent_group_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "starling.dev",
+            "trainergroups",
+            None,
+            &["get", "list", "watch"],
+        ),
+        rule(
+            "starling.dev",
+            "trainergroups/status",
+            None,
+            &["get", "patch", "update"],
+        ),
+        rule("", "secrets", None, &["get", "list", "watch"]),
+    ]
+}
+
+/// Cluster-wide the agent reads its own MemberCluster, no other, and reports its status.
+fn agent_member_rules(member: &str) -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "starling.dev",
+            "memberclusters",
+            Some(member),
+            &["get", "watch"],
+        ),
+        rule(
+            "starling.dev",
+            "memberclusters/status",
+            Some(member),
+            &["get", "patch", "update"],
+        ),
+    ]
 }
 
 #[cfg(test)]
