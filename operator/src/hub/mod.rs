@@ -28,7 +28,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -97,6 +97,8 @@ pub struct Context {
     pub stores: Stores,
     /// Each live run's exchange, watched.
     pub exchanges: exchanges::Exchanges,
+    /// Each run's status as this replica last wrote it.
+    pub statuses: training_run::WrittenStatuses,
     pub backoff: Backoff,
     pub metrics: Arc<Metrics>,
     applied: Applied,
@@ -104,41 +106,52 @@ pub struct Context {
 
 /// What this replica last applied, so an unchanged object is not written again.
 ///
-/// An object is rewritten when what is wanted changed, when the stored object is not the
-/// version this replica wrote (someone edited or deleted it), or, for kinds without a
-/// store, after [`Applied::RESYNC`] (a deleted Role heals within minutes, at no cost at rest).
+/// An object is rewritten when what is wanted changed, or when the stored object no
+/// longer holds what this replica wrote: someone edited or deleted it. What others write
+/// beside it (a Service's load-balancer address, a Deployment's or TrainerGroup's
+/// status, the server's resourceVersion) does not count, so those changes cost no
+/// write. A write is trusted for [`Applied::SETTLE`] while the store catches up with it;
+/// kinds without a store are rewritten after [`Applied::RESYNC`] (a deleted Role heals
+/// within minutes, at no cost at rest).
 #[derive(Default)]
 struct Applied(std::sync::Mutex<HashMap<ObjectRef<DynamicObject>, Written>>);
 
 struct Written {
+    /// Of the object as wanted.
     hash: u64,
-    resource_version: Option<String>,
+    /// Of the object as the server returned it, see [`content_hash`].
+    content: u64,
     at: Instant,
 }
 
 impl Applied {
     const RESYNC: Duration = Duration::from_secs(600);
+    const SETTLE: Duration = Duration::from_secs(5);
 
+    /// `stored` is `None` for kinds without a store, else the [`content_hash`] of what
+    /// the store holds (`None` when it holds nothing).
     fn current(
         &self,
         key: &ObjectRef<DynamicObject>,
         hash: u64,
-        stored: Option<Option<String>>,
+        stored: Option<Option<u64>>,
     ) -> bool {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.get(key).is_some_and(|w| {
+            let settling = w.at.elapsed() < Self::SETTLE;
             w.hash == hash
-                && match &stored {
-                    Some(rv) => rv.is_some() && *rv == w.resource_version,
+                && match stored {
+                    Some(Some(content)) => content == w.content || settling,
+                    Some(None) => settling,
                     None => w.at.elapsed() < Self::RESYNC,
                 }
         })
     }
 
-    fn record(&self, key: ObjectRef<DynamicObject>, hash: u64, resource_version: Option<String>) {
+    fn record(&self, key: ObjectRef<DynamicObject>, hash: u64, content: u64) {
         let written = Written {
             hash,
-            resource_version,
+            content,
             at: Instant::now(),
         };
         self.0
@@ -160,6 +173,29 @@ fn hash_of<K: Serialize>(object: &K) -> u64 {
     hasher.finish()
 }
 
+/// A hash of what an object holds that the operator writes: everything but its status
+/// and the metadata the server and other writers keep (resourceVersion, managedFields,
+/// timestamps), so that only an edit of what was applied changes it.
+fn content_hash<K: Serialize>(object: &K) -> u64 {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("status");
+        if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            meta.retain(|k, _| {
+                [
+                    "name",
+                    "namespace",
+                    "labels",
+                    "annotations",
+                    "ownerReferences",
+                ]
+                .contains(&k.as_str())
+            });
+        }
+    }
+    hash_of(&value)
+}
+
 impl Context {
     /// Applies `object` unless this replica already wrote exactly it and it is unchanged
     /// since (`store` says what the cluster holds; `None` for kinds without a store).
@@ -174,13 +210,13 @@ impl Context {
     {
         let key = ObjectRef::from_obj(object);
         let hash = hash_of(object);
-        let stored = store.map(|s| s.get(&key).and_then(|o| o.resource_version()));
+        let stored = store.map(|s| s.get(&key).map(|o| content_hash(o.as_ref())));
         if self.applied.current(&key.clone().erase(), hash, stored) {
             return Ok(());
         }
         let written = apply(api, MANAGER, object).await?;
         self.applied
-            .record(key.erase(), hash, written.resource_version());
+            .record(key.erase(), hash, content_hash(&written));
         Ok(())
     }
 
@@ -376,6 +412,7 @@ async fn lead(
         config,
         stores: stores.clone(),
         exchanges: exchanges::Exchanges::new(wake),
+        statuses: Default::default(),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
         applied: Applied::default(),
@@ -465,5 +502,76 @@ pub async fn publish<K: Resource<DynamicType = ()>>(
     };
     if let Err(e) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %e, "publishing an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+
+    fn service(label: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x", "namespace": "ns", "labels": {"run": label},
+                "resourceVersion": "7", "uid": "u"},
+            "spec": {"ports": [{"port": 7070}]},
+        }))
+        .unwrap()
+    }
+
+    /// A write of `written` made `ago`, checked against `stored` for the wish `wanted`.
+    fn current(wanted: &Service, written: &Service, ago: u64, stored: Option<&Service>) -> bool {
+        let applied = Applied::default();
+        let key = ObjectRef::from_obj(written).erase();
+        applied.0.lock().unwrap().insert(
+            key.clone(),
+            Written {
+                hash: hash_of(written),
+                content: content_hash(written),
+                at: Instant::now() - Duration::from_secs(ago),
+            },
+        );
+        applied.current(&key, hash_of(wanted), Some(stored.map(content_hash)))
+    }
+
+    #[test]
+    fn only_an_edit_of_what_was_applied_is_written_again() {
+        let ours = service("a");
+        let mut addressed = ours.clone();
+        addressed.metadata.resource_version = Some("9".into());
+        addressed.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("10.0.0.1".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let edited = service("b");
+        let cases = [
+            ("unchanged", &ours, 60, Some(&ours), true),
+            (
+                "another writer's status and version",
+                &ours,
+                60,
+                Some(&addressed),
+                true,
+            ),
+            ("a different wish", &edited, 60, Some(&ours), false),
+            ("edited by someone", &ours, 60, Some(&edited), false),
+            ("deleted", &ours, 60, None, false),
+            ("not in the store yet", &ours, 1, None, true),
+            (
+                "the store still holds the version before ours",
+                &ours,
+                1,
+                Some(&edited),
+                true,
+            ),
+        ];
+        for (name, wanted, ago, stored, expected) in cases {
+            assert_eq!(current(wanted, &ours, ago, stored), expected, "{name}");
+        }
     }
 }

@@ -361,7 +361,10 @@ fn place(d: &mut Draft, tokens: &BTreeMap<String, String>, settings: &GroupSetti
         .into_iter()
         .filter(|g| !by_member.keys().any(|m| member_namespace(m) == g.namespace))
         .collect();
-    if view.current.is_empty() {
+    // Announced once: by the status, since the groups just written may not be in the
+    // store yet at the next look.
+    let placed_before = d.previous.peers.iter().any(|p| !p.member.is_empty());
+    if view.current.is_empty() && !placed_before {
         let summary: Vec<String> = by_member
             .iter()
             .map(|(m, p)| format!("{m}: {}", p.len()))

@@ -140,7 +140,44 @@ pub fn error_policy(run: Arc<TrainingRun>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
+/// The status each run was last given by this replica, by uid.
+///
+/// A reconcile gets the run from the controller's store, which may not hold the status
+/// the previous reconcile wrote yet. Deciding on that older status would write the same
+/// status again and announce the same phase twice; only this operator writes a run's
+/// status, so the one it wrote last is the run's status.
+#[derive(Default)]
+pub struct WrittenStatuses(std::sync::Mutex<HashMap<String, TrainingRunStatus>>);
+
+impl WrittenStatuses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TrainingRunStatus>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `run` with the status last written to it.
+    fn fresh<'a>(&self, run: &'a TrainingRun) -> std::borrow::Cow<'a, TrainingRun> {
+        let written = self.lock().get(&run.uid().unwrap_or_default()).cloned();
+        match written {
+            Some(status) if run.status.as_ref() != Some(&status) => {
+                let mut run = run.clone();
+                run.status = Some(status);
+                std::borrow::Cow::Owned(run)
+            }
+            _ => std::borrow::Cow::Borrowed(run),
+        }
+    }
+
+    fn record(&self, run: &TrainingRun, status: TrainingRunStatus) {
+        self.lock().insert(run.uid().unwrap_or_default(), status);
+    }
+
+    fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+}
+
 async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
+    let run = &*ctx.statuses.fresh(run);
     let members = ctx.stores.members.state();
     let groups = ctx.stores.groups.state();
     let mut observed = Observed {
@@ -333,6 +370,7 @@ async fn cleanup(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         delete_group(ctx, g).await?;
     }
     ctx.exchanges.forget(&uid);
+    ctx.statuses.forget(&uid);
     let note = format!("removed {} trainer group(s)", ours.len());
     publish(ctx, run, false, reason::DELETED, &note, "Delete").await;
     Ok(Action::await_change())
@@ -368,7 +406,7 @@ async fn write_status(
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let patch = json!({
         "apiVersion": "starling.dev/v1alpha1", "kind": "TrainingRun",
-        "status": status,
+        "status": &status,
     });
     api.patch_status(
         &run.name_any(),
@@ -376,5 +414,6 @@ async fn write_status(
         &Patch::Apply(patch),
     )
     .await?;
+    ctx.statuses.record(run, status);
     Ok(())
 }

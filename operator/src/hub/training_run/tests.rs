@@ -945,3 +945,21 @@ fn a_heartbeat_wakes_no_run_but_a_member_turning_unready_wakes_the_runs_there() 
     );
     assert_eq!(wakes(&member("cloud-a", "cloud", true)), me, "back");
 }
+
+#[test]
+fn a_run_read_before_its_last_status_write_is_decided_on_that_status() {
+    let mut case = Case::new(run());
+    let first = case.decide();
+    let written = super::WrittenStatuses::default();
+    written.record(&case.run, first.status.clone());
+    // The controller's copy still has no status: decided on it, the phase would be
+    // announced and written again.
+    let fresh = written.fresh(&case.run).into_owned();
+    assert_eq!(fresh.status.as_ref(), Some(&first.status));
+    case.run = fresh;
+    let next = case.decide();
+    assert_eq!(next.status, first.status);
+    assert!(next.events.is_empty(), "{:?}", reasons(&next));
+    written.forget(&case.run.uid().unwrap());
+    assert!(written.fresh(&run()).status.is_none());
+}
