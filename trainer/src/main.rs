@@ -235,7 +235,7 @@ impl InitArgs {
     fn run(self) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&self.config)
             .with_context(|| format!("reading {}", self.config.display()))?;
-        let config: ModelConfig = serde_json::from_str(&text)
+        let config = ModelConfig::from_hf_json(&text)
             .with_context(|| format!("{} is not a model config", self.config.display()))?;
         let model = Llama::new(config, self.seed, &Device::Cpu)?;
         let meta = serde_json::json!({"round": 0, "seed": self.seed, "tokenizer": "bytes"});

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 ckpt = Path(sys.argv[1])
@@ -34,6 +35,11 @@ if not config.get("tie_word_embeddings"):
     expected["lm_head.weight"] = (v, h)
 
 assert config["architectures"] == ["LlamaForCausalLM"], config["architectures"]
+# transformers 4.47 and older refuse a safetensors file without this metadata.
+with safe_open(str(ckpt / "model.safetensors"), framework="np") as f:
+    assert f.metadata() == {"format": "pt"}, f.metadata()
+# `dtype` is the current key; `torch_dtype` is deprecated.
+assert config.get("dtype") == "float32" and "torch_dtype" not in config, config
 assert set(tensors) == set(expected), sorted(set(tensors) ^ set(expected))
 for name, shape in expected.items():
     t = tensors[name]

@@ -41,7 +41,16 @@ pub fn save_checkpoint(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))?;
+    // `format: pt` says the tensors are laid out as PyTorch reads them; transformers
+    // 4.47 and older refuse a file without it.
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let weights = tmp.join("model.safetensors");
+    safetensors::serialize_to_file(&tensors, Some(metadata), &weights).map_err(|e| {
+        ModelError::BadFile {
+            path: weights.clone(),
+            message: e.to_string(),
+        }
+    })?;
     let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
     let json_files = [
         ("config.json", json(&model.config().to_hf_json())),
@@ -81,7 +90,7 @@ pub fn load_checkpoint(
 ) -> Result<(Llama, serde_json::Value), ModelError> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
-    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+    let config = ModelConfig::from_hf_json(&text).map_err(|e| ModelError::BadFile {
         path: config_path.clone(),
         message: e.to_string(),
     })?;

@@ -133,7 +133,7 @@ impl ModelConfig {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_act": "silu",
-            "torch_dtype": "float32",
+            "dtype": "float32",
             "attention_bias": false,
             "mlp_bias": false,
             "initializer_range": 0.02,
@@ -142,6 +142,102 @@ impl ModelConfig {
             v[k] = x.clone();
         }
         v
+    }
+}
+
+/// A `config.json` that describes a model Starling does not train as written.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum HfConfigError {
+    #[error("not a model config: {0}")]
+    Malformed(String),
+    #[error("`{field}` = {value}: {why}")]
+    Unsupported {
+        field: String,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// `config.json` fields that change nothing Starling trains or computes: metadata for
+/// other tools, token ids for generation, the stored dtype (weights load as float32).
+const IGNORED_FIELDS: [&str; 10] = [
+    "_name_or_path",
+    "architectures",
+    "bos_token_id",
+    "dtype",
+    "eos_token_id",
+    "initializer_range",
+    "pad_token_id",
+    "torch_dtype",
+    "transformers_version",
+    "use_cache",
+];
+
+/// Fields Starling implements in one setting only, with that setting.
+fn required_value(field: &str) -> Option<(serde_json::Value, &'static str)> {
+    use serde_json::json;
+    let (value, why) = match field {
+        "model_type" => (json!("llama"), "only Llama models are implemented"),
+        "hidden_act" => (json!("silu"), "only the SiLU activation is implemented"),
+        "attention_bias" => (json!(false), "attention projections have no bias here"),
+        "mlp_bias" => (json!(false), "MLP projections have no bias here"),
+        "rope_scaling" => (
+            json!(null),
+            "only unscaled rotary embeddings are implemented",
+        ),
+        "pretraining_tp" => (
+            json!(1),
+            "tensor-parallel pretraining slices are not implemented",
+        ),
+        "attention_dropout" => (json!(0.0), "attention dropout is not implemented"),
+        _ => return None,
+    };
+    Some((value, why))
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json`, refusing every field that would make the
+    /// model differ from what Starling trains (rope scaling, another activation,
+    /// biases, an unknown field…): ignored, a Llama 3 config would silently train a
+    /// different model than the file describes.
+    pub fn from_hf_json(text: &str) -> Result<Self, HfConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| HfConfigError::Malformed(e.to_string()))?;
+        let config: ModelConfig = serde_json::from_value(value.clone())
+            .map_err(|e| HfConfigError::Malformed(e.to_string()))?;
+        let ours =
+            serde_json::to_value(&config).map_err(|e| HfConfigError::Malformed(e.to_string()))?;
+        let fields = value.as_object().into_iter().flatten();
+        for (field, given) in fields {
+            if ours.get(field).is_some() || IGNORED_FIELDS.contains(&field.as_str()) {
+                continue;
+            }
+            let unsupported = |why| HfConfigError::Unsupported {
+                field: field.clone(),
+                value: given.to_string(),
+                why,
+            };
+            match (field.as_str(), required_value(field)) {
+                ("head_dim", _) if given.as_u64() == Some(config.head_dim() as u64) => {}
+                ("head_dim", _) => {
+                    return Err(unsupported(
+                        "only hidden_size / num_attention_heads is implemented",
+                    ));
+                }
+                (_, Some((wanted, _))) if numeric_eq(given, &wanted) => {}
+                (_, Some((_, why))) => return Err(unsupported(why)),
+                (_, None) => return Err(unsupported("Starling does not implement this field")),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Equal as JSON, with `0` and `0.0` the same number.
+fn numeric_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -242,6 +338,49 @@ mod tests {
         let problem = c.validate().unwrap_err();
         assert_eq!(problem.field, "hidden_size");
         assert!(problem.message.contains("= 3 must be even"), "{problem}");
+    }
+
+    #[test]
+    fn a_config_json_is_read_only_when_it_describes_what_is_trained() {
+        let written = Preset::Tiny.config(256).to_hf_json();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = written.clone();
+            v[field] = value;
+            ModelConfig::from_hf_json(&v.to_string())
+        };
+        assert_eq!(
+            ModelConfig::from_hf_json(&written.to_string()),
+            Ok(Preset::Tiny.config(256))
+        );
+        // What Llama 3 configs carry and changes nothing here.
+        assert!(with("eos_token_id", serde_json::json!([128001, 128009])).is_ok());
+        assert!(with("torch_dtype", "bfloat16".into()).is_ok());
+        assert!(with("head_dim", 32.into()).is_ok());
+        assert!(with("attention_dropout", 0.into()).is_ok());
+        let refused = [
+            (
+                "rope_scaling",
+                serde_json::json!({"rope_type": "llama3", "factor": 32.0}),
+            ),
+            ("hidden_act", "gelu".into()),
+            ("attention_bias", true.into()),
+            ("mlp_bias", true.into()),
+            ("model_type", "mistral".into()),
+            ("head_dim", 64.into()),
+            ("sliding_window", 4096.into()),
+        ];
+        for (field, value) in refused {
+            match with(field, value) {
+                Err(HfConfigError::Unsupported { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let err = with("rope_scaling", serde_json::json!({"factor": 8.0})).unwrap_err();
+        assert!(err.to_string().contains("rope_scaling"), "{err}");
+        assert!(matches!(
+            ModelConfig::from_hf_json("{\"hidden_size\": 4}"),
+            Err(HfConfigError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -7,7 +7,9 @@ mod llama;
 mod optim;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint};
-pub use config::{ConfigError, DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE_THETA, ModelConfig, Preset};
+pub use config::{
+    ConfigError, DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE_THETA, HfConfigError, ModelConfig, Preset,
+};
 pub use llama::{Llama, parameter_shapes};
 pub use optim::{AdamWConfig, InnerOptimizer, LrSchedule};
 
