@@ -239,7 +239,7 @@ impl InitArgs {
             .with_context(|| format!("{} is not a model config", self.config.display()))?;
         let model = Llama::new(config, self.seed, &Device::Cpu)?;
         let meta = serde_json::json!({"round": 0, "seed": self.seed, "tokenizer": "bytes"});
-        save_checkpoint(&self.out, &model, &meta, &[])?;
+        save_checkpoint(&self.out, &model, &meta, &Tokenizer::Bytes.files())?;
         println!(
             "wrote {} ({} parameters)",
             self.out.display(),

@@ -18,6 +18,46 @@ pub enum Tokenizer {
 
 /// The file name a Hugging Face tokenizer has in a checkpoint.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// What `AutoTokenizer` reads first: which class loads `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// `tokenizer_config.json` for either tokenizer: the fast tokenizer over `tokenizer.json`.
+const TOKENIZER_CONFIG: &str = r#"{
+  "tokenizer_class": "PreTrainedTokenizerFast",
+  "clean_up_tokenization_spaces": false
+}
+"#;
+
+/// The byte tokenizer as Hugging Face tools load it: byte-level BPE with the 256 bytes
+/// as its vocabulary (byte `b` is token `b`) and no merges, so `AutoTokenizer` and
+/// `pipeline("text-generation")` read a byte-level checkpoint as Starling trained it.
+static BYTES_TOKENIZER_JSON: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+        .map(|b| (byte_level_char(b).to_string(), serde_json::json!(b)))
+        .collect();
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": false, "use_regex": false});
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": []},
+    });
+    serde_json::to_vec_pretty(&json).unwrap_or_default()
+});
+
+/// The printable character byte-level BPE writes byte `b` as (GPT-2's mapping: printable
+/// Latin-1 stands for itself, every other byte for a character from U+0100 on, in order).
+fn byte_level_char(b: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(b) {
+        return char::from(b);
+    }
+    let rank = (0..b).filter(|x| !printable(*x)).count() as u32;
+    char::from_u32(256 + rank).unwrap_or(char::REPLACEMENT_CHARACTER)
+}
 
 impl Tokenizer {
     /// From a TrainingRun's `data.tokenizer`: `bytes`, or the path of a `tokenizer.json`
@@ -51,6 +91,11 @@ impl Tokenizer {
     }
 
     fn from_json(json: Vec<u8>, file: &Path) -> Result<Self, DataError> {
+        // The byte tokenizer's own file (a checkpoint of a byte-level run) is bytes, so
+        // that a run initialised from one keeps the same vocabulary name.
+        if json == *BYTES_TOKENIZER_JSON {
+            return Ok(Tokenizer::Bytes);
+        }
         let inner =
             tokenizers::Tokenizer::from_bytes(&json).map_err(|e| DataError::BadTokenizer {
                 path: PathBuf::from(file),
@@ -77,12 +122,16 @@ impl Tokenizer {
         }
     }
 
-    /// Files a checkpoint must carry for this tokenizer (none for bytes).
+    /// Files a checkpoint carries for this tokenizer, as Hugging Face tools load them.
     pub fn files(&self) -> Vec<(&'static str, &[u8])> {
-        match self {
-            Tokenizer::Bytes => vec![],
-            Tokenizer::HuggingFace { json, .. } => vec![(TOKENIZER_FILE, json.as_slice())],
-        }
+        let json = match self {
+            Tokenizer::Bytes => BYTES_TOKENIZER_JSON.as_slice(),
+            Tokenizer::HuggingFace { json, .. } => json.as_slice(),
+        };
+        vec![
+            (TOKENIZER_FILE, json),
+            (TOKENIZER_CONFIG_FILE, TOKENIZER_CONFIG.as_bytes()),
+        ]
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<Token>, DataError> {
@@ -124,6 +173,31 @@ mod tests {
         assert!(tokens.iter().all(|&x| x < t.vocab_size()));
         assert_eq!(t.decode(&tokens), text);
         assert_eq!(t.decode(&[0xe2, 0x80]), "\u{fffd}");
+    }
+
+    #[test]
+    fn the_byte_tokenizer_written_for_hugging_face_tools_is_the_byte_tokenizer() {
+        let (name, json) = Tokenizer::Bytes.files()[0];
+        assert_eq!(name, TOKENIZER_FILE);
+        let hf = tokenizers::Tokenizer::from_bytes(json).unwrap();
+        assert_eq!(hf.get_vocab_size(true), 256);
+        let text = "To be, or not to be — «that» is\n\tthe question.\u{0}\u{7f}";
+        let ids = hf.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, Tokenizer::Bytes.encode(text).unwrap());
+        let every_byte: Vec<u32> = (0..=255).collect();
+        let chars: std::collections::BTreeSet<char> = (0..=255).map(byte_level_char).collect();
+        assert_eq!(chars.len(), 256, "each byte its own character");
+        assert_eq!(hf.decode(&ids, false).unwrap(), text);
+        assert_eq!(hf.decode(&every_byte[..128], false).unwrap().len(), 128);
+        // A checkpoint carrying it reads back as bytes: the vocabulary keeps its name.
+        let dir = tempfile::tempdir().unwrap();
+        for (file, bytes) in Tokenizer::Bytes.files() {
+            std::fs::write(dir.path().join(file), bytes).unwrap();
+        }
+        assert_eq!(
+            Tokenizer::of_checkpoint(dir.path()).unwrap().name(),
+            "bytes"
+        );
     }
 
     #[test]
