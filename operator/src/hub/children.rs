@@ -31,6 +31,11 @@ use crate::k8s::{
 
 /// Port the exchange serves gRPC and `/metrics` on.
 pub const EXCHANGE_PORT: u16 = 7070;
+
+/// Where peers and the operator reach the exchange at `host` (its Service's address).
+pub fn exchange_url(host: &str) -> String {
+    format!("http://{host}:{EXCHANGE_PORT}")
+}
 /// Where the exchange keeps its state, data and checkpoints inside its pod.
 pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
 /// Key of the exchange's tokens file in the run's credentials Secret.

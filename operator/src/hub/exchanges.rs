@@ -41,6 +41,7 @@ pub struct Exchanges {
 
 struct Watched {
     url: String,
+    token: String,
     client: ExchangeClient,
     /// What the exchange last said; `None` while it does not answer.
     latest: watch::Receiver<Option<proto::RunState>>,
@@ -71,7 +72,10 @@ impl Exchanges {
     pub fn state(&self, run: &TrainingRun, url: &str, token: &str) -> Option<proto::RunState> {
         let uid = run.uid().unwrap_or_default();
         let mut watched = self.lock();
-        if let Some(w) = watched.get(&uid).filter(|w| w.url == url) {
+        if let Some(w) = watched
+            .get(&uid)
+            .filter(|w| w.url == url && w.token == token)
+        {
             return w.latest.borrow().clone();
         }
         let client = match connect(url, token) {
@@ -90,6 +94,7 @@ impl Exchanges {
         ));
         let entry = Watched {
             url: url.into(),
+            token: token.into(),
             client,
             latest,
             task: task.abort_handle(),

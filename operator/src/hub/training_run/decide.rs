@@ -256,7 +256,7 @@ pub fn decide(o: &Observed) -> Decision {
         );
         return d.finish(Some(RESYNC));
     };
-    let endpoint = format!("http://{address}:{}", children::EXCHANGE_PORT);
+    let endpoint = children::exchange_url(address);
     let settings = GroupSettings {
         image,
         run_env: &run_env,

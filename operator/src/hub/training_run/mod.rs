@@ -180,12 +180,15 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     let run = &*ctx.statuses.fresh(run);
     let members = ctx.stores.members.state();
     let groups = ctx.stores.groups.state();
+    let credentials = credentials(ctx, run);
+    let token = credentials.as_ref().and_then(|t| t.get(OPERATOR_TOKEN_KEY));
+    let exchange = observe_exchange(ctx, run, token.map(String::as_str));
     let mut observed = Observed {
         run,
         now: Timestamp::now(),
         default_image: &ctx.config.trainer_image,
-        credentials: credentials(ctx, run),
-        exchange: observe_exchange(ctx, run),
+        credentials,
+        exchange,
         members: &members,
         groups: &groups,
     };
@@ -237,8 +240,9 @@ fn credentials(ctx: &Context, run: &TrainingRun) -> Option<BTreeMap<String, Stri
     Some(tokens_of(&secret))
 }
 
-/// The exchange's address, pod health and, if it answers, its state.
-fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved {
+/// The exchange's address, pod health and, if it answers (to the operator's `token`),
+/// its state.
+fn observe_exchange(ctx: &Context, run: &TrainingRun, token: Option<&str>) -> ExchangeObserved {
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let address = ctx
@@ -263,11 +267,10 @@ fn observe_exchange(ctx: &Context, run: &TrainingRun) -> ExchangeObserved {
     if finished {
         ctx.exchanges.forget(&uid);
     }
-    let token = credentials(ctx, run).and_then(|mut t| t.remove(OPERATOR_TOKEN_KEY));
     let state = match (&address, token) {
         (Some(host), Some(token)) if !finished => {
-            let url = format!("http://{host}:{}", super::children::EXCHANGE_PORT);
-            ctx.exchanges.state(run, &url, &token)
+            ctx.exchanges
+                .state(run, &super::children::exchange_url(host), token)
         }
         _ => None,
     };
