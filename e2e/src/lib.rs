@@ -5,4 +5,5 @@ pub mod bench;
 pub mod demo;
 pub mod federation;
 pub mod harness;
+pub mod hub;
 pub mod kubelet;

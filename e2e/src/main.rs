@@ -35,6 +35,20 @@ enum Command {
         #[arg(long, default_value = ".starling/clusters")]
         dir: PathBuf,
     },
+    /// Run a Hugging Face Hub double (the upload and download API, LFS storage on a
+    /// second port) until stopped.
+    Hub {
+        /// Port on 127.0.0.1; 0 picks a free one.
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Where repos and files are kept (reloaded on restart).
+        #[arg(long, default_value = ".starling/hub")]
+        data: PathBuf,
+        /// Accepted tokens as `TOKEN:USER:read|write[:ORG,ORG]`.
+        #[arg(long = "token", value_parser = starling_e2e::hub::parse_account,
+              default_value = "hf_starling_local:starling:write:starling-dev")]
+        tokens: Vec<(String, starling_e2e::hub::Account)>,
+    },
     /// Benchmarks: the Starling operator at fleet scale.
     Bench {
         #[command(subcommand)]
@@ -62,6 +76,19 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     std::fs::write(&path, running.kubeconfig("local"))?;
                 }
                 println!("API server listening on {}", running.url);
+                tokio::signal::ctrl_c().await?;
+                anyhow::Ok(())
+            })?;
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Hub { port, data, tokens } => {
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let hub = starling_e2e::hub::HubDouble::new(&data, tokens.into_iter().collect())?;
+                let running = hub.start(port).await?;
+                println!(
+                    "Hub listening on {} (storage {})",
+                    running.url, running.storage_url
+                );
                 tokio::signal::ctrl_c().await?;
                 anyhow::Ok(())
             })?;

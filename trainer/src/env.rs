@@ -59,6 +59,20 @@ pub const EXCHANGE: &str = "STARLING_EXCHANGE";
 pub const TOKEN: &str = "STARLING_TOKEN";
 pub const BANDWIDTH_MBPS: &str = "STARLING_BANDWIDTH_MBPS";
 
+// The publisher (`starling-trainer publish`). The token and endpoint use the names every
+// Hugging Face tool reads.
+pub const HUB_TOKEN: &str = "HF_TOKEN";
+pub const HUB_ENDPOINT: &str = "HF_ENDPOINT";
+pub const PUBLISH_TOKEN_FILE: &str = "STARLING_PUBLISH_TOKEN_FILE";
+pub const PUBLISH_REPO: &str = "STARLING_PUBLISH_REPO";
+pub const PUBLISH_REVISION: &str = "STARLING_PUBLISH_REVISION";
+pub const PUBLISH_PRIVATE: &str = "STARLING_PUBLISH_PRIVATE";
+pub const PUBLISH_TAG: &str = "STARLING_PUBLISH_TAG";
+pub const PUBLISH_MAX_SHARD_BYTES: &str = "STARLING_PUBLISH_MAX_SHARD_BYTES";
+pub const PUBLISH_LICENSE: &str = "STARLING_PUBLISH_LICENSE";
+pub const PUBLISH_DATASETS: &str = "STARLING_PUBLISH_DATASETS";
+pub const PUBLISH_RESULT_FILE: &str = "STARLING_PUBLISH_RESULT_FILE";
+
 // Both.
 pub const DATA_DIR: &str = "STARLING_DATA_DIR";
 pub const CHECKPOINT_DIR: &str = "STARLING_CHECKPOINT_DIR";

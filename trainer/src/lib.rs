@@ -6,6 +6,7 @@ pub mod codec;
 pub mod data;
 pub mod env;
 pub mod exchange;
+pub mod hub;
 pub mod local;
 pub mod model;
 pub mod outer;

@@ -12,6 +12,7 @@ use starling_trainer::data::Tokenizer;
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::exchange::{Settings, Tokens};
+use starling_trainer::hub;
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::{Run, RunConfig};
@@ -34,6 +35,8 @@ enum Command {
     Init(InitArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Publish a checkpoint directory to the Hugging Face Hub as one commit.
+    Publish(PublishArgs),
     /// Benchmarks; each prints a table, or JSON lines with --json.
     #[command(subcommand)]
     Bench(Bench),
@@ -239,7 +242,7 @@ impl InitArgs {
             .with_context(|| format!("{} is not a model config", self.config.display()))?;
         let model = Llama::new(config, self.seed, &Device::Cpu)?;
         let meta = serde_json::json!({"round": 0, "seed": self.seed, "tokenizer": "bytes"});
-        save_checkpoint(&self.out, &model, &meta, &Tokenizer::Bytes.files())?;
+        save_checkpoint(&self.out, &model, &meta, &Tokenizer::Bytes)?;
         println!(
             "wrote {} ({} parameters)",
             self.out.display(),
@@ -344,6 +347,84 @@ impl Bench {
     }
 }
 
+#[derive(Args)]
+struct PublishArgs {
+    /// The checkpoint directory (any the trainer writes, `init`'s included).
+    #[arg(long, env = env::CHECKPOINT)]
+    checkpoint: PathBuf,
+    /// The model repo, `namespace/name`; created if missing.
+    #[arg(long, env = env::PUBLISH_REPO)]
+    repo: hub::RepoId,
+    #[arg(long, env = env::HUB_ENDPOINT, default_value = hub::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// The branch to commit to.
+    #[arg(long, env = env::PUBLISH_REVISION, default_value = "main")]
+    revision: String,
+    /// Create the repo private (an existing repo keeps its visibility).
+    #[arg(long, env = env::PUBLISH_PRIVATE)]
+    private: bool,
+    /// Tag the commit `round-N` (default true).
+    #[arg(long, env = env::PUBLISH_TAG, default_value_t = true, action = clap::ArgAction::Set)]
+    tag: bool,
+    /// Split the weights into shards above this many bytes.
+    #[arg(long, env = env::PUBLISH_MAX_SHARD_BYTES, default_value_t = hub::DEFAULT_MAX_SHARD_BYTES)]
+    max_shard_bytes: u64,
+    /// The model card's license (a Hub license id such as `apache-2.0`).
+    #[arg(long, env = env::PUBLISH_LICENSE)]
+    license: Option<String>,
+    /// Hub datasets the model was trained on, for the model card.
+    #[arg(long = "dataset", env = env::PUBLISH_DATASETS, value_delimiter = ',')]
+    datasets: Vec<String>,
+    /// A file holding the token (else `HF_TOKEN`).
+    #[arg(long, env = env::PUBLISH_TOKEN_FILE)]
+    token_file: Option<PathBuf>,
+    /// Write what was published here as JSON (in a pod: `/dev/termination-log`).
+    #[arg(long, env = env::PUBLISH_RESULT_FILE)]
+    result_file: Option<PathBuf>,
+}
+
+impl PublishArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let token = match &self.token_file {
+            Some(file) => Some(String::from_utf8(read(file)?)?.trim().to_owned()),
+            None => std::env::var(env::HUB_TOKEN).ok(),
+        };
+        let hub = hub::Hub::new(&self.endpoint, token)?;
+        let mut opts = hub::PublishOptions::new(self.repo.clone());
+        opts.revision = self.revision;
+        opts.private = self.private;
+        opts.tag = self.tag;
+        opts.max_shard_bytes = self.max_shard_bytes;
+        opts.card.license = self.license;
+        opts.card.datasets = self.datasets;
+        let progress = std::sync::Arc::new(hub::ProgressLine::default());
+        let published = tokio::runtime::Runtime::new()?.block_on(hub::publish(
+            &hub,
+            &self.checkpoint,
+            &opts,
+            progress,
+        ))?;
+        let json = serde_json::to_string(&published)?;
+        if let Some(file) = &self.result_file {
+            std::fs::write(file, &json).with_context(|| format!("writing {}", file.display()))?;
+        }
+        let verb = if published.already {
+            "already published"
+        } else {
+            "published"
+        };
+        println!(
+            "{} {verb} as {} {} (commit {}): {}",
+            self.checkpoint.display(),
+            published.repo,
+            published.revision,
+            published.commit,
+            published.url
+        );
+        Ok(())
+    }
+}
+
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -362,6 +443,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Exchange(args) => return args.run(),
         Command::Init(args) => args.run()?,
         Command::Sample(args) => args.run()?,
+        Command::Publish(args) => args.run()?,
         Command::Bench(bench) => bench.run()?,
     }
     Ok(ExitCode::SUCCESS)

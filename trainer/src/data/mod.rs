@@ -16,7 +16,7 @@ mod tokenizer;
 pub use assignment::{Assignment, Batch};
 pub use corpus::Corpus;
 pub use shards::Shards;
-pub use tokenizer::{TOKENIZER_FILE, Tokenizer};
+pub use tokenizer::{SpecialTokens, TOKENIZER_FILE, Tokenizer};
 
 use std::path::PathBuf;
 

@@ -59,6 +59,18 @@ fn byte_level_char(b: u8) -> char {
     char::from_u32(256 + rank).unwrap_or(char::REPLACEMENT_CHARACTER)
 }
 
+/// Where generation starts and stops, in token ids (`None`: no such token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<Token>,
+    pub eos: Option<Token>,
+}
+
+/// Beginning-of-text tokens of the LLaMA 1/2, LLaMA 3, GPT-2 and Gemma families.
+const BOS_NAMES: [&str; 4] = ["<s>", "<|begin_of_text|>", "<|endoftext|>", "<bos>"];
+/// End-of-text tokens of the same families.
+const EOS_NAMES: [&str; 4] = ["</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"];
+
 impl Tokenizer {
     /// From a TrainingRun's `data.tokenizer`: `bytes`, or the path of a `tokenizer.json`
     /// (or of a directory holding one, such as a checkpoint).
@@ -119,6 +131,29 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => 256,
             Tokenizer::HuggingFace { inner, .. } => inner.get_vocab_size(true) as u32,
+        }
+    }
+
+    /// The tokens generation starts and stops at, as `config.json` and
+    /// `generation_config.json` name them.
+    ///
+    /// The byte vocabulary has no special tokens: generation starts from a newline (how
+    /// every speech in the corpus begins) and stops only at its length limit. Without
+    /// these ids Hugging Face tools assume 1 and 2, two control bytes.
+    /// A `tokenizer.json` gives its own, found by the names the common families use.
+    pub fn special_tokens(&self) -> SpecialTokens {
+        match self {
+            Tokenizer::Bytes => SpecialTokens {
+                bos: Some(u32::from(b'\n')),
+                eos: None,
+            },
+            Tokenizer::HuggingFace { inner, .. } => {
+                let first = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+                SpecialTokens {
+                    bos: first(&BOS_NAMES),
+                    eos: first(&EOS_NAMES),
+                }
+            }
         }
     }
 
@@ -197,6 +232,29 @@ mod tests {
         assert_eq!(
             Tokenizer::of_checkpoint(dir.path()).unwrap().name(),
             "bytes"
+        );
+    }
+
+    #[test]
+    fn special_tokens_come_from_the_vocabulary_or_start_bytes_at_a_newline() {
+        let bytes = Tokenizer::Bytes.special_tokens();
+        assert_eq!(
+            bytes,
+            SpecialTokens {
+                bos: Some(10),
+                eos: None
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let with_eos = WORDS.replace(r#""not":4"#, r#""not":4,"</s>":5"#);
+        std::fs::write(dir.path().join(TOKENIZER_FILE), with_eos).unwrap();
+        let t = Tokenizer::from_spec(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(
+            t.special_tokens(),
+            SpecialTokens {
+                bos: None,
+                eos: Some(5)
+            }
         );
     }
 

@@ -324,8 +324,13 @@ fn a_run_starts_from_a_checkpoint_and_keeps_its_hugging_face_tokenizer() {
         "vocab":{"[UNK]":0,"the":1,"and":2,"I":3,"to":4,"of":5,",":6,".":7}}}"#;
     let dir = federate_with("sparseloco", |dir| {
         let init = Llama::new(small_config(), 42, &Device::Cpu).unwrap();
-        crate::model::save_checkpoint(&dir.join("init"), &init, &serde_json::json!({}), &[])
-            .unwrap();
+        crate::model::save_checkpoint(
+            &dir.join("init"),
+            &init,
+            &serde_json::json!({}),
+            &crate::data::Tokenizer::Bytes,
+        )
+        .unwrap();
         std::fs::write(dir.join("tokenizer.json"), words).unwrap();
         ["--init-from", "--tokenizer"]
             .into_iter()

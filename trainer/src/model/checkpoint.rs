@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::{Llama, ModelConfig, ModelError};
+use crate::data::{SpecialTokens, Tokenizer};
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {
@@ -16,13 +17,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
 }
 
 /// Writes `model.safetensors`, `config.json`, `generation_config.json`,
-/// `starling.json` (`meta`: run, round, tokens, loss, codec) and `files` (the tokenizer's)
+/// `starling.json` (`meta`: run, round, tokens, loss, codec) and the tokenizer's files
 /// into `dir`, replacing any checkpoint already there only once the new one is complete.
 pub fn save_checkpoint(
     dir: &Path,
     model: &Llama,
     meta: &serde_json::Value,
-    files: &[(&str, &[u8])],
+    tokenizer: &Tokenizer,
 ) -> Result<(), ModelError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -52,18 +53,19 @@ pub fn save_checkpoint(
         }
     })?;
     let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
+    let special = tokenizer.special_tokens();
+    let mut config = model.config().to_hf_json();
+    config["bos_token_id"] = serde_json::json!(special.bos);
+    config["eos_token_id"] = serde_json::json!(special.eos);
     let json_files = [
-        ("config.json", json(&model.config().to_hf_json())),
-        (
-            "generation_config.json",
-            json(&serde_json::json!({"_from_model_config": true})),
-        ),
+        ("config.json", json(&config)),
+        ("generation_config.json", json(&generation_config(special))),
         ("starling.json", json(meta)),
     ];
     let all = json_files
         .iter()
         .map(|(f, b)| (*f, b.as_slice()))
-        .chain(files.iter().copied());
+        .chain(tokenizer.files());
     for (file, bytes) in all {
         let path = tmp.join(file);
         std::fs::write(&path, bytes).map_err(io(&path))?;
@@ -80,6 +82,19 @@ pub fn save_checkpoint(
         std::fs::rename(&tmp, dir).map_err(io(dir))?;
     }
     Ok(())
+}
+
+/// How `generate()` samples by default: as `starling-trainer sample` does (temperature
+/// 0.8), from and to the tokenizer's special tokens.
+fn generation_config(special: SpecialTokens) -> serde_json::Value {
+    serde_json::json!({
+        "_from_model_config": true,
+        "bos_token_id": special.bos,
+        "eos_token_id": special.eos,
+        "do_sample": true,
+        "temperature": 0.8,
+        "top_k": 0,
+    })
 }
 
 /// Loads a checkpoint written by [`save_checkpoint`] (or any `LlamaForCausalLM`

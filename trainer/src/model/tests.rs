@@ -170,7 +170,8 @@ fn checkpoints_round_trip_and_bad_ones_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("round-3");
     let meta = serde_json::json!({"run": "test", "round": 3});
-    save_checkpoint(&ckpt, &m, &meta, &[]).unwrap();
+    let tok = Tokenizer::Bytes;
+    save_checkpoint(&ckpt, &m, &meta, &tok).unwrap();
     for f in [
         "model.safetensors",
         "config.json",
@@ -183,12 +184,21 @@ fn checkpoints_round_trip_and_bad_ones_are_reported() {
         serde_json::from_slice(&std::fs::read(ckpt.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert_eq!(config["num_key_value_heads"], 2);
+    // Generation starts at a newline and has no end token: never transformers' guess
+    // of 1 and 2, two control bytes.
+    assert_eq!(config["bos_token_id"], 10);
+    assert!(config["eos_token_id"].is_null());
+    let generation: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("generation_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(generation["bos_token_id"], 10);
+    assert_eq!(generation["temperature"], 0.8);
     let (loaded, loaded_meta) = load_checkpoint(&ckpt, &Device::Cpu).unwrap();
     assert_eq!(params_of(&loaded), params_of(&m));
     assert_eq!(loaded_meta, meta);
     // Overwriting replaces the checkpoint whole, and leaves no partial directories.
     let m2 = Llama::new(small(), 12, &Device::Cpu).unwrap();
-    save_checkpoint(&ckpt, &m2, &meta, &[]).unwrap();
+    save_checkpoint(&ckpt, &m2, &meta, &tok).unwrap();
     assert_eq!(
         params_of(&load_checkpoint(&ckpt, &Device::Cpu).unwrap().0),
         params_of(&m2)

@@ -257,7 +257,7 @@ impl<'a> Peer<'a> {
                 "algorithm": run.config.algorithm,
                 "tokenizer": run.tokenizer.name(),
             });
-            save_checkpoint(dir, &self.replica.model, &meta, &run.tokenizer.files())?;
+            save_checkpoint(dir, &self.replica.model, &meta, &run.tokenizer)?;
         }
         tracing::info!(peer = %self.report.peer, report = ?self.report, "run finished");
         Ok(self.report)

@@ -73,6 +73,15 @@ pub(super) struct Checkpoint<'a> {
     pub validation_loss: f32,
     pub train_loss: f32,
     pub contributors: &'a [PeerId],
+    pub so_far: SoFar,
+}
+
+/// The run's progress as a checkpoint reports it.
+pub(super) struct SoFar {
+    /// Tokens trained on, all peers together.
+    pub tokens: u64,
+    /// Validation loss at the start of each recent round, oldest first: the loss curve.
+    pub validation: Vec<(u32, f32)>,
 }
 
 /// Writes `<checkpoint_dir>/round-<next>/` when it is due: every `checkpoint_every`
@@ -102,9 +111,13 @@ pub(super) fn write_checkpoint(
         "codec": {"chunk": config.chunk, "k": config.k, "bits": config.bits,
                   "error_feedback": config.error_feedback},
         "contributors": checkpoint.contributors.iter().map(PeerId::to_string).collect::<Vec<_>>(),
+        "tokens": checkpoint.so_far.tokens,
+        "validation_curve": checkpoint.so_far.validation.iter()
+            .map(|(round, loss)| serde_json::json!({"round": round, "loss": loss}))
+            .collect::<Vec<_>>(),
     });
     let path = dir.join(format!("round-{:06}", next.0));
-    save_checkpoint(&path, &global.model, &meta, &shared.run.tokenizer.files())
+    save_checkpoint(&path, &global.model, &meta, &shared.run.tokenizer)
         .map_err(|e| e.to_string())?;
     tracing::info!(round = next.0, path = %path.display(), "checkpoint written");
     Ok(())

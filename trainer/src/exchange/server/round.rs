@@ -99,6 +99,8 @@ pub(super) struct ClosingRound {
     at_deadline: bool,
     /// The settings in force when the round closed: its result is applied with them.
     settings: Settings,
+    /// Where the run stood before this round: what its checkpoint reports.
+    so_far: persist::SoFar,
 }
 
 /// One peer's update for the open round.
@@ -149,6 +151,15 @@ pub(super) async fn close_rounds(shared: Weak<Shared>, wake: Arc<Notify>) {
     }
 }
 
+/// Tokens a closed round trained on: every contributing peer's inner steps.
+fn round_tokens(config: &crate::run::RunConfig, entries: &[(PeerId, f32, Arc<Vec<u8>>)]) -> u64 {
+    let contributing = entries.iter().filter(|(_, w, _)| *w > 0.0).count() as u64;
+    contributing
+        * u64::from(config.steps_per_round())
+        * u64::from(config.batch)
+        * u64::from(config.sequence_length)
+}
+
 impl Exchange {
     /// Moves the open round to [`RoundState::Closing`] if it is due at `now`, taking its
     /// updates; otherwise says when to look again.
@@ -195,12 +206,24 @@ impl Exchange {
             .into_iter()
             .map(|(p, s)| (p, state.weights.get(&p).copied().unwrap_or(1.0), s.bytes))
             .collect();
+        let so_far = persist::SoFar {
+            tokens: state.tokens,
+            validation: std::iter::once((0, state.initial_validation_loss))
+                .chain(
+                    state
+                        .summaries
+                        .iter()
+                        .map(|s| (s.round + 1, s.validation_loss)),
+                )
+                .collect(),
+        };
         Ok(ClosingRound {
             round,
             entries,
             train_loss,
             at_deadline,
             settings,
+            so_far,
         })
     }
 
@@ -212,11 +235,12 @@ impl Exchange {
             train_loss,
             at_deadline,
             settings,
+            so_far,
         } = closing;
         let this = self.clone();
         let to_apply = entries.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            this.advance(round, &to_apply, train_loss, settings)
+            this.advance(round, &to_apply, train_loss, settings, so_far)
         })
         .await
         .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
@@ -259,11 +283,7 @@ impl Exchange {
         let next = closed.round.next();
         {
             let mut state = self.state();
-            let contributing = closed.entries.iter().filter(|(_, w, _)| *w > 0.0).count() as u64;
-            state.tokens += contributing
-                * u64::from(config.steps_per_round())
-                * u64::from(config.batch)
-                * u64::from(config.sequence_length);
+            state.tokens += round_tokens(config, &closed.entries);
             state.closed.push_back(closed);
             while state.closed.len() > self.shared.opts.keep_rounds.max(1) {
                 state.closed.pop_front();
@@ -287,6 +307,7 @@ impl Exchange {
         entries: &[(PeerId, f32, Arc<Vec<u8>>)],
         train_loss: f32,
         settings: Settings,
+        mut so_far: persist::SoFar,
     ) -> Result<(Vec<u8>, f32), String> {
         let shared = &self.shared;
         let mut global = shared.global.lock().unwrap_or_else(|p| p.into_inner());
@@ -311,12 +332,15 @@ impl Exchange {
         }
         let validation_loss = validation_loss(&g.model, &g.validation);
         let contributors: Vec<PeerId> = entries.iter().map(|(p, _, _)| *p).collect();
+        so_far.tokens += round_tokens(&shared.run.config, entries);
+        so_far.validation.push((next.0, validation_loss));
         let checkpoint = persist::Checkpoint {
             next,
             settings,
             validation_loss,
             train_loss,
             contributors: &contributors,
+            so_far,
         };
         persist::write_checkpoint(shared, g, checkpoint)?;
         Ok((bytes, validation_loss))
