@@ -101,6 +101,8 @@ struct Inner {
     transfers: Mutex<Transfers>,
     state: Mutex<State>,
     faults: Mutex<VecDeque<(Endpoint, Fault)>>,
+    /// `METHOD /path` of every request served, Hub and storage, in order.
+    log: Mutex<Vec<String>>,
     /// `http://127.0.0.1:port` and `http://localhost:port`, once started.
     urls: Mutex<(String, String)>,
 }
@@ -152,6 +154,7 @@ impl HubDouble {
                 transfers: Mutex::new(Transfers::default()),
                 state: Mutex::new(state),
                 faults: Mutex::new(VecDeque::new()),
+                log: Mutex::new(Vec::new()),
                 urls: Mutex::new(Default::default()),
             }),
         })
@@ -204,6 +207,29 @@ impl HubDouble {
     /// The next request to `endpoint` meets `fault` (faults are met in the order added).
     pub fn inject(&self, endpoint: Endpoint, fault: Fault) {
         self.lock_faults().push_back((endpoint, fault));
+    }
+
+    /// Faults injected and not met yet.
+    pub fn faults_left(&self) -> usize {
+        self.lock_faults().len()
+    }
+
+    /// `METHOD /path` of every request served so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.inner
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn record(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let line = format!("{method} {}", uri.path());
+        self.inner
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
     }
 
     fn take_fault(&self, endpoint: Endpoint) -> Option<Fault> {

@@ -118,6 +118,7 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    hub.record(&method, &uri);
     if headers.contains_key("authorization") {
         return answer(
             StatusCode::BAD_REQUEST,

@@ -8,7 +8,7 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::http::Auth;
-use super::{Hub, HubError, RepoFile, RepoId};
+use super::{Hub, HubError, Progress, RepoFile, RepoId};
 
 /// How the Hub wants a file: inline in the commit, or uploaded to LFS storage first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -215,14 +215,14 @@ impl Hub {
         Ok(modes)
     }
 
-    /// Uploads `files` to LFS storage unless the Hub holds them already; `sent` hears
-    /// (path, bytes sent, size) as they go.
+    /// Uploads `files` to LFS storage unless the Hub holds them already, reporting the
+    /// bytes sent as they go.
     pub async fn upload_lfs(
         &self,
         repo: &RepoId,
         revision: &str,
         files: &[&RepoFile],
-        sent: Arc<dyn Fn(&str, u64, u64) + Send + Sync>,
+        progress: Arc<dyn Progress>,
     ) -> Result<(), HubError> {
         for batch in files.chunks(256) {
             let objects: Vec<_> = batch
@@ -248,7 +248,7 @@ impl Hub {
                     .iter()
                     .find(|f| f.sha256 == object.oid)
                     .ok_or_else(|| malformed("LFS batch", "an object nobody asked for"))?;
-                self.upload_object(file, object, sent.clone()).await?;
+                self.upload_object(file, object, progress.clone()).await?;
             }
         }
         Ok(())
@@ -260,7 +260,7 @@ impl Hub {
         &self,
         file: &RepoFile,
         object: BatchObject,
-        sent: Arc<dyn Fn(&str, u64, u64) + Send + Sync>,
+        progress: Arc<dyn Progress>,
     ) -> Result<(), HubError> {
         if let Some(e) = object.error {
             return Err(HubError::Status {
@@ -272,13 +272,13 @@ impl Hub {
             });
         }
         let Some(actions) = object.actions else {
-            sent(&file.path, file.size, file.size);
+            progress.sent(&file.path, file.size, file.size);
             return Ok(());
         };
         let what = format!("uploading {}", file.path);
         let path = file.path.clone();
         let size = file.size;
-        let progress = move |at: u64| sent(&path, at, size);
+        let progress = move |at: u64| progress.sent(&path, at, size);
         let progress = Arc::new(progress);
         match chunk_size(&actions.upload) {
             None => {

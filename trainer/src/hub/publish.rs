@@ -191,8 +191,7 @@ async fn upload(
         "uploading {} large files, {bytes} bytes",
         lfs.len()
     ));
-    let sent = move |path: &str, at: u64, size: u64| progress.sent(path, at, size);
-    hub.upload_lfs(&opts.repo, &opts.revision, &lfs, Arc::new(sent))
+    hub.upload_lfs(&opts.repo, &opts.revision, &lfs, progress)
         .await?;
     Ok(modes)
 }
