@@ -349,9 +349,14 @@ impl Bench {
 
 #[derive(Args)]
 struct PublishArgs {
-    /// The checkpoint directory (any the trainer writes, `init`'s included).
+    /// The checkpoint: a directory (any the trainer writes, `init`'s included), or its
+    /// URL on the run's exchange (`http://…/checkpoints/round-000012`), which is
+    /// downloaded first and told what became of it.
     #[arg(long, env = env::CHECKPOINT)]
-    checkpoint: PathBuf,
+    checkpoint: String,
+    /// The publisher's token for the exchange (with a checkpoint URL).
+    #[arg(long, env = env::TOKEN, hide_env_values = true)]
+    exchange_token: Option<String>,
     /// The model repo, `namespace/name`; created if missing.
     #[arg(long, env = env::PUBLISH_REPO)]
     repo: hub::RepoId,
@@ -391,19 +396,20 @@ impl PublishArgs {
         };
         let hub = hub::Hub::new(&self.endpoint, token)?;
         let mut opts = hub::PublishOptions::new(self.repo.clone());
-        opts.revision = self.revision;
+        opts.revision = self.revision.clone();
         opts.private = self.private;
         opts.tag = self.tag;
         opts.max_shard_bytes = self.max_shard_bytes;
-        opts.card.license = self.license;
-        opts.card.datasets = self.datasets;
-        let progress = std::sync::Arc::new(hub::ProgressLine::default());
-        let published = tokio::runtime::Runtime::new()?.block_on(hub::publish(
-            &hub,
-            &self.checkpoint,
-            &opts,
-            progress,
-        ))?;
+        opts.card.license = self.license.clone();
+        opts.card.datasets = self.datasets.clone();
+        let runtime = tokio::runtime::Runtime::new()?;
+        let published =
+            if self.checkpoint.starts_with("http://") || self.checkpoint.starts_with("https://") {
+                runtime.block_on(self.from_exchange(&hub, &opts))?
+            } else {
+                let dir = Path::new(&self.checkpoint);
+                runtime.block_on(hub::publish(&hub, dir, &opts, progress()))?
+            };
         let json = serde_json::to_string(&published)?;
         if let Some(file) = &self.result_file {
             std::fs::write(file, &json).with_context(|| format!("writing {}", file.display()))?;
@@ -415,14 +421,47 @@ impl PublishArgs {
         };
         println!(
             "{} {verb} as {} {} (commit {}): {}",
-            self.checkpoint.display(),
-            published.repo,
-            published.revision,
-            published.commit,
-            published.url
+            self.checkpoint, published.repo, published.revision, published.commit, published.url
         );
         Ok(())
     }
+
+    /// Downloads the checkpoint from the exchange, publishes it, and reports the outcome
+    /// (a failure too: the operator shows the Hub's message).
+    async fn from_exchange(
+        &self,
+        hub: &hub::Hub,
+        opts: &hub::PublishOptions,
+    ) -> anyhow::Result<hub::Published> {
+        let token = self
+            .exchange_token
+            .clone()
+            .context("a checkpoint URL needs the publisher's exchange token (--exchange-token)")?;
+        let source = hub::ExchangeCheckpoint::new(&self.checkpoint, token)?;
+        let name = self
+            .checkpoint
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or("checkpoint");
+        let dir = std::env::temp_dir().join(format!("starling-{name}-{}", std::process::id()));
+        eprintln!("downloading {} from the exchange", self.checkpoint);
+        let published = match source.download(&dir).await {
+            Ok(()) => hub::publish(hub, &dir, opts, progress()).await,
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        let reported = source.report(published.as_ref()).await;
+        let published = published?;
+        // Unreported, the operator never learns of it: fail, and the retry (which finds
+        // the commit made) reports it.
+        reported.context("reporting the publication to the exchange")?;
+        Ok(published)
+    }
+}
+
+fn progress() -> std::sync::Arc<hub::ProgressLine> {
+    std::sync::Arc::new(hub::ProgressLine::default())
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

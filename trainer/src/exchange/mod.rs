@@ -122,6 +122,9 @@ pub enum Identity {
     Peer(PeerId),
     /// The operator: may set weights and read the run state, never submit updates.
     Operator,
+    /// The run's publisher: may read checkpoints and report their publication, nothing
+    /// else (it holds the Hub token, so it holds nothing more of the run's).
+    Publisher,
 }
 
 /// The run's bearer tokens, from a file of `<identity> <token>` lines (`p0 …`,
@@ -143,6 +146,7 @@ impl Tokens {
                 .ok_or_else(|| format!("line {}: expected `<identity> <token>`", n + 1))?;
             let identity = match who {
                 "operator" => Identity::Operator,
+                "publisher" => Identity::Publisher,
                 peer => Identity::Peer(peer.parse().map_err(|e| format!("line {}: {e}", n + 1))?),
             };
             if token.len() < 16 {
@@ -167,7 +171,7 @@ impl Tokens {
         self.0.insert(token.into(), identity);
     }
 
-    fn identify(&self, token: &str) -> Option<Identity> {
+    pub(crate) fn identify(&self, token: &str) -> Option<Identity> {
         self.0.get(token).copied()
     }
 }

@@ -611,3 +611,87 @@ async fn peers_reach_a_tls_exchange_only_through_its_ca() {
     assert!(connect(&https, None).join().await.is_err());
     assert!(connect(&url, None).join().await.is_err());
 }
+
+const PUBLISHER: &str = "publisher-token-000";
+
+/// A `GET` with a bearer token: the status line's code.
+async fn http_status(url: &str, path: &str, token: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response[9..12].parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_downloads_checkpoints_and_reports_publications_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let fp = run.fingerprint.clone();
+    let model = Llama::new(small_config(), 3, &Device::Cpu).unwrap();
+    let ckpt = dir.path().join("exchange/round-000003");
+    let meta = serde_json::json!({"round": 3});
+    crate::model::save_checkpoint(&ckpt, &model, &meta, &crate::data::Tokenizer::Bytes).unwrap();
+    let mut opts = options(dir.path());
+    opts.tokens.insert(PUBLISHER, Identity::Publisher);
+    let url = serve(run, opts).await;
+
+    // Only the publisher (and the operator) read checkpoints, and only checkpoints.
+    let list = "/checkpoints/round-000003";
+    assert_eq!(http_status(&url, list, &token(0)).await, 403);
+    assert_eq!(http_status(&url, list, "not-a-token-at-all").await, 401);
+    assert_eq!(http_status(&url, list, PUBLISHER).await, 200);
+    assert_eq!(
+        http_status(&url, "/checkpoints/round-000004", PUBLISHER).await,
+        404
+    );
+    assert_eq!(
+        http_status(&url, "/checkpoints/..%2Fstate", PUBLISHER).await,
+        404
+    );
+    assert_eq!(
+        http_status(&url, &format!("{list}/..%2F..%2Fx"), PUBLISHER).await,
+        404
+    );
+    // ...and the publisher's token opens nothing else.
+    let (r, _) = reason(client(&url, PUBLISHER, &fp).join().await.unwrap_err());
+    assert_eq!(r, Reason::Forbidden);
+    assert_eq!(
+        reason(client(&url, PUBLISHER, &fp).run_state().await.unwrap_err()).0,
+        Reason::Forbidden
+    );
+
+    let source =
+        crate::hub::ExchangeCheckpoint::new(&format!("{url}{list}"), PUBLISHER.into()).unwrap();
+    let copy = dir.path().join("copy");
+    source.download(&copy).await.unwrap();
+    for entry in std::fs::read_dir(&ckpt).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert!(
+            std::fs::read(copy.join(&name)).unwrap() == std::fs::read(ckpt.join(&name)).unwrap(),
+            "{name:?}"
+        );
+    }
+
+    let published = crate::hub::Published {
+        repo: "org/tiny".into(),
+        revision: "round-3".into(),
+        commit: "a".repeat(40),
+        url: "https://huggingface.co/org/tiny/tree/round-3".into(),
+        already: false,
+    };
+    source.report(Ok(&published)).await.unwrap();
+    let state = client(&url, OPERATOR, &fp).run_state().await.unwrap();
+    assert_eq!(state.publications.len(), 1);
+    let p = &state.publications[0];
+    assert_eq!(
+        (p.round, p.repo.as_str(), p.commit.as_str()),
+        (3, "org/tiny", published.commit.as_str())
+    );
+    assert!(p.error.is_empty() && p.at_ms > 0);
+}

@@ -9,12 +9,14 @@
 
 mod api;
 mod card;
+mod exchange;
 mod files;
 mod http;
 mod publish;
 
 pub use api::{CommitInfo, Committed, UploadMode};
 pub use card::CardContext;
+pub use exchange::ExchangeCheckpoint;
 pub use files::{DEFAULT_MAX_SHARD_BYTES, RepoFile, RepoFiles};
 pub use http::{DEFAULT_ENDPOINT, Hub, Retry};
 pub use publish::{Progress, ProgressLine, PublishOptions, Published, Quiet, publish};

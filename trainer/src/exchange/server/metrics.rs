@@ -46,6 +46,7 @@ impl Exchange {
             initial_validation_loss: state.initial_validation_loss,
             tokens: state.tokens,
             settings: state.settings.map(Into::into),
+            publications: state.publications.values().cloned().collect(),
         }
     }
 }

@@ -10,9 +10,11 @@
 //!
 //! By role: [`auth`] checks bearer tokens, [`round`] decides when a round closes and
 //! closes it, [`persist`] keeps the state and checkpoints on disk, [`metrics`] reports
-//! the run, and [`service`] answers the gRPC calls.
+//! the run, [`checkpoints`] serves checkpoints to the run's publisher, and [`service`]
+//! answers the gRPC calls.
 
 mod auth;
+mod checkpoints;
 mod metrics;
 mod persist;
 mod round;
@@ -118,6 +120,8 @@ struct State {
     bytes_sent: u64,
     tokens: u64,
     initial_validation_loss: f32,
+    /// What the publisher reported, by round.
+    publications: BTreeMap<u32, proto::Publication>,
 }
 
 impl State {
@@ -141,6 +145,7 @@ impl State {
             bytes_sent: 0,
             tokens: 0,
             initial_validation_loss,
+            publications: BTreeMap::new(),
         }
     }
 
@@ -269,8 +274,9 @@ impl Exchange {
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
-    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, and
-    /// Prometheus metrics at `GET /metrics` (plain HTTP/1.1, no token, as scrapers expect).
+    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, Prometheus
+    /// metrics at `GET /metrics` (plain HTTP/1.1, no token, as scrapers expect), and
+    /// checkpoints for the publisher under `/checkpoints/`.
     /// Returns early with [`ServeError::Advance`] when a closed round cannot be applied.
     pub async fn serve(
         self,
@@ -292,7 +298,8 @@ impl Exchange {
                 server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
         }
         let mut failed = self.shared.failed.subscribe();
-        let routes = tonic::service::Routes::from(metrics).add_service(self.into_service());
+        let http = metrics.merge(checkpoints::routes(self.clone()));
+        let routes = tonic::service::Routes::from(http).add_service(self.into_service());
         let serving = server.accept_http1(true).add_routes(routes);
         let serving = serving.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
