@@ -29,6 +29,9 @@ pub(super) fn routes(exchange: Exchange) -> axum::Router {
         .with_state(exchange)
 }
 
+/// A refusal: its status and a message a publisher's log shows.
+type Refused = (StatusCode, String);
+
 /// A refusal, as text a publisher's log shows.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, message.into()).into_response()
@@ -36,7 +39,7 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 
 impl Exchange {
     /// The checkpoint directory `name` names, if the caller may read it and it exists.
-    fn checkpoint(&self, headers: &HeaderMap, name: &str) -> Result<PathBuf, Response> {
+    fn checkpoint(&self, headers: &HeaderMap, name: &str) -> Result<PathBuf, Refused> {
         let token = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -69,7 +72,7 @@ impl Exchange {
             .as_ref()
             .map(|d| d.join(format!("round-{round:06}")))
             .filter(|d| d.is_dir())
-            .ok_or_else(|| refuse(StatusCode::NOT_FOUND, format!("{name}: no such checkpoint")))?;
+            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("{name}: no such checkpoint")))?;
         Ok(dir)
     }
 }
@@ -104,7 +107,7 @@ async fn list(
 ) -> Response {
     let dir = match exchange.checkpoint(&headers, &name) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match files_of(&dir) {
         Ok(files) => {
@@ -126,7 +129,7 @@ async fn file(
 ) -> Response {
     let dir = match exchange.checkpoint(&headers, &name) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let listed = files_of(&dir).unwrap_or_default();
     let Some((_, size)) = listed.iter().find(|(n, _)| *n == file) else {
@@ -176,7 +179,7 @@ async fn report(
     body: Bytes,
 ) -> Response {
     if let Err(r) = exchange.checkpoint(&headers, &name) {
-        return r;
+        return r.into_response();
     }
     let report: Report = match serde_json::from_slice(&body) {
         Ok(r) => r,
