@@ -32,6 +32,10 @@ pub(super) fn routes(exchange: Exchange) -> axum::Router {
 /// A refusal: its status and a message a publisher's log shows.
 type Refused = (StatusCode, String);
 
+fn refused(status: StatusCode, message: impl Into<String>) -> Refused {
+    (status, message.into())
+}
+
 /// A refusal, as text a publisher's log shows.
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, message.into()).into_response()
@@ -47,20 +51,20 @@ impl Exchange {
         match token.and_then(|t| self.shared.opts.tokens.identify(t)) {
             Some(Identity::Publisher | Identity::Operator) => {}
             Some(Identity::Peer(_)) => {
-                return Err(refuse(
+                return Err(refused(
                     StatusCode::FORBIDDEN,
                     "only the publisher reads checkpoints",
                 ));
             }
             None => {
-                return Err(refuse(
+                return Err(refused(
                     StatusCode::UNAUTHORIZED,
                     "no or unknown bearer token",
                 ));
             }
         }
         let round = round_of(name).ok_or_else(|| {
-            refuse(
+            refused(
                 StatusCode::NOT_FOUND,
                 format!("{name}: not a checkpoint name"),
             )
