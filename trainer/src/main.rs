@@ -405,7 +405,7 @@ impl PublishArgs {
         let runtime = tokio::runtime::Runtime::new()?;
         let published =
             if self.checkpoint.starts_with("http://") || self.checkpoint.starts_with("https://") {
-                runtime.block_on(self.from_exchange(&hub, &opts))?
+                runtime.block_on(self.publish_from_exchange(&hub, &opts))?
             } else {
                 let dir = Path::new(&self.checkpoint);
                 runtime.block_on(hub::publish(&hub, dir, &opts, progress()))?
@@ -428,7 +428,7 @@ impl PublishArgs {
 
     /// Downloads the checkpoint from the exchange, publishes it, and reports the outcome
     /// (a failure too: the operator shows the Hub's message).
-    async fn from_exchange(
+    async fn publish_from_exchange(
         &self,
         hub: &hub::Hub,
         opts: &hub::PublishOptions,
