@@ -9,8 +9,8 @@ use starling_trainer::env as names;
 use starling_trainer::exchange::Settings;
 use starling_trainer::run::RunConfig;
 
-use crate::api::{PeerId, TrainingRunSpec, validation};
-use crate::hub::children::{OPERATOR_TOKEN_KEY, TOKENS_KEY, env};
+use crate::api::{PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation};
+use crate::hub::children::{OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, TOKENS_KEY, env};
 
 /// The run's configuration as the trainer reads it, identical for the exchange and every
 /// peer: the exchange refuses peers whose configuration differs. Fails with the field to
@@ -117,6 +117,32 @@ pub fn exchange_env(run_name: &str) -> Vec<EnvVar> {
     ]
 }
 
+/// The publisher Job's environment: what `starling-trainer publish` reads
+/// ([`starling_trainer::hub::PublishArgs`]) for the checkpoint at `checkpoint_url` on the
+/// run's exchange. The two tokens come from Secrets, set by the Job's builder.
+pub fn publish_env(publish: &PublishSpec, checkpoint_url: &str) -> Vec<EnvVar> {
+    let mut vars = vec![
+        env(names::CHECKPOINT, checkpoint_url),
+        env(names::PUBLISH_REPO, &publish.repo),
+        env(names::PUBLISH_PRIVATE, publish.private),
+        env(
+            names::PUBLISH_TAG,
+            publish.revision_style == RevisionStyle::Tagged,
+        ),
+        env(names::PUBLISH_MAX_SHARD_BYTES, publish.max_shard_bytes),
+    ];
+    if let Some(endpoint) = &publish.endpoint {
+        vars.push(env(names::HUB_ENDPOINT, endpoint));
+    }
+    if let Some(license) = &publish.license {
+        vars.push(env(names::PUBLISH_LICENSE, license));
+    }
+    if !publish.datasets.is_empty() {
+        vars.push(env(names::PUBLISH_DATASETS, publish.datasets.join(",")));
+    }
+    vars
+}
+
 /// A fresh random bearer token.
 pub fn mint_token() -> String {
     use rand::Rng;
@@ -126,7 +152,8 @@ pub fn mint_token() -> String {
         .collect()
 }
 
-/// A run's credentials: one token per peer and one for the operator, plus the exchange's
+/// A run's credentials: one token per peer, one for the operator and one for the
+/// publisher, plus the exchange's
 /// tokens file built from them (the format `starling_trainer::exchange::Tokens` parses).
 pub fn mint_credentials(max_peers: u32) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
@@ -136,9 +163,11 @@ pub fn mint_credentials(max_peers: u32) -> BTreeMap<String, String> {
         file.push_str(&format!("{} {token}\n", PeerId::new(i)));
         data.insert(PeerId::new(i).to_string(), token);
     }
-    let operator = mint_token();
-    file.push_str(&format!("{OPERATOR_TOKEN_KEY} {operator}\n"));
-    data.insert(OPERATOR_TOKEN_KEY.into(), operator);
+    for identity in [OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY] {
+        let token = mint_token();
+        file.push_str(&format!("{identity} {token}\n"));
+        data.insert(identity.into(), token);
+    }
     data.insert(TOKENS_KEY.into(), file);
     data
 }
@@ -188,6 +217,31 @@ mod tests {
     }
 
     #[test]
+    fn the_publisher_reads_its_job_environment_as_the_operator_wrote_it() {
+        let publish: PublishSpec = serde_yaml::from_str(
+            "{repo: acme/tiny, tokenSecretRef: {name: hf}, endpoint: 'http://hub.local:8080', \
+             private: true, revisionStyle: Untagged, maxShardBytes: 1000, license: mit, \
+             datasets: [a/b, c/d]}",
+        )
+        .unwrap();
+        let url = "http://tiny-exchange:7070/checkpoints/round-000012";
+        let mut vars: Vec<(String, String)> = publish_env(&publish, url)
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap()))
+            .collect();
+        vars.push((names::TOKEN.into(), "publisher-token".into()));
+        let args: starling_trainer::hub::PublishArgs = names::parse_as_env(&vars).unwrap();
+        assert_eq!(args.checkpoint, url);
+        assert_eq!(args.repo.to_string(), "acme/tiny");
+        assert_eq!(args.endpoint, "http://hub.local:8080");
+        assert!(args.private && !args.tag);
+        assert_eq!(args.max_shard_bytes, 1000);
+        assert_eq!(args.license.as_deref(), Some("mit"));
+        assert_eq!(args.datasets, ["a/b", "c/d"]);
+        assert_eq!(args.exchange_token.as_deref(), Some("publisher-token"));
+    }
+
+    #[test]
     fn fields_that_may_change_mid_run_are_not_in_any_pods_environment() {
         let run = sample();
         let mut edited = run.clone();
@@ -218,7 +272,7 @@ mod tests {
     fn credentials_hold_one_token_per_peer_and_a_tokens_file_the_exchange_reads() {
         let data = mint_credentials(3);
         let file = &data[TOKENS_KEY];
-        for peer in ["p0", "p1", "p2", "operator"] {
+        for peer in ["p0", "p1", "p2", "operator", "publisher"] {
             let token = &data[peer];
             assert!(token.len() >= 32);
             assert!(file.contains(&format!("{peer} {token}\n")));

@@ -40,12 +40,15 @@ pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// `app.kubernetes.io/component` of a run's exchange (Deployment, Pods, Service).
 pub const COMPONENT_EXCHANGE: &str = "exchange";
+pub const COMPONENT_PUBLISHER: &str = "publisher";
 
 /// Condition types the Starling resources report.
 pub mod condition {
     pub const READY: &str = "Ready";
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
+    /// Whether the run's checkpoints reach the Hub (only for runs with `spec.publish`).
+    pub const PUBLISHED: &str = "Published";
 }
 
 /// Condition reasons, which double as Event reasons.
@@ -67,6 +70,10 @@ pub mod reason {
     pub const TRAINING: &str = "Training";
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
+    pub const PUBLISHING: &str = "Publishing";
+    pub const PUBLISHED: &str = "Published";
+    pub const CHECKPOINT_PUBLISHED: &str = "CheckpointPublished";
+    pub const PUBLISH_FAILED: &str = "PublishFailed";
     pub const RUN_FINISHED: &str = "RunFinished";
     pub const DELETED: &str = "Deleted";
     pub const RECONCILE_ERROR: &str = "ReconcileError";

@@ -1,6 +1,6 @@
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, SecretKeySelector};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -66,6 +66,13 @@ const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Published",
+        type_ = "string",
+        description = "The last checkpoint published to the Hub: repo@revision",
+        json_path = ".status.lastPublished",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -83,6 +90,9 @@ pub struct TrainingRunSpec {
     pub scoring: ScoringSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// Publish checkpoints to the Hugging Face Hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishSpec>,
     /// Seeds initialisation and every peer's data assignment, so evaluators can recompute
     /// exactly what each peer should have trained on.
     #[serde(default)]
@@ -506,7 +516,7 @@ impl Default for OpenSkillSpec {
     }
 }
 
-/// When to checkpoint, how many to keep, and where to publish.
+/// When to checkpoint and how many to keep.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointSpec {
@@ -517,9 +527,6 @@ pub struct CheckpointSpec {
     #[serde(default = "default_keep_last")]
     #[schemars(range(min = 1))]
     pub keep_last: u32,
-    /// Publish each checkpoint to the Hugging Face Hub.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hub: Option<HubPublishSpec>,
 }
 
 fn default_every_rounds() -> u32 {
@@ -534,21 +541,71 @@ impl Default for CheckpointSpec {
         Self {
             every_rounds: default_every_rounds(),
             keep_last: default_keep_last(),
-            hub: None,
         }
     }
 }
 
+/// Where and how checkpoints are published: one commit per checkpoint on `main`,
+/// tagged `round-N`, made by a publisher Job that alone sees the Hub token.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct HubPublishSpec {
-    /// `owner/name` of the model repository (created if missing).
+pub struct PublishSpec {
+    /// `namespace/name` of the model repository (created if missing).
     #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"))]
-    pub repo_id: String,
-    /// Secret in the run's namespace holding a Hub token with write access.
-    pub token_secret_ref: SecretKeySelector,
+    pub repo: String,
+    /// The Secret (in the run's namespace) holding a Hub token with write access.
+    pub token_secret_ref: TokenSecretRef,
+    /// The Hub's URL; the public Hub when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Create the repository private (an existing one keeps its visibility).
     #[serde(default)]
     pub private: bool,
+    /// Publish every this many checkpoints, and always the final one; 0 publishes
+    /// the final checkpoint only.
+    #[serde(default)]
+    pub every: u32,
+    /// How each checkpoint's commit is named.
+    #[serde(default)]
+    pub revision_style: RevisionStyle,
+    /// Weights above this many bytes are split into shards with an index.
+    #[serde(default = "default_max_shard_bytes")]
+    #[schemars(range(min = 1))]
+    pub max_shard_bytes: u64,
+    /// The model card's license, as a Hub license id (e.g. `apache-2.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
+    /// Hub datasets the model is trained on, for the model card.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datasets: Vec<String>,
+}
+
+fn default_max_shard_bytes() -> u64 {
+    starling_trainer::hub::DEFAULT_MAX_SHARD_BYTES
+}
+
+/// A key of a Secret in the run's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenSecretRef {
+    #[schemars(length(min = 1))]
+    pub name: String,
+    #[serde(default = "default_token_key")]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".into()
+}
+
+/// How a checkpoint's commit is found later.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RevisionStyle {
+    /// Commits on `main`, each tagged `round-N`.
+    #[default]
+    Tagged,
+    /// Commits on `main`, untagged.
+    Untagged,
 }
 
 /// What the operator last observed of a run.
@@ -589,6 +646,9 @@ pub struct TrainingRunStatus {
     /// Since when the run has been waiting for members with room for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unschedulable_since: Option<Time>,
+    /// The last checkpoint published to the Hub, as `repo@revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_published: Option<String>,
     /// Hash of the newest ledger entry (hex SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger_head: Option<String>,
@@ -599,6 +659,8 @@ pub enum Phase {
     Pending,
     Placing,
     Running,
+    /// Trained; the final checkpoint is being published.
+    Publishing,
     Succeeded,
     Failed,
 }
@@ -652,8 +714,20 @@ pub struct CheckpointRecord {
     pub round: u32,
     /// Where the exchange keeps it.
     pub location: String,
-    /// Commit on the Hub, once published.
+    /// Where it is on the Hub, once published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hub_commit: Option<String>,
+    pub published: Option<PublishedRecord>,
     pub time: Time,
+}
+
+/// A checkpoint's commit on the Hub.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedRecord {
+    pub repo: String,
+    /// The tag (or branch) it is published as.
+    pub revision: String,
+    pub commit: String,
+    pub url: String,
+    pub at: Time,
 }

@@ -72,7 +72,7 @@ pub fn validate(spec: &TrainingRunSpec) -> Result<(), InvalidSpec> {
     check_schedule(spec, &mut p);
     check_compression(spec, &mut p);
     check_peers(spec, &mut p);
-    check_checkpoint(spec, &mut p);
+    check_publish(spec, &mut p);
     if p.0.is_empty() {
         Ok(())
     } else {
@@ -210,14 +210,24 @@ fn check_peers(spec: &TrainingRunSpec, p: &mut Problems) {
     });
 }
 
-fn check_checkpoint(spec: &TrainingRunSpec, p: &mut Problems) {
-    let c = &spec.checkpoint;
-    if let Some(hub) = &c.hub {
-        p.check(
-            !hub.token_secret_ref.name.is_empty(),
-            "spec.checkpoint.hub.tokenSecretRef.name",
-            || "must name the Secret holding the Hub token".into(),
-        );
+fn check_publish(spec: &TrainingRunSpec, p: &mut Problems) {
+    let Some(publish) = &spec.publish else {
+        return;
+    };
+    let repo = publish.repo.parse::<starling_trainer::hub::RepoId>();
+    p.check(repo.is_ok(), "spec.publish.repo", || {
+        repo.err().map(|e| e.to_string()).unwrap_or_default()
+    });
+    p.check(
+        !publish.token_secret_ref.name.is_empty(),
+        "spec.publish.tokenSecretRef.name",
+        || "must name the Secret holding the Hub token".into(),
+    );
+    if let Some(endpoint) = &publish.endpoint {
+        let hub = starling_trainer::hub::Hub::new(endpoint, None);
+        p.check(hub.is_ok(), "spec.publish.endpoint", || {
+            hub.err().map(|e| e.to_string()).unwrap_or_default()
+        });
     }
 }
 
@@ -391,12 +401,27 @@ schedule:
     }
 
     #[test]
-    fn hub_publishing_needs_a_token_secret_name() {
+    fn publishing_needs_a_repo_id_a_token_secret_and_a_web_endpoint() {
         let mut s = spec(VALID);
-        s.checkpoint.hub = Some(
-            serde_yaml::from_str("{repoId: acme/tiny, tokenSecretRef: {name: '', key: token}}")
-                .unwrap(),
+        s.publish = Some(
+            serde_yaml::from_str(
+                "{repo: acme/ti--ny, tokenSecretRef: {name: ''}, endpoint: hub.local}",
+            )
+            .unwrap(),
         );
-        assert_eq!(paths_of(&s), ["spec.checkpoint.hub.tokenSecretRef.name"]);
+        assert_eq!(
+            paths_of(&s),
+            [
+                "spec.publish.repo",
+                "spec.publish.tokenSecretRef.name",
+                "spec.publish.endpoint"
+            ]
+        );
+        s.publish =
+            Some(serde_yaml::from_str("{repo: acme/tiny, tokenSecretRef: {name: hf}}").unwrap());
+        assert!(paths_of(&s).is_empty());
+        let publish = s.publish.unwrap();
+        assert_eq!(publish.token_secret_ref.key, "token");
+        assert_eq!(publish.every, 0, "the final checkpoint only, by default");
     }
 }

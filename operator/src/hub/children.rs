@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Namespace,
     ObjectFieldSelector, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretKeySelector,
@@ -21,12 +22,12 @@ use kube::{Resource, ResourceExt};
 use starling_trainer::env as names;
 
 use crate::api::{
-    MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
-    TrainingRun,
+    MemberCluster, PeerId, PublishSpec, RunReference, Tier, TrainerGroup, TrainerGroupSpec,
+    TrainerPodTemplate, TrainingRun,
 };
 use crate::k8s::{
-    COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN,
-    LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, member_namespace,
+    COMPONENT_EXCHANGE, COMPONENT_PUBLISHER, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER,
+    LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, member_namespace,
 };
 
 /// Port the exchange serves gRPC and `/metrics` on.
@@ -42,6 +43,83 @@ pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
 pub const TOKENS_KEY: &str = "tokens";
 /// Key of the operator's own token (it reads the exchange's `RunState`).
 pub const OPERATOR_TOKEN_KEY: &str = "operator";
+/// Key of the publisher's exchange token in the run's credentials Secret.
+pub const PUBLISHER_TOKEN_KEY: &str = "publisher";
+
+/// Tries a publisher Job makes (pods, each retrying the Hub itself) before it fails.
+pub const PUBLISH_ATTEMPTS: u32 = 4;
+
+/// The Job publishing the checkpoint of `round`: it downloads the checkpoint from the
+/// exchange at `exchange_url` with the publisher's token and commits it to the Hub with
+/// the Hub token. It is the only pod that sees the Hub token, and it has no Kubernetes
+/// API access.
+pub fn publisher_job(
+    run: &TrainingRun,
+    publish: &PublishSpec,
+    image: &str,
+    exchange_url: &str,
+    round: u32,
+) -> Job {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_COMPONENT.into(), COMPONENT_PUBLISHER.into());
+    let mut metadata = meta(
+        publisher_job_name(run, round),
+        run.namespace(),
+        labels.clone(),
+    );
+    metadata.owner_references = owned_by(run);
+    let secret = |name: &str, key: &str| EnvVarSource {
+        secret_key_ref: Some(SecretKeySelector {
+            name: name.into(),
+            key: key.into(),
+            optional: None,
+        }),
+        ..EnvVarSource::default()
+    };
+    let url = format!("{exchange_url}/checkpoints/round-{round:06}");
+    let mut vars = crate::contract::publish_env(publish, &url);
+    let hub_token = &publish.token_secret_ref;
+    vars.push(env_from(
+        names::HUB_TOKEN,
+        secret(&hub_token.name, &hub_token.key),
+    ));
+    vars.push(env_from(
+        names::TOKEN,
+        secret(&credentials_name(run), PUBLISHER_TOKEN_KEY),
+    ));
+    let container = Container {
+        name: "publisher".into(),
+        image: Some(image.into()),
+        args: Some(vec!["publish".into()]),
+        env: Some(vars),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    };
+    Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(PUBLISH_ATTEMPTS as i32 - 1),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+pub fn publisher_job_name(run: &TrainingRun, round: u32) -> String {
+    format!("{}-publish-{round}", run.name_any())
+}
 
 /// Name of a run's objects in a member namespace: unique across run namespaces.
 pub fn group_name(run: &TrainingRun) -> String {

@@ -9,6 +9,7 @@
 
 mod api;
 mod card;
+mod cli;
 mod exchange;
 mod files;
 mod http;
@@ -16,6 +17,7 @@ mod publish;
 
 pub use api::{CommitInfo, Committed, UploadMode};
 pub use card::CardContext;
+pub use cli::PublishArgs;
 pub use exchange::ExchangeCheckpoint;
 pub use files::{DEFAULT_MAX_SHARD_BYTES, RepoFile, RepoFiles};
 pub use http::{DEFAULT_ENDPOINT, Hub, Retry};

@@ -13,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use starling_trainer::exchange::{Settings, proto};
 
-use super::progress;
+use super::{progress, publishing};
 use crate::api::{
     MemberCluster, PeerId, Phase, TrainerGroup, TrainingRun, TrainingRunStatus, validation,
 };
@@ -96,6 +96,8 @@ pub struct Children {
     pub remove: Vec<GroupRef>,
     /// Settings to put in force in the running exchange (it differs from the spec).
     pub configure: Option<Settings>,
+    /// The publisher Job for the checkpoint due for the Hub.
+    pub publisher: Option<k8s_openapi::api::batch::v1::Job>,
 }
 
 pub struct Decision {
@@ -172,6 +174,7 @@ impl<'a> Draft<'a> {
                 Phase::Pending => "Pending",
                 Phase::Placing => "Placing",
                 Phase::Running => reason::RUNNING,
+                Phase::Publishing => reason::PUBLISHING,
                 Phase::Succeeded => reason::SUCCEEDED,
                 Phase::Failed => reason::FAILED,
             };
@@ -266,7 +269,8 @@ pub fn decide(o: &Observed) -> Decision {
     match place(&mut d, &tokens, &settings) {
         Placed::Yes { plan, lost } => {
             progress::report(&mut d.status, o, &plan);
-            progress_phase(d, &plan, lost)
+            let final_pending = publish(&mut d, image, &endpoint);
+            progress_phase(d, &plan, lost, final_pending)
         }
         Placed::No(decision) => *decision,
     }
@@ -509,8 +513,28 @@ fn placement_view<'a>(o: &'a Observed) -> PlacementView<'a> {
     }
 }
 
+/// Publishes what is due (the publisher Job, the `Published` condition, its Events);
+/// says whether the final checkpoint is still being published.
+fn publish(d: &mut Draft, image: &str, exchange_url: &str) -> bool {
+    let o = d.o;
+    let (Some(state), Some(spec)) = (&o.exchange.state, &o.run.spec.publish) else {
+        return false;
+    };
+    let outcome = publishing::publishing(o.run, state, &d.previous, &mut d.status);
+    d.children.publisher = outcome
+        .job
+        .map(|round| children::publisher_job(o.run, spec, image, exchange_url, round));
+    for (warning, reason, message) in outcome.notes {
+        d.note(warning, reason, message);
+    }
+    if let Some((ok, reason, message)) = outcome.condition {
+        d.condition(condition::PUBLISHED, ok, reason, message);
+    }
+    outcome.final_pending
+}
+
 /// Phase and conditions from the exchange's progress, once placed.
-fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
+fn progress_phase(mut d: Draft, plan: &Plan, lost: usize, final_pending: bool) -> Decision {
     let o = d.o;
     let Some(state) = &o.exchange.state else {
         if d.previous.phase == Some(Phase::Running) {
@@ -533,6 +557,15 @@ fn progress_phase(mut d: Draft, plan: &Plan, lost: usize) -> Decision {
         }
         return d.finish(Some(RESYNC));
     };
+    if state.done && final_pending {
+        let message = format!(
+            "trained {} rounds; publishing the final checkpoint",
+            d.status.round
+        );
+        d.condition(condition::READY, true, reason::PUBLISHING, message);
+        d.phase(Phase::Publishing);
+        return d.finish(Some(RESYNC));
+    }
     if state.done {
         let message = format!("trained {} rounds", d.status.round);
         d.condition(condition::READY, true, reason::SUCCEEDED, message);

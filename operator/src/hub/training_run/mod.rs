@@ -4,6 +4,7 @@
 
 pub mod decide;
 mod progress;
+mod publishing;
 #[cfg(test)]
 mod tests;
 
@@ -323,6 +324,10 @@ async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Act
     }
     for group in &children.remove {
         delete_group(ctx, group).await?;
+    }
+    if let Some(job) = &children.publisher {
+        let api = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.apply_changed(&api, None, job).await?;
     }
     if let Some(settings) = children.configure {
         configure_exchange(ctx, &run.uid().unwrap_or_default(), settings).await?;

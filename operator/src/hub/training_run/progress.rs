@@ -120,7 +120,7 @@ fn checkpoints(
                         run.namespace().unwrap_or_default(),
                         exchange_name(run)
                     ),
-                    hub_commit: None,
+                    published: None,
                     time: Time(now),
                 })
         })

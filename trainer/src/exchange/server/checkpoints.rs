@@ -204,6 +204,13 @@ async fn report(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let round = round_of(&name).unwrap_or_default();
+    let mut state = exchange.state();
+    let failed_before = state.publications.get(&round).map_or(0, |p| p.failures);
+    let failures = if report.error.is_empty() {
+        0
+    } else {
+        failed_before + 1
+    };
     let publication = proto::Publication {
         round,
         repo: report.repo,
@@ -212,8 +219,9 @@ async fn report(
         url: report.url,
         at_ms,
         error: report.error,
+        failures,
     };
-    exchange.state().publications.insert(round, publication);
+    state.publications.insert(round, publication);
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -30,7 +30,7 @@ fn at(s: i64) -> Timestamp {
 
 /// The sample run: 3 peers (min 2), at most one per member.
 fn run() -> TrainingRun {
-    let yaml = include_str!("../../../../crds/samples/trainingrun-shakespeare.yaml");
+    let yaml = include_str!("../../../../../crds/samples/trainingrun-shakespeare.yaml");
     let mut run: TrainingRun = serde_yaml::from_str(yaml).unwrap();
     run.metadata.uid = Some("run-uid".into());
     run.metadata.generation = Some(1);
@@ -963,3 +963,5 @@ fn a_run_read_before_its_last_status_write_is_decided_on_that_status() {
     written.forget(&case.run.uid().unwrap());
     assert!(written.fresh(&run()).status.is_none());
 }
+
+mod publishing;
