@@ -40,6 +40,7 @@ use tokio::time::Instant;
 mod assumed;
 mod deployment;
 mod env;
+mod job;
 mod load_balancer;
 mod logs;
 mod node;

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
+
+mod common;
 
 use starling_e2e::hub::{Account, Endpoint, Fault, HubDouble, Role, RunningHub, Transfers};
 use starling_trainer::data::Tokenizer;
@@ -93,33 +94,9 @@ fn checkpoint_commits(hub: &RunningHub, repo: &str) -> Vec<String> {
         .collect()
 }
 
-/// Runs `hub_client.py` with the official client, if a Python with `huggingface_hub` is
-/// named by `STARLING_PYTHON` (`.ci/run` installs one; under `CI` it is required).
+/// The official client against the double, as the writer.
 fn python(hub: &RunningHub, dir: &Path, args: &[&str]) -> Option<String> {
-    let Some(python) = std::env::var_os("STARLING_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must check publishing with the official client: set STARLING_PYTHON"
-        );
-        eprintln!("STARLING_PYTHON not set: skipped the huggingface_hub check");
-        return None;
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hub_client.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args(args)
-        .env("HF_ENDPOINT", &hub.url)
-        .env("HF_TOKEN", WRITER)
-        .env("HF_HOME", dir.join("hf-home"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(stdout)
+    common::hub_client(&hub.url, WRITER, &dir.join("hf-home"), args)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -677,4 +679,132 @@ async fn of_two_hub_replicas_exactly_one_leads_and_the_other_takes_over_when_it_
         |r| r.status.as_ref().is_some_and(|s| s.round >= round + 2),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_publishes_to_the_hub_through_publishing_and_a_bad_token_never_stops_training() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (fed, dir) = federation(&three_members()).await;
+    let hub_dir = dir.path().join("hub");
+    let accounts = std::collections::HashMap::from([(
+        "hf_good_token_0123".to_owned(),
+        starling_e2e::hub::Account {
+            user: "starling".into(),
+            role: starling_e2e::hub::Role::Write,
+            orgs: vec!["starling-dev".into()],
+        },
+    )]);
+    let double = starling_e2e::hub::HubDouble::new(&hub_dir, accounts)
+        .unwrap()
+        .start(0)
+        .await
+        .unwrap();
+    let hub = fed.clusters.hub.client.clone();
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), "default");
+    let secret = |token: &str| -> Secret {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "hf", "namespace": "default"},
+            "stringData": {"token": token}}))
+        .unwrap()
+    };
+    secrets
+        .create(&PostParams::default(), &secret("hf_wrong"))
+        .await
+        .unwrap();
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
+    let mut tr = run("published", 4);
+    tr.spec.publish = Some(
+        serde_json::from_value(json!({"repo": "starling-dev/shakespeare-tiny",
+            "tokenSecretRef": {"name": "hf"}, "endpoint": double.url, "every": 1,
+            "license": "apache-2.0"}))
+        .unwrap(),
+    );
+    runs.create(&PostParams::default(), &tr).await.unwrap();
+
+    // The first checkpoint's publisher is refused; the run trains on regardless.
+    let refused = wait_run(&runs, "published", "Published=False", 300, |r| {
+        condition(r, "Published")
+            .is_some_and(|(s, reason, _)| s == "False" && reason == "PublishFailed")
+    })
+    .await;
+    let (_, _, message) = condition(&refused, "Published").unwrap();
+    assert!(message.contains("Invalid credentials"), "{message}");
+    assert!(!phase(&refused).unwrap().is_terminal());
+    secrets
+        .replace("hf", &PostParams::default(), &secret("hf_good_token_0123"))
+        .await
+        .unwrap();
+
+    let done = wait_run(&runs, "published", "Succeeded", 420, |r| {
+        phase(r) == Some(Phase::Succeeded)
+    })
+    .await;
+    let status = done.status.clone().unwrap();
+    let last = status.checkpoints.last().unwrap();
+    assert_eq!(last.round, 4);
+    let published = last
+        .published
+        .as_ref()
+        .expect("the final checkpoint is published");
+    assert_eq!(published.revision, "round-4");
+    assert_eq!(
+        status.last_published.as_deref(),
+        Some("starling-dev/shakespeare-tiny@round-4")
+    );
+    assert_eq!(condition(&done, "Published").unwrap().0, "True");
+    let repo = double.hub.repo("starling-dev/shakespeare-tiny").unwrap();
+    assert_eq!(repo.tags["round-4"], published.commit);
+
+    // It went through Publishing, and said so.
+    let described = kubectl(
+        &fed.clusters.hub.kubeconfig,
+        &["describe", "tr", "published"],
+    );
+    for reason in ["Publishing", "CheckpointPublished", "PublishFailed"] {
+        assert!(described.contains(reason), "{reason} missing:\n{described}");
+    }
+    let wide = kubectl(
+        &fed.clusters.hub.kubeconfig,
+        &["get", "tr", "published", "-o", "wide"],
+    );
+    assert!(
+        wide.contains("starling-dev/shakespeare-tiny@round-4"),
+        "{wide}"
+    );
+
+    // What a Hugging Face user downloads is the exchange's checkpoint, byte for byte.
+    let exchange = Api::<Pod>::namespaced(hub.clone(), "default")
+        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let checkpoint = fed
+        .hub_pod_dir("default", &exchange.name_any())
+        .join("checkpoints/round-000004");
+    let cache = dir.path().join("hf-cache");
+    let args = [
+        "download",
+        "starling-dev/shakespeare-tiny",
+        "round-4",
+        cache.to_str().unwrap(),
+    ];
+    if let Some(snapshot) = common::hub_client(
+        &double.url,
+        "hf_good_token_0123",
+        &dir.path().join("hf-home"),
+        &args,
+    ) {
+        for entry in std::fs::read_dir(&checkpoint).unwrap() {
+            let name = entry.unwrap().file_name();
+            let got = std::fs::read(std::path::Path::new(&snapshot).join(&name)).unwrap();
+            assert!(
+                got == std::fs::read(checkpoint.join(&name)).unwrap(),
+                "{name:?} differs"
+            );
+        }
+        let card =
+            std::fs::read_to_string(std::path::Path::new(&snapshot).join("README.md")).unwrap();
+        assert!(card.contains("| Run | `published` |"), "{card}");
+    }
 }

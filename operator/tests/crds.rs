@@ -184,7 +184,15 @@ fn crds_have_status_subresource_printer_columns_short_names_and_category() {
             "TrainingRun",
             "Namespaced",
             "tr",
-            &["Phase", "Round", "Peers", "Loss", "Ratio", "Age", "Published"][..],
+            &[
+                "Phase",
+                "Round",
+                "Peers",
+                "Loss",
+                "Ratio",
+                "Age",
+                "Published",
+            ][..],
         ),
         (
             "TrainerGroup",

@@ -194,6 +194,7 @@ const BUILTINS: &[Builtin] = &[
         &["deploy"],
         true,
     ),
+    ("batch", "v1", "Job", "jobs", true, &[], true),
     (
         "rbac.authorization.k8s.io",
         "v1",

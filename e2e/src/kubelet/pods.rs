@@ -31,6 +31,7 @@ impl Kubelet {
         self.remove_deleted(&all).await;
         self.schedule(&all).await?;
         self.deployments(cache, &all).await?;
+        self.jobs(cache, &all).await?;
         self.load_balancers(cache, &all).await?;
         self.run_pods(&all, now).await
     }

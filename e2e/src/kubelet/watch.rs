@@ -1,4 +1,4 @@
-//! What the kubelet knows of its cluster: Pods, Deployments and Services, each kept by a
+//! What the kubelet knows of its cluster: Pods, Deployments, Jobs and Services, each kept by a
 //! watch (a list, then changes as they happen), so a cluster at rest costs no requests
 //! beyond the watches' occasional renewal.
 
@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -20,6 +21,7 @@ pub(super) struct Cache {
     pub(super) pods: Store<Pod>,
     pub(super) deployments: Store<Deployment>,
     pub(super) services: Store<Service>,
+    pub(super) jobs: Store<Job>,
 }
 
 /// One event from one of the watches: whether that watch's list is now complete.
@@ -31,23 +33,28 @@ struct Seen {
 /// The watches' events, merged. Polling it is what keeps the [`Cache`] current.
 pub(super) struct Changes {
     events: Pin<Box<dyn Stream<Item = Seen> + Send>>,
-    listed: [bool; 3],
+    listed: [bool; 4],
 }
 
-/// Starts watching every Pod, Deployment and Service.
+/// Starts watching every Pod, Deployment, Service and Job.
 pub(super) fn watch(client: &Client) -> (Cache, Changes) {
     let (pods, pod_events) = reflect::<Pod>(client, 0);
     let (deployments, deployment_events) = reflect::<Deployment>(client, 1);
     let (services, service_events) = reflect::<Service>(client, 2);
-    let events = pod_events.merge(deployment_events).merge(service_events);
+    let (jobs, job_events) = reflect::<Job>(client, 3);
+    let events = pod_events
+        .merge(deployment_events)
+        .merge(service_events)
+        .merge(job_events);
     let cache = Cache {
         pods,
         deployments,
         services,
+        jobs,
     };
     let changes = Changes {
         events: Box::pin(events),
-        listed: [false; 3],
+        listed: [false; 4],
     };
     (cache, changes)
 }
