@@ -59,14 +59,15 @@ impl Kubelet {
             None
         };
         let mut creating = 0;
-        if condition.is_none() && active == 0 {
-            if let Some(pod) = pod_from(job) {
-                let created = Api::<Pod>::namespaced(self.client.clone(), &ns)
-                    .create(&Default::default(), &pod)
-                    .await?;
-                self.assumed.created(created);
-                creating = 1;
-            }
+        if condition.is_none()
+            && active == 0
+            && let Some(pod) = pod_from(job)
+        {
+            let created = Api::<Pod>::namespaced(self.client.clone(), &ns)
+                .create(&Default::default(), &pod)
+                .await?;
+            self.assumed.created(created);
+            creating = 1;
         }
         let mut status = json!({"active": active + creating, "succeeded": succeeded,
             "failed": failed});
