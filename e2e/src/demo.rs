@@ -1,12 +1,13 @@
 //! The local demo: a hub and three members on this machine, the Shakespeare sample run
-//! applied as a user would, live progress until it succeeds, then text from the model.
+//! applied as a user would, live progress until it succeeds, its final checkpoint
+//! published to a local Hub (or the real one), then text from the model.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun, TrainingRunStatus};
 
@@ -26,6 +27,55 @@ pub struct DemoOptions {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Publish the trained model to this Hub (e.g. https://huggingface.co) with the token
+    /// in `HF_TOKEN`, instead of to a local Hub started for the demo.
+    #[arg(long)]
+    pub hub_endpoint: Option<String>,
+    /// The model repository to publish to.
+    #[arg(long, default_value = "starling-dev/shakespeare-tiny")]
+    pub hub_repo: String,
+}
+
+/// The local Hub's one account.
+const DEMO_HUB_TOKEN: &str = "hf_starling_demo_token";
+
+/// Where the demo publishes: the endpoint and token, and the local Hub if it runs one.
+struct Publishing {
+    endpoint: String,
+    token: String,
+    repo: String,
+    local: Option<crate::hub::RunningHub>,
+}
+
+/// The Hub the demo publishes to: the one the user named, or a local double.
+async fn start_hub(opts: &DemoOptions, dir: &Path) -> anyhow::Result<Publishing> {
+    if let Some(endpoint) = &opts.hub_endpoint {
+        let token = std::env::var("HF_TOKEN")
+            .context("--hub-endpoint publishes with the token in HF_TOKEN, which is not set")?;
+        println!("Publishing to {endpoint} as {}", opts.hub_repo);
+        return Ok(Publishing {
+            endpoint: endpoint.clone(),
+            token,
+            repo: opts.hub_repo.clone(),
+            local: None,
+        });
+    }
+    let account = crate::hub::Account {
+        user: "starling".into(),
+        role: crate::hub::Role::Write,
+        orgs: vec![opts.hub_repo.split('/').next().unwrap_or("starling").into()],
+    };
+    let accounts = std::collections::HashMap::from([(DEMO_HUB_TOKEN.to_owned(), account)]);
+    let local = crate::hub::HubDouble::new(&dir.join("hub"), accounts)?
+        .start(0)
+        .await?;
+    println!("  {:<11} {} (a local Hugging Face Hub)", "hub", local.url);
+    Ok(Publishing {
+        endpoint: local.url.clone(),
+        token: DEMO_HUB_TOKEN.into(),
+        repo: opts.hub_repo.clone(),
+        local: Some(local),
+    })
 }
 
 /// The members: two clouds and a home box with a slow uplink its trainers honour.
@@ -45,9 +95,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     build_siblings(&exe_dir)?;
     let dir = fresh_dir(&opts.dir)?;
     let federation = start_federation(&dir, &exe_dir).await?;
+    let publishing = start_hub(&opts, &dir).await?;
     let hub = federation.clusters.hub.client.clone();
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    apply_sample(&runs).await?;
+    apply_sample(&hub, &runs, &publishing).await?;
 
     let started = Instant::now();
     let deadline = Duration::from_secs(opts.timeout);
@@ -57,6 +108,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let checkpoint = final_checkpoint(&hub, &federation, status.round).await?;
     println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
+    print_published(&status, &publishing);
     print_sample(&exe_dir, &checkpoint)?;
     print_kubectl_hints(&federation);
     if !opts.exit_when_done {
@@ -95,9 +147,24 @@ async fn start_federation(dir: &Path, exe_dir: &Path) -> anyhow::Result<Federati
     Ok(federation)
 }
 
-/// Creates the sample run on the hub, as `kubectl apply` would, and says what it asks for.
-async fn apply_sample(runs: &Api<TrainingRun>) -> anyhow::Result<()> {
-    let run: TrainingRun = serde_yaml::from_str(SAMPLE)?;
+/// Creates the sample run on the hub, as `kubectl apply` would, publishing its final
+/// checkpoint with the token in a Secret, and says what it asks for.
+async fn apply_sample(
+    hub: &kube::Client,
+    runs: &Api<TrainingRun>,
+    publishing: &Publishing,
+) -> anyhow::Result<()> {
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "hf-token", "namespace": "default"},
+        "stringData": {"token": publishing.token}}))?;
+    Api::<Secret>::namespaced(hub.clone(), "default")
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let mut run: TrainingRun = serde_yaml::from_str(SAMPLE)?;
+    run.spec.publish = Some(serde_json::from_value(serde_json::json!({
+        "repo": publishing.repo, "endpoint": publishing.endpoint,
+        "tokenSecretRef": {"name": "hf-token"}, "license": "apache-2.0"}))?);
     runs.create(&PostParams::default(), &run).await?;
     println!(
         "Applied TrainingRun default/shakespeare: {} peers, {} rounds of {} steps, SparseLoCo top-{} of {} with {}-bit values.\n",
@@ -197,6 +264,33 @@ fn print_outcome(status: &TrainingRunStatus, started: Instant) {
         status
             .compression_ratio
             .map_or("-".into(), |r| format!("{r:.0}")),
+    );
+}
+
+/// Where the model was published and how a Hugging Face user downloads it.
+fn print_published(status: &TrainingRunStatus, publishing: &Publishing) {
+    let published = status.checkpoints.last().and_then(|c| c.published.as_ref());
+    let Some(p) = published else {
+        let why = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Published")
+            .map_or("no publication was reported".to_owned(), |c| {
+                c.message.clone()
+            });
+        println!("Not published: {why}");
+        return;
+    };
+    println!("Published to the Hub: {} (commit {})", p.url, p.commit);
+    let xet = if publishing.local.is_some() {
+        "HF_HUB_DISABLE_XET=1 "
+    } else {
+        ""
+    };
+    println!(
+        "Download it with huggingface_hub:\n\n    {xet}HF_ENDPOINT={} python3 -c 'from huggingface_hub import \
+         snapshot_download; print(snapshot_download(\"{}\", revision=\"{}\"))'",
+        publishing.endpoint, p.repo, p.revision
     );
 }
 
