@@ -128,6 +128,16 @@ fn condition<'a>(run: &'a TrainingRun, type_: &str) -> Option<(&'a str, &'a str,
         .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
 }
 
+/// The exchange pod of the (only) run in `default`.
+async fn exchange_pod(hub: &Client) -> Pod {
+    Api::<Pod>::namespaced(hub.clone(), "default")
+        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
+        .await
+        .unwrap()
+        .items
+        .remove(0)
+}
+
 async fn trainer_pods(client: &Client) -> Vec<Pod> {
     Api::<Pod>::namespaced(client.clone(), "starling-trainers")
         .list(&ListParams::default())
@@ -276,12 +286,7 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
             .collect::<Vec<_>>(),
         vec![4, 6]
     );
-    let exchange = Api::<Pod>::namespaced(hub.clone(), "default")
-        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
-        .await
-        .unwrap()
-        .items
-        .remove(0);
+    let exchange = exchange_pod(&hub).await;
     let weights = fed
         .hub_pod_dir("default", &exchange.name_any())
         .join("checkpoints/round-000006/model.safetensors");
@@ -773,12 +778,7 @@ async fn a_run_publishes_to_the_hub_through_publishing_and_a_bad_token_never_sto
     );
 
     // What a Hugging Face user downloads is the exchange's checkpoint, byte for byte.
-    let exchange = Api::<Pod>::namespaced(hub.clone(), "default")
-        .list(&ListParams::default().labels("app.kubernetes.io/component=exchange"))
-        .await
-        .unwrap()
-        .items
-        .remove(0);
+    let exchange = exchange_pod(&hub).await;
     let checkpoint = fed
         .hub_pod_dir("default", &exchange.name_any())
         .join("checkpoints/round-000004");

@@ -11,8 +11,10 @@
 //! redirect without the token, and it refuses any request that carries one, as S3 does.
 
 mod api;
+mod download;
 mod repo;
 mod storage;
+mod upload;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};

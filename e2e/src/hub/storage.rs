@@ -160,6 +160,17 @@ async fn read_upload(hub: &HubDouble, body: Body, expected: u64, cut: &Cut) -> O
     Some(bytes)
 }
 
+/// Stores an upload's whole content, if it hashes to its object id, and closes it.
+fn finish(hub: &HubDouble, id: &str, upload: &Upload, bytes: &[u8]) -> Response {
+    match hub.put_blob(&upload.sha256, bytes) {
+        Ok(()) => {
+            hub.lock_state().uploads.remove(id);
+            StatusCode::OK.into_response()
+        }
+        Err(e) => answer(StatusCode::BAD_REQUEST, &format!("BadDigest: {e}")),
+    }
+}
+
 fn pending(hub: &HubDouble, id: &str) -> Option<Upload> {
     hub.lock_state().uploads.get(id).cloned()
 }
@@ -171,13 +182,7 @@ async fn put_whole(hub: &HubDouble, id: &str, body: Body, cut: &Cut) -> Response
     let Some(bytes) = read_upload(hub, body, upload.size, cut).await else {
         return answer(StatusCode::BAD_REQUEST, "IncompleteBody");
     };
-    match hub.put_blob(&upload.sha256, &bytes) {
-        Ok(()) => {
-            hub.lock_state().uploads.remove(id);
-            StatusCode::OK.into_response()
-        }
-        Err(e) => answer(StatusCode::BAD_REQUEST, &format!("BadDigest: {e}")),
-    }
+    finish(hub, id, &upload, &bytes)
 }
 
 async fn put_part(hub: &HubDouble, id: &str, n: u32, body: Body, cut: &Cut) -> Response {
@@ -208,11 +213,5 @@ fn complete(hub: &HubDouble, id: &str) -> Response {
     if bytes.len() as u64 != upload.size {
         return answer(StatusCode::BAD_REQUEST, "InvalidPart: parts missing");
     }
-    match hub.put_blob(&upload.sha256, &bytes) {
-        Ok(()) => {
-            hub.lock_state().uploads.remove(id);
-            StatusCode::OK.into_response()
-        }
-        Err(e) => answer(StatusCode::BAD_REQUEST, &format!("BadDigest: {e}")),
-    }
+    finish(hub, id, &upload, &bytes)
 }
