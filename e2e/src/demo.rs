@@ -66,7 +66,7 @@ async fn start_hub(opts: &DemoOptions, dir: &Path) -> anyhow::Result<Publishing>
         orgs: vec![opts.hub_repo.split('/').next().unwrap_or("starling").into()],
     };
     let accounts = std::collections::HashMap::from([(DEMO_HUB_TOKEN.to_owned(), account)]);
-    let local = crate::hub::HubDouble::new(&dir.join("hub"), accounts)?
+    let local = crate::hub::HubDouble::new(&dir.join("hf-hub"), accounts)?
         .start(0)
         .await?;
     println!("  {:<11} {} (a local Hugging Face Hub)", "hub", local.url);

@@ -183,6 +183,7 @@ async fn a_published_checkpoint_downloads_byte_identical_with_the_official_clien
     );
     let loss = &meta["model-index"][0]["results"][0]["metrics"][0]["value"];
     assert_eq!(loss.as_f64(), Some(2.415));
+    assert!(yaml.contains("value: 2.4150"), "{yaml}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -52,7 +52,7 @@ pub(super) fn model_card(
             "model-index:\n- name: {}\n  results:\n  - task:\n      type: text-generation\n      \
              name: Text generation\n    dataset:\n      name: {}\n      type: {}\n      \
              split: validation\n    metrics:\n    - type: loss\n      name: Validation loss\n      \
-             value: {loss}\n",
+             value: {loss:.4}\n",
             quoted(repo.name()),
             quoted(ctx.datasets.first().map_or("held-out text", String::as_str)),
             quoted(ctx.datasets.first().map_or("custom", String::as_str)),
@@ -205,7 +205,7 @@ mod tests {
         for needle in [
             "license: \"apache-2.0\"",
             "- starling\n- federated-training",
-            "value: 2.5",
+            "value: 2.5000",
             "| Round | 12 |",
             "best 2.5000 at round 12",
             "| `p2` | not scored |",

@@ -3,6 +3,7 @@
 //! live in member namespaces beyond the reach of owner references.
 
 pub mod decide;
+mod placing;
 mod progress;
 mod publishing;
 #[cfg(test)]
