@@ -9,7 +9,9 @@
 
 use candle_core::Tensor;
 
-use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, aggregate};
+use crate::codec::{
+    AggregationRule, CodecConfig, CodecError, Compressor, Finite, Update, aggregate,
+};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama, ModelError};
 use crate::run::{Algorithm, RunConfig};
@@ -42,6 +44,16 @@ pub enum RoundError {
     },
     #[error("dense update: {0}")]
     Dense(String),
+    #[error(
+        "the update is encoded with chunk {} / k {} / {}-bit values; this run uses chunk {} / \
+         k {} / {}-bit values",
+        theirs.chunk(), theirs.k(), theirs.value_bits().bits(),
+        ours.chunk(), ours.k(), ours.value_bits().bits()
+    )]
+    CodecMismatch {
+        ours: CodecConfig,
+        theirs: CodecConfig,
+    },
 }
 
 /// A peer's state across rounds: the global θ of the current round and the error
@@ -112,6 +124,22 @@ fn pseudo_gradients<'a>(
 }
 
 impl RoundState {
+    /// Whether `update` is one this run applies: encoded with the run's chunk, k and value
+    /// bits (a peer choosing its own could send a nearly dense update every peer then
+    /// downloads), with every tensor of the model once, in its shape.
+    fn check_update(&self, model: &Llama, update: &Update) -> Result<(), RoundError> {
+        let ours = self.compressor.config();
+        if update.config() != ours {
+            return Err(RoundError::CodecMismatch {
+                ours,
+                theirs: update.config(),
+            });
+        }
+        let layout = Self::layout(model);
+        update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
+        Ok(())
+    }
+
     /// Starts from the model's current parameters as the global θ.
     pub fn new(
         model: &Llama,
@@ -161,9 +189,8 @@ impl OuterLoop for RoundState {
         updates: &[(&Update, f32)],
         outer_lr: f32,
     ) -> Result<(), RoundError> {
-        let layout = Self::layout(model);
         for (update, _) in updates {
-            update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
+            self.check_update(model, update)?;
         }
         let mut step = Vec::new();
         for (i, (name, _)) in model.params().iter().enumerate() {
@@ -382,11 +409,7 @@ impl Outer {
     /// accepts nothing that fails this.
     pub fn check(&self, model: &Llama, bytes: &[u8]) -> Result<(), RoundError> {
         match self {
-            Outer::SparseLoCo(_) => {
-                let update = Update::from_bytes(bytes)?;
-                let layout = RoundState::layout(model);
-                update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
-            }
+            Outer::SparseLoCo(s) => s.check_update(model, &Update::from_bytes(bytes)?)?,
             Outer::DiLoCo(_) | Outer::Ddp => {
                 let update = DenseUpdate::from_bytes(bytes)?;
                 if update.tensors.len() != model.params().len() {

@@ -114,6 +114,13 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
             .unwrap()
             .0
     };
+    let other_codec = update(
+        &small_run(
+            &dir.path().join("codec"),
+            &["--chunk", "2048", "--k", "32", "--bits", "4"],
+        ),
+        0,
+    );
     let mut opts = options(dir.path());
     opts.max_update_bytes = Some(3 * good0.len() as u64);
     let other = small_run(&dir.path().join("other"), &["--lr", "0.1"]);
@@ -164,6 +171,16 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     let (r, m) = reason(p0.put_update(Round(0), &foreign, 1.0).await.unwrap_err());
     assert_eq!(r, Reason::CorruptUpdate);
     eprintln!("foreign model: {m}");
+    // Well-formed for this model, but with codec settings of the peer's own choosing: a
+    // denser update than the run's, which every peer would download.
+    let (r, m) = reason(
+        p0.put_update(Round(0), &other_codec, 1.0)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(r, Reason::ConfigMismatch);
+    assert!(m.contains("chunk 2048 / k 32 / 4-bit"), "{m}");
+    assert!(m.contains("this run uses chunk"), "{m}");
     let huge = vec![0u8; 4 * good0.len()];
     let (r, m) = reason(p0.put_update(Round(0), &huge, 1.0).await.unwrap_err());
     assert_eq!(r, Reason::TooLarge);
@@ -199,7 +216,7 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     let p0_state = &state.peers[0];
     assert_eq!(
         (p0_state.updates_accepted, p0_state.updates_rejected),
-        (1, 5)
+        (1, 6)
     );
     assert!(p0_state.last_rejection.contains("resync"), "{p0_state:?}");
     assert_eq!(state.peers[1].updates_rejected, 0);
@@ -212,7 +229,7 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for line in [
         "starling_exchange_open_round 1",
-        "starling_exchange_updates_rejected_total{peer=\"p0\"} 5",
+        "starling_exchange_updates_rejected_total{peer=\"p0\"} 6",
         "starling_exchange_updates_accepted_total{peer=\"p1\"} 1",
         "# TYPE starling_exchange_bytes_received_total counter",
     ] {

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::round::{RoundState, Submission};
 use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto};
 use crate::exchange::CHUNK_BYTES;
-use crate::outer::Round;
+use crate::outer::{Round, RoundError};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -118,7 +118,14 @@ impl Exchange {
         })
         .await
         .map_err(|e| bad(&e.to_string()))?;
-        checked.map_err(|e| Refusal::new(Reason::CorruptUpdate, e.to_string()))?;
+        checked.map_err(|e| {
+            let reason = match e {
+                // A valid update for another run configuration, not a damaged one.
+                RoundError::CodecMismatch { .. } => Reason::ConfigMismatch,
+                _ => Reason::CorruptUpdate,
+            };
+            Refusal::new(reason, e.to_string())
+        })?;
         Ok(bytes)
     }
 
