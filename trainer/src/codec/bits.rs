@@ -128,6 +128,22 @@ impl<'a> BitReader<'a> {
             .map_err(|_| CodecError::Corrupt("index gap out of range"))
     }
 
+    /// Whether every bit from the current position to the end of the input is zero: a
+    /// segment's padding. Non-zero padding would give one update several valid byte forms.
+    pub fn rest_is_zero(&self) -> bool {
+        let mut probe = BitReader {
+            data: self.data,
+            pos: self.pos,
+        };
+        while probe.remaining() > 0 {
+            let n = probe.remaining().min(32) as u32;
+            if probe.read(n) != Ok(0) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Bits consumed so far.
     pub fn position(&self) -> usize {
         self.pos

@@ -443,6 +443,12 @@ impl EncodedTensor {
                     .at(&self.name, index * SEGMENT_CHUNKS),
             );
         }
+        if !r.rest_is_zero() {
+            return Err(
+                CodecError::Corrupt("non-zero padding after a segment's last chunk")
+                    .at(&self.name, index * SEGMENT_CHUNKS),
+            );
+        }
         Ok(())
     }
 

@@ -667,3 +667,30 @@ fn selected_mean_divides_by_the_peers_that_sent_a_coordinate() {
     .unwrap();
     assert!((mean[9] - 2.0 / 3.0).abs() < 0.02);
 }
+
+#[test]
+fn a_segment_with_non_zero_padding_is_refused_so_each_update_has_one_byte_form() {
+    let (update, _) = sample_update(3);
+    let mut padded = 0;
+    for (ti, t) in update.tensors().iter().enumerate() {
+        for &end in &t.segment_ends {
+            // Bits are packed from the least significant end: padding is the top bits
+            // of a segment's last byte.
+            let mut tensors = update.tensors().to_vec();
+            tensors[ti].payload[end - 1] |= 0x80;
+            if tensors[ti].payload == t.payload {
+                continue; // that bit is set in the content
+            }
+            let bytes = Update::new(update.config(), tensors).unwrap().to_bytes();
+            match Update::from_bytes(&bytes) {
+                Err(e) if e.to_string().contains("non-zero padding") => padded += 1,
+                // The top bit was content: flipping it may change a value or break a code.
+                Ok(_) | Err(_) => {}
+            }
+        }
+    }
+    assert!(padded > 0, "no segment of the sample has padding to test");
+    // And the untouched update still reads back, to the same bytes.
+    let bytes = update.to_bytes();
+    assert_eq!(Update::from_bytes(&bytes).unwrap().to_bytes(), bytes);
+}
