@@ -210,15 +210,24 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
         p0.put_update(Round(0), &good0, 2.0).await.unwrap(),
         good0.len() as u64
     );
+    // ...but not a retry with other bytes.
+    let (r, m) = reason(p0.put_update(Round(0), &good1, 2.0).await.unwrap_err());
+    assert_eq!(r, Reason::BadRequest);
+    assert!(m.contains("already submitted a different update"), "{m}");
 
     let state = operator.run_state().await.unwrap();
     assert_eq!(state.open_round, 1);
     let p0_state = &state.peers[0];
     assert_eq!(
         (p0_state.updates_accepted, p0_state.updates_rejected),
-        (1, 6)
+        (1, 7)
     );
-    assert!(p0_state.last_rejection.contains("resync"), "{p0_state:?}");
+    assert!(
+        p0_state
+            .last_rejection
+            .contains("already submitted a different update"),
+        "{p0_state:?}"
+    );
     assert_eq!(state.peers[1].updates_rejected, 0);
     assert_eq!(state.recent[0].contributors, ["p0", "p1"]);
     // Both peers the exchange knew had sent, with `min_peers` = 2: closed at quorum, not
@@ -229,7 +238,7 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for line in [
         "starling_exchange_open_round 1",
-        "starling_exchange_updates_rejected_total{peer=\"p0\"} 6",
+        "starling_exchange_updates_rejected_total{peer=\"p0\"} 7",
         "starling_exchange_updates_accepted_total{peer=\"p1\"} 1",
         "# TYPE starling_exchange_bytes_received_total counter",
     ] {

@@ -38,6 +38,10 @@ async fn read_header(
     }
 }
 
+/// A peer's update the exchange holds already for a round: its bytes, or `None` while
+/// the round is being applied.
+type Held = Option<Arc<Vec<u8>>>;
+
 /// The update's bytes after its header: exactly the `size` announced.
 async fn read_body(
     stream: &mut Streaming<proto::UpdateChunk>,
@@ -80,12 +84,7 @@ impl Exchange {
         let header = read_header(&mut stream).await?;
         self.check_fingerprint(&header.config_fingerprint)?;
         let round = Round(header.round);
-        if self.check_round(peer, round)? {
-            return Ok(proto::PutUpdateReply {
-                round: round.0,
-                accepted_bytes: header.size,
-            });
-        }
+        let held = self.check_round(peer, round)?;
         let limit = self.shared.max_update;
         if header.size > limit {
             return Err(Refusal::new(
@@ -97,6 +96,18 @@ impl Exchange {
             ));
         }
         let bytes = read_body(&mut stream, header.size).await?;
+        if let Some(held) = held {
+            // A retry after a lost reply: the same bytes are fine, other bytes are not.
+            return match held {
+                Some(previous) if *previous != bytes => Err(bad(&format!(
+                    "{peer} already submitted a different update for round {round}"
+                ))),
+                _ => Ok(proto::PutUpdateReply {
+                    round: round.0,
+                    accepted_bytes: header.size,
+                }),
+            };
+        }
         let bytes = self.check_decodes(bytes).await?;
         let accepted_bytes = bytes.len() as u64;
         self.accept(peer, round, bytes, header.train_loss)?;
@@ -171,9 +182,10 @@ impl Exchange {
         Ok(())
     }
 
-    /// Whether `peer` may submit for `round` now; `Ok(true)` when the exchange already
-    /// holds its update for that round (a retry after a lost reply).
-    fn check_round(&self, peer: PeerId, round: Round) -> Result<bool, Refusal> {
+    /// Whether `peer` may submit for `round` now; `Ok(Some(_))` when the exchange already
+    /// holds its update for that round (a retry after a lost reply), with its bytes
+    /// unless the round is being applied right now.
+    fn check_round(&self, peer: PeerId, round: Round) -> Result<Option<Held>, Refusal> {
         let state = self.state();
         if state.done() {
             return Err(Refusal::new(
@@ -190,13 +202,18 @@ impl Exchange {
                 ),
             ));
         }
-        let held = state
+        let closed = state
             .closed
             .iter()
-            .any(|c| c.round == round && c.entries.iter().any(|(p, _, _)| *p == peer))
-            || (round == state.open && state.round_state.closing_with(peer));
-        if held {
-            return Ok(true);
+            .filter(|c| c.round == round)
+            .flat_map(|c| c.entries.iter())
+            .find(|(p, _, _)| *p == peer)
+            .map(|(_, _, bytes)| bytes.clone());
+        if closed.is_some() {
+            return Ok(Some(closed));
+        }
+        if round == state.open && state.round_state.closing_with(peer) {
+            return Ok(Some(None));
         }
         if round < state.open || !state.round_state.accepts_updates() {
             return Err(Refusal::new(
@@ -207,7 +224,7 @@ impl Exchange {
                 ),
             ));
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// The closed `round` as a stream: its header, then every entry and its bytes.
