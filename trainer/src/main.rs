@@ -126,7 +126,8 @@ struct ExchangeArgs {
     /// Seconds without a heartbeat after which a peer is not waited for.
     #[arg(long, env = env::LIVENESS, default_value_t = 15.0)]
     liveness: f64,
-    /// Largest update accepted, in bytes (default: the model's dense fp32 size).
+    /// Largest update accepted, in bytes (default: the model's dense fp32 size plus
+    /// 64 KiB for the container's names and shapes, so dense DiLoCo and DDP updates fit).
     #[arg(long, env = env::MAX_UPDATE_BYTES)]
     max_update_bytes: Option<u64>,
     /// Closed rounds kept for fetching.

@@ -49,7 +49,8 @@ pub struct ExchangeOptions {
     pub settings: Option<Settings>,
     /// A peer not heard from for this long is not waited for.
     pub liveness: Duration,
-    /// Largest update accepted; by default the dense fp32 size of the model.
+    /// Largest update accepted; by default the dense fp32 size of the model plus 64 KiB
+    /// for the container's names and shapes (dense DiLoCo and DDP updates fit).
     pub max_update_bytes: Option<u64>,
     /// Closed rounds kept for fetching; older ones are served as a state instead.
     pub keep_rounds: usize,
