@@ -90,18 +90,35 @@ impl Kubelet {
 
 /// A new pod for Deployment `d`, from its `template` (whose hash is `hash`).
 fn pod_from(d: &Deployment, template: &serde_json::Value, hash: &str) -> Option<Pod> {
-    let mut pod = template.clone();
     let name = format!("{}-{hash}-{:05x}", d.name_any(), rand_u32() & 0xfffff);
+    owned_pod(
+        template.clone(),
+        &name,
+        ("apps/v1", "Deployment", d),
+        &[("pod-template-hash", hash.to_owned())],
+    )
+}
+
+/// A pod named `name` from a pod `template`, in its owner's namespace, carrying `labels`
+/// and a controller reference to `owner` (API version, kind, object).
+pub(super) fn owned_pod<K: kube::Resource>(
+    mut pod: serde_json::Value,
+    name: &str,
+    (api_version, kind, owner): (&str, &str, &K),
+    labels: &[(&str, String)],
+) -> Option<Pod> {
     pod["apiVersion"] = json!("v1");
     pod["kind"] = json!("Pod");
     pod["metadata"]["name"] = json!(name);
-    pod["metadata"]["namespace"] = json!(d.namespace().unwrap_or_default());
-    pod["metadata"]["labels"]["pod-template-hash"] = json!(hash);
+    pod["metadata"]["namespace"] = json!(owner.namespace().unwrap_or_default());
+    for (key, value) in labels {
+        pod["metadata"]["labels"][*key] = json!(value);
+    }
     pod["metadata"]["ownerReferences"] = json!([{
-        "apiVersion": "apps/v1", "kind": "Deployment", "name": d.name_any(),
-        "uid": d.uid().unwrap_or_default(), "controller": true, "blockOwnerDeletion": true}]);
+        "apiVersion": api_version, "kind": kind, "name": owner.name_any(),
+        "uid": owner.uid().unwrap_or_default(), "controller": true, "blockOwnerDeletion": true}]);
     serde_json::from_value(pod)
-        .map_err(|e| eprintln!("process kubelet: deployment {}: {e}", d.name_any()))
+        .map_err(|e| eprintln!("process kubelet: {kind} {}: {e}", owner.name_any()))
         .ok()
 }
 

@@ -112,19 +112,11 @@ fn done(job: &Job) -> bool {
 
 /// A new pod for `job`, from its template.
 fn pod_from(job: &Job) -> Option<Pod> {
-    let spec = job.spec.as_ref()?;
-    let mut pod = serde_json::to_value(&spec.template).ok()?;
+    let template = serde_json::to_value(&job.spec.as_ref()?.template).ok()?;
     let name = format!("{}-{:05x}", job.name_any(), rand_u32() & 0xfffff);
-    pod["apiVersion"] = json!("v1");
-    pod["kind"] = json!("Pod");
-    pod["metadata"]["name"] = json!(name);
-    pod["metadata"]["namespace"] = json!(job.namespace().unwrap_or_default());
-    pod["metadata"]["labels"]["job-name"] = json!(job.name_any());
-    pod["metadata"]["labels"]["controller-uid"] = json!(job.uid().unwrap_or_default());
-    pod["metadata"]["ownerReferences"] = json!([{
-        "apiVersion": "batch/v1", "kind": "Job", "name": job.name_any(),
-        "uid": job.uid().unwrap_or_default(), "controller": true, "blockOwnerDeletion": true}]);
-    serde_json::from_value(pod)
-        .map_err(|e| eprintln!("process kubelet: job {}: {e}", job.name_any()))
-        .ok()
+    let labels = [
+        ("job-name", job.name_any()),
+        ("controller-uid", job.uid().unwrap_or_default()),
+    ];
+    super::deployment::owned_pod(template, &name, ("batch/v1", "Job", job), &labels)
 }
