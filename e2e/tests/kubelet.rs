@@ -308,7 +308,9 @@ fn find_process(marker: &str) -> Option<i32> {
 #[tokio::test]
 async fn a_killed_pod_process_is_a_failed_pod() {
     let c = cluster().await;
-    let marker = format!("sleep 30 # victim-{}", std::process::id());
+    // Two commands, so the shell stays (a shell may exec a lone command, and the marker
+    // would leave the process's command line).
+    let marker = format!("sleep 30; exit 0 # victim-{}", std::process::id());
     c.pods
         .create(
             &PostParams::default(),
@@ -317,7 +319,15 @@ async fn a_killed_pod_process_is_a_failed_pod() {
         .await
         .unwrap();
     c.wait("victim", "ran", |p| phase(p) == "Running").await;
-    let pid = find_process(&marker).expect("the pod's process");
+    let mut pid = None;
+    for _ in 0..100 {
+        pid = find_process(&marker);
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = pid.expect("the pod's process");
     // SAFETY: signalling a process the test's own kubelet started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let failed = c.wait("victim", "failed", |p| phase(p) == "Failed").await;
