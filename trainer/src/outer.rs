@@ -9,9 +9,7 @@
 
 use candle_core::Tensor;
 
-use crate::codec::{
-    AggregationRule, CodecConfig, CodecError, Compressor, Finite, Update, aggregate,
-};
+use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, aggregate};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama, ModelError};
 use crate::run::{Algorithm, RunConfig};
@@ -44,16 +42,6 @@ pub enum RoundError {
     },
     #[error("dense update: {0}")]
     Dense(String),
-    #[error(
-        "the update is encoded with chunk {} / k {} / {}-bit values; this run uses chunk {} / \
-         k {} / {}-bit values",
-        theirs.chunk(), theirs.k(), theirs.value_bits().bits(),
-        ours.chunk(), ours.k(), ours.value_bits().bits()
-    )]
-    CodecMismatch {
-        ours: CodecConfig,
-        theirs: CodecConfig,
-    },
 }
 
 /// A peer's state across rounds: the global θ of the current round and the error
@@ -130,10 +118,11 @@ impl RoundState {
     fn check_update(&self, model: &Llama, update: &Update) -> Result<(), RoundError> {
         let ours = self.compressor.config();
         if update.config() != ours {
-            return Err(RoundError::CodecMismatch {
-                ours,
-                theirs: update.config(),
-            });
+            return Err(CodecError::ConfigMismatch {
+                expected: ours,
+                found: update.config(),
+            }
+            .into());
         }
         let layout = Self::layout(model);
         update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;

@@ -258,13 +258,23 @@ impl HubDouble {
         std::fs::metadata(self.blob_path(sha256)).is_ok_and(|m| m.len() == size)
     }
 
-    /// Stores `bytes` if they hash to `sha256`.
+    /// Stores `bytes` if they hash to `sha256` (an upload of a claimed object).
     fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<(), String> {
-        use sha2::Digest;
-        let actual = repo::hex(&sha2::Sha256::digest(bytes));
+        let actual = sha256_of(bytes);
         if actual != sha256 {
             return Err(format!("content hashes to {actual}, not {sha256}"));
         }
+        self.write_blob(sha256, bytes)
+    }
+
+    /// Stores `bytes` under their SHA-256, which it returns.
+    fn store(&self, bytes: &[u8]) -> Result<String, String> {
+        let sha256 = sha256_of(bytes);
+        self.write_blob(&sha256, bytes)?;
+        Ok(sha256)
+    }
+
+    fn write_blob(&self, sha256: &str, bytes: &[u8]) -> Result<(), String> {
         let path = self.blob_path(sha256);
         let tmp = path.with_extension("partial");
         std::fs::write(&tmp, bytes)
@@ -296,6 +306,11 @@ impl HubDouble {
             let _ = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
         }
     }
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    repo::hex(&sha2::Sha256::digest(bytes))
 }
 
 /// Parses `TOKEN:USER:read|write[:ORG,ORG]`.

@@ -59,9 +59,9 @@ impl Request<'_> {
                 .into_response());
         }
         let attributes = repo::GITATTRIBUTES.as_bytes();
-        let sha256 = repo::hex(&sha2::Sha256::digest(attributes));
-        self.hub
-            .put_blob(&sha256, attributes)
+        let sha256 = self
+            .hub
+            .store(attributes)
             .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, &e))?;
         let entry = Entry {
             sha256,
@@ -310,8 +310,8 @@ impl Change {
     fn apply(self, hub: &HubDouble, files: &mut BTreeMap<String, Entry>) -> Result<(), Response> {
         match self {
             Change::Inline { path, bytes } => {
-                let sha256 = repo::hex(&sha2::Sha256::digest(&bytes));
-                hub.put_blob(&sha256, &bytes)
+                let sha256 = hub
+                    .store(&bytes)
                     .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, &e))?;
                 files.insert(
                     path,

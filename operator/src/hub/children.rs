@@ -68,24 +68,18 @@ pub fn publisher_job(
         labels.clone(),
     );
     metadata.owner_references = owned_by(run);
-    let secret = |name: &str, key: &str| EnvVarSource {
-        secret_key_ref: Some(SecretKeySelector {
-            name: name.into(),
-            key: key.into(),
-            optional: None,
-        }),
-        ..EnvVarSource::default()
-    };
     let url = format!("{exchange_url}/checkpoints/round-{round:06}");
     let mut vars = crate::contract::publish_env(publish, &url);
     let hub_token = &publish.token_secret_ref;
-    vars.push(env_from(
+    vars.push(secret_env(
         names::HUB_TOKEN,
-        secret(&hub_token.name, &hub_token.key),
+        &hub_token.name,
+        &hub_token.key,
     ));
-    vars.push(env_from(
+    vars.push(secret_env(
         names::TOKEN,
-        secret(&credentials_name(run), PUBLISHER_TOKEN_KEY),
+        &credentials_name(run),
+        PUBLISHER_TOKEN_KEY,
     ));
     let container = Container {
         name: "publisher".into(),
@@ -182,6 +176,21 @@ fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
     }
 }
 
+/// `name` set from `key` of Secret `secret`.
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    env_from(
+        name,
+        EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        },
+    )
+}
+
 fn secret_data(entries: &BTreeMap<String, String>) -> BTreeMap<String, ByteString> {
     entries
         .iter()
@@ -228,17 +237,7 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
             ..EnvVarSource::default()
         },
     );
-    let tokens = env_from(
-        names::TOKENS,
-        EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: credentials_name(run),
-                key: TOKENS_KEY.into(),
-                optional: None,
-            }),
-            ..EnvVarSource::default()
-        },
-    );
+    let tokens = secret_env(names::TOKENS, &credentials_name(run), TOKENS_KEY);
     let mut vars = settings.run_env.to_vec();
     vars.extend([
         pod_ip,

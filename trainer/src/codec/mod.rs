@@ -116,6 +116,13 @@ pub struct CodecConfig {
     bits: ValueBits,
 }
 
+impl std::fmt::Display for CodecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (chunk, k, bits) = (self.chunk, self.k, self.bits.bits());
+        write!(f, "chunk {chunk} / k {k} / {bits}-bit values")
+    }
+}
+
 impl CodecConfig {
     pub fn new(chunk: u32, k: u32, bits: ValueBits) -> Result<Self, CodecError> {
         if !(1..=MAX_CHUNK).contains(&chunk) {
@@ -559,7 +566,7 @@ pub enum CodecError {
         expected: Vec<u64>,
         found: Vec<u64>,
     },
-    #[error("codec config {found:?} disagrees with the run's {expected:?}")]
+    #[error("the update is encoded with {found}; this run uses {expected}")]
     ConfigMismatch {
         expected: CodecConfig,
         found: CodecConfig,

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::round::{RoundState, Submission};
 use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto};
+use crate::codec::CodecError;
 use crate::exchange::CHUNK_BYTES;
 use crate::outer::{Round, RoundError};
 
@@ -132,7 +133,7 @@ impl Exchange {
         checked.map_err(|e| {
             let reason = match e {
                 // A valid update for another run configuration, not a damaged one.
-                RoundError::CodecMismatch { .. } => Reason::ConfigMismatch,
+                RoundError::Codec(CodecError::ConfigMismatch { .. }) => Reason::ConfigMismatch,
                 _ => Reason::CorruptUpdate,
             };
             Refusal::new(reason, e.to_string())
