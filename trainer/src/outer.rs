@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, aggregate};
+use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, outer_step};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama, ModelError};
 use crate::run::{Algorithm, RunConfig};
@@ -187,11 +187,7 @@ impl OuterLoop for RoundState {
                 .iter()
                 .map(|(u, w)| (u.tensor(name).expect("layout checked"), *w))
                 .collect();
-            step.resize(self.global[i].len(), 0.0);
-            aggregate(self.rule, &inputs, &mut step)?;
-            for (g, s) in self.global[i].iter_mut().zip(&step) {
-                *g -= outer_lr * s;
-            }
+            outer_step(self.rule, &inputs, outer_lr, &mut self.global[i], &mut step)?;
         }
         write(model, &self.global)
     }

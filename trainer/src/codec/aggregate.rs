@@ -74,6 +74,24 @@ pub fn aggregate(
     Ok(())
 }
 
+/// One tensor's outer step, `θ ← θ − α·aggregate(inputs)`, every operation in binary32
+/// (`θᵢ − (α·sᵢ)`, two roundings, no fused multiply-add), as `docs/wire-format.md`
+/// specifies it. `scratch` holds the aggregate and is reused across tensors.
+pub fn outer_step(
+    rule: AggregationRule,
+    inputs: &[(&EncodedTensor, f32)],
+    alpha: f32,
+    theta: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), CodecError> {
+    scratch.resize(theta.len(), 0.0);
+    aggregate(rule, inputs, scratch)?;
+    for (t, s) in theta.iter_mut().zip(scratch.iter()) {
+        *t -= alpha * s;
+    }
+    Ok(())
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);

@@ -38,7 +38,7 @@ use std::fmt;
 
 use rayon::prelude::*;
 
-pub use aggregate::{AggregationRule, aggregate};
+pub use aggregate::{AggregationRule, aggregate, outer_step};
 pub use wire::{Update, WIRE_VERSION};
 
 use bits::{BitReader, BitWriter};
@@ -594,5 +594,7 @@ impl CodecError {
     }
 }
 
+#[cfg(test)]
+mod conformance;
 #[cfg(test)]
 mod tests;
