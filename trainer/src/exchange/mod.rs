@@ -256,11 +256,13 @@ impl Refusal {
         }
     }
 
-    /// The refusal a status carries, if it is one (and not, say, a transport error).
+    /// The refusal a status carries, if it is one (and not, say, a transport error). A
+    /// reason under another code than its own is not one: a client that reads codes and
+    /// one that reads reasons must never disagree about what a status means.
     pub fn from_status(status: &Status) -> Option<Self> {
         let reason = status.metadata().get(REASON_KEY)?.to_str().ok()?;
         let reason = Reason::ALL.into_iter().find(|r| r.as_str() == reason)?;
-        Some(Self::new(reason, status.message()))
+        (status.code() == reason.code()).then(|| Self::new(reason, status.message()))
     }
 }
 

@@ -102,6 +102,55 @@ fn reason(e: ClientError) -> (Reason, String) {
     (r.reason, r.message.clone())
 }
 
+/// The refusal table at the top of `exchange.proto`: reason → code name.
+fn documented_codes() -> Vec<(String, String)> {
+    let proto = include_str!("../../proto/exchange.proto");
+    let table = proto
+        .lines()
+        .skip_while(|l| !l.contains("reason           code"))
+        .skip(1)
+        .take_while(|l| l.trim() != "//");
+    table
+        .filter_map(|l| {
+            let mut words = l.trim_start_matches("//").split_whitespace();
+            let (reason, code) = (words.next()?, words.next()?);
+            code.chars()
+                .all(|c| c.is_ascii_uppercase() || c == '_')
+                .then(|| (reason.to_owned(), code.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_refusal_has_the_status_code_the_proto_documents() {
+    let documented = documented_codes();
+    let camel = |code: &str| -> String {
+        code.split('_')
+            .map(|w| w[..1].to_owned() + &w[1..].to_lowercase())
+            .collect()
+    };
+    let ours: std::collections::BTreeMap<String, String> = Reason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_owned(), format!("{:?}", r.code())))
+        .collect();
+    let theirs: std::collections::BTreeMap<String, String> = documented
+        .iter()
+        .map(|(r, c)| (r.clone(), camel(c)))
+        .collect();
+    assert_eq!(
+        ours, theirs,
+        "the proto's refusal table and `Reason::code` disagree"
+    );
+    // And a status is a refusal only under its reason's own code.
+    let refusal = Refusal::new(Reason::RoundClosed, "too late");
+    assert_eq!(Refusal::from_status(&refusal.clone().into()), Some(refusal));
+    let mut wrong = Status::new(tonic::Code::InvalidArgument, "too late");
+    wrong
+        .metadata_mut()
+        .insert("x-starling-reason", "round-closed".parse().unwrap());
+    assert_eq!(Refusal::from_status(&wrong), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     let dir = tempfile::tempdir().unwrap();

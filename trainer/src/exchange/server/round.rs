@@ -24,8 +24,10 @@ pub(super) enum RoundState {
     /// Updates are arriving; the deadline runs from the first.
     Collecting { first_at: Instant },
     /// The round's result is being applied; these peers' updates are in it, and no
-    /// other update is taken.
-    Closing { contributors: Vec<PeerId> },
+    /// other update is taken. The bytes answer a peer's retry while the round closes.
+    Closing {
+        contributors: Vec<(PeerId, Arc<Vec<u8>>)>,
+    },
 }
 
 impl RoundState {
@@ -33,9 +35,15 @@ impl RoundState {
         !matches!(self, RoundState::Closing { .. })
     }
 
-    /// Whether `peer`'s update is in the round being closed.
-    pub(super) fn closing_with(&self, peer: PeerId) -> bool {
-        matches!(self, RoundState::Closing { contributors } if contributors.contains(&peer))
+    /// `peer`'s update, if it is in the round being closed.
+    pub(super) fn closing_with(&self, peer: PeerId) -> Option<Arc<Vec<u8>>> {
+        match self {
+            RoundState::Closing { contributors } => contributors
+                .iter()
+                .find(|(p, _)| *p == peer)
+                .map(|(_, bytes)| bytes.clone()),
+            _ => None,
+        }
     }
 }
 
@@ -193,7 +201,9 @@ impl Exchange {
         };
         let round = state.open;
         state.round_state = RoundState::Closing {
-            contributors: submitted,
+            contributors: (state.submissions.iter())
+                .map(|(p, s)| (*p, s.bytes.clone()))
+                .collect(),
         };
         let submissions = std::mem::take(&mut state.submissions);
         let train_loss = mean(

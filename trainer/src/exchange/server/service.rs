@@ -39,9 +39,8 @@ async fn read_header(
     }
 }
 
-/// A peer's update the exchange holds already for a round: its bytes, or `None` while
-/// the round is being applied.
-type Held = Option<Arc<Vec<u8>>>;
+/// A peer's update the exchange holds already for a round.
+type Held = Arc<Vec<u8>>;
 
 /// The update's bytes after its header: exactly the `size` announced.
 async fn read_body(
@@ -99,15 +98,15 @@ impl Exchange {
         let bytes = read_body(&mut stream, header.size).await?;
         if let Some(held) = held {
             // A retry after a lost reply: the same bytes are fine, other bytes are not.
-            return match held {
-                Some(previous) if *previous != bytes => Err(bad(&format!(
+            if *held != bytes {
+                return Err(bad(&format!(
                     "{peer} already submitted a different update for round {round}"
-                ))),
-                _ => Ok(proto::PutUpdateReply {
-                    round: round.0,
-                    accepted_bytes: header.size,
-                }),
-            };
+                )));
+            }
+            return Ok(proto::PutUpdateReply {
+                round: round.0,
+                accepted_bytes: header.size,
+            });
         }
         let bytes = self.check_decodes(bytes).await?;
         let accepted_bytes = bytes.len() as u64;
@@ -183,9 +182,8 @@ impl Exchange {
         Ok(())
     }
 
-    /// Whether `peer` may submit for `round` now; `Ok(Some(_))` when the exchange already
-    /// holds its update for that round (a retry after a lost reply), with its bytes
-    /// unless the round is being applied right now.
+    /// Whether `peer` may submit for `round` now; `Ok(Some(bytes))` when the exchange
+    /// already holds its update for that round (a retry after a lost reply).
     fn check_round(&self, peer: PeerId, round: Round) -> Result<Option<Held>, Refusal> {
         let state = self.state();
         if state.done() {
@@ -211,10 +209,12 @@ impl Exchange {
             .find(|(p, _, _)| *p == peer)
             .map(|(_, _, bytes)| bytes.clone());
         if closed.is_some() {
-            return Ok(Some(closed));
+            return Ok(closed);
         }
-        if round == state.open && state.round_state.closing_with(peer) {
-            return Ok(Some(None));
+        if round == state.open
+            && let Some(bytes) = state.round_state.closing_with(peer)
+        {
+            return Ok(Some(bytes));
         }
         if round < state.open || !state.round_state.accepts_updates() {
             return Err(Refusal::new(
