@@ -474,22 +474,31 @@ impl Default for ScoringSpec {
     }
 }
 
-/// Weng-Lin (OpenSkill) rating parameters; the defaults are OpenSkill's.
+/// Weng-Lin (OpenSkill, Plackett-Luce) rating parameters. The defaults are Templar's:
+/// OpenSkill's μ and σ with a wider performance spread β and a faster drift τ, so ratings
+/// follow peers that change over a run.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OpenSkillSpec {
+    /// A newcomer's mean skill.
     #[serde(default = "default_mu")]
     pub mu: f64,
+    /// A newcomer's uncertainty.
     #[serde(default = "default_sigma")]
     #[schemars(range(min = 0.0))]
     pub sigma: f64,
+    /// Performance spread within one match.
     #[serde(default = "default_beta")]
     #[schemars(range(min = 0.0))]
     pub beta: f64,
-    /// Additive dynamics: keeps ratings able to move as peers change over time.
+    /// Added to every σ before each match (σ² + τ²): keeps ratings able to move.
     #[serde(default = "default_tau")]
     #[schemars(range(min = 0.0))]
     pub tau: f64,
+    /// Floor of the factor σ shrinks by in one match: σ never collapses to zero.
+    #[serde(default = "default_kappa")]
+    #[schemars(range(min = 0.0))]
+    pub kappa: f64,
 }
 
 fn default_mu() -> f64 {
@@ -499,10 +508,13 @@ fn default_sigma() -> f64 {
     25.0 / 3.0
 }
 fn default_beta() -> f64 {
-    25.0 / 6.0
+    7.0
 }
 fn default_tau() -> f64 {
-    25.0 / 300.0
+    0.1
+}
+fn default_kappa() -> f64 {
+    1e-4
 }
 
 impl Default for OpenSkillSpec {
@@ -512,6 +524,7 @@ impl Default for OpenSkillSpec {
             sigma: default_sigma(),
             beta: default_beta(),
             tau: default_tau(),
+            kappa: default_kappa(),
         }
     }
 }

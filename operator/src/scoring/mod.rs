@@ -1,0 +1,6 @@
+//! Scoring peers' contributions, Gauntlet-style: OpenSkill ratings over each round's
+//! measured scores, the rules that exclude and ban peers that do not help, and the
+//! weights of the next round's aggregate. Pure functions of what was measured, so the
+//! ledger can replay them.
+
+pub mod openskill;
