@@ -9,6 +9,8 @@
 
 use candle_core::Tensor;
 
+use serde::{Deserialize, Serialize};
+
 use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, outer_step};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama, ModelError};
@@ -529,7 +531,10 @@ fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, f32)>, Roun
 }
 
 /// An outer round's number.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct Round(pub u32);
 
 impl Round {

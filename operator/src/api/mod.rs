@@ -27,9 +27,9 @@ pub use trainer_group::{
 };
 pub use training_run::{
     AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
-    CorpusSource, DataSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState, PeerStatus, PeersSpec,
-    Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, ScheduleSpec, ScoringSpec,
-    TokenSecretRef, TrainingRun, TrainingRunSpec, TrainingRunStatus, ValueBits,
+    CopySpec, CorpusSource, DataSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState, PeerStatus,
+    PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, ScheduleSpec,
+    ScoringSpec, TokenSecretRef, TrainingRun, TrainingRunSpec, TrainingRunStatus, ValueBits,
 };
 
 /// API group of every Starling resource.

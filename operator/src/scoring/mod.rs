@@ -4,3 +4,4 @@
 //! ledger can replay them.
 
 pub mod openskill;
+pub mod rules;
