@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -24,6 +24,27 @@ enum Command {
     Hub(starling_operator::hub::HubConfig),
     /// Run a member cluster's agent.
     Agent(starling_operator::agent::AgentConfig),
+    /// Work with a run's scoring ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Check a ledger: canonical form, signatures, hash chain, and a replay of the scoring
+    /// rules from the recorded measurements. Exits non-zero naming the first record that
+    /// does not hold.
+    Verify {
+        /// `ledger.jsonl`, or a checkpoint directory holding it and `ledger.pub`.
+        path: PathBuf,
+        /// The run's public key (hex, as `kubectl get tr -o jsonpath='{.status.ledgerPublicKey}'`
+        /// prints it); by default `ledger.pub` beside the ledger.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// The head the run's status reports: a ledger cut short is caught only by this.
+        #[arg(long)]
+        head: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +67,11 @@ fn main() -> anyhow::Result<()> {
             let client = telemetry::client(kube::Config::infer().await?, metrics.clone())?;
             starling_operator::agent::run(client, metrics, config).await
         })?,
+        Command::Ledger(LedgerCommand::Verify {
+            path,
+            public_key,
+            head,
+        }) => verify_ledger(&path, public_key, head)?,
         Command::Crdgen { out } => {
             let written = starling_operator::crdgen::write_all(&out)
                 .with_context(|| format!("writing CRDs to {}", out.display()))?;
@@ -54,6 +80,45 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn verify_ledger(path: &Path, key: Option<String>, head: Option<String>) -> anyhow::Result<()> {
+    use starling_operator::scoring::ledger;
+    let file = if path.is_dir() {
+        path.join("ledger.jsonl")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let pub_file = file.with_file_name("ledger.pub");
+            std::fs::read_to_string(&pub_file)
+                .with_context(|| format!("reading {} (or pass --public-key)", pub_file.display()))?
+        }
+    };
+    let verified = ledger::verify(&text, &key).with_context(|| format!("{}", file.display()))?;
+    if let Some(expected) = head
+        && expected.trim() != verified.head
+    {
+        anyhow::bail!(
+            "{}: its last record (round {}) has hash {}, not the head {expected}: records are missing",
+            file.display(),
+            verified.last_round,
+            verified.head
+        );
+    }
+    println!(
+        "{}: {} records, rounds {} to {}, every one signed, chained and replayed; head {}",
+        file.display(),
+        verified.records,
+        verified.first_round,
+        verified.last_round,
+        verified.head
+    );
     Ok(())
 }
 

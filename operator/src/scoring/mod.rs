@@ -3,5 +3,7 @@
 //! weights of the next round's aggregate. Pure functions of what was measured, so the
 //! ledger can replay them.
 
+pub mod canonical;
+pub mod ledger;
 pub mod openskill;
 pub mod rules;
