@@ -8,5 +8,4 @@ pub mod crdgen;
 pub mod hub;
 pub mod k8s;
 pub mod placement;
-pub mod scoring;
 pub mod telemetry;

@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn verify_ledger(path: &Path, key: Option<String>, head: Option<String>) -> anyhow::Result<()> {
-    use starling_operator::scoring::ledger;
+    use starling_trainer::scoring::ledger;
     let file = if path.is_dir() {
         path.join("ledger.jsonl")
     } else {

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use starling_operator::api::{PeerId, ScoringSpec};
-use starling_operator::scoring::ledger::{Draft, EvaluatorReport, Signer};
-use starling_operator::scoring::rules::{Evaluation, Measured, Scoring};
 use starling_trainer::outer::Round;
+use starling_trainer::scoring::ledger::{Draft, EvaluatorReport, Signer};
+use starling_trainer::scoring::rules::{Evaluation, Measured, Scoring};
 
 fn verify(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_starling-operator"))

@@ -12,5 +12,6 @@ pub mod model;
 pub mod outer;
 pub mod roles;
 pub mod run;
+pub mod scoring;
 #[cfg(test)]
 mod testing;

@@ -11,14 +11,15 @@
 
 use std::collections::BTreeMap;
 
+use crate::outer::Round;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use starling_trainer::outer::Round;
 
+use super::ScoringSpec;
 use super::canonical;
 use super::rules::{Measured, PeerScore, RoundInput, Scoring, step};
-use crate::api::{PeerId, ScoringSpec};
+use crate::exchange::PeerId;
 
 /// `previous` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -22,11 +22,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::outer::Round;
 use serde::{Deserialize, Serialize};
-use starling_trainer::outer::Round;
 
+use super::ScoringSpec;
 use super::openskill::{self, Rating};
-use crate::api::{PeerId, ScoringSpec};
+use crate::exchange::PeerId;
 
 /// Rounds the "of the last 8" rules look back over.
 const WINDOW: usize = 8;

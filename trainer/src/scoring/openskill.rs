@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::OpenSkillSpec;
+use super::OpenSkillSpec;
 
 /// A peer's skill belief: mean μ and uncertainty σ.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -7,3 +7,6 @@ pub mod canonical;
 pub mod ledger;
 pub mod openskill;
 pub mod rules;
+mod spec;
+
+pub use spec::{CopySpec, OpenSkillSpec, ScoringSpec};

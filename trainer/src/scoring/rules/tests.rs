@@ -1,7 +1,7 @@
 //! Named cases for every rule of the scoring state machine.
 
 use super::*;
-use crate::api::CopySpec;
+use crate::scoring::CopySpec;
 
 fn spec() -> ScoringSpec {
     ScoringSpec {
