@@ -294,6 +294,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// A scored federation with four honest peers and one adversary of each kind in
+    /// turn: when scoring excluded it, and its cost to the model.
+    Adversaries {
+        #[command(flatten)]
+        bench: starling_trainer::scoring::bench::AdversaryBench,
+        /// One JSON object per kind instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -336,6 +345,16 @@ impl Bench {
                 bench.binary = std::env::current_exe()?;
                 let header = bench::convergence_table_header();
                 bench.run(bench::printer(json, header, bench::convergence_table_row))?;
+            }
+            Bench::Adversaries { bench, json } => {
+                use starling_trainer::scoring::bench::{
+                    adversary_table_header, adversary_table_row,
+                };
+                bench.run(bench::printer(
+                    json,
+                    adversary_table_header(),
+                    adversary_table_row,
+                ))?;
             }
             Bench::Codec(args) => {
                 let json = args.json;

@@ -56,7 +56,8 @@ pub struct RoundState {
     error_feedback: Vec<Vec<f32>>,
 }
 
-fn read(model: &Llama) -> Result<Vec<Vec<f32>>, RoundError> {
+/// The model's parameters (model order), flattened.
+pub(crate) fn read(model: &Llama) -> Result<Vec<Vec<f32>>, RoundError> {
     model
         .params()
         .iter()
@@ -82,7 +83,7 @@ fn global_and_zeros(model: &Llama) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), Rou
 }
 
 /// Writes `global` (model order) into the model's parameters.
-fn write(model: &Llama, global: &[Vec<f32>]) -> Result<(), RoundError> {
+pub(crate) fn write(model: &Llama, global: &[Vec<f32>]) -> Result<(), RoundError> {
     for ((name, var), values) in model.params().iter().zip(global) {
         Tensor::from_slice(values, var.dims(), var.device())
             .and_then(|t| var.set(&t))

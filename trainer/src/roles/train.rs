@@ -106,7 +106,6 @@ impl<'a> Peer<'a> {
         run: &'a Run,
         opts: &PeerOptions,
     ) -> Result<Self, PeerError> {
-        let config = &run.config;
         let client = ExchangeClient::new(ClientOptions {
             url: opts.exchange.clone(),
             token: opts.token.clone(),
@@ -117,13 +116,7 @@ impl<'a> Peer<'a> {
         })?;
         let (peer, open, rounds) = rt.block_on(client.join())?;
         tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
-        let model = run.initial_model()?;
-        let replica = Replica {
-            run,
-            outer: Outer::new(config, &model)?,
-            inner: InnerOptimizer::new(&model, config.adamw(), config.schedule(rounds))?,
-            model,
-        };
+        let replica = Replica::new(run, rounds)?;
         let report = PeerReport {
             peer,
             rounds_trained: 0,
@@ -265,16 +258,27 @@ impl<'a> Peer<'a> {
 }
 
 /// A peer's copy of the run: its model and the optimisers that move it.
-struct Replica<'a> {
-    run: &'a Run,
-    model: Llama,
-    outer: Outer,
-    inner: InnerOptimizer,
+pub(crate) struct Replica<'a> {
+    pub run: &'a Run,
+    pub model: Llama,
+    pub outer: Outer,
+    pub inner: InnerOptimizer,
 }
 
-impl Replica<'_> {
+impl<'a> Replica<'a> {
+    /// The run's initial model, with optimisers for a run of `rounds` rounds.
+    pub fn new(run: &'a Run, rounds: Round) -> Result<Self, PeerError> {
+        let model = run.initial_model()?;
+        Ok(Self {
+            run,
+            outer: Outer::new(&run.config, &model)?,
+            inner: InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(rounds))?,
+            model,
+        })
+    }
+
     /// `peer`'s inner steps on its data for `round`: its update and training loss.
-    fn local_round(
+    pub fn local_round(
         &mut self,
         peer: PeerId,
         round: Round,
@@ -286,7 +290,7 @@ impl Replica<'_> {
     }
 
     /// The outer step with a round's accepted updates.
-    fn apply(&mut self, updates: &[(&[u8], f32)]) -> Result<(), crate::outer::RoundError> {
+    pub fn apply(&mut self, updates: &[(&[u8], f32)]) -> Result<(), crate::outer::RoundError> {
         let lr = self.run.config.outer_lr;
         self.outer
             .apply(&self.model, Some(&mut self.inner), updates, lr)

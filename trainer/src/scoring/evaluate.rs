@@ -1,0 +1,337 @@
+//! What an evaluator measures of each peer's update in a round, as Templar's Gauntlet
+//! does: is it valid, does it lower the loss when applied alone (on a random slice the
+//! peer could not train on, and on the peer's own data), was the peer in sync, and did it
+//! copy. The numbers feed [`super::rules::step`].
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::rules::{Copying, Evaluation, Measured};
+use crate::codec::{CodecConfig, Update};
+use crate::data::Batch;
+use crate::exchange::PeerId;
+use crate::model::Llama;
+use crate::outer::{Round, RoundError, write};
+
+/// Share of the outer learning rate an update is applied with when scored alone.
+const ALONE: f32 = 0.2;
+/// An update whose norm exceeds this many times the round's median, for most tensors, is
+/// invalid rather than clipped.
+const OUTLIER: f64 = 10.0;
+/// EMA factor of the typical step at the probe positions.
+const TYPICAL_ALPHA: f32 = 0.2;
+/// Rounds of accepted updates a replay is looked for in.
+const REPLAY_ROUNDS: usize = 8;
+
+/// One peer's submission as the evaluator sees it.
+pub struct Submission<'a> {
+    pub peer: PeerId,
+    pub bytes: &'a [u8],
+    /// The peer's θ at the run's probe positions ([`probe_positions`]).
+    pub probe: Vec<f32>,
+    /// The sequences the peer was assigned this round.
+    pub own: Batch,
+}
+
+/// Two seeded positions per tensor, fixed for the run: where peers report their θ so
+/// sync can be checked without shipping weights.
+pub fn probe_positions(model: &Llama, seed: u64) -> Vec<(usize, usize)> {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5052_4f42_4553);
+    (model.params().iter().enumerate())
+        .flat_map(|(t, (_, var))| {
+            let n = var.elem_count();
+            [(t, rng.random_range(0..n)), (t, rng.random_range(0..n))]
+        })
+        .collect()
+}
+
+/// `θ` at the probe positions.
+pub fn probe(theta: &[Vec<f32>], positions: &[(usize, usize)]) -> Vec<f32> {
+    positions.iter().map(|&(t, i)| theta[t][i]).collect()
+}
+
+/// An evaluator across rounds: its scratch model and what it remembers.
+pub struct Evaluator {
+    model: Llama,
+    config: CodecConfig,
+    outer_lr: f32,
+    positions: Vec<(usize, usize)>,
+    /// EMA of |θ_{r+1} − θ_r| at the probe positions.
+    typical: Vec<f32>,
+    /// Hashes of accepted updates, newest round last.
+    accepted: VecDeque<HashSet<[u8; 32]>>,
+    /// Each peer's kept positions (tensor, index) in the previous round.
+    previous: BTreeMap<PeerId, BTreeSet<(usize, usize)>>,
+}
+
+impl Evaluator {
+    pub fn new(model: Llama, config: CodecConfig, outer_lr: f32, seed: u64) -> Self {
+        let positions = probe_positions(&model, seed);
+        Self {
+            typical: vec![0.0; positions.len()],
+            model,
+            config,
+            outer_lr,
+            positions,
+            accepted: VecDeque::new(),
+            previous: BTreeMap::new(),
+        }
+    }
+
+    /// Measures every submission of a round against the global `theta` it was meant to
+    /// be applied to; `random` is the evaluator's secret slice.
+    pub fn measure(
+        &mut self,
+        theta: &[Vec<f32>],
+        submissions: &[Submission<'_>],
+        random: &Batch,
+    ) -> Result<BTreeMap<PeerId, Measured>, RoundError> {
+        let mut out = BTreeMap::new();
+        let mut parsed = Vec::new();
+        for s in submissions {
+            match self.parse(s.bytes) {
+                Ok(u) => parsed.push((s, u)),
+                Err(reason) => {
+                    out.insert(s.peer, Measured::Invalid { reason });
+                }
+            }
+        }
+        let norms: Vec<Vec<f64>> = parsed.iter().map(|(_, u)| norms(u)).collect();
+        let medians = column_medians(&norms);
+        write(&self.model, theta)?;
+        let base_random = self.model.batch_loss(random)?;
+        for ((s, update), norms) in parsed.iter().zip(&norms) {
+            if let Some(reason) = invalid(norms, &medians) {
+                out.insert(s.peer, Measured::Invalid { reason });
+                continue;
+            }
+            let base_own = {
+                write(&self.model, theta)?;
+                self.model.batch_loss(&s.own)?
+            };
+            self.apply_alone(theta, update, norms, &medians)?;
+            let after_random = self.model.batch_loss(random)?;
+            let after_own = self.model.batch_loss(&s.own)?;
+            let evaluation = Evaluation {
+                score: f64::from((base_random - after_random) / base_random),
+                own_score: f64::from((base_own - after_own) / base_own),
+                sync_distance: self.sync_distance(theta, &s.probe),
+                copy: self.copying(s, update, &parsed),
+            };
+            out.insert(s.peer, Measured::Evaluated(evaluation));
+        }
+        Ok(out)
+    }
+
+    /// The round closed: `before` became `after` with these accepted updates.
+    pub fn observe(
+        &mut self,
+        before: &[Vec<f32>],
+        after: &[Vec<f32>],
+        accepted: &[(PeerId, &[u8])],
+    ) {
+        for ((t, i), typical) in self.positions.iter().zip(&mut self.typical) {
+            let step = (after[*t][*i] - before[*t][*i]).abs();
+            *typical = (1.0 - TYPICAL_ALPHA) * *typical + TYPICAL_ALPHA * step;
+        }
+        self.accepted
+            .push_back(accepted.iter().map(|(_, b)| digest(b)).collect());
+        while self.accepted.len() > REPLAY_ROUNDS {
+            self.accepted.pop_front();
+        }
+        self.previous = (accepted.iter())
+            .filter_map(|(p, b)| Some((*p, kept(&self.parse(b).ok()?))))
+            .collect();
+    }
+
+    fn parse(&self, bytes: &[u8]) -> Result<Update, String> {
+        let update = Update::from_bytes(bytes).map_err(|e| e.to_string())?;
+        if update.config() != self.config {
+            return Err(format!(
+                "encoded with {}, not {}",
+                update.config(),
+                self.config
+            ));
+        }
+        let layout: Vec<(String, Vec<u64>)> = (self.model.params().iter())
+            .map(|(n, v)| (n.clone(), v.dims().iter().map(|&d| d as u64).collect()))
+            .collect();
+        update
+            .check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+            .map_err(|e| e.to_string())?;
+        Ok(update)
+    }
+
+    /// Writes θ − η·f·clip(decode(U)) into the scratch model.
+    fn apply_alone(
+        &self,
+        theta: &[Vec<f32>],
+        update: &Update,
+        norms: &[f64],
+        medians: &[f64],
+    ) -> Result<(), RoundError> {
+        let mut moved = theta.to_vec();
+        for (((name, _), m), (norm, median)) in (self.model.params().iter())
+            .zip(&mut moved)
+            .zip(norms.iter().zip(medians))
+        {
+            let clip = if *norm > *median {
+                (median / norm) as f32
+            } else {
+                1.0
+            };
+            let tensor = update
+                .tensor(name)
+                .ok_or(RoundError::Dense(format!("no {name}")))?;
+            tensor.decode_add(-self.outer_lr * ALONE * clip, m)?;
+        }
+        write(&self.model, &moved)
+    }
+
+    /// x: the interquartile mean over probe positions of |θ − probe| in typical steps.
+    fn sync_distance(&self, theta: &[Vec<f32>], probe: &[f32]) -> f64 {
+        if probe.len() != self.positions.len() {
+            return f64::INFINITY;
+        }
+        let ours = self::probe(theta, &self.positions);
+        let mut x: Vec<f64> = (ours.iter().zip(probe).zip(&self.typical))
+            .map(|((a, b), t)| {
+                let d = f64::from((a - b).abs());
+                if d == 0.0 {
+                    0.0
+                } else {
+                    d / f64::from(t.max(1e-12))
+                }
+            })
+            .collect();
+        x.sort_by(f64::total_cmp);
+        let q = x.len() / 4;
+        let middle = &x[q..x.len() - q];
+        middle.iter().sum::<f64>() / middle.len().max(1) as f64
+    }
+
+    /// The worst copying of `s`: a replay of an accepted update, or the largest overlap
+    /// with a same-round update received before it or another peer's previous update.
+    fn copying(
+        &self,
+        s: &Submission<'_>,
+        update: &Update,
+        round: &[(&Submission<'_>, Update)],
+    ) -> Option<Copying> {
+        let hash = digest(s.bytes);
+        if self.accepted.iter().any(|r| r.contains(&hash)) {
+            return Some(Copying {
+                of: s.peer,
+                overlap: 1.0,
+                replay: true,
+            });
+        }
+        let mine = kept(update);
+        let earlier = round
+            .iter()
+            .take_while(|(o, _)| o.peer != s.peer)
+            .map(|(o, u)| (o.peer, kept(u)));
+        let before = (self.previous.iter())
+            .filter(|(p, _)| **p != s.peer)
+            .map(|(p, k)| (*p, k.clone()));
+        earlier
+            .chain(before)
+            .map(|(of, theirs)| (of, overlap(&mine, &theirs)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .filter(|(_, o)| *o > 0.0)
+            .map(|(of, overlap)| Copying {
+                of,
+                overlap,
+                replay: false,
+            })
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().try_into().unwrap_or([0; 32])
+}
+
+/// Every kept position, as (tensor, index).
+fn kept(update: &Update) -> BTreeSet<(usize, usize)> {
+    let mut out = BTreeSet::new();
+    for (t, tensor) in update.tensors().iter().enumerate() {
+        let _ = tensor.for_each_entry(|at, _| {
+            out.insert((t, at));
+        });
+    }
+    out
+}
+
+/// Shared kept positions over kept positions: the mean over chunks of shared / k, every
+/// chunk keeping k.
+pub fn overlap(a: &BTreeSet<(usize, usize)>, b: &BTreeSet<(usize, usize)>) -> f64 {
+    a.intersection(b).count() as f64 / a.len().max(1) as f64
+}
+
+fn norms(update: &Update) -> Vec<f64> {
+    (update.tensors().iter())
+        .map(|t| t.norm().unwrap_or(f64::INFINITY))
+        .collect()
+}
+
+/// Per tensor, the median norm over the round's updates.
+fn column_medians(rows: &[Vec<f64>]) -> Vec<f64> {
+    let width = rows.first().map_or(0, Vec::len);
+    (0..width)
+        .map(|t| {
+            let mut v: Vec<f64> = rows.iter().map(|r| r[t]).collect();
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        })
+        .collect()
+}
+
+/// Why an update that decodes is still invalid: all zero, or a norm outlier.
+fn invalid(norms: &[f64], medians: &[f64]) -> Option<String> {
+    if norms.iter().all(|n| *n == 0.0) {
+        return Some("all zero".into());
+    }
+    let outliers = (norms.iter().zip(medians))
+        .filter(|(n, m)| **n > OUTLIER * **m)
+        .count();
+    (2 * outliers > norms.len()).then(|| {
+        format!(
+            "norm above {OUTLIER}× the round's median in {outliers} of {} tensors",
+            norms.len()
+        )
+    })
+}
+
+/// The evaluator's random slice for `round`: `rows` windows of the training tokens drawn
+/// from `seed` (secret until the round is over), so peers cannot train on it.
+pub fn random_slice(
+    tokens: &[crate::data::Token],
+    seq: usize,
+    rows: usize,
+    seed: u64,
+    round: Round,
+) -> Batch {
+    let windows = (tokens.len().saturating_sub(1) / seq).max(1) as u64;
+    let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(round.0) << 32));
+    let picks: Vec<u64> = (0..rows).map(|_| rng.random_range(0..windows)).collect();
+    let mut inputs = Vec::with_capacity(rows * seq);
+    let mut targets = Vec::with_capacity(rows * seq);
+    for w in picks {
+        let start = w as usize * seq;
+        inputs.extend_from_slice(&tokens[start..start + seq]);
+        targets.extend_from_slice(&tokens[start + 1..start + seq + 1]);
+    }
+    Batch {
+        inputs,
+        targets,
+        rows,
+        seq,
+    }
+}
