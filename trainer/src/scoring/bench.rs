@@ -116,6 +116,7 @@ impl AdversaryBench {
                 round = r.round,
                 validation_loss = r.validation_loss,
                 aggregate = r.aggregate.len(),
+                adversary = ?r.adversary,
                 "round scored"
             );
         })?;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::rules::{Copying, Evaluation, Measured};
+use super::rules::{Copying, Evaluation, Measured, median};
 use crate::codec::{CodecConfig, Update};
 use crate::data::Batch;
 use crate::exchange::PeerId;
@@ -280,16 +280,7 @@ fn norms(update: &Update) -> Vec<f64> {
 fn column_medians(rows: &[Vec<f64>]) -> Vec<f64> {
     let width = rows.first().map_or(0, Vec::len);
     (0..width)
-        .map(|t| {
-            let mut v: Vec<f64> = rows.iter().map(|r| r[t]).collect();
-            v.sort_by(f64::total_cmp);
-            let n = v.len();
-            if n % 2 == 1 {
-                v[n / 2]
-            } else {
-                (v[n / 2 - 1] + v[n / 2]) / 2.0
-            }
-        })
+        .map(|t| median(rows.iter().map(|r| r[t]).collect()))
         .collect()
 }
 

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::ScoringSpec;
 use super::canonical;
-use super::rules::{Measured, PeerScore, RoundInput, Scoring, step};
+use super::rules::{Measured, PeerScore, RoundInput, Scoring, median, step};
 use crate::exchange::PeerId;
 
 /// `previous` of the first record.
@@ -201,16 +201,6 @@ pub fn combine(reports: &[EvaluatorReport]) -> BTreeMap<PeerId, Measured> {
         .into_iter()
         .map(|(peer, ms)| (peer, combine_one(&ms)))
         .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn combine_one(ms: &[&Measured]) -> Measured {

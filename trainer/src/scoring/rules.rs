@@ -220,6 +220,9 @@ struct RoundContext {
     outage: bool,
     /// Fewer than half the scored peers scored positive: no negative-score penalties.
     hard: bool,
+    /// A score at or below this is negative: the absolute threshold, or the relative
+    /// one times the round's median score if that is higher.
+    line: f64,
     /// Past the copy warm-up.
     copies_count: bool,
 }
@@ -239,10 +242,14 @@ impl RoundContext {
         let positive = (scores.iter())
             .filter(|s| **s > spec.exclusion_threshold)
             .count();
+        let median = median(scores.clone());
         Self {
             round: input.round,
             outage: (submitted as f64) < spec.outage_fraction * roster as f64,
             hard: 2 * positive < scores.len(),
+            line: spec
+                .exclusion_threshold
+                .max(spec.relative_threshold * median),
             copies_count: input.round.0 >= spec.copying.warmup_rounds,
         }
     }
@@ -363,7 +370,7 @@ impl Judge<'_> {
             s.bma *= 0.75;
         }
         s.last_score = Some(e.score);
-        if e.score > spec.exclusion_threshold {
+        if e.score > self.ctx.line {
             s.negatives_in_a_row = 0;
             s.push(Outcome::Positive);
             s.reason = format!("scored {:.5}", e.score);
@@ -382,7 +389,7 @@ impl Judge<'_> {
                 e.score
             );
         } else {
-            let why = format!("scored {:.5} ≤ {}", e.score, spec.exclusion_threshold);
+            let why = format!("scored {:.5} ≤ {:.5}", e.score, self.ctx.line);
             self.negative(why);
         }
         if let Some(copy) = &e.copy {
@@ -452,6 +459,17 @@ impl Judge<'_> {
     }
 }
 
+/// The median of `v` (0 for none; the mean of the middle two for an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Bans that end before the next round.
 fn lift_bans(round: Round, peers: &mut BTreeMap<PeerId, PeerScore>, changes: &mut Vec<Change>) {
     for (peer, s) in peers.iter_mut() {
@@ -511,6 +529,7 @@ fn choose_aggregate(
     let mut eligible: Vec<(PeerId, f64)> = (peers.iter())
         .filter(|(_, s)| {
             s.last_score.is_some_and(|x| x > spec.exclusion_threshold)
+                && s.negatives_in_a_row == 0
                 && s.sync_distance <= spec.sync_limit
                 && s.standing(round) == Standing::Active
                 && !gated(s)

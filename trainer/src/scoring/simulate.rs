@@ -36,6 +36,8 @@ pub struct RoundReport {
     pub changes: Vec<Change>,
     /// The largest overlap an honest peer's update had with another's.
     pub honest_overlap: f64,
+    /// What the evaluator measured of the adversary's update.
+    pub adversary: Option<Measured>,
 }
 
 #[derive(Debug)]
@@ -152,6 +154,7 @@ pub fn simulate(
                 _ => None,
             })
             .fold(0.0, f64::max);
+        let of_adversary = measured.get(&adversary_peer).cloned();
         let (next, changes) = step(&scenario.spec, &scoring, &RoundInput { round, measured });
         scoring = next;
 
@@ -200,6 +203,7 @@ pub fn simulate(
             aggregate: scoring.aggregate.clone(),
             changes,
             honest_overlap,
+            adversary: of_adversary,
         };
         tally(&mut outcome, &scoring, scenario, adversary_peer, &report);
         progress(&report);

@@ -329,7 +329,7 @@ fn overlap_is_forgiven_during_the_warm_up_but_a_replay_never() {
     let copy = |replay: bool| {
         move |r: u32| {
             with(honest(0.01), |e| {
-                if r == 4 {
+                if r == 2 {
                     e.copy = Some(Copying {
                         of: p(1),
                         overlap: 0.9,
@@ -339,8 +339,8 @@ fn overlap_is_forgiven_during_the_warm_up_but_a_replay_never() {
             })
         }
     };
-    assert!(rounds(&spec, 5, copy(false)).1.iter().all(Vec::is_empty));
-    assert_eq!(banned_at(&rounds(&spec, 5, copy(true)).1, p(4)), Some(4));
+    assert!(rounds(&spec, 3, copy(false)).1.iter().all(Vec::is_empty));
+    assert_eq!(banned_at(&rounds(&spec, 3, copy(true)).1, p(4)), Some(2));
 }
 
 #[test]
@@ -411,4 +411,23 @@ fn a_step_is_a_pure_function_of_state_and_measurements() {
     assert_eq!(a, b);
     let json = serde_json::to_string(&a.0).unwrap();
     assert_eq!(serde_json::from_str::<Scoring>(&json).unwrap(), a.0);
+}
+
+#[test]
+fn a_score_far_below_the_rounds_median_counts_as_negative() {
+    // Honest peers score about 0.01; p4 helps a fiftieth as much, every round.
+    let (s, changes) = rounds(&spec(), 5, |r| honest(if r >= 2 { 0.0002 } else { 0.01 }));
+    assert_eq!(excluded_at(&changes, p(4)), Some(4));
+    assert!(
+        s.peers[&p(4)].reason.contains("0.00020 ≤ 0.00"),
+        "{}",
+        s.peers[&p(4)].reason
+    );
+    let relaxed = ScoringSpec {
+        relative_threshold: 0.0,
+        ..spec()
+    };
+    let (s, changes) = rounds(&relaxed, 5, |r| honest(if r >= 2 { 0.0002 } else { 0.01 }));
+    assert_eq!(excluded_at(&changes, p(4)), None);
+    assert!(s.aggregate.contains(&p(4)));
 }
