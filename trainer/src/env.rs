@@ -56,6 +56,9 @@ pub const CHECKPOINT: &str = "STARLING_CHECKPOINT";
 
 // A peer pod.
 pub const EXCHANGE: &str = "STARLING_EXCHANGE";
+/// Testing aid: how a peer cheats, and from which round.
+pub const ADVERSARY: &str = "STARLING_ADVERSARY";
+pub const ADVERSARY_FROM: &str = "STARLING_ADVERSARY_FROM";
 pub const TOKEN: &str = "STARLING_TOKEN";
 pub const BANDWIDTH_MBPS: &str = "STARLING_BANDWIDTH_MBPS";
 

@@ -14,6 +14,7 @@ use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::hub;
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
+use starling_trainer::outer::Round;
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::{Run, RunConfig};
 
@@ -67,6 +68,13 @@ struct TrainArgs {
     /// CA certificate (PEM) to verify an `https://` exchange with.
     #[arg(long, env = env::TLS_CA)]
     tls_ca: Option<PathBuf>,
+    /// A testing aid: cheat, to see scoring catch it. noise, scale:F, signflip, zero,
+    /// copy:PEER, replay, stale, offslice or frozen.
+    #[arg(long, env = env::ADVERSARY)]
+    adversary: Option<starling_trainer::scoring::adversary::Adversary>,
+    /// The round the adversary starts cheating in.
+    #[arg(long, env = env::ADVERSARY_FROM, default_value_t = 0)]
+    adversary_from: u32,
 }
 
 impl TrainArgs {
@@ -81,6 +89,7 @@ impl TrainArgs {
             heartbeat: Duration::from_secs(1),
             checkpoint_dir: self.checkpoint_dir,
             tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
+            adversary: (self.adversary).map(|a| (a, Round(self.adversary_from))),
         };
         Ok((run, opts))
     }

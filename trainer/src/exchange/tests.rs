@@ -360,6 +360,7 @@ fn federate_lengthened(
                     heartbeat: Duration::from_millis(200),
                     tls_ca: None,
                     checkpoint_dir: Some(dir.join(format!("peer{p}"))),
+                    adversary: None,
                 };
                 train(&run, opts).unwrap()
             })

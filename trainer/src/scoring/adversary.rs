@@ -79,6 +79,17 @@ impl fmt::Display for Adversary {
     }
 }
 
+/// When a peer applies the rounds it fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applies {
+    /// As they close, as honest peers do.
+    AtOnce,
+    /// This many rounds after they close: it trains from an old θ.
+    Late(usize),
+    /// Never: it trains on alone.
+    Never,
+}
+
 /// What the adversary can draw on besides its honest update.
 pub struct Material<'a> {
     /// Its own update of two rounds before, if any.
@@ -89,9 +100,33 @@ pub struct Material<'a> {
 }
 
 impl Adversary {
+    /// Whose data `peer` (of `peers`) trains on.
+    pub fn trains_on(&self, peer: PeerId, peers: u32) -> PeerId {
+        match self {
+            Adversary::OffSlice => PeerId::new((peer.index() + 1) % peers.max(1)),
+            _ => peer,
+        }
+    }
+
+    pub fn applies(&self) -> Applies {
+        match self {
+            Adversary::Stale => Applies::Late(2),
+            Adversary::Frozen => Applies::Never,
+            _ => Applies::AtOnce,
+        }
+    }
+
     /// The update sent in place of `honest` (the kinds that cheat in how they train send
     /// it unchanged; so do replay and copy before there is anything to replay or copy).
     pub fn tamper(&self, honest: &[u8], m: &Material<'_>) -> Result<Vec<u8>, CodecError> {
+        match self {
+            Adversary::Copy(_) => return Ok(m.copied.unwrap_or(honest).to_vec()),
+            Adversary::Replay => return Ok(m.own_old.unwrap_or(honest).to_vec()),
+            Adversary::Stale | Adversary::OffSlice | Adversary::Frozen => {
+                return Ok(honest.to_vec());
+            }
+            _ => {}
+        }
         let update = Update::from_bytes(honest)?;
         let mut rng = StdRng::seed_from_u64(m.seed);
         let dense = |f: &mut dyn FnMut(&mut [f32])| reencode(&update, f);
@@ -107,11 +142,11 @@ impl Adversary {
             Adversary::Scale(x) => dense(&mut |d: &mut [f32]| d.iter_mut().for_each(|v| *v *= x))?,
             Adversary::SignFlip => dense(&mut |d: &mut [f32]| d.iter_mut().for_each(|v| *v = -*v))?,
             Adversary::Zero => dense(&mut |d: &mut [f32]| d.fill(0.0))?,
-            Adversary::Copy(_) => return Ok(m.copied.unwrap_or(honest).to_vec()),
-            Adversary::Replay => return Ok(m.own_old.unwrap_or(honest).to_vec()),
-            Adversary::Stale | Adversary::OffSlice | Adversary::Frozen => {
-                return Ok(honest.to_vec());
-            }
+            Adversary::Copy(_)
+            | Adversary::Replay
+            | Adversary::Stale
+            | Adversary::OffSlice
+            | Adversary::Frozen => update,
         }
         .to_bytes())
     }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::ScoringSpec;
-use super::adversary::{Adversary, Material};
+use super::adversary::{Adversary, Applies, Material};
 use super::evaluate::{Evaluator, Submission, probe, probe_positions, random_slice};
 use super::rules::{Change, Measured, RoundInput, Scoring, Standing, step};
 use crate::exchange::PeerId;
@@ -100,10 +100,7 @@ pub fn simulate(
         for p in 0..n {
             let replica = &mut peers[p as usize];
             let their_probe = probe(&read(&replica.model)?, &positions);
-            let data = match cheating(p) {
-                Some(Adversary::OffSlice) => PeerId::new((p + 1) % n),
-                _ => PeerId::new(p),
-            };
+            let data = cheating(p).map_or(PeerId::new(p), |a| a.trains_on(PeerId::new(p), n));
             let (honest, _) = replica.local_round(data, round)?;
             let bytes = match cheating(p) {
                 Some(adversary) => {
@@ -168,20 +165,20 @@ pub fn simulate(
         exchange.apply(&refs)?;
         late.push_back(accepted.clone());
         for (p, replica) in peers.iter_mut().enumerate() {
-            match cheating(p as u32) {
-                Some(Adversary::Frozen) => {}
-                Some(Adversary::Stale) => {
-                    while late.len() > 2 {
+            match cheating(p as u32).map_or(Applies::AtOnce, Adversary::applies) {
+                Applies::AtOnce => replica.apply(&refs)?,
+                Applies::Late(lag) => {
+                    while late.len() > lag {
                         let old = late.pop_front().unwrap_or_default();
                         let refs: Vec<(&[u8], f32)> =
                             old.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
                         replica.apply(&refs)?;
                     }
                 }
-                _ => replica.apply(&refs)?,
+                Applies::Never => {}
             }
         }
-        if !matches!(scenario.adversary, Some(Adversary::Stale)) || r < scenario.cheat_from {
+        if cheating(n - 1).is_none_or(|a| a.applies() == Applies::AtOnce) {
             late.clear();
         }
         let after = read(&exchange.model)?;
