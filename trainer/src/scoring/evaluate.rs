@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::rules::{Copying, Evaluation, Measured, median};
 use crate::codec::{CodecConfig, Update};
-use crate::data::Batch;
+use crate::data::{Assignment, Batch};
 use crate::exchange::PeerId;
 use crate::model::Llama;
 use crate::outer::{Round, RoundError, write};
@@ -25,9 +25,9 @@ const TYPICAL_ALPHA: f32 = 0.2;
 const REPLAY_ROUNDS: usize = 8;
 
 /// One peer's submission as the evaluator sees it.
-pub struct Submission<'a> {
+pub struct Submission {
     pub peer: PeerId,
-    pub bytes: &'a [u8],
+    pub bytes: Vec<u8>,
     /// The peer's θ at the run's probe positions ([`probe_positions`]).
     pub probe: Vec<f32>,
     /// The sequences the peer was assigned this round.
@@ -84,13 +84,13 @@ impl Evaluator {
     pub fn measure(
         &mut self,
         theta: &[Vec<f32>],
-        submissions: &[Submission<'_>],
+        submissions: &[Submission],
         random: &Batch,
     ) -> Result<BTreeMap<PeerId, Measured>, RoundError> {
         let mut out = BTreeMap::new();
         let mut parsed = Vec::new();
         for s in submissions {
-            match self.parse(s.bytes) {
+            match self.parse(&s.bytes) {
                 Ok(u) => parsed.push((s, u)),
                 Err(reason) => {
                     out.insert(s.peer, Measured::Invalid { reason });
@@ -215,11 +215,11 @@ impl Evaluator {
     /// with a same-round update received before it or another peer's previous update.
     fn copying(
         &self,
-        s: &Submission<'_>,
+        s: &Submission,
         update: &Update,
-        round: &[(&Submission<'_>, Update)],
+        round: &[(&Submission, Update)],
     ) -> Option<Copying> {
-        let hash = digest(s.bytes);
+        let hash = digest(&s.bytes);
         if self.accepted.iter().any(|r| r.contains(&hash)) {
             return Some(Copying {
                 of: s.peer,
@@ -303,26 +303,15 @@ fn invalid(norms: &[f64], medians: &[f64]) -> Option<String> {
 /// The evaluator's random slice for `round`: `rows` windows of the training tokens drawn
 /// from `seed` (secret until the round is over), so peers cannot train on it.
 pub fn random_slice(
+    assignment: &Assignment,
     tokens: &[crate::data::Token],
-    seq: usize,
     rows: usize,
     seed: u64,
     round: Round,
 ) -> Batch {
-    let windows = (tokens.len().saturating_sub(1) / seq).max(1) as u64;
     let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(round.0) << 32));
-    let picks: Vec<u64> = (0..rows).map(|_| rng.random_range(0..windows)).collect();
-    let mut inputs = Vec::with_capacity(rows * seq);
-    let mut targets = Vec::with_capacity(rows * seq);
-    for w in picks {
-        let start = w as usize * seq;
-        inputs.extend_from_slice(&tokens[start..start + seq]);
-        targets.extend_from_slice(&tokens[start + 1..start + seq + 1]);
-    }
-    Batch {
-        inputs,
-        targets,
-        rows,
-        seq,
-    }
+    let windows: Vec<u64> = (0..rows)
+        .map(|_| rng.random_range(0..assignment.windows()))
+        .collect();
+    assignment.batch(tokens, &windows)
 }

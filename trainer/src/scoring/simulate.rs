@@ -9,6 +9,7 @@ use super::ScoringSpec;
 use super::adversary::{Adversary, Applies, Material};
 use super::evaluate::{Evaluator, Submission, probe, probe_positions, random_slice};
 use super::rules::{Change, Measured, RoundInput, Scoring, Standing, step};
+use crate::data::Batch;
 use crate::exchange::PeerId;
 use crate::outer::{Round, RoundError, read};
 use crate::roles::train::{PeerError, Replica};
@@ -58,29 +59,7 @@ pub fn simulate(
     scenario: &Scenario,
     mut progress: impl FnMut(&RoundReport),
 ) -> Result<Outcome, PeerError> {
-    let n = run.config.max_peers;
-    let adversary_peer = PeerId::new(n - 1);
-    let total = Round(scenario.rounds);
-    let mut peers: Vec<Replica<'_>> = (0..n)
-        .map(|_| Replica::new(run, total))
-        .collect::<Result<_, _>>()?;
-    let mut exchange = Replica::new(run, total)?;
-    let codec = run.config.codec()?;
-    let mut evaluator = Evaluator::new(
-        run.initial_model()?,
-        codec.config(),
-        run.config.outer_lr,
-        run.config.seed,
-    );
-    let positions = probe_positions(&exchange.model, run.config.seed);
-    let validation = run.validation_batch(scenario.eval_rows)?;
-    let half = (scenario.eval_rows / 2).max(1) as usize;
-    let seq = run.config.sequence_length as usize;
-
-    let mut scoring = Scoring::default();
-    let mut weights: BTreeMap<PeerId, f32> = (0..n).map(|p| (PeerId::new(p), 1.0)).collect();
-    let mut sent: Vec<VecDeque<Vec<u8>>> = vec![VecDeque::new(); n as usize];
-    let mut late: VecDeque<Vec<(Vec<u8>, f32)>> = VecDeque::new();
+    let mut federation = Federation::new(run, scenario)?;
     let mut outcome = Outcome {
         excluded_at_round: None,
         weightless_at_round: None,
@@ -89,125 +68,224 @@ pub fn simulate(
         rounds: vec![],
     };
     for r in 0..scenario.rounds {
-        let round = Round(r);
-        let cheating = |p: u32| {
-            (p == n - 1 && r >= scenario.cheat_from)
-                .then_some(())
-                .and(scenario.adversary.as_ref())
-        };
-        let theta = read(&exchange.model)?;
-        let mut submissions = Vec::new();
-        for p in 0..n {
-            let replica = &mut peers[p as usize];
-            let their_probe = probe(&read(&replica.model)?, &positions);
-            let data = cheating(p).map_or(PeerId::new(p), |a| a.trains_on(PeerId::new(p), n));
-            let (honest, _) = replica.local_round(data, round)?;
-            let bytes = match cheating(p) {
-                Some(adversary) => {
-                    let history = &sent[p as usize];
-                    let material = Material {
-                        own_old: history.len().checked_sub(2).map(|i| history[i].as_slice()),
-                        copied: match adversary {
-                            Adversary::Copy(of) => sent
-                                .get(of.index() as usize)
-                                .and_then(|h| h.back())
-                                .map(Vec::as_slice),
-                            _ => None,
-                        },
-                        seed: run.config.seed ^ u64::from(r),
-                    };
-                    adversary
-                        .tamper(&honest, &material)
-                        .map_err(RoundError::from)?
-                }
-                None => honest,
-            };
-            let windows = run.assignment.peer_round(p, r);
-            let own = run
-                .assignment
-                .batch(&run.shards.train, &windows[..half.min(windows.len())]);
-            submissions.push((PeerId::new(p), bytes, their_probe, own));
-        }
-        let random = random_slice(
-            &run.shards.train,
-            seq,
-            half,
-            run.config.seed ^ 0xe7a1,
-            round,
+        let report = federation.round(Round(r))?;
+        tally(
+            &mut outcome,
+            &federation.scoring,
+            scenario,
+            federation.adversary,
+            &report,
         );
-        let views: Vec<Submission<'_>> = (submissions.iter())
-            .map(|(peer, bytes, probe, own)| Submission {
-                peer: *peer,
-                bytes,
-                probe: probe.clone(),
-                own: own.clone(),
-            })
-            .collect();
-        let measured = evaluator.measure(&theta, &views, &random)?;
-        let honest_overlap = (measured.iter())
-            .filter(|(p, _)| **p != adversary_peer)
-            .filter_map(|(_, m)| match m {
-                Measured::Evaluated(e) => e.copy.as_ref().map(|c| c.overlap),
-                _ => None,
-            })
-            .fold(0.0, f64::max);
-        let of_adversary = measured.get(&adversary_peer).cloned();
-        let (next, changes) = step(&scenario.spec, &scoring, &RoundInput { round, measured });
-        scoring = next;
-
-        // The exchange takes every update that decodes for this model, with the weights
-        // of the round before; the peers apply the same.
-        let accepted: Vec<(Vec<u8>, f32)> = (submissions.iter())
-            .filter(|(_, bytes, _, _)| exchange.outer.check(&exchange.model, bytes).is_ok())
-            .map(|(peer, bytes, _, _)| (bytes.clone(), weights.get(peer).copied().unwrap_or(0.0)))
-            .collect();
-        let refs: Vec<(&[u8], f32)> = accepted.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
-        exchange.apply(&refs)?;
-        late.push_back(accepted.clone());
-        for (p, replica) in peers.iter_mut().enumerate() {
-            match cheating(p as u32).map_or(Applies::AtOnce, Adversary::applies) {
-                Applies::AtOnce => replica.apply(&refs)?,
-                Applies::Late(lag) => {
-                    while late.len() > lag {
-                        let old = late.pop_front().unwrap_or_default();
-                        let refs: Vec<(&[u8], f32)> =
-                            old.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
-                        replica.apply(&refs)?;
-                    }
-                }
-                Applies::Never => {}
-            }
-        }
-        if cheating(n - 1).is_none_or(|a| a.applies() == Applies::AtOnce) {
-            late.clear();
-        }
-        let after = read(&exchange.model)?;
-        let accepted_ids: Vec<(PeerId, &[u8])> = (submissions.iter())
-            .filter(|(_, b, _, _)| accepted.iter().any(|(a, _)| a == b))
-            .map(|(p, b, _, _)| (*p, b.as_slice()))
-            .collect();
-        evaluator.observe(&theta, &after, &accepted_ids);
-        for (p, (_, bytes, _, _)) in submissions.iter().enumerate() {
-            sent[p].push_back(bytes.clone());
-        }
-        weights = (scoring.peers.iter())
-            .map(|(p, s)| (*p, s.weight as f32))
-            .collect();
-
-        let report = RoundReport {
-            round: r,
-            validation_loss: exchange.model.batch_loss(&validation)?,
-            aggregate: scoring.aggregate.clone(),
-            changes,
-            honest_overlap,
-            adversary: of_adversary,
-        };
-        tally(&mut outcome, &scoring, scenario, adversary_peer, &report);
         progress(&report);
         outcome.final_validation_loss = report.validation_loss;
         outcome.rounds.push(report);
     }
     Ok(outcome)
+}
+
+/// Everyone in the simulated run.
+struct Federation<'a> {
+    run: &'a Run,
+    scenario: &'a Scenario,
+    adversary: PeerId,
+    peers: Vec<Replica<'a>>,
+    /// The exchange's replica: the global θ.
+    exchange: Replica<'a>,
+    evaluator: Evaluator,
+    positions: Vec<(usize, usize)>,
+    validation: Batch,
+    scoring: Scoring,
+    /// The weights of the next aggregate: everyone's 1 before any scores.
+    weights: BTreeMap<PeerId, f32>,
+    /// What each peer sent, oldest first.
+    sent: Vec<VecDeque<Vec<u8>>>,
+    /// Closed rounds a stale adversary has not applied yet.
+    late: VecDeque<Vec<(Vec<u8>, f32)>>,
+}
+
+impl<'a> Federation<'a> {
+    fn new(run: &'a Run, scenario: &'a Scenario) -> Result<Self, PeerError> {
+        let n = run.config.max_peers;
+        let total = Round(scenario.rounds);
+        let exchange = Replica::new(run, total)?;
+        let evaluator = Evaluator::new(
+            run.initial_model()?,
+            run.config.codec()?.config(),
+            run.config.outer_lr,
+            run.config.seed,
+        );
+        Ok(Self {
+            run,
+            scenario,
+            adversary: PeerId::new(n - 1),
+            peers: (0..n)
+                .map(|_| Replica::new(run, total))
+                .collect::<Result<_, _>>()?,
+            positions: probe_positions(&exchange.model, run.config.seed),
+            exchange,
+            evaluator,
+            validation: run.validation_batch(scenario.eval_rows)?,
+            scoring: Scoring::default(),
+            weights: (0..n).map(|p| (PeerId::new(p), 1.0)).collect(),
+            sent: vec![VecDeque::new(); n as usize],
+            late: VecDeque::new(),
+        })
+    }
+
+    /// The adversary, if peer `p` cheats in `round`.
+    fn cheating(&self, p: PeerId, round: Round) -> Option<&'a Adversary> {
+        let scenario = self.scenario;
+        (p == self.adversary && round.0 >= scenario.cheat_from)
+            .then_some(())
+            .and(scenario.adversary.as_ref())
+    }
+
+    /// Sequences per half of a scored update.
+    fn half(&self) -> usize {
+        (self.scenario.eval_rows / 2).max(1) as usize
+    }
+
+    fn round(&mut self, round: Round) -> Result<RoundReport, PeerError> {
+        let theta = read(&self.exchange.model)?;
+        let submissions = (0..self.run.config.max_peers)
+            .map(|p| self.submit(PeerId::new(p), round))
+            .collect::<Result<Vec<_>, _>>()?;
+        let random = random_slice(
+            &self.run.assignment,
+            &self.run.shards.train,
+            self.half(),
+            self.run.config.seed ^ 0xe7a1,
+            round,
+        );
+        let measured = self.evaluator.measure(&theta, &submissions, &random)?;
+        let honest_overlap = (measured.iter())
+            .filter(|(p, _)| **p != self.adversary)
+            .filter_map(|(_, m)| match m {
+                Measured::Evaluated(e) => e.copy.as_ref().map(|c| c.overlap),
+                _ => None,
+            })
+            .fold(0.0, f64::max);
+        let adversary = measured.get(&self.adversary).cloned();
+        let (next, changes) = step(
+            &self.scenario.spec,
+            &self.scoring,
+            &RoundInput { round, measured },
+        );
+        self.scoring = next;
+        self.close(round, &theta, &submissions)?;
+        Ok(RoundReport {
+            round: round.0,
+            validation_loss: self.exchange.model.batch_loss(&self.validation)?,
+            aggregate: self.scoring.aggregate.clone(),
+            changes,
+            honest_overlap,
+            adversary,
+        })
+    }
+
+    /// Peer `p`'s work for `round`, as the evaluator receives it.
+    fn submit(&mut self, p: PeerId, round: Round) -> Result<Submission, PeerError> {
+        let (run, n) = (self.run, self.run.config.max_peers);
+        let cheat = self.cheating(p, round);
+        let replica = &mut self.peers[p.index() as usize];
+        let probe = probe(&read(&replica.model)?, &self.positions);
+        let data = cheat.map_or(p, |a| a.trains_on(p, n));
+        let (honest, _) = replica.local_round(data, round)?;
+        let bytes = match cheat {
+            None => honest,
+            Some(adversary) => {
+                let history = &self.sent[p.index() as usize];
+                let copied = match adversary {
+                    Adversary::Copy(of) => {
+                        self.sent.get(of.index() as usize).and_then(|h| h.back())
+                    }
+                    _ => None,
+                };
+                let material = Material {
+                    own_old: history.len().checked_sub(2).map(|i| history[i].as_slice()),
+                    copied: copied.map(Vec::as_slice),
+                    seed: run.config.seed ^ u64::from(round.0),
+                };
+                adversary
+                    .tamper(&honest, &material)
+                    .map_err(RoundError::from)?
+            }
+        };
+        let windows = run.assignment.peer_round(p.index(), round.0);
+        let own = (run.assignment).batch(
+            &run.shards.train,
+            &windows[..self.half().min(windows.len())],
+        );
+        Ok(Submission {
+            peer: p,
+            bytes,
+            probe,
+            own,
+        })
+    }
+
+    /// The exchange takes every update that decodes for this model, with the weights of
+    /// the round before, and the peers apply the same (a stale adversary late, a frozen
+    /// one never); then the next round's weights are the scores of this one.
+    fn close(
+        &mut self,
+        round: Round,
+        theta: &[Vec<f32>],
+        submissions: &[Submission],
+    ) -> Result<(), PeerError> {
+        let accepted: Vec<&Submission> = (submissions.iter())
+            .filter(|s| {
+                self.exchange
+                    .outer
+                    .check(&self.exchange.model, &s.bytes)
+                    .is_ok()
+            })
+            .collect();
+        let weighted: Vec<(Vec<u8>, f32)> = (accepted.iter())
+            .map(|s| {
+                (
+                    s.bytes.clone(),
+                    self.weights.get(&s.peer).copied().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        let refs: Vec<(&[u8], f32)> = weighted.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
+        self.exchange.apply(&refs)?;
+        self.late.push_back(weighted.clone());
+        for p in 0..self.peers.len() {
+            let applies = (self.cheating(PeerId::new(p as u32), round))
+                .map_or(Applies::AtOnce, Adversary::applies);
+            let due: Vec<Vec<(Vec<u8>, f32)>> = match applies {
+                Applies::AtOnce => vec![weighted.clone()],
+                Applies::Late(lag) => self
+                    .late
+                    .drain(..self.late.len().saturating_sub(lag))
+                    .collect(),
+                Applies::Never => vec![],
+            };
+            for closed in due {
+                let refs: Vec<(&[u8], f32)> =
+                    closed.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
+                self.peers[p].apply(&refs)?;
+            }
+        }
+        if (self.cheating(self.adversary, round)).is_none_or(|a| a.applies() == Applies::AtOnce) {
+            self.late.clear();
+        }
+        let after = read(&self.exchange.model)?;
+        let ids: Vec<(PeerId, &[u8])> = accepted
+            .iter()
+            .map(|s| (s.peer, s.bytes.as_slice()))
+            .collect();
+        self.evaluator.observe(theta, &after, &ids);
+        for s in submissions {
+            self.sent[s.peer.index() as usize].push_back(s.bytes.clone());
+        }
+        self.weights = (self.scoring.peers.iter())
+            .map(|(p, s)| (*p, s.weight as f32))
+            .collect();
+        Ok(())
+    }
 }
 
 /// Notes when the adversary lost its standing or its weight, and any honest peer that
