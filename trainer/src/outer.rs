@@ -119,17 +119,9 @@ impl RoundState {
     /// bits (a peer choosing its own could send a nearly dense update every peer then
     /// downloads), with every tensor of the model once, in its shape.
     fn check_update(&self, model: &Llama, update: &Update) -> Result<(), RoundError> {
-        let ours = self.compressor.config();
-        if update.config() != ours {
-            return Err(CodecError::ConfigMismatch {
-                expected: ours,
-                found: update.config(),
-            }
-            .into());
-        }
         let layout = Self::layout(model);
-        update.check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))?;
-        Ok(())
+        let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+        Ok(update.check_fits(self.compressor.config(), layout)?)
     }
 
     /// Starts from the model's current parameters as the global θ.

@@ -53,11 +53,7 @@ pub fn aggregate(
             let median = median(&norms);
             let mut selected_weight = vec![0.0f32; out.len()];
             for ((t, w), norm) in live.iter().zip(&norms) {
-                let clip = if *norm > median {
-                    (median / norm) as f32
-                } else {
-                    1.0
-                };
+                let clip = clip_factor(*norm, median);
                 let scale = w * clip;
                 t.for_each_entry(|at, v| {
                     out[at] += scale * v;
@@ -92,13 +88,24 @@ pub fn outer_step(
     Ok(())
 }
 
-fn median(values: &[f64]) -> f64 {
+/// The median of `values` in binary64: the middle one, or the mean of the middle two for
+/// an even count (0 for none). The one median of aggregation and of scoring.
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if !n.is_multiple_of(2) {
-        v[n / 2]
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The factor a tensor of L2 norm `norm` is scaled by to clip it to `median`: down only.
+pub(crate) fn clip_factor(norm: f64, median: f64) -> f32 {
+    if norm > median {
+        (median / norm) as f32
     } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+        1.0
     }
 }

@@ -39,6 +39,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 pub use aggregate::{AggregationRule, aggregate, outer_step};
+pub(crate) use aggregate::{clip_factor, median};
 pub use wire::{Update, WIRE_VERSION};
 
 use bits::{BitReader, BitWriter};

@@ -49,9 +49,27 @@ impl Update {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Checks the update is one a run with `config` applies to a model of `layout`:
+    /// encoded with exactly the run's chunk, k and value bits (a peer choosing its own
+    /// could send a nearly dense update every peer then downloads), every tensor present
+    /// once in its shape, and nothing else.
+    pub fn check_fits<'a>(
+        &self,
+        config: CodecConfig,
+        layout: impl IntoIterator<Item = (&'a str, &'a [u64])>,
+    ) -> Result<(), CodecError> {
+        if self.config != config {
+            return Err(CodecError::ConfigMismatch {
+                expected: config,
+                found: self.config,
+            });
+        }
+        self.check_layout(layout)
+    }
+
     /// Checks the update describes exactly this model: every tensor present once, with
     /// this shape, and nothing else.
-    pub fn check_layout<'a>(
+    pub(crate) fn check_layout<'a>(
         &self,
         model: impl IntoIterator<Item = (&'a str, &'a [u64])>,
     ) -> Result<(), CodecError> {

@@ -3,7 +3,6 @@
 //! updates → outer step. A peer that falls behind or finds the exchange restarted
 //! resyncs from the exchange's state instead of diverging.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,7 +14,7 @@ use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
 use crate::model::{InnerOptimizer, Llama, save_checkpoint};
 use crate::outer::{Outer, Round};
 use crate::run::{Algorithm, Run};
-use crate::scoring::adversary::{Adversary, Applies, Material};
+use crate::scoring::adversary::{Adversary, Cheater};
 
 /// How this peer reaches the exchange and where it writes.
 #[derive(Clone, Debug)]
@@ -95,78 +94,7 @@ struct Peer<'a> {
     open: Round,
     /// The run's length, as the exchange last said.
     rounds: Round,
-    cheat: Option<Cheat>,
-}
-
-/// A cheating peer's plan and what it keeps to carry it out.
-struct Cheat {
-    adversary: Adversary,
-    from: Round,
-    /// Its own last two updates, oldest first.
-    sent: VecDeque<Vec<u8>>,
-    /// Every peer's update of the last closed round.
-    previous: BTreeMap<PeerId, Vec<u8>>,
-    /// Closed rounds not applied yet (a stale peer).
-    late: VecDeque<Vec<(Vec<u8>, f32)>>,
-}
-
-impl Cheat {
-    /// The adversary, if it cheats in `round`.
-    fn active(&self, round: Round) -> Option<&Adversary> {
-        (round >= self.from).then_some(&self.adversary)
-    }
-
-    /// What goes out instead of the honest `update`.
-    fn tamper(&mut self, round: Round, update: Vec<u8>) -> Vec<u8> {
-        let sent = match self.active(round) {
-            None => update,
-            Some(adversary) => {
-                let copied = match adversary {
-                    Adversary::Copy(of) => self.previous.get(of).map(Vec::as_slice),
-                    _ => None,
-                };
-                let material = Material {
-                    own_old: (self.sent.len() == 2).then(|| self.sent[0].as_slice()),
-                    copied,
-                    seed: u64::from(round.0),
-                };
-                adversary.tamper(&update, &material).unwrap_or_else(|e| {
-                    tracing::warn!(%adversary, error = %e, "could not cheat; sending the honest update");
-                    update
-                })
-            }
-        };
-        self.sent.push_back(sent.clone());
-        if self.sent.len() > 2 {
-            self.sent.pop_front();
-        }
-        sent
-    }
-
-    /// The closed rounds to apply now, oldest first (none, this one, or an older one).
-    fn due(
-        &mut self,
-        round: Round,
-        entries: Vec<(PeerId, Vec<u8>, f32)>,
-    ) -> Vec<Vec<(Vec<u8>, f32)>> {
-        self.previous = entries.iter().map(|(p, b, _)| (*p, b.clone())).collect();
-        self.late
-            .push_back(entries.into_iter().map(|(_, b, w)| (b, w)).collect());
-        match self
-            .active(round)
-            .map_or(Applies::AtOnce, Adversary::applies)
-        {
-            Applies::AtOnce => self.late.drain(..).collect(),
-            Applies::Late(lag) => {
-                let due = self.late.len().saturating_sub(lag);
-                self.late.drain(..due).collect()
-            }
-            Applies::Never => {
-                self.late.clear();
-                vec![]
-            }
-        }
-    }
+    cheat: Option<Cheater>,
 }
 
 /// Where a round leaves the peer.
@@ -208,13 +136,8 @@ impl<'a> Peer<'a> {
             report,
             open,
             rounds,
-            cheat: opts.adversary.clone().map(|(adversary, from)| Cheat {
-                adversary,
-                from,
-                sent: VecDeque::new(),
-                previous: BTreeMap::new(),
-                late: VecDeque::new(),
-            }),
+            cheat: (opts.adversary.clone())
+                .map(|(adversary, from)| Cheater::new(adversary, from, run.config.seed)),
         })
     }
 
@@ -304,9 +227,7 @@ impl<'a> Peer<'a> {
     fn local_work(&mut self, round: Round) -> Option<(Vec<u8>, f32)> {
         let peer = self.report.peer;
         let peers = self.replica.run.config.max_peers;
-        let data = (self.cheat.as_ref())
-            .and_then(|c| c.active(round))
-            .map_or(peer, |a| a.trains_on(peer, peers));
+        let data = (self.cheat.as_ref()).map_or(peer, |c| c.trains_on(peer, peers, round));
         match self.replica.local_round(data, round) {
             Ok(update) => {
                 self.report.rounds_trained += 1;
@@ -396,66 +317,5 @@ impl<'a> Replica<'a> {
         let lr = self.run.config.outer_lr;
         self.outer
             .apply(&self.model, Some(&mut self.inner), updates, lr)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cheat(kind: &str, from: u32) -> Cheat {
-        Cheat {
-            adversary: kind.parse().unwrap(),
-            from: Round(from),
-            sent: VecDeque::new(),
-            previous: BTreeMap::new(),
-            late: VecDeque::new(),
-        }
-    }
-
-    fn closed(round: u8) -> Vec<(PeerId, Vec<u8>, f32)> {
-        vec![
-            (PeerId::new(0), vec![round], 1.0),
-            (PeerId::new(1), vec![round, 1], 1.0),
-        ]
-    }
-
-    #[test]
-    fn a_stale_peer_applies_rounds_two_late_and_a_frozen_one_never() {
-        let mut stale = cheat("stale", 1);
-        let applied: Vec<usize> = (0..5)
-            .map(|r| stale.due(Round(r), closed(r as u8)).len())
-            .collect();
-        assert_eq!(applied, [1, 0, 0, 1, 1]);
-        let mut frozen = cheat("frozen", 2);
-        let applied: Vec<usize> = (0..4)
-            .map(|r| frozen.due(Round(r), closed(r as u8)).len())
-            .collect();
-        assert_eq!(applied, [1, 1, 0, 0]);
-        let mut honest_until_late = cheat("signflip", 9);
-        assert_eq!(honest_until_late.due(Round(0), closed(0)).len(), 1);
-    }
-
-    #[test]
-    fn a_replayer_resends_its_update_of_two_rounds_before_and_a_copier_another_peers() {
-        let mut replay = cheat("replay", 2);
-        let sent: Vec<Vec<u8>> = (0..4)
-            .map(|r| replay.tamper(Round(r), vec![r as u8]))
-            .collect();
-        assert_eq!(sent, [vec![0], vec![1], vec![0], vec![1]]);
-        let mut copy = cheat("copy:p1", 1);
-        assert_eq!(copy.tamper(Round(0), vec![9]), [9]);
-        copy.due(Round(0), closed(7));
-        assert_eq!(copy.tamper(Round(1), vec![9]), [7, 1]);
-    }
-
-    #[test]
-    fn an_offslice_peer_trains_on_the_next_peers_data() {
-        let a: Adversary = "offslice".parse().unwrap();
-        assert_eq!(a.trains_on(PeerId::new(2), 3), PeerId::new(0));
-        assert_eq!(
-            cheat("zero", 0).adversary.trains_on(PeerId::new(2), 3),
-            PeerId::new(2)
-        );
     }
 }

@@ -1,6 +1,7 @@
 //! Adversaries, a testing aid: what a cheating peer sends instead of its honest work.
 //! Every kind still passes the exchange's decoder; scoring has to catch it.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
@@ -8,6 +9,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::codec::{CodecError, Compressor, EncodedTensor, Finite, Update};
 use crate::exchange::PeerId;
+use crate::outer::Round;
 
 /// How a peer cheats (`--adversary KIND`).
 #[derive(Clone, Debug, PartialEq)]
@@ -178,6 +180,97 @@ fn reencode(update: &Update, f: &mut dyn FnMut(&mut [f32])) -> Result<Update, Co
     Update::new(update.config(), tensors)
 }
 
+/// A closed round as a peer applies it: each accepted update and its weight.
+pub type Closed = Vec<(Vec<u8>, f32)>;
+
+/// A cheating peer's plan and what it keeps to carry it out: the train role's and the
+/// simulation's one adversary.
+pub struct Cheater {
+    adversary: Adversary,
+    from: Round,
+    seed: u64,
+    /// Its own last two updates, oldest first.
+    sent: VecDeque<Vec<u8>>,
+    /// Every peer's update of the last closed round.
+    previous: BTreeMap<PeerId, Vec<u8>>,
+    /// Closed rounds not applied yet (a stale peer).
+    late: VecDeque<Closed>,
+}
+
+impl Cheater {
+    /// Cheats as `adversary` from round `from`; `seed` makes its noise reproducible.
+    pub fn new(adversary: Adversary, from: Round, seed: u64) -> Self {
+        Self {
+            adversary,
+            from,
+            seed,
+            sent: VecDeque::new(),
+            previous: BTreeMap::new(),
+            late: VecDeque::new(),
+        }
+    }
+
+    /// The adversary, if it cheats in `round`.
+    fn active(&self, round: Round) -> Option<&Adversary> {
+        (round >= self.from).then_some(&self.adversary)
+    }
+
+    /// Whose data `peer` (of `peers`) trains on in `round`.
+    pub fn trains_on(&self, peer: PeerId, peers: u32, round: Round) -> PeerId {
+        self.active(round)
+            .map_or(peer, |a| a.trains_on(peer, peers))
+    }
+
+    /// What goes out instead of the honest `update` (the honest one, before `from`).
+    pub fn tamper(&mut self, round: Round, update: Vec<u8>) -> Vec<u8> {
+        let sent = match self.active(round) {
+            None => update,
+            Some(adversary) => {
+                let copied = match adversary {
+                    Adversary::Copy(of) => self.previous.get(of).map(Vec::as_slice),
+                    _ => None,
+                };
+                let material = Material {
+                    own_old: (self.sent.len() == 2).then(|| self.sent[0].as_slice()),
+                    copied,
+                    seed: self.seed ^ u64::from(round.0),
+                };
+                adversary.tamper(&update, &material).unwrap_or_else(|e| {
+                    tracing::warn!(%adversary, error = %e, "could not cheat; sending the honest update");
+                    update
+                })
+            }
+        };
+        self.sent.push_back(sent.clone());
+        if self.sent.len() > 2 {
+            self.sent.pop_front();
+        }
+        sent
+    }
+
+    /// `round` closed with `entries` (peer, update, weight): the closed rounds to apply
+    /// now, oldest first (this one, none, or an older one).
+    pub fn due(&mut self, round: Round, entries: Vec<(PeerId, Vec<u8>, f32)>) -> Vec<Closed> {
+        self.previous = entries.iter().map(|(p, b, _)| (*p, b.clone())).collect();
+        self.late
+            .push_back(entries.into_iter().map(|(_, b, w)| (b, w)).collect());
+        match self
+            .active(round)
+            .map_or(Applies::AtOnce, Adversary::applies)
+        {
+            Applies::AtOnce => self.late.drain(..).collect(),
+            Applies::Late(lag) => {
+                let due = self.late.len().saturating_sub(lag);
+                self.late.drain(..due).collect()
+            }
+            Applies::Never => {
+                self.late.clear();
+                vec![]
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +302,60 @@ mod tests {
         ] {
             assert!(bad.parse::<Adversary>().is_err(), "{bad}");
         }
+    }
+
+    fn cheater(kind: &str, from: u32) -> Cheater {
+        Cheater::new(kind.parse().unwrap(), Round(from), 0)
+    }
+
+    fn closed(round: u8) -> Vec<(PeerId, Vec<u8>, f32)> {
+        vec![
+            (PeerId::new(0), vec![round], 1.0),
+            (PeerId::new(1), vec![round, 1], 1.0),
+        ]
+    }
+
+    #[test]
+    fn a_stale_peer_applies_rounds_two_late_and_a_frozen_one_never() {
+        let mut stale = cheater("stale", 1);
+        let applied: Vec<usize> = (0..5)
+            .map(|r| stale.due(Round(r), closed(r as u8)).len())
+            .collect();
+        assert_eq!(applied, [1, 0, 0, 1, 1]);
+        let mut frozen = cheater("frozen", 2);
+        let applied: Vec<usize> = (0..4)
+            .map(|r| frozen.due(Round(r), closed(r as u8)).len())
+            .collect();
+        assert_eq!(applied, [1, 1, 0, 0]);
+        let mut honest_until_late = cheater("signflip", 9);
+        assert_eq!(honest_until_late.due(Round(0), closed(0)).len(), 1);
+    }
+
+    #[test]
+    fn a_replayer_resends_its_update_of_two_rounds_before_and_a_copier_another_peers() {
+        let mut replay = cheater("replay", 2);
+        let sent: Vec<Vec<u8>> = (0..4)
+            .map(|r| replay.tamper(Round(r), vec![r as u8]))
+            .collect();
+        assert_eq!(sent, [vec![0], vec![1], vec![0], vec![1]]);
+        let mut copy = cheater("copy:p1", 1);
+        assert_eq!(copy.tamper(Round(0), vec![9]), [9]);
+        copy.due(Round(0), closed(7));
+        assert_eq!(copy.tamper(Round(1), vec![9]), [7, 1]);
+    }
+
+    #[test]
+    fn an_offslice_peer_trains_on_the_next_peers_data_once_it_cheats() {
+        let offslice = cheater("offslice", 1);
+        assert_eq!(
+            offslice.trains_on(PeerId::new(2), 3, Round(0)),
+            PeerId::new(2)
+        );
+        assert_eq!(
+            offslice.trains_on(PeerId::new(2), 3, Round(1)),
+            PeerId::new(0)
+        );
+        let zero = cheater("zero", 0);
+        assert_eq!(zero.trains_on(PeerId::new(2), 3, Round(1)), PeerId::new(2));
     }
 }

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::rules::{Copying, Evaluation, Measured, median};
-use crate::codec::{CodecConfig, Update};
+use super::rules::{Copying, Evaluation, Measured};
+use crate::codec::{CodecConfig, Update, clip_factor, median};
 use crate::data::{Assignment, Batch};
 use crate::exchange::PeerId;
 use crate::model::Llama;
-use crate::outer::{Round, RoundError, write};
+use crate::outer::{Round, RoundError, RoundState, write};
 
 /// Share of the outer learning rate an update is applied with when scored alone.
 const ALONE: f32 = 0.2;
@@ -61,9 +61,14 @@ pub struct Evaluator {
     typical: Vec<f32>,
     /// Hashes of accepted updates, newest round last.
     accepted: VecDeque<HashSet<[u8; 32]>>,
-    /// Each peer's kept positions (tensor, index) in the previous round.
-    previous: BTreeMap<PeerId, BTreeSet<(usize, usize)>>,
+    /// Each peer's kept positions (tensor, index) in the round measured last, and in
+    /// the round before it (accepted updates only).
+    measured: BTreeMap<PeerId, Kept>,
+    previous: BTreeMap<PeerId, Kept>,
 }
+
+/// The positions an update keeps, as (tensor, index).
+type Kept = BTreeSet<(usize, usize)>;
 
 impl Evaluator {
     pub fn new(model: Llama, config: CodecConfig, outer_lr: f32, seed: u64) -> Self {
@@ -75,6 +80,7 @@ impl Evaluator {
             outer_lr,
             positions,
             accepted: VecDeque::new(),
+            measured: BTreeMap::new(),
             previous: BTreeMap::new(),
         }
     }
@@ -91,17 +97,17 @@ impl Evaluator {
         let mut parsed = Vec::new();
         for s in submissions {
             match self.parse(&s.bytes) {
-                Ok(u) => parsed.push((s, u)),
+                Ok(u) => parsed.push((s, kept(&u), u)),
                 Err(reason) => {
                     out.insert(s.peer, Measured::Invalid { reason });
                 }
             }
         }
-        let norms: Vec<Vec<f64>> = parsed.iter().map(|(_, u)| norms(u)).collect();
+        let norms: Vec<Vec<f64>> = parsed.iter().map(|(_, _, u)| norms(u)).collect();
         let medians = column_medians(&norms);
         write(&self.model, theta)?;
         let base_random = self.model.batch_loss(random)?;
-        for ((s, update), norms) in parsed.iter().zip(&norms) {
+        for ((s, _, update), norms) in parsed.iter().zip(&norms) {
             if let Some(reason) = invalid(norms, &medians) {
                 out.insert(s.peer, Measured::Invalid { reason });
                 continue;
@@ -117,10 +123,13 @@ impl Evaluator {
                 score: f64::from((base_random - after_random) / base_random),
                 own_score: f64::from((base_own - after_own) / base_own),
                 sync_distance: self.sync_distance(theta, &s.probe),
-                copy: self.copying(s, update, &parsed),
+                copy: self.copying(s, &parsed),
             };
             out.insert(s.peer, Measured::Evaluated(evaluation));
         }
+        self.measured = (parsed.into_iter())
+            .map(|(s, kept, _)| (s.peer, kept))
+            .collect();
         Ok(out)
     }
 
@@ -140,25 +149,17 @@ impl Evaluator {
         while self.accepted.len() > REPLAY_ROUNDS {
             self.accepted.pop_front();
         }
-        self.previous = (accepted.iter())
-            .filter_map(|(p, b)| Some((*p, kept(&self.parse(b).ok()?))))
-            .collect();
+        let mut measured = std::mem::take(&mut self.measured);
+        measured.retain(|p, _| accepted.iter().any(|(a, _)| a == p));
+        self.previous = measured;
     }
 
     fn parse(&self, bytes: &[u8]) -> Result<Update, String> {
         let update = Update::from_bytes(bytes).map_err(|e| e.to_string())?;
-        if update.config() != self.config {
-            return Err(format!(
-                "encoded with {}, not {}",
-                update.config(),
-                self.config
-            ));
-        }
-        let layout: Vec<(String, Vec<u64>)> = (self.model.params().iter())
-            .map(|(n, v)| (n.clone(), v.dims().iter().map(|&d| d as u64).collect()))
-            .collect();
+        let layout = RoundState::layout(&self.model);
+        let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
         update
-            .check_layout(layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+            .check_fits(self.config, layout)
             .map_err(|e| e.to_string())?;
         Ok(update)
     }
@@ -176,11 +177,7 @@ impl Evaluator {
             .zip(&mut moved)
             .zip(norms.iter().zip(medians))
         {
-            let clip = if *norm > *median {
-                (median / norm) as f32
-            } else {
-                1.0
-            };
+            let clip = clip_factor(*norm, *median);
             let tensor = update
                 .tensor(name)
                 .ok_or(RoundError::Dense(format!("no {name}")))?;
@@ -213,12 +210,7 @@ impl Evaluator {
 
     /// The worst copying of `s`: a replay of an accepted update, or the largest overlap
     /// with a same-round update received before it or another peer's previous update.
-    fn copying(
-        &self,
-        s: &Submission,
-        update: &Update,
-        round: &[(&Submission, Update)],
-    ) -> Option<Copying> {
+    fn copying(&self, s: &Submission, round: &[(&Submission, Kept, Update)]) -> Option<Copying> {
         let hash = digest(&s.bytes);
         if self.accepted.iter().any(|r| r.contains(&hash)) {
             return Some(Copying {
@@ -227,17 +219,14 @@ impl Evaluator {
                 replay: true,
             });
         }
-        let mine = kept(update);
-        let earlier = round
-            .iter()
-            .take_while(|(o, _)| o.peer != s.peer)
-            .map(|(o, u)| (o.peer, kept(u)));
-        let before = (self.previous.iter())
-            .filter(|(p, _)| **p != s.peer)
-            .map(|(p, k)| (*p, k.clone()));
+        let mine = &round.iter().find(|(o, _, _)| o.peer == s.peer)?.1;
+        let earlier = (round.iter())
+            .take_while(|(o, _, _)| o.peer != s.peer)
+            .map(|(o, kept, _)| (o.peer, kept));
+        let before = (self.previous.iter()).filter(|(p, _)| **p != s.peer);
         earlier
-            .chain(before)
-            .map(|(of, theirs)| (of, overlap(&mine, &theirs)))
+            .chain(before.map(|(p, k)| (*p, k)))
+            .map(|(of, theirs)| (of, overlap(mine, theirs)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .filter(|(_, o)| *o > 0.0)
             .map(|(of, overlap)| Copying {
@@ -254,7 +243,7 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// Every kept position, as (tensor, index).
-fn kept(update: &Update) -> BTreeSet<(usize, usize)> {
+fn kept(update: &Update) -> Kept {
     let mut out = BTreeSet::new();
     for (t, tensor) in update.tensors().iter().enumerate() {
         let _ = tensor.for_each_entry(|at, _| {
@@ -266,7 +255,7 @@ fn kept(update: &Update) -> BTreeSet<(usize, usize)> {
 
 /// Shared kept positions over kept positions: the mean over chunks of shared / k, every
 /// chunk keeping k.
-pub fn overlap(a: &BTreeSet<(usize, usize)>, b: &BTreeSet<(usize, usize)>) -> f64 {
+pub fn overlap(a: &Kept, b: &Kept) -> f64 {
     a.intersection(b).count() as f64 / a.len().max(1) as f64
 }
 
@@ -280,7 +269,7 @@ fn norms(update: &Update) -> Vec<f64> {
 fn column_medians(rows: &[Vec<f64>]) -> Vec<f64> {
     let width = rows.first().map_or(0, Vec::len);
     (0..width)
-        .map(|t| median(rows.iter().map(|r| r[t]).collect()))
+        .map(|t| median(&rows.iter().map(|r| r[t]).collect::<Vec<_>>()))
         .collect()
 }
 

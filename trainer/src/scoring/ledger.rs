@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use super::ScoringSpec;
 use super::canonical;
-use super::rules::{Measured, PeerScore, RoundInput, Scoring, median, step};
+use super::rules::{Measured, PeerScore, RoundInput, Scoring, step};
+use crate::codec::median;
 use crate::exchange::PeerId;
 
 /// `previous` of the first record.
@@ -228,7 +229,7 @@ fn combine_one(ms: &[&Measured]) -> Measured {
     if scored.is_empty() {
         return Measured::NotEvaluated;
     }
-    let of = |f: fn(&Evaluation) -> f64| median(scored.iter().map(|e| f(e)).collect());
+    let of = |f: fn(&Evaluation) -> f64| median(&scored.iter().map(|e| f(e)).collect::<Vec<_>>());
     let copies: Vec<&Copying> = scored.iter().filter_map(|e| e.copy.as_ref()).collect();
     let copy = (!copies.is_empty()).then(|| {
         let mut named: BTreeMap<PeerId, usize> = BTreeMap::new();

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ScoringSpec;
 use super::openskill::{self, Rating};
+use crate::codec::median;
 use crate::exchange::PeerId;
 
 /// Rounds the "of the last 8" rules look back over.
@@ -242,7 +243,7 @@ impl RoundContext {
         let positive = (scores.iter())
             .filter(|s| **s > spec.exclusion_threshold)
             .count();
-        let median = median(scores.clone());
+        let median = median(&scores);
         Self {
             round: input.round,
             outage: (submitted as f64) < spec.outage_fraction * roster as f64,
@@ -456,17 +457,6 @@ impl Judge<'_> {
             until,
             reason,
         });
-    }
-}
-
-/// The median of `v` (0 for none; the mean of the middle two for an even count).
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 

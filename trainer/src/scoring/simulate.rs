@@ -3,15 +3,15 @@
 //! clusters goes (lag mode: round r's scores weigh round r+1), without processes or a
 //! network. The adversary benchmark and the scoring tests run it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use super::ScoringSpec;
-use super::adversary::{Adversary, Applies, Material};
+use super::adversary::{Adversary, Cheater};
 use super::evaluate::{Evaluator, Submission, probe, probe_positions, random_slice};
 use super::rules::{Change, Measured, RoundInput, Scoring, Standing, step};
 use crate::data::Batch;
 use crate::exchange::PeerId;
-use crate::outer::{Round, RoundError, read};
+use crate::outer::{Round, read};
 use crate::roles::train::{PeerError, Replica};
 use crate::run::Run;
 
@@ -97,10 +97,8 @@ struct Federation<'a> {
     scoring: Scoring,
     /// The weights of the next aggregate: everyone's 1 before any scores.
     weights: BTreeMap<PeerId, f32>,
-    /// What each peer sent, oldest first.
-    sent: Vec<VecDeque<Vec<u8>>>,
-    /// Closed rounds a stale adversary has not applied yet.
-    late: VecDeque<Vec<(Vec<u8>, f32)>>,
+    /// The adversary's plan, if the scenario has one.
+    cheater: Option<Cheater>,
 }
 
 impl<'a> Federation<'a> {
@@ -127,17 +125,14 @@ impl<'a> Federation<'a> {
             validation: run.validation_batch(scenario.eval_rows)?,
             scoring: Scoring::default(),
             weights: (0..n).map(|p| (PeerId::new(p), 1.0)).collect(),
-            sent: vec![VecDeque::new(); n as usize],
-            late: VecDeque::new(),
+            cheater: (scenario.adversary.clone())
+                .map(|a| Cheater::new(a, Round(scenario.cheat_from), run.config.seed)),
         })
     }
 
-    /// The adversary, if peer `p` cheats in `round`.
-    fn cheating(&self, p: PeerId, round: Round) -> Option<&'a Adversary> {
-        let scenario = self.scenario;
-        (p == self.adversary && round.0 >= scenario.cheat_from)
-            .then_some(())
-            .and(scenario.adversary.as_ref())
+    /// The adversary's plan, if `p` is the adversary.
+    fn cheater(&mut self, p: PeerId) -> Option<&mut Cheater> {
+        self.cheater.as_mut().filter(|_| p == self.adversary)
     }
 
     /// Sequences per half of a scored update.
@@ -186,30 +181,13 @@ impl<'a> Federation<'a> {
     /// Peer `p`'s work for `round`, as the evaluator receives it.
     fn submit(&mut self, p: PeerId, round: Round) -> Result<Submission, PeerError> {
         let (run, n) = (self.run, self.run.config.max_peers);
-        let cheat = self.cheating(p, round);
+        let data = (self.cheater(p)).map_or(p, |c| c.trains_on(p, n, round));
         let replica = &mut self.peers[p.index() as usize];
         let probe = probe(&read(&replica.model)?, &self.positions);
-        let data = cheat.map_or(p, |a| a.trains_on(p, n));
         let (honest, _) = replica.local_round(data, round)?;
-        let bytes = match cheat {
+        let bytes = match self.cheater(p) {
+            Some(cheater) => cheater.tamper(round, honest),
             None => honest,
-            Some(adversary) => {
-                let history = &self.sent[p.index() as usize];
-                let copied = match adversary {
-                    Adversary::Copy(of) => {
-                        self.sent.get(of.index() as usize).and_then(|h| h.back())
-                    }
-                    _ => None,
-                };
-                let material = Material {
-                    own_old: history.len().checked_sub(2).map(|i| history[i].as_slice()),
-                    copied: copied.map(Vec::as_slice),
-                    seed: run.config.seed ^ u64::from(round.0),
-                };
-                adversary
-                    .tamper(&honest, &material)
-                    .map_err(RoundError::from)?
-            }
         };
         let windows = run.assignment.peer_round(p.index(), round.0);
         let own = (run.assignment).batch(
@@ -251,17 +229,16 @@ impl<'a> Federation<'a> {
             .collect();
         let refs: Vec<(&[u8], f32)> = weighted.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
         self.exchange.apply(&refs)?;
-        self.late.push_back(weighted.clone());
         for p in 0..self.peers.len() {
-            let applies = (self.cheating(PeerId::new(p as u32), round))
-                .map_or(Applies::AtOnce, Adversary::applies);
-            let due: Vec<Vec<(Vec<u8>, f32)>> = match applies {
-                Applies::AtOnce => vec![weighted.clone()],
-                Applies::Late(lag) => self
-                    .late
-                    .drain(..self.late.len().saturating_sub(lag))
-                    .collect(),
-                Applies::Never => vec![],
+            let peer = PeerId::new(p as u32);
+            let due = match self.cheater(peer) {
+                Some(cheater) => {
+                    let entries = (accepted.iter().zip(&weighted))
+                        .map(|(s, (bytes, w))| (s.peer, bytes.clone(), *w))
+                        .collect();
+                    cheater.due(round, entries)
+                }
+                None => vec![weighted.clone()],
             };
             for closed in due {
                 let refs: Vec<(&[u8], f32)> =
@@ -269,18 +246,12 @@ impl<'a> Federation<'a> {
                 self.peers[p].apply(&refs)?;
             }
         }
-        if (self.cheating(self.adversary, round)).is_none_or(|a| a.applies() == Applies::AtOnce) {
-            self.late.clear();
-        }
         let after = read(&self.exchange.model)?;
         let ids: Vec<(PeerId, &[u8])> = accepted
             .iter()
             .map(|s| (s.peer, s.bytes.as_slice()))
             .collect();
         self.evaluator.observe(theta, &after, &ids);
-        for s in submissions {
-            self.sent[s.peer.index() as usize].push_back(s.bytes.clone());
-        }
         self.weights = (self.scoring.peers.iter())
             .map(|(p, s)| (*p, s.weight as f32))
             .collect();
