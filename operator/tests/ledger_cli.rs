@@ -44,8 +44,12 @@ fn ledger_verify_checks_a_checkpoint_directory_and_names_the_bad_record() {
             constants: &constants,
             evaluators: vec![EvaluatorReport {
                 evaluator: "e0".into(),
+                round: Round(r),
+                theta: String::new(),
                 seed: "ab".into(),
                 measured,
+                public_key: String::new(),
+                signature: String::new(),
             }],
         };
         let (record, after) = draft.record(lines.last().map(|l| (l.as_str(), &state)));

@@ -62,6 +62,13 @@ pub const ADVERSARY_FROM: &str = "STARLING_ADVERSARY_FROM";
 pub const TOKEN: &str = "STARLING_TOKEN";
 pub const BANDWIDTH_MBPS: &str = "STARLING_BANDWIDTH_MBPS";
 
+// The evaluate role, besides EXCHANGE, TOKEN and the run configuration.
+/// The run's scoring key, hex: the secret evaluators draw their random slices from.
+pub const SCORING_KEY: &str = "STARLING_SCORING_KEY";
+pub const RUN_UID: &str = "STARLING_RUN_UID";
+pub const EVAL_BATCHES: &str = "STARLING_EVAL_BATCHES";
+pub const MAX_EVALUATED: &str = "STARLING_MAX_EVALUATED";
+
 // The publisher (`starling-trainer publish`). The token and endpoint use the names every
 // Hugging Face tool reads.
 pub const HUB_TOKEN: &str = "HF_TOKEN";

@@ -15,6 +15,7 @@ use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::hub;
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::outer::Round;
+use starling_trainer::roles::evaluate::{self, EvaluatorOptions};
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::{Run, RunConfig};
 
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Train as one peer of a run, through the run's exchange.
     Train(TrainArgs),
+    /// Score every peer's update of every round, as one of the run's evaluators.
+    Evaluate(EvaluateArgs),
     /// Serve a run's exchange: rounds, membership, the global state and checkpoints.
     Exchange(ExchangeArgs),
     /// Write a freshly initialised model as a checkpoint (round 0 of a run).
@@ -107,6 +110,73 @@ impl TrainArgs {
         );
         Ok(())
     }
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    run: RunConfig,
+    /// The exchange's URL, e.g. `http://run-exchange:7070`.
+    #[arg(long, env = env::EXCHANGE)]
+    exchange: String,
+    /// This evaluator's bearer token (it also says which evaluator this is).
+    #[arg(long, env = env::TOKEN, hide_env_values = true)]
+    token: String,
+    /// The run's scoring key (hex), the secret of the evaluators' random slices.
+    #[arg(long, env = env::SCORING_KEY, hide_env_values = true)]
+    scoring_key: String,
+    /// The run's uid.
+    #[arg(long, env = env::RUN_UID, default_value = "")]
+    run_uid: String,
+    /// Sequences per scored update: half random, half the peer's own.
+    #[arg(long, env = env::EVAL_BATCHES, default_value_t = 16)]
+    eval_batches: u32,
+    /// Updates scored per round at most.
+    #[arg(long, env = env::MAX_EVALUATED, default_value_t = 32)]
+    max_evaluated: u32,
+    /// Seconds to keep retrying an unreachable exchange before giving up.
+    #[arg(long, env = env::RETRY_FOR, default_value_t = 300)]
+    retry_for: u64,
+    /// Where the token shards are built (once).
+    #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]
+    data_dir: PathBuf,
+    /// CA certificate (PEM) to verify an `https://` exchange with.
+    #[arg(long, env = env::TLS_CA)]
+    tls_ca: Option<PathBuf>,
+}
+
+impl EvaluateArgs {
+    fn run(self) -> anyhow::Result<()> {
+        let run = self.run.load(&self.data_dir)?;
+        let secret = hex_bytes(&self.scoring_key)
+            .ok_or_else(|| anyhow::anyhow!("--scoring-key must be hex, at least 16 bytes"))?;
+        let opts = EvaluatorOptions {
+            exchange: self.exchange,
+            token: self.token,
+            retry_for: Duration::from_secs(self.retry_for),
+            tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
+            secret,
+            run_uid: self.run_uid,
+            eval_batches: self.eval_batches,
+            max_evaluated: self.max_evaluated,
+        };
+        let summary = evaluate::evaluate(&run, opts)?;
+        println!(
+            "{} finished: {} rounds measured, {} reports refused",
+            summary.name, summary.rounds_measured, summary.reports_refused
+        );
+        Ok(())
+    }
+}
+
+/// Hex of at least 16 bytes.
+fn hex_bytes(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    let bytes = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    (bytes.len() >= 16).then_some(bytes)
 }
 
 #[derive(Args)]
@@ -391,6 +461,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .init();
     match Cli::parse().command {
         Command::Train(args) => args.run()?,
+        Command::Evaluate(args) => args.run()?,
         Command::Exchange(args) => return args.run(),
         Command::Init(args) => args.run()?,
         Command::Sample(args) => args.run()?,

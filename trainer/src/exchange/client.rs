@@ -78,6 +78,8 @@ pub struct RoundResult {
     pub rounds: Round,
     /// Bytes of this peer's update the exchange accepted; `None` if it was not counted.
     pub accepted_bytes: Option<u64>,
+    /// Every peer the exchange knew when the round closed (evaluators only).
+    pub roster: Vec<PeerId>,
 }
 
 /// One accepted update of a closed round.
@@ -85,6 +87,8 @@ pub struct Entry {
     pub peer: PeerId,
     pub weight: f32,
     pub bytes: Vec<u8>,
+    /// The peer's θ at the probe positions (evaluators only).
+    pub probe: Vec<f32>,
 }
 
 impl ExchangeClient {
@@ -177,12 +181,22 @@ impl ExchangeClient {
         round: Round,
         update: Option<(&[u8], f32)>,
     ) -> Result<RoundResult, ClientError> {
+        self.exchange_round_probed(round, update, &[]).await
+    }
+
+    /// [`Self::exchange_round`], the update sent with the peer's probe.
+    pub async fn exchange_round_probed(
+        &self,
+        round: Round,
+        update: Option<(&[u8], f32)>,
+        probe: &[f32],
+    ) -> Result<RoundResult, ClientError> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
         loop {
             let mut accepted_bytes = None;
             if let Some((bytes, loss)) = update {
-                match self.put_update(round, bytes, loss).await {
+                match self.put_update_probed(round, bytes, loss, probe).await {
                     Ok(n) => accepted_bytes = Some(n),
                     Err(ClientError::Refused(r)) if r.reason == Reason::RoundClosed => {
                         tracing::warn!(round = round.0, refusal = %r, "update not counted");
@@ -191,12 +205,9 @@ impl ExchangeClient {
                 }
             }
             match self.fetch_round_once(round).await {
-                Ok((entries, rounds)) => {
-                    return Ok(RoundResult {
-                        entries,
-                        rounds,
-                        accepted_bytes,
-                    });
+                Ok(mut result) => {
+                    result.accepted_bytes = accepted_bytes;
+                    return Ok(result);
                 }
                 Err(status) => self.back_off(status, start, &mut wait).await?,
             }
@@ -206,6 +217,13 @@ impl ExchangeClient {
     /// Admits this peer; returns who the token says it is, the open round and the run's
     /// round count.
     pub async fn join(&self) -> Result<(PeerId, Round, Round), ClientError> {
+        let (name, open, rounds) = self.join_as().await?;
+        let peer = name.parse().map_err(|e: String| ClientError::Protocol(e))?;
+        Ok((peer, open, rounds))
+    }
+
+    /// [`Self::join`] for a peer or an evaluator: who the token names, as a name.
+    pub async fn join_as(&self) -> Result<(String, Round, Round), ClientError> {
         let fingerprint = self.opts.fingerprint.clone();
         let reply = self
             .retrying(|mut g| {
@@ -215,11 +233,7 @@ impl ExchangeClient {
                 async move { g.join(req).await.map(|r| r.into_inner()) }
             })
             .await?;
-        let peer = reply
-            .peer
-            .parse()
-            .map_err(|e: String| ClientError::Protocol(e))?;
-        Ok((peer, Round(reply.open_round), Round(reply.rounds)))
+        Ok((reply.peer, Round(reply.open_round), Round(reply.rounds)))
     }
 
     /// One heartbeat, without retries (the next one will come soon).
@@ -240,11 +254,23 @@ impl ExchangeClient {
         bytes: &[u8],
         train_loss: f32,
     ) -> Result<u64, ClientError> {
+        self.put_update_probed(round, bytes, train_loss, &[]).await
+    }
+
+    /// [`Self::put_update`] with the peer's θ at the run's probe positions.
+    pub async fn put_update_probed(
+        &self,
+        round: Round,
+        bytes: &[u8],
+        train_loss: f32,
+        probe: &[f32],
+    ) -> Result<u64, ClientError> {
         let header = proto::UpdateHeader {
             round: round.0,
             size: bytes.len() as u64,
             train_loss,
             config_fingerprint: self.opts.fingerprint.clone(),
+            probe: probe.to_vec(),
         };
         let reply = self
             .retrying(|mut g| {
@@ -277,9 +303,34 @@ impl ExchangeClient {
         Ok(reply.accepted_bytes)
     }
 
+    /// Evaluator: waits for `round` to close and downloads it, with its roster and the
+    /// peers' probes.
+    pub async fn fetch_round(&self, round: Round) -> Result<RoundResult, ClientError> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.fetch_round_once(round).await {
+                Ok(result) => return Ok(result),
+                Err(status) => self.back_off(status, start, &mut wait).await?,
+            }
+        }
+    }
+
+    /// Evaluator: sends its signed report of `round`.
+    pub async fn put_measurements(&self, round: Round, report: &str) -> Result<(), ClientError> {
+        self.retrying(|mut g| {
+            let req = proto::Measurements {
+                round: round.0,
+                report: report.to_owned(),
+            };
+            async move { g.put_measurements(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
     /// Waits for `round` to close and downloads its accepted updates, in peer order,
     /// with the run's length when it closed; one attempt.
-    async fn fetch_round_once(&self, round: Round) -> Result<(Vec<Entry>, Round), Status> {
+    async fn fetch_round_once(&self, round: Round) -> Result<RoundResult, Status> {
         use proto::round_chunk::Item;
         let mut stream = self
             .grpc
@@ -290,15 +341,20 @@ impl ExchangeClient {
         let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
         let mut entries: Vec<Entry> = Vec::new();
         let mut expected = None;
+        let mut roster = vec![];
         while let Some(chunk) = stream.next().await {
             match chunk?.item {
                 Some(Item::Round(h)) if h.round == round.0 => {
                     expected = Some((h.updates, Round(h.rounds)));
+                    roster = (h.roster.iter())
+                        .map(|p| p.parse().map_err(|e: String| Status::internal(e)))
+                        .collect::<Result<_, _>>()?;
                 }
                 Some(Item::Entry(e)) => entries.push(Entry {
                     peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
                     weight: e.weight,
                     bytes: Vec::with_capacity(e.size as usize),
+                    probe: e.probe,
                 }),
                 Some(Item::Data(d)) => {
                     pacer.pace(d.len()).await;
@@ -312,7 +368,12 @@ impl ExchangeClient {
             }
         }
         match expected {
-            Some((n, rounds)) if n as usize == entries.len() => Ok((entries, rounds)),
+            Some((n, rounds)) if n as usize == entries.len() => Ok(RoundResult {
+                entries,
+                rounds,
+                accepted_bytes: None,
+                roster,
+            }),
             _ => Err(Status::unavailable("the round stream ended early")),
         }
     }
@@ -355,6 +416,17 @@ impl ExchangeClient {
         &self,
         weights: impl IntoIterator<Item = (PeerId, f32)>,
     ) -> Result<(), ClientError> {
+        self.set_scored_weights(weights, None).await
+    }
+
+    /// Operator: sets per-peer weights with the signed ledger `record` (its line and
+    /// the ledger's public key) they follow from.
+    pub async fn set_scored_weights(
+        &self,
+        weights: impl IntoIterator<Item = (PeerId, f32)>,
+        record: Option<(&str, &str)>,
+    ) -> Result<(), ClientError> {
+        let (line, key) = record.unwrap_or_default();
         let weights: std::collections::HashMap<String, f32> = weights
             .into_iter()
             .map(|(p, w)| (p.to_string(), w))
@@ -362,6 +434,8 @@ impl ExchangeClient {
         self.retrying(|mut g| {
             let req = proto::SetWeightsRequest {
                 weights: weights.clone(),
+                ledger_record: line.to_owned(),
+                ledger_public_key: key.to_owned(),
             };
             async move { g.set_weights(req).await.map(|_| ()) }
         })

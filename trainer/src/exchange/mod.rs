@@ -125,6 +125,21 @@ pub enum Identity {
     /// The run's publisher: may read checkpoints and report their publication, nothing
     /// else (it holds the Hub token, so it holds nothing more of the run's).
     Publisher,
+    /// One of the run's evaluators (`e0`, `e1`, …): fetches rounds as a peer does and
+    /// sends measurements, never updates.
+    Evaluator(u32),
+}
+
+/// The name of evaluator `index` in tokens files and reports.
+pub fn evaluator_name(index: u32) -> String {
+    format!("e{index}")
+}
+
+fn parse_evaluator(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix('e')?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 /// The run's bearer tokens, from a file of `<identity> <token>` lines (`p0 …`,
@@ -147,6 +162,9 @@ impl Tokens {
             let identity = match who {
                 "operator" => Identity::Operator,
                 "publisher" => Identity::Publisher,
+                evaluator if parse_evaluator(evaluator).is_some() => {
+                    Identity::Evaluator(parse_evaluator(evaluator).unwrap_or_default())
+                }
                 peer => Identity::Peer(peer.parse().map_err(|e| format!("line {}: {e}", n + 1))?),
             };
             if token.len() < 16 {

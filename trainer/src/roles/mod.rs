@@ -1,4 +1,6 @@
-//! The trainer binary's long-running roles: `train` (one peer of a run) and `exchange`
-//! (the run's rendezvous, in [`crate::exchange::server`]). `evaluate` is to come.
+//! The trainer binary's long-running roles: `train` (one peer of a run), `evaluate` (one
+//! of its evaluators) and `exchange` (the run's rendezvous, in
+//! [`crate::exchange::server`]).
 
+pub mod evaluate;
 pub mod train;

@@ -15,6 +15,7 @@ use crate::model::{InnerOptimizer, Llama, save_checkpoint};
 use crate::outer::{Outer, Round};
 use crate::run::{Algorithm, Run};
 use crate::scoring::adversary::{Adversary, Cheater};
+use crate::scoring::evaluate::{probe_model, probe_positions};
 
 /// How this peer reaches the exchange and where it writes.
 #[derive(Clone, Debug)]
@@ -95,6 +96,8 @@ struct Peer<'a> {
     /// The run's length, as the exchange last said.
     rounds: Round,
     cheat: Option<Cheater>,
+    /// Where this peer reports its θ with every update, for the evaluators.
+    positions: Vec<(usize, usize)>,
 }
 
 /// Where a round leaves the peer.
@@ -121,6 +124,7 @@ impl<'a> Peer<'a> {
         let (peer, open, rounds) = rt.block_on(client.join())?;
         tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
         let replica = Replica::new(run, rounds)?;
+        let positions = probe_positions(&replica.model, run.config.seed);
         let report = PeerReport {
             peer,
             rounds_trained: 0,
@@ -138,6 +142,7 @@ impl<'a> Peer<'a> {
             rounds,
             cheat: (opts.adversary.clone())
                 .map(|(adversary, from)| Cheater::new(adversary, from, run.config.seed)),
+            positions,
         })
     }
 
@@ -158,13 +163,15 @@ impl<'a> Peer<'a> {
     fn round(&mut self, round: Round) -> Result<Next, PeerError> {
         let peer = self.report.peer;
         let started = Instant::now();
+        let probe = probe_model(&self.replica.model, &self.positions)?;
         let mut update = self.local_work(round);
         if let (Some(cheat), Some((bytes, _))) = (&mut self.cheat, &mut update) {
             *bytes = cheat.tamper(round, std::mem::take(bytes));
         }
         let computed = started.elapsed();
         let sent = update.as_ref().map(|(b, l)| (b.as_slice(), *l));
-        let result = match self.rt.block_on(self.client.exchange_round(round, sent)) {
+        let exchanged = self.client.exchange_round_probed(round, sent, &probe);
+        let result = match self.rt.block_on(exchanged) {
             Ok(result) => result,
             Err(e) => {
                 return match e.refusal().map(|r| r.reason) {

@@ -46,6 +46,46 @@ pub fn probe_positions(model: &Llama, seed: u64) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The model's θ at the probe positions, reading only those values: what a peer sends
+/// with its update.
+pub fn probe_model(model: &Llama, positions: &[(usize, usize)]) -> Result<Vec<f32>, RoundError> {
+    let params = model.params();
+    (positions.iter())
+        .map(|&(t, i)| {
+            let (name, var) = &params[t];
+            (var.as_tensor().flatten_all())
+                .and_then(|f| f.narrow(0, i, 1))
+                .and_then(|v| v.to_vec1::<f32>())
+                .map(|v| v.into_iter().next().unwrap_or(f32::NAN))
+                .map_err(|source| RoundError::Tensor {
+                    tensor: name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// SHA-256 of θ (model order, little-endian f32), lowercase hex: how a ledger names the
+/// state a round was measured against.
+pub fn theta_hash(theta: &[Vec<f32>]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for tensor in theta {
+        for v in tensor {
+            ctx.update(&v.to_le_bytes());
+        }
+    }
+    (ctx.finish().as_ref().iter())
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The first `rows` sequences peer `p` was assigned for `round`: its own data, as
+/// scoring measures it.
+pub fn own_slice(run: &crate::run::Run, peer: PeerId, round: Round, rows: usize) -> Batch {
+    let windows = run.assignment.peer_round(peer.index(), round.0);
+    (run.assignment).batch(&run.shards.train, &windows[..rows.min(windows.len())])
+}
+
 /// `θ` at the probe positions.
 pub fn probe(theta: &[Vec<f32>], positions: &[(usize, usize)]) -> Vec<f32> {
     positions.iter().map(|&(t, i)| theta[t][i]).collect()

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use super::ScoringSpec;
 use super::canonical;
-use super::rules::{Measured, PeerScore, RoundInput, Scoring, step};
+use super::rules::{Change, Measured, PeerScore, RoundInput, Scoring, step};
 use crate::codec::median;
 use crate::exchange::PeerId;
 
@@ -26,13 +26,56 @@ use crate::exchange::PeerId;
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// One evaluator's measurements of one round, with the secret seed of its random slices
-/// revealed once the round is over.
+/// revealed once the round is over, signed by the evaluator's own key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EvaluatorReport {
     pub evaluator: String,
+    pub round: Round,
+    /// SHA-256 of the global θ the round's updates were measured against.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub theta: String,
     pub seed: String,
     pub measured: BTreeMap<PeerId, Measured>,
+    /// The evaluator's Ed25519 public key, lowercase hex; empty when unsigned (a report
+    /// made in-process, never one an exchange accepted).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
+    /// Ed25519 over the report's canonical JSON without this field.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
+}
+
+impl EvaluatorReport {
+    /// The report signed by `signer` (its key written in), as one line of canonical JSON.
+    pub fn signed(mut self, signer: &Signer) -> String {
+        self.public_key = signer.public_key();
+        self.signature = String::new();
+        signer.sign_value(&self)
+    }
+
+    /// A signed report's line: canonical, signed by the key it names.
+    pub fn from_signed(line: &str) -> Result<Self, String> {
+        let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        if canonical::to_vec(&value) != line.as_bytes() {
+            return Err("not in canonical form (RFC 8785)".into());
+        }
+        let report: Self =
+            serde_json::from_value(value).map_err(|e| format!("not an evaluator report: {e}"))?;
+        report.check_signature()?;
+        Ok(report)
+    }
+
+    /// Whether the signature verifies with the key the report names.
+    pub fn check_signature(&self) -> Result<(), String> {
+        if self.signature.is_empty() || self.public_key.is_empty() {
+            return Err("the report is not signed".into());
+        }
+        let key = unhex(&self.public_key).ok_or("the public key is not lowercase hex")?;
+        let mut value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        check_signature(&mut value, &UnparsedPublicKey::new(&ED25519, key))
+            .map_err(|e| format!("evaluator {}: {e}", self.evaluator))
+    }
 }
 
 /// One scored round.
@@ -72,6 +115,27 @@ pub enum LedgerError {
     },
     #[error("the ledger is empty")]
     Empty,
+}
+
+/// SHA-256 of a ledger line, as the next record's `previous` names it.
+pub fn line_hash(line: &str) -> String {
+    sha256_hex(line.as_bytes())
+}
+
+impl Record {
+    /// A signed ledger line: canonical, signed with `public_key` (hex).
+    pub fn from_signed(line: &str, public_key: &str) -> Result<Self, String> {
+        let key = unhex(public_key).ok_or("the public key is not lowercase hex")?;
+        check_line(line, &UnparsedPublicKey::new(&ED25519, key))
+    }
+
+    /// The scoring state the record leaves.
+    pub fn scoring(&self) -> Scoring {
+        Scoring {
+            peers: self.peers.clone(),
+            aggregate: self.aggregate.clone(),
+        }
+    }
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -129,7 +193,12 @@ impl Signer {
 
     /// `record` signed, as its ledger line (without the newline).
     pub fn sign(&self, record: &Record) -> String {
-        let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
+        self.sign_value(record)
+    }
+
+    /// `value` with its `signature` field set, as one line of canonical JSON.
+    fn sign_value(&self, value: &impl Serialize) -> String {
+        let mut value = serde_json::to_value(value).unwrap_or(Value::Null);
         let body = unsigned(&mut value);
         let signature = hex(self.0.sign(&body).as_ref());
         value["signature"] = Value::String(signature);
@@ -159,6 +228,15 @@ pub struct Draft<'a> {
 impl Draft<'_> {
     /// The record and the scoring state it leaves.
     pub fn record(self, previous: Option<(&str, &Scoring)>) -> (Record, Scoring) {
+        let (record, after, _) = self.record_with_changes(previous);
+        (record, after)
+    }
+
+    /// [`Self::record`], and what changed for the peers.
+    pub fn record_with_changes(
+        self,
+        previous: Option<(&str, &Scoring)>,
+    ) -> (Record, Scoring, Vec<Change>) {
         let measured = combine(&self.evaluators);
         let empty = Scoring::default();
         let (previous_line, before) = previous.unwrap_or(("", &empty));
@@ -166,7 +244,7 @@ impl Draft<'_> {
             round: self.round,
             measured: measured.clone(),
         };
-        let (after, _) = step(self.constants, before, &input);
+        let (after, changes) = step(self.constants, before, &input);
         let record = Record {
             run: self.run.to_owned(),
             round: self.round,
@@ -183,7 +261,7 @@ impl Draft<'_> {
             aggregate: after.aggregate.clone(),
             signature: String::new(),
         };
-        (record, after)
+        (record, after, changes)
     }
 }
 
@@ -324,18 +402,34 @@ fn check_line(line: &str, key: &UnparsedPublicKey<Vec<u8>>) -> Result<Record, St
     if canonical::to_vec(&value) != line.as_bytes() {
         return Err("not in canonical form (RFC 8785)".into());
     }
+    check_signature(&mut value, key)?;
+    serde_json::from_value(value).map_err(|e| format!("not a ledger record: {e}"))
+}
+
+/// Whether `value`'s `signature` verifies over the rest of it with `key`.
+fn check_signature(value: &mut Value, key: &UnparsedPublicKey<Vec<u8>>) -> Result<(), String> {
     let signature = (value.get("signature").and_then(Value::as_str))
         .and_then(unhex)
         .ok_or("no signature in lowercase hex")?;
-    key.verify(&unsigned(&mut value), &signature)
-        .map_err(|_| "the signature does not verify with this public key".to_owned())?;
-    serde_json::from_value(value).map_err(|e| format!("not a ledger record: {e}"))
+    key.verify(&unsigned(value), &signature)
+        .map_err(|_| "the signature does not verify with this public key".to_owned())
 }
 
 /// The state after `record`, if its numbers are the ones its measurements give.
 fn replay(record: &Record, before: &Scoring) -> Result<Scoring, String> {
     if record.constants_hash != constants_hash(&record.constants) {
         return Err("its constants do not hash to constantsHash".into());
+    }
+    for report in &record.evaluators {
+        if report.round != record.round {
+            return Err(format!(
+                "evaluator {} reports round {}",
+                report.evaluator, report.round
+            ));
+        }
+        if !report.public_key.is_empty() {
+            report.check_signature()?;
+        }
     }
     if combine(&record.evaluators) != record.measured {
         return Err("its evaluators' measurements do not combine to what it records".into());

@@ -9,6 +9,7 @@ pub mod canonical;
 pub mod evaluate;
 pub mod ledger;
 pub mod openskill;
+pub mod recorder;
 pub mod rules;
 pub mod simulate;
 mod spec;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::ScoringSpec;
 use super::adversary::{Adversary, Cheater};
-use super::evaluate::{Evaluator, Submission, probe, probe_positions, random_slice};
+use super::evaluate::{Evaluator, Submission, own_slice, probe, probe_positions, random_slice};
 use super::rules::{Change, Measured, RoundInput, Scoring, Standing, step};
 use crate::data::Batch;
 use crate::exchange::PeerId;
@@ -189,11 +189,7 @@ impl<'a> Federation<'a> {
             Some(cheater) => cheater.tamper(round, honest),
             None => honest,
         };
-        let windows = run.assignment.peer_round(p.index(), round.0);
-        let own = (run.assignment).batch(
-            &run.shards.train,
-            &windows[..self.half().min(windows.len())],
-        );
+        let own = own_slice(run, p, round, self.half());
         Ok(Submission {
             peer: p,
             bytes,

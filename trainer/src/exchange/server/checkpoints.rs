@@ -50,7 +50,7 @@ impl Exchange {
             .and_then(|v| v.strip_prefix("Bearer "));
         match token.and_then(|t| self.shared.opts.tokens.identify(t)) {
             Some(Identity::Publisher | Identity::Operator) => {}
-            Some(Identity::Peer(_)) => {
+            Some(Identity::Peer(_) | Identity::Evaluator(_)) => {
                 return Err(refused(
                     StatusCode::FORBIDDEN,
                     "only the publisher reads checkpoints",

@@ -47,6 +47,9 @@ impl Exchange {
             tokens: state.tokens,
             settings: state.settings.map(Into::into),
             publications: state.publications.values().cloned().collect(),
+            measurements: state.ledger.measurements(),
+            ledger_head: state.ledger.head().0.to_owned(),
+            ledger_records: state.ledger.head().1,
         }
     }
 }

@@ -15,6 +15,7 @@
 
 mod auth;
 mod checkpoints;
+mod ledger;
 mod metrics;
 mod persist;
 mod round;
@@ -88,6 +89,8 @@ struct Shared {
     failed: watch::Sender<Option<Failure>>,
     max_update: u64,
     dense_bytes: u64,
+    /// Tensors of the run's model: a probe has two values for each.
+    tensors: usize,
 }
 
 impl Drop for Shared {
@@ -123,6 +126,8 @@ struct State {
     initial_validation_loss: f32,
     /// What the publisher reported, by round.
     publications: BTreeMap<u32, proto::Publication>,
+    /// The scoring ledger and the measurements awaiting it.
+    ledger: ledger::Ledger,
 }
 
 impl State {
@@ -147,6 +152,7 @@ impl State {
             tokens: 0,
             initial_validation_loss,
             publications: BTreeMap::new(),
+            ledger: ledger::Ledger::default(),
         }
     }
 
@@ -161,6 +167,22 @@ impl State {
     /// Whether every round of the run has closed; never while unconfigured.
     fn done(&self) -> bool {
         self.settings.is_some_and(|s| self.open.0 >= s.rounds)
+    }
+}
+
+/// Who may follow the rounds.
+#[derive(Clone, Copy, Debug)]
+enum Follower {
+    Peer(PeerId),
+    Evaluator(u32),
+}
+
+impl std::fmt::Display for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Peer(p) => p.fmt(f),
+            Self::Evaluator(e) => f.write_str(&super::evaluator_name(*e)),
+        }
     }
 }
 
@@ -238,8 +260,10 @@ impl Exchange {
         let settings = saved.or(opts.settings);
         let state_bytes = outer.export(&model, open).map_err(|e| init(&e))?;
         let dense_bytes = 4 * model.parameter_count() as u64;
+        let tensors = model.params().len();
         let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
-        let state = State::new(open, settings, state_bytes, initial_validation_loss);
+        let mut state = State::new(open, settings, state_bytes, initial_validation_loss);
+        state.ledger = ledger::Ledger::load(opts.state_dir.as_deref())?;
         let global = Global {
             model,
             outer,
@@ -257,6 +281,7 @@ impl Exchange {
                 failed: watch::channel(None).0,
                 max_update,
                 dense_bytes,
+                tensors,
             }),
         })
     }
@@ -341,6 +366,16 @@ impl Exchange {
                 Ok(p)
             }
             _ => Err(Refusal::new(Reason::Forbidden, "only peers may call this").into()),
+        }
+    }
+
+    /// The calling peer or evaluator: those who follow the rounds.
+    fn follower<T>(&self, req: &Request<T>) -> Result<Follower, Status> {
+        match req.extensions().get::<Identity>() {
+            Some(Identity::Evaluator(e)) => Ok(Follower::Evaluator(*e)),
+            _ => self.peer(req).map(Follower::Peer).map_err(|_| {
+                Refusal::new(Reason::Forbidden, "only peers and evaluators may call this").into()
+            }),
         }
     }
 

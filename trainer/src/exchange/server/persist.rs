@@ -55,7 +55,7 @@ pub(super) fn save_state(dir: &Path, bytes: &[u8]) -> Result<(), String> {
     write_atomically(&dir.join(STATE_FILE), bytes)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("partial");
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -82,6 +82,8 @@ pub(super) struct SoFar {
     pub tokens: u64,
     /// Validation loss at the start of each recent round, oldest first: the loss curve.
     pub validation: Vec<(u32, f32)>,
+    /// The scoring ledger and its public key, once it has a record.
+    pub ledger: Option<(String, String)>,
 }
 
 /// Writes `<checkpoint_dir>/round-<next>/` when it is due: every `checkpoint_every`
@@ -119,6 +121,11 @@ pub(super) fn write_checkpoint(
     let path = dir.join(format!("round-{:06}", next.0));
     save_checkpoint(&path, &global.model, &meta, &shared.run.tokenizer)
         .map_err(|e| e.to_string())?;
+    if let Some((ledger, public_key)) = &checkpoint.so_far.ledger {
+        write_atomically(&path.join(super::ledger::LEDGER_FILE), ledger.as_bytes())?;
+        let key = format!("{public_key}\n");
+        write_atomically(&path.join(super::ledger::PUBLIC_KEY_FILE), key.as_bytes())?;
+    }
     tracing::info!(round = next.0, path = %path.display(), "checkpoint written");
     Ok(())
 }

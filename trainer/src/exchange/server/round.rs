@@ -5,6 +5,7 @@
 //! Whether a round is due to close is the pure function [`due`]; one task per exchange
 //! ([`close_rounds`]) sleeps until the round is due or something happens, and closes it.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,7 @@ pub(super) fn due(
 pub(super) struct ClosingRound {
     round: Round,
     entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+    scoring: ForScoring,
     train_loss: f32,
     at_deadline: bool,
     /// The settings in force when the round closed: its result is applied with them.
@@ -115,6 +117,16 @@ pub(super) struct ClosingRound {
 pub(super) struct Submission {
     pub bytes: Arc<Vec<u8>>,
     pub train_loss: f32,
+    /// The peer's θ at the probe positions.
+    pub probe: Vec<f32>,
+}
+
+/// What evaluators get of a closed round beyond its updates.
+#[derive(Default)]
+pub(super) struct ForScoring {
+    /// Every peer known when the round closed.
+    pub roster: Vec<PeerId>,
+    pub probes: BTreeMap<PeerId, Vec<f32>>,
 }
 
 /// A closed round, kept for fetching: every update with its peer and weight.
@@ -123,6 +135,7 @@ pub(super) struct Closed {
     pub entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
     /// The run's length when the round closed.
     pub rounds: Round,
+    pub scoring: ForScoring,
 }
 
 /// Closes rounds as they fall due, until the exchange is dropped or a round's result
@@ -205,7 +218,13 @@ impl Exchange {
                 .map(|(p, s)| (*p, s.bytes.clone()))
                 .collect(),
         };
-        let submissions = std::mem::take(&mut state.submissions);
+        let mut submissions = std::mem::take(&mut state.submissions);
+        let scoring = ForScoring {
+            roster: state.peers.keys().copied().collect(),
+            probes: (submissions.iter_mut())
+                .map(|(p, s)| (*p, std::mem::take(&mut s.probe)))
+                .collect(),
+        };
         let train_loss = mean(
             &submissions
                 .values()
@@ -226,10 +245,12 @@ impl Exchange {
                         .map(|s| (s.round + 1, s.validation_loss)),
                 )
                 .collect(),
+            ledger: state.ledger.snapshot(),
         };
         Ok(ClosingRound {
             round,
             entries,
+            scoring,
             train_loss,
             at_deadline,
             settings,
@@ -242,6 +263,7 @@ impl Exchange {
         let ClosingRound {
             round,
             entries,
+            scoring,
             train_loss,
             at_deadline,
             settings,
@@ -280,6 +302,7 @@ impl Exchange {
                 round,
                 entries,
                 rounds,
+                scoring,
             },
             summary,
             state_bytes,

@@ -10,7 +10,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::round::{RoundState, Submission};
-use super::{Exchange, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto};
+use super::{
+    Exchange, Follower, Identity, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto,
+};
 use crate::codec::CodecError;
 use crate::exchange::CHUNK_BYTES;
 use crate::outer::{Round, RoundError};
@@ -95,6 +97,7 @@ impl Exchange {
                 ),
             ));
         }
+        self.check_probe(&header.probe)?;
         let bytes = read_body(&mut stream, header.size).await?;
         if let Some(held) = held {
             // A retry after a lost reply: the same bytes are fine, other bytes are not.
@@ -110,7 +113,12 @@ impl Exchange {
         }
         let bytes = self.check_decodes(bytes).await?;
         let accepted_bytes = bytes.len() as u64;
-        self.accept(peer, round, bytes, header.train_loss)?;
+        let submission = Submission {
+            bytes: Arc::new(bytes),
+            train_loss: header.train_loss,
+            probe: header.probe,
+        };
+        self.accept(peer, round, submission)?;
         self.shared.wake.notify_one();
         Ok(proto::PutUpdateReply {
             round: round.0,
@@ -142,13 +150,7 @@ impl Exchange {
 
     /// Adds a checked update to the open round, which starts its deadline if it is the
     /// round's first.
-    fn accept(
-        &self,
-        peer: PeerId,
-        round: Round,
-        bytes: Vec<u8>,
-        train_loss: f32,
-    ) -> Result<(), Refusal> {
+    fn accept(&self, peer: PeerId, round: Round, submission: Submission) -> Result<(), Refusal> {
         let mut state = self.state();
         if state.open != round || !state.round_state.accepts_updates() {
             return Err(Refusal::new(
@@ -157,18 +159,16 @@ impl Exchange {
             ));
         }
         if let Some(previous) = state.submissions.get(&peer) {
-            if *previous.bytes != bytes {
+            if previous.bytes != submission.bytes {
                 return Err(bad(&format!(
                     "{peer} already submitted a different update for round {round}"
                 )));
             }
             return Ok(());
         }
-        let accepted_bytes = bytes.len() as u64;
-        let bytes = Arc::new(bytes);
-        state
-            .submissions
-            .insert(peer, Submission { bytes, train_loss });
+        let accepted_bytes = submission.bytes.len() as u64;
+        let train_loss = submission.train_loss;
+        state.submissions.insert(peer, submission);
         if state.round_state == RoundState::Open {
             state.round_state = RoundState::Collecting {
                 first_at: Instant::now(),
@@ -228,8 +228,28 @@ impl Exchange {
         Ok(None)
     }
 
-    /// The closed `round` as a stream: its header, then every entry and its bytes.
-    fn round_chunks(&self, round: Round) -> Result<Vec<proto::RoundChunk>, Status> {
+    /// A probe is empty or two finite values per tensor.
+    fn check_probe(&self, probe: &[f32]) -> Result<(), Refusal> {
+        let tensors = self.shared.tensors;
+        if !(probe.is_empty() || probe.len() == 2 * tensors) {
+            return Err(bad(&format!(
+                "a probe of {} values; the run's model has {tensors} tensors, two each",
+                probe.len()
+            )));
+        }
+        if probe.iter().any(|v| !v.is_finite()) {
+            return Err(bad("a probe value is not finite"));
+        }
+        Ok(())
+    }
+
+    /// The closed `round` as a stream: its header, then every entry and its bytes; an
+    /// evaluator also gets the roster and every peer's probe.
+    fn round_chunks(
+        &self,
+        round: Round,
+        evaluator: bool,
+    ) -> Result<Vec<proto::RoundChunk>, Status> {
         use proto::round_chunk::Item;
         let mut state = self.state();
         let Some(closed) = state.closed.iter().find(|c| c.round == round) else {
@@ -244,6 +264,15 @@ impl Exchange {
                 round: round.0,
                 updates: closed.entries.len() as u32,
                 rounds: closed.rounds.0,
+                roster: match evaluator {
+                    true => closed
+                        .scoring
+                        .roster
+                        .iter()
+                        .map(PeerId::to_string)
+                        .collect(),
+                    false => vec![],
+                },
             })),
         }];
         let mut sent = 0u64;
@@ -253,6 +282,10 @@ impl Exchange {
                     peer: peer.to_string(),
                     weight: *weight,
                     size: bytes.len() as u64,
+                    probe: match evaluator {
+                        true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
+                        false => vec![],
+                    },
                 })),
             });
             out.extend(chunks(bytes, |d| proto::RoundChunk {
@@ -271,7 +304,7 @@ impl proto::exchange_server::Exchange for Exchange {
         &self,
         req: Request<proto::JoinRequest>,
     ) -> Result<Response<proto::JoinReply>, Status> {
-        let peer = self.peer(&req)?;
+        let peer = self.follower(&req)?;
         self.check_fingerprint(&req.get_ref().config_fingerprint)?;
         let (open, settings) = {
             let state = self.state();
@@ -317,7 +350,7 @@ impl proto::exchange_server::Exchange for Exchange {
         &self,
         req: Request<proto::FetchRoundRequest>,
     ) -> Result<Response<Self::FetchRoundStream>, Status> {
-        self.peer(&req)?;
+        let follower = self.follower(&req)?;
         let round = Round(req.get_ref().round);
         if round.0 >= self.state().settings()?.rounds {
             return Err(
@@ -337,7 +370,8 @@ impl proto::exchange_server::Exchange for Exchange {
         open.wait_for(|open| *open > round)
             .await
             .map_err(|_| Status::unavailable("the exchange is shutting down"))?;
-        let out = self.round_chunks(round)?;
+        let evaluator = matches!(follower, Follower::Evaluator(_));
+        let out = self.round_chunks(round, evaluator)?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             out.into_iter().map(Ok),
         ))))
@@ -350,7 +384,7 @@ impl proto::exchange_server::Exchange for Exchange {
         req: Request<proto::FetchStateRequest>,
     ) -> Result<Response<Self::FetchStateStream>, Status> {
         use proto::state_chunk::Item;
-        let peer = self.peer(&req)?;
+        let peer = self.follower(&req)?;
         let (round, bytes) = {
             let mut state = self.state();
             state.bytes_sent += state.state_bytes.len() as u64;
@@ -391,8 +425,39 @@ impl proto::exchange_server::Exchange for Exchange {
             }
             parsed.insert(peer, *weight);
         }
-        self.state().weights.extend(parsed);
+        let req = req.get_ref();
+        let mut state = self.state();
+        if !req.ledger_record.is_empty() {
+            let dir = self.shared.opts.state_dir.as_deref();
+            (state.ledger)
+                .append(&req.ledger_record, &req.ledger_public_key, dir)
+                .inspect_err(|r| tracing::warn!(refusal = %r, "refused a ledger record"))?;
+        }
+        state.weights.extend(parsed);
         Ok(Response::new(proto::SetWeightsReply {}))
+    }
+
+    async fn put_measurements(
+        &self,
+        req: Request<proto::Measurements>,
+    ) -> Result<Response<proto::PutMeasurementsReply>, Status> {
+        let Some(Identity::Evaluator(e)) = req.extensions().get::<Identity>().copied() else {
+            return Err(Refusal::new(Reason::Forbidden, "only evaluators may call this").into());
+        };
+        let evaluator = Follower::Evaluator(e).to_string();
+        let mut state = self.state();
+        let open = state.open;
+        match state.ledger.measured(&evaluator, open, req.get_ref()) {
+            Ok(()) => {
+                let round = req.get_ref().round;
+                tracing::info!(%evaluator, round, "measurements received");
+                Ok(Response::new(proto::PutMeasurementsReply {}))
+            }
+            Err(refusal) => {
+                tracing::warn!(%evaluator, %refusal, "refused measurements");
+                Err(refusal.into())
+            }
+        }
     }
 
     async fn get_run_state(

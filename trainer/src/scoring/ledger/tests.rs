@@ -19,6 +19,8 @@ fn reports(round: u32) -> Vec<EvaluatorReport> {
     (0..2)
         .map(|e| EvaluatorReport {
             evaluator: format!("evaluator-{e}"),
+            round: Round(round),
+            theta: String::new(),
             seed: format!("{:064x}", round * 2 + e),
             measured: (0..4)
                 .map(|i| {
@@ -26,6 +28,8 @@ fn reports(round: u32) -> Vec<EvaluatorReport> {
                     (p(i), scored(s + 0.001 * f64::from(e + i)))
                 })
                 .collect(),
+            public_key: String::new(),
+            signature: String::new(),
         })
         .collect()
 }
@@ -35,13 +39,16 @@ fn ledger(signer: &Signer, rounds: u32) -> Vec<String> {
     let constants = ScoringSpec::default();
     let mut lines: Vec<String> = Vec::new();
     let mut state = Scoring::default();
+    let evaluator = self::signer();
     for r in 0..rounds {
         let draft = Draft {
             run: "demo/3f2a",
             round: Round(r),
             theta: &format!("{:064x}", r + 100),
             constants: &constants,
-            evaluators: reports(r),
+            evaluators: (reports(r).into_iter())
+                .map(|e| EvaluatorReport::from_signed(&e.signed(&evaluator)).unwrap())
+                .collect(),
         };
         let previous = lines.last().map(|l| (l.as_str(), &state));
         let (record, after) = draft.record(previous);
@@ -163,8 +170,12 @@ fn a_ledger_cut_short_still_verifies_but_its_head_tells() {
 fn evaluators_combine_by_median_and_one_liar_is_outvoted() {
     let report = |name: &str, m: Measured| EvaluatorReport {
         evaluator: name.into(),
+        round: Round(0),
+        theta: String::new(),
         seed: String::new(),
         measured: [(p(0), m)].into(),
+        public_key: String::new(),
+        signature: String::new(),
     };
     let combined = combine(&[
         report("a", scored(0.01)),
@@ -186,4 +197,50 @@ fn evaluators_combine_by_median_and_one_liar_is_outvoted() {
     ]);
     assert_eq!(missing[&p(0)], Measured::Missing);
     assert!(combine(&[]).is_empty());
+}
+
+#[test]
+fn an_evaluator_report_is_accepted_only_signed_by_the_key_it_names() {
+    let evaluator = signer();
+    let report = reports(1).remove(0);
+    let line = report.clone().signed(&evaluator);
+    assert_eq!(
+        EvaluatorReport::from_signed(&line).unwrap().measured,
+        report.measured
+    );
+    let unsigned = String::from_utf8(canonical::to_vec(&serde_json::to_value(&report).unwrap()));
+    let err = EvaluatorReport::from_signed(&unsigned.unwrap()).unwrap_err();
+    assert!(err.contains("not signed"), "{err}");
+    let forged = line.replace("evaluator-0", "evaluator-9");
+    let err = EvaluatorReport::from_signed(&forged).unwrap_err();
+    assert!(err.contains("does not verify"), "{err}");
+    let other = line.replace(&evaluator.public_key(), &signer().public_key());
+    assert!(EvaluatorReport::from_signed(&other).is_err());
+    assert!(EvaluatorReport::from_signed(&format!(" {line}")).is_err());
+}
+
+#[test]
+fn a_record_whose_evaluator_report_was_altered_does_not_verify() {
+    let signer = signer();
+    let evaluator = self::signer();
+    let mut report = reports(0).remove(0);
+    let line = report.clone().signed(&evaluator);
+    report = EvaluatorReport::from_signed(&line).unwrap();
+    // The operator (who signs the record) changes a number the evaluator signed.
+    if let Some(Measured::Evaluated(e)) = report.measured.get_mut(&p(0)) {
+        e.score = 0.5;
+    }
+    let constants = ScoringSpec::default();
+    let (record, _) = Draft {
+        run: "demo/3f2a",
+        round: Round(0),
+        theta: "00",
+        constants: &constants,
+        evaluators: vec![report],
+    }
+    .record(None);
+    let e = verify(&signer.sign(&record), &signer.public_key()).unwrap_err();
+    let (line, reason) = invalid_line(e);
+    assert_eq!(line, 1);
+    assert!(reason.contains("does not verify"), "{reason}");
 }
