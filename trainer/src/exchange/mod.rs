@@ -297,3 +297,5 @@ impl From<Refusal> for Status {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod scoring_tests;

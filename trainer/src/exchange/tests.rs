@@ -15,13 +15,13 @@ use crate::run::Run;
 use crate::testing::{small_config, small_run};
 use tonic::Status;
 
-const OPERATOR: &str = "operator-token-0000";
+pub(super) const OPERATOR: &str = "operator-token-0000";
 
-fn token(peer: u32) -> String {
+pub(super) fn token(peer: u32) -> String {
     format!("peer-token-{peer:08}")
 }
 
-fn options(dir: &std::path::Path) -> ExchangeOptions {
+pub(super) fn options(dir: &std::path::Path) -> ExchangeOptions {
     let mut tokens = Tokens::default();
     for p in 0..3 {
         tokens.insert(token(p), Identity::Peer(PeerId::new(p)));
@@ -47,7 +47,7 @@ fn options(dir: &std::path::Path) -> ExchangeOptions {
 }
 
 /// Serves an exchange for `run` on a loopback port; returns its URL.
-async fn serve(run: Run, opts: ExchangeOptions) -> String {
+pub(super) async fn serve(run: Run, opts: ExchangeOptions) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let exchange = Exchange::new(run, opts).unwrap();
@@ -55,7 +55,7 @@ async fn serve(run: Run, opts: ExchangeOptions) -> String {
     url
 }
 
-fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClient {
+pub(super) fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClient {
     ExchangeClient::new(ClientOptions {
         url: url.into(),
         token: token.into(),
@@ -97,7 +97,7 @@ async fn http_request(url: &str, path: &str, token: Option<&str>) -> String {
     response
 }
 
-fn reason(e: ClientError) -> (Reason, String) {
+pub(super) fn reason(e: ClientError) -> (Reason, String) {
     let r = e.refusal().unwrap_or_else(|| panic!("not a refusal: {e}"));
     (r.reason, r.message.clone())
 }
