@@ -10,7 +10,11 @@ use starling_trainer::exchange::Settings;
 use starling_trainer::run::RunConfig;
 
 use crate::api::{PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation};
-use crate::hub::children::{OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, TOKENS_KEY, env};
+use crate::hub::children::{
+    LEDGER_KEY, OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, SCORING_KEY, TOKENS_KEY, env,
+};
+use starling_trainer::exchange::evaluator_name;
+use starling_trainer::scoring::ledger::Signer;
 
 /// The run's configuration as the trainer reads it, identical for the exchange and every
 /// peer: the exchange refuses peers whose configuration differs. Fails with the field to
@@ -152,17 +156,37 @@ pub fn mint_token() -> String {
         .collect()
 }
 
-/// A run's credentials: one token per peer, one for the operator and one for the
-/// publisher, plus the exchange's
-/// tokens file built from them (the format `starling_trainer::exchange::Tokens` parses).
-pub fn mint_credentials(max_peers: u32) -> BTreeMap<String, String> {
+/// Random bytes, as lowercase hex.
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+/// A run's credentials: one token per peer and per evaluator, one for the operator and
+/// one for the publisher, the exchange's tokens file built from them (the format
+/// `starling_trainer::exchange::Tokens` parses), and the run's scoring secrets: the
+/// ledger's signing key ([`LEDGER_KEY`], PKCS#8 in hex) and the key evaluators draw
+/// their random slices from ([`SCORING_KEY`], hex).
+pub fn mint_credentials(max_peers: u32, evaluators: u32) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
     let mut file = String::new();
-    for i in 0..max_peers {
+    let peers = (0..max_peers).map(|i| PeerId::new(i).to_string());
+    let evaluators = (0..evaluators).map(evaluator_name);
+    for identity in peers.chain(evaluators) {
         let token = mint_token();
-        file.push_str(&format!("{} {token}\n", PeerId::new(i)));
-        data.insert(PeerId::new(i).to_string(), token);
+        file.push_str(&format!("{identity} {token}\n"));
+        data.insert(identity, token);
     }
+    if let Ok(key) = Signer::generate() {
+        data.insert(
+            LEDGER_KEY.into(),
+            key.iter().map(|b| format!("{b:02x}")).collect(),
+        );
+    }
+    data.insert(SCORING_KEY.into(), random_hex(32));
     for identity in [OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY] {
         let token = mint_token();
         file.push_str(&format!("{identity} {token}\n"));
@@ -270,14 +294,21 @@ mod tests {
 
     #[test]
     fn credentials_hold_one_token_per_peer_and_a_tokens_file_the_exchange_reads() {
-        let data = mint_credentials(3);
+        let data = mint_credentials(3, 2);
         let file = &data[TOKENS_KEY];
-        for peer in ["p0", "p1", "p2", "operator", "publisher"] {
+        for peer in ["p0", "p1", "p2", "e0", "e1", "operator", "publisher"] {
             let token = &data[peer];
             assert!(token.len() >= 32);
             assert!(file.contains(&format!("{peer} {token}\n")));
         }
         assert_ne!(data["p0"], data["p1"]);
         starling_trainer::exchange::Tokens::parse(file).unwrap();
+        let key: Vec<u8> = (0..data[LEDGER_KEY].len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&data[LEDGER_KEY][i..i + 2], 16).unwrap())
+            .collect();
+        Signer::from_pkcs8(&key).unwrap();
+        assert_eq!(data[SCORING_KEY].len(), 64);
+        assert!(!file.contains(&data[SCORING_KEY]) && !file.contains(&data[LEDGER_KEY]));
     }
 }

@@ -41,6 +41,7 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// `app.kubernetes.io/component` of a run's exchange (Deployment, Pods, Service).
 pub const COMPONENT_EXCHANGE: &str = "exchange";
 pub const COMPONENT_PUBLISHER: &str = "publisher";
+pub const COMPONENT_EVALUATOR: &str = "evaluator";
 
 /// Condition types the Starling resources report.
 pub mod condition {
@@ -80,6 +81,11 @@ pub mod reason {
     pub const AGENT_NOT_CONNECTED: &str = "AgentNotConnected";
     pub const HEARTBEAT_RECEIVED: &str = "HeartbeatReceived";
     pub const HEARTBEAT_MISSED: &str = "HeartbeatMissed";
+    pub const PEER_EXCLUDED: &str = "PeerExcluded";
+    pub const PEER_BANNED: &str = "PeerBanned";
+    pub const PEER_READMITTED: &str = "PeerReadmitted";
+    pub const COPY_DETECTED: &str = "CopyDetected";
+    pub const SCORING_UNAVAILABLE: &str = "ScoringUnavailable";
 }
 
 /// The hub namespace holding one member's TrainerGroups and credentials.

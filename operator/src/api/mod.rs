@@ -29,7 +29,8 @@ pub use training_run::{
     AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
     CopySpec, CorpusSource, DataSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState, PeerStatus,
     PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, ScheduleSpec,
-    ScoringSpec, TokenSecretRef, TrainingRun, TrainingRunSpec, TrainingRunStatus, ValueBits,
+    ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun, TrainingRunSpec,
+    TrainingRunStatus, ValueBits,
 };
 
 /// API group of every Starling resource.

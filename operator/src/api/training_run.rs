@@ -10,6 +10,7 @@ use super::{LlamaConfig, ModelPreset, PeerId, Tier};
 /// The trainer's own types: what the operator asks for is what the trainer reads.
 pub use starling_trainer::codec::ValueBits;
 pub use starling_trainer::run::{Aggregation, Algorithm};
+pub use starling_trainer::scoring::rules::Standing;
 pub use starling_trainer::scoring::{CopySpec, OpenSkillSpec, ScoringSpec};
 
 /// Fields that change what is trained (the model, its data, the compression, the seed,
@@ -55,6 +56,12 @@ const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max
         type_ = "integer",
         description = "Peers currently training",
         json_path = ".status.activePeers"
+    ),
+    printcolumn(
+        name = "Excluded",
+        type_ = "integer",
+        description = "Peers scoring has excluded or banned",
+        json_path = ".status.excludedPeers"
     ),
     printcolumn(name = "Loss", type_ = "number", json_path = ".status.lastLoss"),
     printcolumn(
@@ -572,6 +579,27 @@ pub struct TrainingRunStatus {
     /// Hash of the newest ledger entry (hex SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ledger_head: Option<String>,
+    /// Peers scoring has excluded or banned.
+    #[serde(default)]
+    pub excluded_peers: u32,
+    /// The run's scoring ledger, once scoring runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scoring: Option<ScoringStatus>,
+}
+
+/// Where a run's scoring ledger stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScoringStatus {
+    /// The Ed25519 key the ledger's records are signed with (hex): what
+    /// `starling-operator ledger verify --public-key` takes.
+    pub public_key: String,
+    /// Records in the ledger.
+    #[serde(default)]
+    pub records: u32,
+    /// The last round scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_round: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -614,6 +642,15 @@ pub struct PeerStatus {
     /// Weight of this peer's update in the next aggregate (0 = excluded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<f64>,
+    /// Where scoring stands the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standing: Option<Standing>,
+    /// F = ordinal × max(0, bma) × sync: what the aggregate ranks peers by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_score: Option<f64>,
+    /// Why the peer stands where it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -25,9 +25,12 @@ use crate::api::{
     MemberCluster, PeerId, PublishSpec, RunReference, Tier, TrainerGroup, TrainerGroupSpec,
     TrainerPodTemplate, TrainingRun,
 };
+use starling_trainer::exchange::evaluator_name;
+
 use crate::k8s::{
-    COMPONENT_EXCHANGE, COMPONENT_PUBLISHER, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER,
-    LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, member_namespace,
+    COMPONENT_EVALUATOR, COMPONENT_EXCHANGE, COMPONENT_PUBLISHER, LABEL_COMPONENT,
+    LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER,
+    member_namespace,
 };
 
 /// Port the exchange serves gRPC and `/metrics` on.
@@ -45,6 +48,10 @@ pub const TOKENS_KEY: &str = "tokens";
 pub const OPERATOR_TOKEN_KEY: &str = "operator";
 /// Key of the publisher's exchange token in the run's credentials Secret.
 pub const PUBLISHER_TOKEN_KEY: &str = "publisher";
+/// Key of the run's ledger signing key (Ed25519 PKCS#8, hex): only the operator reads it.
+pub const LEDGER_KEY: &str = "ledger-key";
+/// Key of the run's scoring secret (hex): only evaluators read it.
+pub const SCORING_KEY: &str = "scoring-key";
 
 /// Tries a publisher Job makes (pods, each retrying the Hub itself) before it fails.
 pub const PUBLISH_ATTEMPTS: u32 = 4;
@@ -109,6 +116,83 @@ pub fn publisher_job(
         }),
         status: None,
     }
+}
+
+/// What an evaluator pod needs besides the run's shared configuration.
+pub struct EvaluatorSettings<'a> {
+    pub image: &'a str,
+    pub run_env: &'a [EnvVar],
+    /// Where the run's exchange is.
+    pub endpoint: &'a str,
+}
+
+/// Evaluator `index` of the run: a Job on the hub (beside the exchange, on the cloud)
+/// that follows the run to its end, scoring every round. It reads its own token and
+/// the run's scoring secret; never the ledger's signing key.
+pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32) -> Job {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_COMPONENT.into(), COMPONENT_EVALUATOR.into());
+    let name = evaluator_name(index);
+    let mut metadata = meta(
+        evaluator_job_name(run, index),
+        run.namespace(),
+        labels.clone(),
+    );
+    metadata.owner_references = owned_by(run);
+    let scoring = &run.spec.scoring;
+    let mut vars = settings.run_env.to_vec();
+    vars.extend([
+        env(names::EXCHANGE, settings.endpoint),
+        secret_env(names::TOKEN, &credentials_name(run), &name),
+        secret_env(names::SCORING_KEY, &credentials_name(run), SCORING_KEY),
+        env(names::RUN_UID, run.uid().unwrap_or_default()),
+        env(names::EVAL_BATCHES, scoring.eval_batches),
+        env(names::MAX_EVALUATED, scoring.max_evaluated_per_round),
+        env(names::DATA_DIR, "data"),
+    ]);
+    let container = Container {
+        name: "evaluator".into(),
+        image: Some(settings.image.into()),
+        args: Some(vec!["evaluate".into()]),
+        env: Some(vars),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("500m".into())),
+                ("memory".into(), Quantity("512Mi".into())),
+            ])),
+            ..ResourceRequirements::default()
+        }),
+        ..Container::default()
+    };
+    Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(EVALUATOR_RESTARTS),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    restart_policy: Some("Never".into()),
+                    automount_service_account_token: Some(false),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Pods an evaluator Job replaces before it gives up: its rounds then go unscored, the
+/// run goes on.
+pub const EVALUATOR_RESTARTS: i32 = 10;
+
+pub fn evaluator_job_name(run: &TrainingRun, index: u32) -> String {
+    format!("{}-evaluator-{index}", run.name_any())
 }
 
 pub fn publisher_job_name(run: &TrainingRun, round: u32) -> String {

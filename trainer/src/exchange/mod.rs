@@ -296,6 +296,6 @@ impl From<Refusal> for Status {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod scoring_tests;
+#[cfg(test)]
+mod tests;

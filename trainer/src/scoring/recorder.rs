@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::ScoringSpec;
 use super::ledger::{Draft, EvaluatorReport, Record, Signer};
-use super::rules::{Change, Scoring};
+use super::rules::{Change, Scoring, Standing};
 use crate::exchange::PeerId;
 use crate::outer::Round;
 
@@ -43,7 +43,7 @@ pub struct Recorded {
     pub line: String,
     pub scoring: Scoring,
     pub changes: Vec<Change>,
-    /// The next round's weights: every scored peer's.
+    /// The next round's weights: every scored peer's (see [`weights`]).
     pub weights: BTreeMap<PeerId, f32>,
 }
 
@@ -77,9 +77,7 @@ pub fn record(
     };
     let previous = (!head.is_empty()).then_some((head, &before));
     let (record, scoring, changes) = draft.record_with_changes(previous);
-    let weights = (scoring.peers.iter())
-        .map(|(p, s)| (*p, s.weight as f32))
-        .collect();
+    let weights = weights(&scoring, round);
     Ok(Recorded {
         round,
         line: signer.sign(&record),
@@ -87,6 +85,24 @@ pub fn record(
         changes,
         weights,
     })
+}
+
+/// The weights a scoring state gives the next round: the aggregate's. A round in which
+/// no peer qualified (every score at or below the line, say, late in a run when the
+/// random slice no longer moves) tells nothing about who helps: then every peer in good
+/// standing weighs the same, rather than the round being thrown away.
+pub fn weights(scoring: &Scoring, round: Round) -> BTreeMap<PeerId, f32> {
+    let nobody = scoring.aggregate.is_empty();
+    (scoring.peers.iter())
+        .map(|(p, s)| {
+            let good = s.standing(round) == Standing::Active;
+            let weight = match nobody {
+                true => f32::from(u8::from(good)),
+                false => s.weight as f32,
+            };
+            (*p, weight)
+        })
+        .collect()
 }
 
 /// The value most reports agree on (evaluators of one round share θ).
@@ -171,8 +187,20 @@ mod tests {
                 assert_eq!(recorded.weights[&PeerId::new(2)], 0.0);
             }
         }
+        // A round nobody qualified in: the peers in good standing weigh the same.
+        let mut bad = report("e0", 4);
+        for m in bad.measured.values_mut() {
+            if let Measured::Evaluated(e) = m {
+                e.score = -0.01;
+            }
+        }
+        let recorded = record("ns/run", &spec, &head, Round(4), vec![bad], &signer).unwrap();
+        assert!(recorded.scoring.aggregate.is_empty());
+        let w = |p| recorded.weights[&PeerId::new(p)];
+        assert_eq!((w(0), w(1), w(2)), (1.0, 1.0, 0.0));
+        lines.push(recorded.line);
         let verified = verify(&lines.join("\n"), &signer.public_key()).unwrap();
-        assert_eq!(verified.records, 4);
+        assert_eq!(verified.records, 5);
         let other = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
         assert!(state_of(&head, &other.public_key()).is_err());
     }

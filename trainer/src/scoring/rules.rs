@@ -97,7 +97,7 @@ pub enum Outcome {
 }
 
 /// Where a peer stands, as `kubectl get` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Standing {
     Active,
     Excluded,

@@ -13,10 +13,12 @@ use kube::ResourceExt;
 use starling_trainer::exchange::{Settings, proto};
 
 use super::placing::{self, Placed};
-use super::{progress, publishing};
+use super::{progress, publishing, scoring};
 use crate::api::{MemberCluster, Phase, TrainerGroup, TrainingRun, TrainingRunStatus, validation};
 use crate::contract;
-use crate::hub::children::{self, ExchangeSettings, GroupChildren, GroupSettings};
+use crate::hub::children::{
+    self, EvaluatorSettings, ExchangeSettings, GroupChildren, GroupSettings,
+};
 use crate::k8s::{condition, condition_true, reason, set_condition};
 use crate::placement::Plan;
 
@@ -96,6 +98,10 @@ pub struct Children {
     pub configure: Option<Settings>,
     /// The publisher Job for the checkpoint due for the Hub.
     pub publisher: Option<k8s_openapi::api::batch::v1::Job>,
+    /// The run's evaluator Jobs.
+    pub evaluators: Vec<k8s_openapi::api::batch::v1::Job>,
+    /// A scored round's ledger record and weights, for the exchange.
+    pub score: Option<super::scoring::Scored>,
 }
 
 pub struct Decision {
@@ -279,6 +285,12 @@ pub fn decide(o: &Observed) -> Decision {
     match placing::place(&mut d, &tokens, &settings) {
         Placed::Yes { plan, lost } => {
             progress::report(&mut d.status, o, &plan);
+            let evaluators = EvaluatorSettings {
+                image,
+                run_env: &run_env,
+                endpoint: &endpoint,
+            };
+            scoring::score(&mut d, &tokens, &evaluators);
             let final_pending = publish(&mut d, image, &endpoint);
             progress_phase(d, &plan, lost, final_pending)
         }

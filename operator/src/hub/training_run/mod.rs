@@ -6,6 +6,7 @@ pub mod decide;
 mod placing;
 mod progress;
 mod publishing;
+mod scoring;
 #[cfg(test)]
 mod tests;
 
@@ -211,7 +212,7 @@ async fn mint_credentials(
 ) -> Result<BTreeMap<String, String>, Error> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-    let tokens = contract::mint_credentials(run.spec.peers.max);
+    let tokens = contract::mint_credentials(run.spec.peers.max, run.spec.scoring.evaluators);
     let secret = credentials_secret(run, &tokens);
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(tokens),
@@ -330,6 +331,13 @@ async fn act(ctx: &Context, run: &TrainingRun, decision: Decision) -> Result<Act
         let api = Api::namespaced(ctx.client.clone(), &ns);
         ctx.apply_changed(&api, None, job).await?;
     }
+    for job in &children.evaluators {
+        let api = Api::namespaced(ctx.client.clone(), &ns);
+        ctx.apply_changed(&api, None, job).await?;
+    }
+    if let Some(scored) = &children.score {
+        record_scores(ctx, &run.uid().unwrap_or_default(), scored).await?;
+    }
     if let Some(settings) = children.configure {
         configure_exchange(ctx, &run.uid().unwrap_or_default(), settings).await?;
     }
@@ -398,6 +406,21 @@ async fn configure_exchange(ctx: &Context, uid: &str, settings: Settings) -> Res
             Ok(())
         }
         // Looked at again soon: the decision asks until the exchange reports them.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Hands the exchange a scored round's ledger record and the weights it gives.
+async fn record_scores(ctx: &Context, uid: &str, scored: &scoring::Scored) -> Result<(), Error> {
+    let Some(client) = ctx.exchanges.client(uid) else {
+        return Ok(()); // Forgotten meanwhile (the run is going away).
+    };
+    let weights = scored.weights.iter().map(|(p, w)| (*p, *w));
+    let record = Some((scored.line.as_str(), scored.public_key.as_str()));
+    let call = client.set_scored_weights(weights, record);
+    match tokio::time::timeout(Duration::from_secs(5), call).await {
+        Ok(result) => Ok(result?),
+        // Made again on the next look, from the exchange's ledger as it then stands.
         Err(_) => Ok(()),
     }
 }

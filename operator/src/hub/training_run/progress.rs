@@ -93,6 +93,9 @@ fn peer_status(
             .filter(|e| e.updates_accepted > 0)
             .and_then(|e| finite(e.last_train_loss)),
         weight: exchange.and_then(|e| finite(e.weight)),
+        standing: None,
+        final_score: None,
+        reason: None,
     }
 }
 

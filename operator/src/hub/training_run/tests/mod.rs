@@ -19,7 +19,7 @@ use crate::api::{
     TrainerGroupStatus, TrainingRun, TrainingRunStatus,
 };
 use crate::contract::{self, mint_credentials};
-use crate::hub::children::{GroupSettings, trainer_group};
+use crate::hub::children::{GroupSettings, LEDGER_KEY, trainer_group};
 use crate::k8s::set_condition;
 
 const NOW: i64 = 1_800_000_000;
@@ -165,6 +165,8 @@ fn exchange(state: Option<proto::RunState>) -> ExchangeObserved {
 struct Case {
     run: TrainingRun,
     credentials: bool,
+    /// The run's ledger key, the same on every look (tokens are minted afresh).
+    ledger_key: String,
     exchange: ExchangeObserved,
     members: Vec<Arc<MemberCluster>>,
     groups: Vec<Arc<TrainerGroup>>,
@@ -173,6 +175,7 @@ struct Case {
 impl Case {
     fn new(run: TrainingRun) -> Self {
         Self {
+            ledger_key: mint_credentials(0, 0)[LEDGER_KEY].clone(),
             run,
             credentials: true,
             exchange: exchange(None),
@@ -186,9 +189,11 @@ impl Case {
             run: &self.run,
             now: at(0),
             default_image: "starling-trainer:default",
-            credentials: self
-                .credentials
-                .then(|| mint_credentials(self.run.spec.peers.max)),
+            credentials: self.credentials.then(|| {
+                let mut tokens = mint_credentials(self.run.spec.peers.max, 1);
+                tokens.insert(LEDGER_KEY.into(), self.ledger_key.clone());
+                tokens
+            }),
             exchange: self.exchange.clone(),
             members: &self.members,
             groups: &self.groups,
@@ -965,3 +970,4 @@ fn a_run_read_before_its_last_status_write_is_decided_on_that_status() {
 }
 
 mod publishing;
+mod scoring;
