@@ -56,6 +56,27 @@ pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::Field
     })
 }
 
+/// A testing aid, on a TrainingRun: its peers are started with `STARLING_ADVERSARY` set
+/// to the value (`p2=signflip`), so the peers it names cheat and scoring can be seen
+/// catching them.
+pub const ADVERSARY_ANNOTATION: &str = "starling.dev/test-adversary";
+/// The round the adversaries start cheating in (`STARLING_ADVERSARY_FROM`).
+pub const ADVERSARY_FROM_ANNOTATION: &str = "starling.dev/test-adversary-from";
+
+/// A peer pod's environment: the run's, and the testing aid's if the run carries it.
+pub fn peer_env(annotations: &BTreeMap<String, String>, run_env: &[EnvVar]) -> Vec<EnvVar> {
+    let mut vars = run_env.to_vec();
+    for (annotation, name) in [
+        (ADVERSARY_ANNOTATION, names::ADVERSARY),
+        (ADVERSARY_FROM_ANNOTATION, names::ADVERSARY_FROM),
+    ] {
+        if let Some(value) = annotations.get(annotation) {
+            vars.push(env(name, value));
+        }
+    }
+    vars
+}
+
 /// [`run_config`] as the `STARLING_*` environment of a pod.
 pub fn run_env(spec: &TrainingRunSpec) -> Result<Vec<EnvVar>, validation::FieldError> {
     Ok(as_env(run_config(spec)?.to_env()))

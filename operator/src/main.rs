@@ -37,7 +37,7 @@ enum LedgerCommand {
     Verify {
         /// `ledger.jsonl`, or a checkpoint directory holding it and `ledger.pub`.
         path: PathBuf,
-        /// The run's public key (hex, as `kubectl get tr -o jsonpath='{.status.ledgerPublicKey}'`
+        /// The run's public key (hex, as `kubectl get tr -o jsonpath='{.status.scoring.publicKey}'`
         /// prints it); by default `ledger.pub` beside the ledger.
         #[arg(long)]
         public_key: Option<String>,

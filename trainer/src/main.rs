@@ -72,9 +72,10 @@ struct TrainArgs {
     #[arg(long, env = env::TLS_CA)]
     tls_ca: Option<PathBuf>,
     /// A testing aid: cheat, to see scoring catch it. noise, scale:F, signflip, zero,
-    /// copy:PEER, replay, stale, offslice or frozen.
+    /// copy:PEER, replay, stale, offslice or frozen; or PEER=KIND[,PEER=KIND…] to cheat
+    /// only as the peers named.
     #[arg(long, env = env::ADVERSARY)]
-    adversary: Option<starling_trainer::scoring::adversary::Adversary>,
+    adversary: Option<starling_trainer::scoring::adversary::Adversaries>,
     /// The round the adversary starts cheating in.
     #[arg(long, env = env::ADVERSARY_FROM, default_value_t = 0)]
     adversary_from: u32,

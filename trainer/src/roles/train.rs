@@ -14,7 +14,7 @@ use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
 use crate::model::{InnerOptimizer, Llama, save_checkpoint};
 use crate::outer::{Outer, Round};
 use crate::run::{Algorithm, Run};
-use crate::scoring::adversary::{Adversary, Cheater};
+use crate::scoring::adversary::{Adversaries, Cheater};
 use crate::scoring::evaluate::{probe_model, probe_positions};
 
 /// How this peer reaches the exchange and where it writes.
@@ -29,8 +29,8 @@ pub struct PeerOptions {
     pub tls_ca: Option<Vec<u8>>,
     /// The peer's final θ is written here (Hugging Face layout) when the run ends.
     pub checkpoint_dir: Option<PathBuf>,
-    /// A testing aid: cheat this way from this round on.
-    pub adversary: Option<(Adversary, Round)>,
+    /// A testing aid: cheat this way (if it names this peer) from this round on.
+    pub adversary: Option<(Adversaries, Round)>,
 }
 
 /// What a peer did, for its last log line and for tests.
@@ -140,8 +140,12 @@ impl<'a> Peer<'a> {
             report,
             open,
             rounds,
-            cheat: (opts.adversary.clone())
-                .map(|(adversary, from)| Cheater::new(adversary, from, run.config.seed)),
+            cheat: (opts.adversary.as_ref())
+                .and_then(|(who, from)| Some((who.of(peer)?, *from)))
+                .map(|(adversary, from)| {
+                    tracing::warn!(%peer, %adversary, from = from.0, "cheating, as a testing aid");
+                    Cheater::new(adversary, from, run.config.seed)
+                }),
             positions,
         })
     }

@@ -65,6 +65,43 @@ impl FromStr for Adversary {
     }
 }
 
+/// Who cheats how (`--adversary`): one kind for whichever peer is given it (`signflip`),
+/// or a kind per peer (`p2=signflip,p3=zero`), so that a whole run can share one setting
+/// and each peer pick its own.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Adversaries {
+    Everyone(Adversary),
+    Peers(BTreeMap<PeerId, Adversary>),
+}
+
+impl Adversaries {
+    /// How `peer` cheats, if it does.
+    pub fn of(&self, peer: PeerId) -> Option<Adversary> {
+        match self {
+            Self::Everyone(a) => Some(a.clone()),
+            Self::Peers(map) => map.get(&peer).cloned(),
+        }
+    }
+}
+
+impl FromStr for Adversaries {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.contains('=') {
+            return s.parse().map(Self::Everyone);
+        }
+        let mut map = BTreeMap::new();
+        for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (peer, kind) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: expected PEER=KIND"))?;
+            map.insert(peer.trim().parse()?, kind.trim().parse()?);
+        }
+        Ok(Self::Peers(map))
+    }
+}
+
 impl fmt::Display for Adversary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -274,6 +311,19 @@ impl Cheater {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_setting_for_a_whole_run_names_each_cheating_peer() {
+        let p = PeerId::new;
+        let every: Adversaries = "signflip".parse().unwrap();
+        assert_eq!(every.of(p(7)), Some(Adversary::SignFlip));
+        let some: Adversaries = "p2=signflip, p3=copy:p0".parse().unwrap();
+        assert_eq!(some.of(p(2)), Some(Adversary::SignFlip));
+        assert_eq!(some.of(p(3)), Some(Adversary::Copy(p(0))));
+        assert_eq!(some.of(p(0)), None);
+        assert!("p2=sideways".parse::<Adversaries>().is_err());
+        assert!("x2=zero".parse::<Adversaries>().is_err());
+    }
 
     #[test]
     fn kinds_parse_and_print_back() {

@@ -276,9 +276,10 @@ pub fn decide(o: &Observed) -> Decision {
         return d.finish(Some(RESYNC));
     };
     let endpoint = children::exchange_url(address);
+    let peer_env = contract::peer_env(o.run.annotations(), &run_env);
     let settings = GroupSettings {
         image,
-        run_env: &run_env,
+        run_env: &peer_env,
         resources: o.run.spec.peers.resources.clone(),
         endpoint: &endpoint,
     };

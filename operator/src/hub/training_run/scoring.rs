@@ -68,7 +68,7 @@ pub(super) fn score(
     let caught_up = state.ledger_records >= previous.records;
     if let Some(recorded) = caught_up.then(|| due(d, state, &signer)).flatten() {
         for change in &recorded.changes {
-            announce(d, change);
+            announce(d, recorded.round, change);
         }
         head = Head {
             round: Some(recorded.round),
@@ -155,11 +155,11 @@ fn show(status: &mut TrainingRunStatus, head: &Head, public_key: String) {
     });
 }
 
-/// An Event for a peer's change of standing.
-fn announce(d: &mut Draft, change: &Change) {
+/// An Event for a peer's change of standing in `round`.
+fn announce(d: &mut Draft, round: Round, change: &Change) {
     match change {
         Change::PeerExcluded { peer, reason } => {
-            let message = format!("{peer} excluded: {reason}");
+            let message = format!("{peer} excluded in round {round}: {reason}");
             d.note(true, reason::PEER_EXCLUDED, message);
         }
         Change::PeerBanned {
@@ -167,18 +167,18 @@ fn announce(d: &mut Draft, change: &Change) {
             until,
             reason,
         } => {
-            let message = format!("{peer} banned until round {until}: {reason}");
+            let message = format!("{peer} banned in round {round} until round {until}: {reason}");
             d.note(true, reason::PEER_BANNED, message);
         }
         Change::PeerReadmitted { peer, reason } => {
-            let message = format!("{peer} readmitted: {reason}");
+            let message = format!("{peer} readmitted in round {round}: {reason}");
             d.note(false, reason::PEER_READMITTED, message);
         }
         Change::CopyDetected { peer, copying } => {
             let message = match copying.replay {
-                true => format!("{peer} sent an update accepted before (a replay)"),
+                true => format!("{peer} sent in round {round} an update accepted before"),
                 false => format!(
-                    "{peer}'s update shares {:.0}% of its kept positions with {}'s",
+                    "{peer}'s update of round {round} shares {:.0}% of its kept positions with {}'s",
                     100.0 * copying.overlap,
                     copying.of
                 ),

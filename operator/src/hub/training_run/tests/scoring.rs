@@ -154,10 +154,8 @@ fn a_peer_hurting_three_rounds_running_is_excluded_with_an_event_once() {
         .events
         .iter()
         .find(|e| e.reason == "PeerExcluded");
-    assert!(
-        note.unwrap().message.starts_with("p2 excluded: "),
-        "{note:?}"
-    );
+    let message = &note.unwrap().message;
+    assert!(message.starts_with("p2 excluded in round 2: "), "{message}");
     let last = &decisions[3].status;
     assert_eq!(last.peers[2].standing, Some(Standing::Excluded));
     assert_eq!(last.excluded_peers, 1);
