@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams, PostParams};
 use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun, TrainingRunStatus};
 
 use crate::federation::{Federation, MemberSpec, Timing};
+use starling_operator::contract::{ADVERSARY_ANNOTATION, ADVERSARY_FROM_ANNOTATION};
 
 /// The run the demo applies: exactly the sample users read about.
 pub const SAMPLE: &str = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
@@ -34,6 +35,13 @@ pub struct DemoOptions {
     /// The model repository to publish to.
     #[arg(long, default_value = "starling-dev/shakespeare-tiny")]
     pub hub_repo: String,
+    /// Make peers cheat, to watch scoring exclude them: PEER=KIND[,PEER=KIND…], KIND one
+    /// of noise, scale:F, signflip, zero, copy:PEER, replay, stale, offslice, frozen.
+    #[arg(long)]
+    pub adversary: Option<starling_trainer::scoring::adversary::Adversaries>,
+    /// The round the adversaries start cheating in.
+    #[arg(long, default_value_t = 1)]
+    pub adversary_from: u32,
 }
 
 /// The local Hub's one account.
@@ -98,13 +106,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let publishing = start_hub(&opts, &dir).await?;
     let hub = federation.clusters.hub.client.clone();
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    apply_sample(&hub, &runs, &publishing).await?;
+    apply_sample(&hub, &runs, &publishing, &opts).await?;
 
     let started = Instant::now();
     let deadline = Duration::from_secs(opts.timeout);
     let final_run = await_success(&hub, &runs, started, deadline, &dir).await?;
     let status = final_run.status.clone().unwrap_or_default();
     print_outcome(&status, started);
+    print_scores(&status);
 
     let checkpoint = final_checkpoint(&hub, &federation, status.round).await?;
     println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
@@ -153,6 +162,7 @@ async fn apply_sample(
     hub: &kube::Client,
     runs: &Api<TrainingRun>,
     publishing: &Publishing,
+    opts: &DemoOptions,
 ) -> anyhow::Result<()> {
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -165,6 +175,17 @@ async fn apply_sample(
     run.spec.publish = Some(serde_json::from_value(serde_json::json!({
         "repo": publishing.repo, "endpoint": publishing.endpoint,
         "tokenSecretRef": {"name": "hf-token"}, "license": "apache-2.0"}))?);
+    if let Some(adversary) = &opts.adversary {
+        // The testing aid the operator hands the run's peers.
+        let annotations = run.metadata.annotations.get_or_insert_default();
+        annotations.insert(ADVERSARY_ANNOTATION.into(), adversary.to_string());
+        let from = opts.adversary_from.to_string();
+        annotations.insert(ADVERSARY_FROM_ANNOTATION.into(), from);
+        println!(
+            "Adversaries: {adversary}, cheating from round {}.",
+            opts.adversary_from
+        );
+    }
     runs.create(&PostParams::default(), &run).await?;
     println!(
         "Applied TrainingRun default/shakespeare: {} peers, {} rounds of {} steps, SparseLoCo top-{} of {} with {}-bit values.\n",
@@ -251,6 +272,27 @@ impl Progress {
         if self.tty {
             println!();
         }
+    }
+}
+
+/// Every peer's standing as scoring left it.
+fn print_scores(status: &TrainingRunStatus) {
+    let scored: Vec<String> = (status.peers.iter())
+        .filter_map(|p| {
+            let standing = p.standing?;
+            let reason = p.reason.as_deref().unwrap_or("");
+            Some(format!(
+                "  {} {standing:?}: rating {:.2}, weight {:.2}, {reason}",
+                p.id,
+                p.rating.unwrap_or_default(),
+                p.weight.unwrap_or_default()
+            ))
+        })
+        .collect();
+    if !scored.is_empty() {
+        let records = status.scoring.as_ref().map_or(0, |s| s.records);
+        println!("Scores ({records} rounds in the signed ledger):");
+        println!("{}", scored.join("\n"));
     }
 }
 
@@ -371,13 +413,14 @@ fn progress_line(run: &TrainingRun, members: &[MemberCluster]) -> String {
         })
         .collect();
     format!(
-        "{:<9} round {:>2}/{}  loss {:>6}  peers {}/{}  wire {:>9}  ratio {:>5}  members {}",
+        "{:<9} round {:>2}/{}  loss {:>6}  peers {}/{}  excluded {}  wire {:>9}  ratio {:>5}  members {}",
         status.phase.map_or("Pending".into(), |p| p.to_string()),
         status.round,
         run.spec.schedule.outer_rounds,
         status.last_loss.map_or("-".into(), |l| format!("{l:.3}")),
         status.active_peers,
         run.spec.peers.max,
+        status.excluded_peers,
         human_bytes(status.bytes_received),
         status
             .compression_ratio

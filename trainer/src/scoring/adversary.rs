@@ -84,6 +84,18 @@ impl Adversaries {
     }
 }
 
+impl fmt::Display for Adversaries {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Everyone(a) => a.fmt(f),
+            Self::Peers(map) => {
+                let pairs: Vec<String> = map.iter().map(|(p, a)| format!("{p}={a}")).collect();
+                f.write_str(&pairs.join(","))
+            }
+        }
+    }
+}
+
 impl FromStr for Adversaries {
     type Err = String;
 
@@ -321,6 +333,7 @@ mod tests {
         assert_eq!(some.of(p(2)), Some(Adversary::SignFlip));
         assert_eq!(some.of(p(3)), Some(Adversary::Copy(p(0))));
         assert_eq!(some.of(p(0)), None);
+        assert_eq!(some.to_string(), "p2=signflip,p3=copy:p0");
         assert!("p2=sideways".parse::<Adversaries>().is_err());
         assert!("x2=zero".parse::<Adversaries>().is_err());
     }
