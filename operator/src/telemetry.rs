@@ -1,8 +1,8 @@
 //! What an SRE watches the operator by: `/healthz` (the process serves), `/readyz` (its
 //! caches are synced, or it is a standby waiting for the Lease) and Prometheus
 //! `/metrics`: reconciles, failures and reconcile durations per controller, runs per
-//! phase, members Ready, and Kubernetes API requests by verb. Shared by the hub and the
-//! agent.
+//! phase, members Ready, Kubernetes API requests by verb, and every scored peer's score,
+//! rating and weight. Shared by the hub and the agent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +31,17 @@ pub struct ControllerLabel {
 pub struct PhaseLabel {
     pub phase: String,
 }
+
+/// One peer of one run.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub namespace: String,
+    pub run: String,
+    pub peer: String,
+}
+
+/// A gauge of a real number.
+pub type RealGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerbLabel {
@@ -61,6 +72,12 @@ pub struct Metrics {
     pub members_ready: Gauge,
     pub members: Gauge,
     pub api_requests: Family<VerbLabel, Counter>,
+    /// The last score s of each scored peer.
+    pub peer_score: Family<PeerLabel, RealGauge>,
+    /// Each scored peer's OpenSkill ordinal.
+    pub peer_rating: Family<PeerLabel, RealGauge>,
+    /// Each scored peer's weight in its run's next aggregate.
+    pub peer_weight: Family<PeerLabel, RealGauge>,
     readiness: AtomicU8,
     registry: Registry,
 }
@@ -76,6 +93,9 @@ impl Default for Metrics {
             members_ready: Gauge::default(),
             members: Gauge::default(),
             api_requests: Family::default(),
+            peer_score: Family::default(),
+            peer_rating: Family::default(),
+            peer_weight: Family::default(),
             readiness: AtomicU8::new(Readiness::Starting as u8),
             registry: Registry::default(),
         };
@@ -102,7 +122,51 @@ impl Default for Metrics {
             "Requests to the Kubernetes API by verb",
             m.api_requests.clone(),
         );
+        registry.register(
+            "peer_score",
+            "A scored peer's last score: relative loss improvement of its update alone",
+            m.peer_score.clone(),
+        );
+        registry.register(
+            "peer_rating",
+            "A scored peer's OpenSkill ordinal (mu - 3 sigma)",
+            m.peer_rating.clone(),
+        );
+        registry.register(
+            "peer_weight",
+            "A scored peer's weight in its run's next aggregate",
+            m.peer_weight.clone(),
+        );
         Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The per-peer scoring gauges, from every run's status (peers of runs gone, gone).
+    pub fn set_peer_scores<'a>(&self, runs: impl IntoIterator<Item = &'a crate::api::TrainingRun>) {
+        use kube::ResourceExt;
+        self.peer_score.clear();
+        self.peer_rating.clear();
+        self.peer_weight.clear();
+        for run in runs {
+            let peers = run.status.iter().flat_map(|s| &s.peers);
+            for p in peers.filter(|p| p.standing.is_some()) {
+                let label = PeerLabel {
+                    namespace: run.namespace().unwrap_or_default(),
+                    run: run.name_any(),
+                    peer: p.id.to_string(),
+                };
+                for (family, value) in [
+                    (&self.peer_score, p.last_score),
+                    (&self.peer_rating, p.rating),
+                    (&self.peer_weight, p.weight),
+                ] {
+                    if let Some(v) = value {
+                        family.get_or_create(&label).set(v);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -276,6 +340,16 @@ mod tests {
             bad.failed();
         }
         m.api_request("PATCH");
+        let sample = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
+        let mut run: crate::api::TrainingRun = serde_yaml::from_str(sample).unwrap();
+        run.metadata.namespace = Some("ml".into());
+        run.metadata.name = Some("tiny".into());
+        run.status = serde_json::from_value(serde_json::json!({"peers": [
+            {"id": "p0", "member": "a", "state": "Running", "standing": "Active",
+             "lastScore": 0.02, "rating": 3.5, "weight": 0.5},
+            {"id": "p1", "member": "b", "state": "Running", "lastScore": 2.9}]}))
+        .unwrap();
+        m.set_peer_scores([&run]);
         m.runs
             .get_or_create(&PhaseLabel {
                 phase: "Running".into(),
@@ -286,6 +360,14 @@ mod tests {
             text.contains("starling_operator_reconciles_total{controller=\"trainingrun\"} 2"),
             "{text}"
         );
+        for line in [
+            "starling_operator_peer_score{namespace=\"ml\",run=\"tiny\",peer=\"p0\"} 0.02",
+            "starling_operator_peer_rating{namespace=\"ml\",run=\"tiny\",peer=\"p0\"} 3.5",
+            "starling_operator_peer_weight{namespace=\"ml\",run=\"tiny\",peer=\"p0\"} 0.5",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
+        assert!(!text.contains("peer=\"p1\""), "an unscored peer: {text}");
         assert!(
             text.contains("starling_operator_reconcile_errors_total{controller=\"trainingrun\"} 1"),
             "{text}"

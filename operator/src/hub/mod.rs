@@ -359,6 +359,7 @@ fn refresh(scraped: Scraped) -> Refresh {
             };
             metrics.runs.get_or_create(&label).set(n as i64);
         }
+        metrics.set_peer_scores(runs.iter().map(|r| r.as_ref()));
     })
 }
 

@@ -199,3 +199,25 @@ fn a_round_waits_for_every_evaluator_until_two_more_rounds_have_closed() {
     let both = scoring_case(1, vec![measurements(0, 0), measurements(1, 0)], &[]);
     assert!(both.decide().children.score.is_some());
 }
+
+#[test]
+fn rounds_no_evaluator_reported_stay_unscored_and_the_ledger_goes_on_after_them() {
+    // Round 0 was recorded; the evaluator died during rounds 1 and 2 and its
+    // replacement reported round 3.
+    let mut case = scoring_case(1, vec![], &[]);
+    let (mut lines, _) = score_rounds(&mut case, 1);
+    let before = verify(&lines[0], &signer(&case).public_key()).unwrap();
+    let mut state = case.exchange.state.clone().unwrap();
+    state.open_round = 4;
+    state.measurements = vec![measurements(0, 3)];
+    state.ledger_head = lines[0].clone();
+    state.ledger_records = 1;
+    case.exchange = exchange(Some(state));
+    let d = case.decide();
+    assert_eq!(d.status.phase, Some(Phase::Running));
+    lines.push(d.children.score.expect("round 3 recorded").line);
+    let after = verify(&lines.join("\n"), &signer(&case).public_key()).unwrap();
+    assert_eq!((before.last_round, after.last_round), (Round(0), Round(3)));
+    // Two negative rounds for p2, not three: the unscored rounds count for nobody.
+    assert_eq!(d.status.peers[2].standing, Some(Standing::Active));
+}
