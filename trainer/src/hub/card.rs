@@ -17,6 +17,34 @@ pub struct CardContext {
     pub contributors: Vec<(String, Option<f64>)>,
 }
 
+/// `ctx`, with the contributors rated from the checkpoint's scoring ledger (the last
+/// record of `dir/ledger.jsonl`) when the context names none and the ledger is there.
+pub(super) fn with_ledger_ratings(
+    ctx: &CardContext,
+    dir: &std::path::Path,
+    meta: &serde_json::Value,
+) -> CardContext {
+    let mut ctx = ctx.clone();
+    let last = std::fs::read_to_string(dir.join("ledger.jsonl"))
+        .ok()
+        .and_then(|text| text.lines().rfind(|l| !l.is_empty()).map(str::to_owned))
+        .and_then(|line| serde_json::from_str::<crate::scoring::ledger::Record>(&line).ok());
+    let (Some(record), true) = (last, ctx.contributors.is_empty()) else {
+        return ctx;
+    };
+    let contributors = meta["contributors"].as_array().into_iter().flatten();
+    ctx.contributors = contributors
+        .filter_map(|p| p.as_str())
+        .map(|p| {
+            let rating = (p.parse().ok())
+                .and_then(|id| record.peers.get(&id))
+                .map(|s| s.rating.ordinal());
+            (p.to_owned(), rating)
+        })
+        .collect();
+    ctx
+}
+
 /// A YAML (and JSON) string scalar: quoting every string keeps any name valid YAML.
 fn quoted(s: &str) -> String {
     serde_json::Value::from(s).to_string()
@@ -146,7 +174,10 @@ fn contributors(meta: &serde_json::Value, ctx: &CardContext) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "## Contributors\n\nPeers whose updates made the last round:\n\n| Peer | Rating |\n|---|---:|\n",
+        "## Contributors\n\nPeers whose updates made the last round, with their OpenSkill \
+         ordinal from the run's signed scoring ledger (`ledger.jsonl`, verified by \
+         `starling-operator ledger verify`) where it has one:\n\n\
+         | Peer | Rating |\n|---|---:|\n",
     );
     for (peer, rating) in rated {
         let rating = rating.map_or("not scored".to_owned(), |r| format!("{r:.2}"));
@@ -214,5 +245,50 @@ mod tests {
         ] {
             assert!(card.contains(needle), "{needle} missing from:\n{card}");
         }
+    }
+
+    #[test]
+    fn contributors_are_rated_from_the_checkpoints_ledger() {
+        use crate::outer::Round;
+        use crate::scoring::ScoringSpec;
+        use crate::scoring::ledger::{Draft, EvaluatorReport};
+        use crate::scoring::rules::{Evaluation, Measured};
+        let measured = (0..2)
+            .map(|p| {
+                let e = Evaluation {
+                    score: 0.01 * f64::from(p + 1),
+                    own_score: 0.03,
+                    sync_distance: 0.0,
+                    copy: None,
+                };
+                (crate::exchange::PeerId::new(p), Measured::Evaluated(e))
+            })
+            .collect();
+        let (record, _) = Draft {
+            run: "ns/run",
+            round: Round(4),
+            theta: "00",
+            constants: &ScoringSpec::default(),
+            evaluators: vec![EvaluatorReport {
+                evaluator: "e0".into(),
+                round: Round(4),
+                theta: String::new(),
+                seed: "00".into(),
+                measured,
+                public_key: String::new(),
+                signature: String::new(),
+            }],
+        }
+        .record(None);
+        let dir = tempfile::tempdir().unwrap();
+        let line = serde_json::to_string(&record).unwrap();
+        std::fs::write(dir.path().join("ledger.jsonl"), line + "\n").unwrap();
+        let meta = serde_json::json!({"contributors": ["p0", "p1", "p5"]});
+        let ctx = with_ledger_ratings(&CardContext::default(), dir.path(), &meta);
+        let rating = |p: &str| ctx.contributors.iter().find(|(q, _)| q == p).unwrap().1;
+        assert!(rating("p1").unwrap() > rating("p0").unwrap());
+        assert_eq!(rating("p5"), None);
+        let section = contributors(&meta, &ctx);
+        assert!(section.contains("| `p5` | not scored |"), "{section}");
     }
 }

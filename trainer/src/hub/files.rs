@@ -216,7 +216,8 @@ impl RepoFiles {
                 files.push(RepoFile::from_file(&name, &weights)?);
             }
         }
-        let readme = card::model_card(repo, &config, &meta, card);
+        let card = card::with_ledger_ratings(card, dir, &meta);
+        let readme = card::model_card(repo, &config, &meta, &card);
         files.push(RepoFile::from_bytes("README.md", readme.into_bytes()));
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(RepoFiles {
