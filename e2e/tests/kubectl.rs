@@ -94,7 +94,9 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "PHASE", "ROUND", "PEERS", "EXCLUDED", "LOSS", "RATIO", "AGE"]
+        [
+            "NAME", "PHASE", "ROUND", "PEERS", "EXCLUDED", "LOSS", "RATIO", "AGE"
+        ]
     );
     assert!(
         out.lines().nth(1).unwrap().starts_with("shakespeare"),

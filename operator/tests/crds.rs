@@ -188,6 +188,7 @@ fn crds_have_status_subresource_printer_columns_short_names_and_category() {
                 "Phase",
                 "Round",
                 "Peers",
+                "Excluded",
                 "Loss",
                 "Ratio",
                 "Age",

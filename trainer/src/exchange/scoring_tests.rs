@@ -1,14 +1,15 @@
 //! Scoring through the exchange, in process: peers (one of them cheating), an evaluator
 //! and the operator's recorder, as a run on the clusters goes.
 
+use std::path::Path;
 use std::time::Duration;
 
 use super::client::ExchangeClient;
 use super::tests::{OPERATOR, client, options, reason, serve, token};
 use super::{Identity, PeerId, Reason};
 use crate::outer::Round;
-use crate::roles::evaluate::{EvaluatorOptions, evaluate};
-use crate::roles::train::{PeerOptions, train};
+use crate::roles::evaluate::{EvaluatorOptions, EvaluatorSummary, evaluate};
+use crate::roles::train::{PeerOptions, PeerReport, train};
 use crate::scoring::ScoringSpec;
 use crate::scoring::ledger::{EvaluatorReport, Signer, verify};
 use crate::scoring::recorder::{self, Recorded};
@@ -73,21 +74,11 @@ async fn operate(
     }
 }
 
-#[test]
-fn a_sign_flipper_is_excluded_through_the_exchange_and_the_checkpoints_ledger_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &ARGS);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let _runtime = rt.enter();
-    let mut opts = options(dir.path());
-    opts.tokens.insert(EVALUATOR, Identity::Evaluator(0));
-    opts.state_dir = Some(dir.path().join("state"));
-    let settings = opts.settings.as_mut().unwrap();
-    (settings.rounds, settings.min_peers) = (ROUNDS, 3);
-    let url = rt.block_on(serve(run, opts));
-    let peers: Vec<_> = (0..3)
+/// Three peers, p2 flipping the sign of its updates from round [`CHEAT_FROM`].
+fn spawn_peers(url: &str, dir: &Path) -> Vec<std::thread::JoinHandle<PeerReport>> {
+    (0..3)
         .map(|p| {
-            let (url, dir) = (url.clone(), dir.path().to_owned());
+            let (url, dir) = (url.to_owned(), dir.to_owned());
             std::thread::spawn(move || {
                 let run = small_run(&dir.join(format!("p{p}-run")), &ARGS);
                 let cheat = (p == 2).then(|| ("signflip".parse().unwrap(), Round(CHEAT_FROM)));
@@ -104,24 +95,62 @@ fn a_sign_flipper_is_excluded_through_the_exchange_and_the_checkpoints_ledger_ve
                 train(&run, opts).unwrap()
             })
         })
-        .collect();
-    let evaluator = {
-        let (url, dir) = (url.clone(), dir.path().to_owned());
-        std::thread::spawn(move || {
-            let run = small_run(&dir.join("e0-run"), &ARGS);
-            let opts = EvaluatorOptions {
-                exchange: url,
-                token: EVALUATOR.into(),
-                retry_for: Duration::from_secs(10),
-                tls_ca: None,
-                secret: vec![7; 32],
-                run_uid: "uid".into(),
-                eval_batches: 16,
-                max_evaluated: 32,
-            };
-            evaluate(&run, opts).unwrap()
-        })
-    };
+        .collect()
+}
+
+/// The run's one evaluator.
+fn spawn_evaluator(url: &str, dir: &Path) -> std::thread::JoinHandle<EvaluatorSummary> {
+    let (url, dir) = (url.to_owned(), dir.to_owned());
+    std::thread::spawn(move || {
+        let run = small_run(&dir.join("e0-run"), &ARGS);
+        let opts = EvaluatorOptions {
+            exchange: url,
+            token: EVALUATOR.into(),
+            retry_for: Duration::from_secs(10),
+            tls_ca: None,
+            secret: vec![7; 32],
+            run_uid: "uid".into(),
+            eval_batches: 16,
+            max_evaluated: 32,
+        };
+        evaluate(&run, opts).unwrap()
+    })
+}
+
+/// Malformed, unsigned and misaddressed measurements, and a record that does not follow
+/// the ledger's last (`first` is its first line), are refused with a reason.
+async fn bad_input_is_refused(url: &str, operator: &ExchangeClient, signer: &Signer, first: &str) {
+    let e0 = client(url, EVALUATOR, "");
+    let (r, m) = reason(e0.put_measurements(Round(2), "{").await.unwrap_err());
+    assert_eq!(r, Reason::BadRequest);
+    assert!(m.contains("not JSON"), "{m}");
+    let unsigned = r#"{"evaluator":"e0","measured":{},"round":6,"seed":"00"}"#;
+    let (_, m) = reason(e0.put_measurements(Round(6), unsigned).await.unwrap_err());
+    assert!(m.contains("not signed"), "{m}");
+    let p0 = client(url, &token(0), "");
+    let (r, _) = reason(p0.put_measurements(Round(6), unsigned).await.unwrap_err());
+    assert_eq!(r, Reason::Forbidden);
+    let key = signer.public_key();
+    let refused = operator.set_scored_weights([], Some((first, &key))).await;
+    let (r, m) = reason(refused.unwrap_err());
+    assert_eq!(r, Reason::BadRequest);
+    assert!(m.contains("does not follow"), "{m}");
+}
+
+#[test]
+fn a_sign_flipper_is_excluded_through_the_exchange_and_the_checkpoints_ledger_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &ARGS);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _runtime = rt.enter();
+    let mut opts = options(dir.path());
+    opts.tokens.insert(EVALUATOR, Identity::Evaluator(0));
+    opts.state_dir = Some(dir.path().join("state"));
+    let settings = opts.settings.as_mut().unwrap();
+    (settings.rounds, settings.min_peers) = (ROUNDS, 3);
+    let url = rt.block_on(serve(run, opts));
+    let peers = spawn_peers(&url, dir.path());
+    let evaluator = spawn_evaluator(&url, dir.path());
     let signer = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
     let operator = client(&url, OPERATOR, "");
     let history = rt.block_on(operate(&operator, &signer, || evaluator.is_finished()));
@@ -163,22 +192,6 @@ fn a_sign_flipper_is_excluded_through_the_exchange_and_the_checkpoints_ledger_ve
     assert_eq!(verify(&kept, &key).unwrap().records, ROUNDS as usize);
 
     // Bad measurements are refused, and a record that does not follow the ledger too.
-    let e0 = client(&url, EVALUATOR, "");
-    rt.block_on(async {
-        let (r, m) = reason(e0.put_measurements(Round(2), "{").await.unwrap_err());
-        assert_eq!(r, Reason::BadRequest);
-        assert!(m.contains("not JSON"), "{m}");
-        let unsigned = r#"{"evaluator":"e0","measured":{},"round":6,"seed":"00"}"#;
-        let (_, m) = reason(e0.put_measurements(Round(6), unsigned).await.unwrap_err());
-        assert!(m.contains("not signed"), "{m}");
-        let p0 = client(&url, &token(0), "");
-        let (r, _) = reason(p0.put_measurements(Round(6), unsigned).await.unwrap_err());
-        assert_eq!(r, Reason::Forbidden);
-        let first = ledger.lines().next().unwrap();
-        let key = signer.public_key();
-        let refused = operator.set_scored_weights([], Some((first, &key))).await;
-        let (r, m) = reason(refused.unwrap_err());
-        assert_eq!(r, Reason::BadRequest);
-        assert!(m.contains("does not follow"), "{m}");
-    });
+    let first = ledger.lines().next().unwrap();
+    rt.block_on(bad_input_is_refused(&url, &operator, &signer, first));
 }
