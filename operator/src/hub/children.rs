@@ -67,14 +67,6 @@ pub fn publisher_job(
     exchange_url: &str,
     round: u32,
 ) -> Job {
-    let mut labels = run_labels(run);
-    labels.insert(LABEL_COMPONENT.into(), COMPONENT_PUBLISHER.into());
-    let mut metadata = meta(
-        publisher_job_name(run, round),
-        run.namespace(),
-        labels.clone(),
-    );
-    metadata.owner_references = owned_by(run);
     let url = format!("{exchange_url}/checkpoints/round-{round:06}");
     let mut vars = crate::contract::publish_env(publish, &url);
     let hub_token = &publish.token_secret_ref;
@@ -96,10 +88,34 @@ pub fn publisher_job(
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Container::default()
     };
+    let name = publisher_job_name(run, round);
+    run_job(
+        run,
+        name,
+        COMPONENT_PUBLISHER,
+        container,
+        PUBLISH_ATTEMPTS as i32 - 1,
+    )
+}
+
+/// A Job of the run's, in its namespace and owned by it: one container, never
+/// restarted in place (the Job makes a new pod, up to `backoff_limit` times), without
+/// Kubernetes API access.
+fn run_job(
+    run: &TrainingRun,
+    name: String,
+    component: &str,
+    container: Container,
+    backoff_limit: i32,
+) -> Job {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_COMPONENT.into(), component.into());
+    let mut metadata = meta(name, run.namespace(), labels.clone());
+    metadata.owner_references = owned_by(run);
     Job {
         metadata,
         spec: Some(JobSpec {
-            backoff_limit: Some(PUBLISH_ATTEMPTS as i32 - 1),
+            backoff_limit: Some(backoff_limit),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
@@ -130,15 +146,7 @@ pub struct EvaluatorSettings<'a> {
 /// that follows the run to its end, scoring every round. It reads its own token and
 /// the run's scoring secret; never the ledger's signing key.
 pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32) -> Job {
-    let mut labels = run_labels(run);
-    labels.insert(LABEL_COMPONENT.into(), COMPONENT_EVALUATOR.into());
     let name = evaluator_name(index);
-    let mut metadata = meta(
-        evaluator_job_name(run, index),
-        run.namespace(),
-        labels.clone(),
-    );
-    metadata.owner_references = owned_by(run);
     let scoring = &run.spec.scoring;
     let mut vars = settings.run_env.to_vec();
     vars.extend([
@@ -156,34 +164,22 @@ pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32
         args: Some(vec!["evaluate".into()]),
         env: Some(vars),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("500m".into())),
-                ("memory".into(), Quantity("512Mi".into())),
-            ])),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(hub_pod_requests()),
         ..Container::default()
     };
-    Job {
-        metadata,
-        spec: Some(JobSpec {
-            backoff_limit: Some(EVALUATOR_RESTARTS),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    restart_policy: Some("Never".into()),
-                    automount_service_account_token: Some(false),
-                    ..PodSpec::default()
-                }),
-            },
-            ..JobSpec::default()
-        }),
-        status: None,
+    let job = evaluator_job_name(run, index);
+    run_job(run, job, COMPONENT_EVALUATOR, container, EVALUATOR_RESTARTS)
+}
+
+/// What the run's own pods on the hub (the exchange, evaluators) ask for: half a core
+/// and 512 MiB, enough for the models a CPU hub serves.
+fn hub_pod_requests() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), Quantity("500m".into())),
+            ("memory".into(), Quantity("512Mi".into())),
+        ])),
+        ..ResourceRequirements::default()
     }
 }
 
@@ -345,13 +341,7 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
             mount_path: EXCHANGE_WORKDIR.into(),
             ..VolumeMount::default()
         }]),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), Quantity("500m".into())),
-                ("memory".into(), Quantity("512Mi".into())),
-            ])),
-            ..ResourceRequirements::default()
-        }),
+        resources: Some(hub_pod_requests()),
         ..Container::default()
     }
 }

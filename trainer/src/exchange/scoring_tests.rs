@@ -45,15 +45,7 @@ async fn operate(
     let mut history = vec![];
     loop {
         let state = operator.run_state().await.unwrap();
-        let pending: Vec<EvaluatorReport> = (state.measurements.iter())
-            .map(|m| EvaluatorReport::from_signed(&m.report).unwrap())
-            .collect();
-        // With the run done, what is pending is all there will be.
-        let open = match state.done {
-            true => Round(u32::MAX),
-            false => Round(state.open_round),
-        };
-        match recorder::due(&pending, open, 1) {
+        match recorder::due_in(&state, 1) {
             Some((round, reports)) => {
                 let Recorded {
                     line,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::ScoringSpec;
 use super::ledger::{Draft, EvaluatorReport, Record, Signer};
 use super::rules::{Change, Scoring, Standing};
-use crate::exchange::PeerId;
+use crate::exchange::{PeerId, proto};
 use crate::outer::Round;
 
 /// Rounds a missing evaluator is waited for: a round is recorded without its report once
@@ -33,6 +33,20 @@ pub fn due(
     let complete = reports.len() as u32 >= evaluators.max(1);
     let late = open.0 > round.0 + GRACE_ROUNDS;
     (complete || late).then_some((round, reports))
+}
+
+/// [`due`] for a run's exchange as it reports itself: its pending measurements (a report
+/// that does not verify is left out; the exchange refused those already) and its open
+/// round — once the run is done, every report that will come has come.
+pub fn due_in(state: &proto::RunState, evaluators: u32) -> Option<(Round, Vec<EvaluatorReport>)> {
+    let pending: Vec<EvaluatorReport> = (state.measurements.iter())
+        .filter_map(|m| EvaluatorReport::from_signed(&m.report).ok())
+        .collect();
+    let open = match state.done {
+        true => Round(u32::MAX),
+        false => Round(state.open_round),
+    };
+    due(&pending, open, evaluators)
 }
 
 /// A record made and signed, and what it does.

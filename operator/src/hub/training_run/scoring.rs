@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use starling_trainer::exchange::{PeerId, evaluator_name, proto};
 use starling_trainer::outer::Round;
-use starling_trainer::scoring::ledger::{EvaluatorReport, Record, Signer, line_hash};
+use starling_trainer::scoring::ledger::{Record, Signer, line_hash};
 use starling_trainer::scoring::recorder;
 use starling_trainer::scoring::rules::{Change, Scoring, Standing};
 
@@ -88,15 +88,7 @@ pub(super) fn score(
 /// The next record, if one is due.
 fn due(d: &Draft, state: &proto::RunState, signer: &Signer) -> Option<recorder::Recorded> {
     let o = d.o;
-    let pending: Vec<EvaluatorReport> = (state.measurements.iter())
-        .filter_map(|m| EvaluatorReport::from_signed(&m.report).ok())
-        .collect();
-    // Once the run is done, every report that will come has come.
-    let open = match state.done {
-        true => Round(u32::MAX),
-        false => Round(state.open_round),
-    };
-    let (round, reports) = recorder::due(&pending, open, o.run.spec.scoring.evaluators)?;
+    let (round, reports) = recorder::due_in(state, o.run.spec.scoring.evaluators)?;
     let run = format!(
         "{}/{}",
         o.run.namespace().unwrap_or_default(),
