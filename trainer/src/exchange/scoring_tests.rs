@@ -11,7 +11,7 @@ use crate::outer::Round;
 use crate::roles::evaluate::{EvaluatorOptions, EvaluatorSummary, evaluate};
 use crate::roles::train::{PeerOptions, PeerReport, train};
 use crate::scoring::ScoringSpec;
-use crate::scoring::ledger::{EvaluatorReport, Signer, verify};
+use crate::scoring::ledger::{Signer, verify};
 use crate::scoring::recorder::{self, Recorded};
 use crate::scoring::rules::{Scoring, Standing};
 use crate::testing::small_run;
