@@ -150,6 +150,15 @@ fn a_sign_flipper_is_excluded_through_the_exchange_and_the_checkpoints_ledger_ve
         p.join().unwrap();
     }
     let summary = evaluator.join().unwrap();
+    let state = rt.block_on(operator.run_state()).unwrap();
+    let e0 = &state.evaluators[0];
+    assert_eq!((e0.evaluator.as_str(), e0.round), ("e0", ROUNDS - 1));
+    assert!(e0.seconds.is_finite() && e0.seconds >= 0.0, "{e0:?}");
+    let metrics = super::server::prometheus(&state);
+    assert!(
+        metrics.contains("starling_exchange_evaluation_seconds{evaluator=\"e0\"}"),
+        "{metrics}"
+    );
     assert_eq!(
         (summary.rounds_measured, summary.reports_refused),
         (ROUNDS, 0)

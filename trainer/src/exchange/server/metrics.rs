@@ -50,6 +50,7 @@ impl Exchange {
             measurements: state.ledger.measurements(),
             ledger_head: state.ledger.head().0.to_owned(),
             ledger_records: state.ledger.head().1,
+            evaluators: state.evaluators.values().cloned().collect(),
         }
     }
 }
@@ -201,5 +202,13 @@ pub fn prometheus(state: &proto::RunState) -> String {
             .map(|p| (format!("{{peer=\"{}\"}}", p.peer), value(p)));
         metric(m, &mut samples);
     }
+    let evaluation = (
+        "evaluation_seconds",
+        "gauge",
+        "From a round's close to an evaluator's measurements of it, for its latest round.",
+    );
+    let mut samples = (state.evaluators.iter())
+        .map(|e| (format!("{{evaluator=\"{}\"}}", e.evaluator), e.seconds));
+    metric(evaluation, &mut samples);
     out
 }

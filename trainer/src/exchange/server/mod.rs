@@ -128,6 +128,9 @@ struct State {
     publications: BTreeMap<u32, proto::Publication>,
     /// The scoring ledger and the measurements awaiting it.
     ledger: ledger::Ledger,
+    /// Each evaluator's latest measurements: their round and how long after its close
+    /// they came.
+    evaluators: BTreeMap<String, proto::EvaluatorState>,
 }
 
 impl State {
@@ -153,6 +156,7 @@ impl State {
             initial_validation_loss,
             publications: BTreeMap::new(),
             ledger: ledger::Ledger::default(),
+            evaluators: BTreeMap::new(),
         }
     }
 

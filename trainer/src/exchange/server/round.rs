@@ -136,6 +136,7 @@ pub(super) struct Closed {
     /// The run's length when the round closed.
     pub rounds: Round,
     pub scoring: ForScoring,
+    pub closed_at: Instant,
 }
 
 /// Closes rounds as they fall due, until the exchange is dropped or a round's result
@@ -303,6 +304,7 @@ impl Exchange {
                 entries,
                 rounds,
                 scoring,
+                closed_at: Instant::now(),
             },
             summary,
             state_bytes,

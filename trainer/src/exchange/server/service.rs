@@ -450,7 +450,15 @@ impl proto::exchange_server::Exchange for Exchange {
         match state.ledger.measured(&evaluator, open, req.get_ref()) {
             Ok(()) => {
                 let round = req.get_ref().round;
-                tracing::info!(%evaluator, round, "measurements received");
+                let closed = state.closed.iter().find(|c| c.round.0 == round);
+                let seconds = closed.map_or(f64::NAN, |c| c.closed_at.elapsed().as_secs_f64());
+                tracing::info!(%evaluator, round, seconds, "measurements received");
+                let took = proto::EvaluatorState {
+                    evaluator: evaluator.clone(),
+                    round,
+                    seconds,
+                };
+                state.evaluators.insert(evaluator, took);
                 Ok(Response::new(proto::PutMeasurementsReply {}))
             }
             Err(refusal) => {
