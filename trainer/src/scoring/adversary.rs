@@ -22,8 +22,10 @@ pub enum Adversary {
     SignFlip,
     /// All zeros.
     Zero,
-    /// Another peer's previous update, as its own.
+    /// Another peer's previous update, as its own (`copy:PEER`), or with every value
+    /// jittered by a few percent so that its bytes differ (`copy:PEER:noisy`).
     Copy(PeerId),
+    CopyNoisy(PeerId),
     /// Its own update of two rounds before, again.
     Replay,
     /// Trains from a θ two rounds old.
@@ -42,7 +44,7 @@ impl FromStr for Adversary {
         let bad = || {
             format!(
                 "unknown adversary {s:?}: expected noise, scale:F, signflip, zero, copy:PEER, \
-                 replay, stale, offslice or frozen"
+                 copy:PEER:noisy, replay, stale, offslice or frozen"
             )
         };
         Ok(match (kind, arg) {
@@ -55,7 +57,11 @@ impl FromStr for Adversary {
             ),
             ("signflip", "") => Adversary::SignFlip,
             ("zero", "") => Adversary::Zero,
-            ("copy", peer) => Adversary::Copy(peer.parse()?),
+            ("copy", arg) => match arg.split_once(':') {
+                Some((peer, "noisy")) => Adversary::CopyNoisy(peer.parse()?),
+                Some(_) => return Err(bad()),
+                None => Adversary::Copy(arg.parse()?),
+            },
             ("replay", "") => Adversary::Replay,
             ("stale", "") => Adversary::Stale,
             ("offslice", "") => Adversary::OffSlice,
@@ -122,6 +128,7 @@ impl fmt::Display for Adversary {
             Adversary::SignFlip => write!(f, "signflip"),
             Adversary::Zero => write!(f, "zero"),
             Adversary::Copy(p) => write!(f, "copy:{p}"),
+            Adversary::CopyNoisy(p) => write!(f, "copy:{p}:noisy"),
             Adversary::Replay => write!(f, "replay"),
             Adversary::Stale => write!(f, "stale"),
             Adversary::OffSlice => write!(f, "offslice"),
@@ -172,13 +179,18 @@ impl Adversary {
     pub fn tamper(&self, honest: &[u8], m: &Material<'_>) -> Result<Vec<u8>, CodecError> {
         match self {
             Adversary::Copy(_) => return Ok(m.copied.unwrap_or(honest).to_vec()),
+            Adversary::CopyNoisy(_) if m.copied.is_none() => return Ok(honest.to_vec()),
             Adversary::Replay => return Ok(m.own_old.unwrap_or(honest).to_vec()),
             Adversary::Stale | Adversary::OffSlice | Adversary::Frozen => {
                 return Ok(honest.to_vec());
             }
             _ => {}
         }
-        let update = Update::from_bytes(honest)?;
+        let source = match self {
+            Adversary::CopyNoisy(_) => m.copied.unwrap_or(honest),
+            _ => honest,
+        };
+        let update = Update::from_bytes(source)?;
         let mut rng = StdRng::seed_from_u64(m.seed);
         let dense = |f: &mut dyn FnMut(&mut [f32])| reencode(&update, f);
         Ok(match self {
@@ -193,6 +205,11 @@ impl Adversary {
             Adversary::Scale(x) => dense(&mut |d: &mut [f32]| d.iter_mut().for_each(|v| *v *= x))?,
             Adversary::SignFlip => dense(&mut |d: &mut [f32]| d.iter_mut().for_each(|v| *v = -*v))?,
             Adversary::Zero => dense(&mut |d: &mut [f32]| d.fill(0.0))?,
+            Adversary::CopyNoisy(_) => dense(&mut |d: &mut [f32]| {
+                for v in d.iter_mut().filter(|v| **v != 0.0) {
+                    *v *= 1.0 + 0.05 * normal(&mut rng);
+                }
+            })?,
             Adversary::Copy(_)
             | Adversary::Replay
             | Adversary::Stale
@@ -276,7 +293,9 @@ impl Cheater {
             None => update,
             Some(adversary) => {
                 let copied = match adversary {
-                    Adversary::Copy(of) => self.previous.get(of).map(Vec::as_slice),
+                    Adversary::Copy(of) | Adversary::CopyNoisy(of) => {
+                        self.previous.get(of).map(Vec::as_slice)
+                    }
                     _ => None,
                 };
                 let material = Material {
@@ -347,6 +366,7 @@ mod tests {
             "signflip",
             "zero",
             "copy:p1",
+            "copy:p1:noisy",
             "replay",
             "stale",
             "offslice",
@@ -360,6 +380,7 @@ mod tests {
             "scale:inf",
             "copy:",
             "copy:1",
+            "copy:p1:loud",
             "loud",
             "zero:1",
         ] {

@@ -37,7 +37,7 @@ pub struct AdversaryBench {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "noise,scale:20,signflip,zero,copy:p0,replay,stale,offslice,frozen,scale:5"
+        default_value = "noise,scale:20,signflip,zero,copy:p0,copy:p0:noisy,replay,stale,offslice,frozen,scale:5"
     )]
     pub kinds: Vec<Adversary>,
     /// Where the data is prepared.

@@ -318,10 +318,10 @@ mod tests {
     }
 
     #[test]
-    fn a_sign_flipper_and_a_zero_sender_are_excluded_within_three_rounds_and_nobody_else_is() {
+    fn a_sign_flipper_a_zero_sender_and_a_noisy_copier_are_excluded_within_three_rounds() {
         let dir = tempfile::tempdir().unwrap();
         let run = run(dir.path());
-        for kind in ["signflip", "zero"] {
+        for kind in ["signflip", "zero", "copy:p0:noisy"] {
             let outcome = simulate(&run, &scenario(Some(kind), 7), |r| {
                 eprintln!("{kind} {r:?}")
             })
