@@ -115,6 +115,24 @@ pub fn evaluate(run: &Run, opts: EvaluatorOptions) -> Result<EvaluatorSummary, P
     Ok(me.summary)
 }
 
+/// Of the peers that `sent`, the ones to score: all of them, or `max` of them, those
+/// scored least recently first (never scored before all others), ties broken by a draw
+/// from `seed`.
+fn choose(
+    sent: &[PeerId],
+    last_evaluated: &BTreeMap<PeerId, Round>,
+    max: u32,
+    seed: u64,
+) -> Vec<PeerId> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut peers: Vec<(Option<Round>, u64, PeerId)> = (sent.iter())
+        .map(|p| (last_evaluated.get(p).copied(), rng.random(), *p))
+        .collect();
+    peers.sort();
+    peers.truncate(max.max(1) as usize);
+    peers.into_iter().map(|(_, _, p)| p).collect()
+}
+
 fn key_error(e: crate::scoring::ledger::LedgerError) -> PeerError {
     PeerError::Runtime(std::io::Error::other(e.to_string()))
 }
@@ -200,22 +218,11 @@ impl Follower<'_> {
         Ok(report.signed(&self.signer))
     }
 
-    /// The peers to score this round: all, or `max_evaluated` of them, those scored
-    /// least recently first (ties broken by a seeded draw).
+    /// The peers to score this round (see [`choose`]), remembered as scored.
     fn choose(&mut self, round: Round, result: &RoundResult) -> Vec<PeerId> {
-        let mut rng = StdRng::seed_from_u64(self.replica.run.config.seed ^ u64::from(round.0));
-        let mut peers: Vec<(Option<Round>, u64, PeerId)> = (result.entries.iter())
-            .map(|e| {
-                (
-                    self.last_evaluated.get(&e.peer).copied(),
-                    rng.random(),
-                    e.peer,
-                )
-            })
-            .collect();
-        peers.sort();
-        peers.truncate(self.opts.max_evaluated.max(1) as usize);
-        let chosen: Vec<PeerId> = peers.into_iter().map(|(_, _, p)| p).collect();
+        let sent: Vec<PeerId> = result.entries.iter().map(|e| e.peer).collect();
+        let seed = self.replica.run.config.seed ^ u64::from(round.0);
+        let chosen = choose(&sent, &self.last_evaluated, self.opts.max_evaluated, seed);
         for p in &chosen {
             self.last_evaluated.insert(*p, round);
         }
@@ -235,5 +242,32 @@ impl Follower<'_> {
             .collect();
         self.evaluator.observe(&before, &after, &accepted);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beyond_the_limit_the_peers_scored_least_recently_are_scored() {
+        let p = PeerId::new;
+        let sent: Vec<PeerId> = (0..5).map(p).collect();
+        let none = BTreeMap::new();
+        assert_eq!(choose(&sent, &none, 32, 1).len(), 5);
+        let mut last = BTreeMap::from([(p(0), Round(3)), (p(1), Round(2)), (p(2), Round(3))]);
+        // p3 and p4 were never scored; then p1, scored longest ago.
+        let mut chosen = choose(&sent, &last, 3, 1);
+        chosen.sort();
+        assert_eq!(chosen, [p(1), p(3), p(4)]);
+        // Over rounds, everyone gets scored.
+        let mut seen = std::collections::BTreeSet::new();
+        for r in 4..7 {
+            for q in choose(&sent, &last, 2, r) {
+                last.insert(q, Round(r as u32));
+                seen.insert(q);
+            }
+        }
+        assert_eq!(seen.len(), 5);
     }
 }

@@ -507,7 +507,10 @@ fn choose_aggregate(
     round: Round,
     peers: &mut BTreeMap<PeerId, PeerScore>,
 ) -> Vec<PeerId> {
-    let gated = |s: &PeerScore| round.0 >= spec.bma_gate_after_rounds && s.bma < spec.bma_gate;
+    let gated = |s: &PeerScore| {
+        let after = round.0 >= spec.bma_gate_after_rounds;
+        (spec.bma_gate).is_some_and(|gate| after && s.bma < gate)
+    };
     for s in peers.values_mut() {
         s.final_score = if gated(s) {
             0.0

@@ -125,13 +125,16 @@ impl Head {
 /// Each peer's score, rating, weight and standing, and the ledger's head.
 fn show(status: &mut TrainingRunStatus, head: &Head, public_key: String) {
     let round = head.round.unwrap_or_default();
+    let weights = recorder::weights(&head.scoring, round);
     for row in &mut status.peers {
         let Some(s) = head.scoring.peers.get(&row.id) else {
             continue;
         };
         row.rating = Some(s.rating.ordinal());
         row.last_score = s.last_score;
-        row.weight = Some(s.weight);
+        // The weight in force: the rules', or everyone's in good standing when no peer
+        // qualified.
+        row.weight = weights.get(&row.id).map(|w| f64::from(*w));
         row.final_score = Some(s.final_score);
         row.standing = Some(s.standing(round));
         row.reason = (!s.reason.is_empty()).then(|| s.reason.clone());

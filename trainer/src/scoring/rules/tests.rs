@@ -356,19 +356,27 @@ fn a_peer_out_of_sync_loses_its_weight_and_some_bma() {
 }
 
 #[test]
-fn past_the_gate_round_a_peer_that_ignores_its_own_data_gets_nothing() {
+fn past_the_gate_round_a_peer_that_ignores_its_own_data_gets_nothing_when_the_gate_is_set() {
     // Helps a random slice as much as its own data: b = −1 every round.
     let offslice = |_| with(honest(0.01), |e| e.own_score = e.score);
-    let (early, _) = rounds(&spec(), 10, offslice);
+    let gated = ScoringSpec {
+        bma_gate: Some(0.1),
+        ..spec()
+    };
+    let (early, _) = rounds(&gated, 10, offslice);
     assert!(
         early.aggregate.contains(&p(4)),
         "the gate waits for round 10"
     );
-    let (late, _) = rounds(&spec(), 11, offslice);
+    let (late, _) = rounds(&gated, 11, offslice);
     let p4 = &late.peers[&p(4)];
     assert!(p4.bma < 0.1);
     assert_eq!((p4.final_score, p4.weight), (0.0, 0.0));
     assert!(!late.aggregate.contains(&p(4)));
+    assert!(late.aggregate.contains(&p(0)), "honest peers pass the gate");
+    // Off by default: the signal is a coin flip on evenly split data.
+    let (ungated, _) = rounds(&spec(), 11, offslice);
+    assert!(ungated.aggregate.contains(&p(4)));
 }
 
 #[test]
