@@ -20,6 +20,9 @@ use crate::api::{ScoringStatus, TrainingRunStatus};
 use crate::hub::children::{self, EvaluatorSettings, LEDGER_KEY};
 use crate::k8s::reason;
 
+/// The condition that says why a run with evaluators is not scored, when it is not.
+const SCORED: &str = "Scored";
+
 /// A record to hand the exchange, with the weights it gives the next round.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
@@ -50,8 +53,14 @@ pub(super) fn score(
         return;
     }
     let Some(signer) = signer(tokens) else {
+        // Announced once: the condition remembers it.
         let message = "the run's credentials hold no ledger key: it predates scoring";
-        d.note_once("Scored", false, reason::SCORING_UNAVAILABLE, message);
+        let known = (d.previous.conditions.iter())
+            .any(|c| c.type_ == SCORED && c.reason == reason::SCORING_UNAVAILABLE);
+        if !known {
+            d.note(false, reason::SCORING_UNAVAILABLE, message);
+        }
+        d.condition(SCORED, false, reason::SCORING_UNAVAILABLE, message);
         return;
     };
     d.children.evaluators = (0..count)

@@ -221,3 +221,16 @@ fn rounds_no_evaluator_reported_stay_unscored_and_the_ledger_goes_on_after_them(
     // Two negative rounds for p2, not three: the unscored rounds count for nobody.
     assert_eq!(d.status.peers[2].standing, Some(Standing::Active));
 }
+
+#[test]
+fn a_run_minted_before_scoring_says_so_once_and_runs_unscored() {
+    let mut case = scoring_case(1, vec![measurements(0, 0)], &[]);
+    case.ledger_key = String::new();
+    let first = case.decide();
+    assert!(first.children.evaluators.is_empty() && first.children.score.is_none());
+    assert!(reasons(&first).contains(&"ScoringUnavailable"));
+    assert_eq!(condition(&first, "Scored").1, "ScoringUnavailable");
+    let second = again(&mut case, &first);
+    assert!(second.events.is_empty(), "{:?}", second.events);
+    assert_eq!(second.status, first.status);
+}
