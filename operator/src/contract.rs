@@ -181,9 +181,8 @@ pub fn mint_token() -> String {
 fn random_hex(bytes: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
+    let random: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();
+    starling_trainer::scoring::ledger::hex(&random)
 }
 
 /// A run's credentials: one token per peer and per evaluator, one for the operator and
@@ -204,7 +203,7 @@ pub fn mint_credentials(max_peers: u32, evaluators: u32) -> BTreeMap<String, Str
     if let Ok(key) = Signer::generate() {
         data.insert(
             LEDGER_KEY.into(),
-            key.iter().map(|b| format!("{b:02x}")).collect(),
+            starling_trainer::scoring::ledger::hex(&key),
         );
     }
     data.insert(SCORING_KEY.into(), random_hex(32));
@@ -324,10 +323,7 @@ mod tests {
         }
         assert_ne!(data["p0"], data["p1"]);
         starling_trainer::exchange::Tokens::parse(file).unwrap();
-        let key: Vec<u8> = (0..data[LEDGER_KEY].len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&data[LEDGER_KEY][i..i + 2], 16).unwrap())
-            .collect();
+        let key = starling_trainer::scoring::ledger::unhex(&data[LEDGER_KEY]).unwrap();
         Signer::from_pkcs8(&key).unwrap();
         assert_eq!(data[SCORING_KEY].len(), 64);
         assert!(!file.contains(&data[SCORING_KEY]) && !file.contains(&data[LEDGER_KEY]));

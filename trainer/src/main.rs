@@ -172,11 +172,7 @@ impl EvaluateArgs {
 
 /// Hex of at least 16 bytes.
 fn hex_bytes(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim();
-    let bytes = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
+    let bytes = starling_trainer::scoring::ledger::unhex(&text.trim().to_ascii_lowercase())?;
     (bytes.len() >= 16).then_some(bytes)
 }
 

@@ -113,7 +113,7 @@ fn spawn_evaluator(url: &str, dir: &Path) -> std::thread::JoinHandle<EvaluatorSu
 /// the ledger's last (`first` is its first line), are refused with a reason.
 async fn bad_input_is_refused(url: &str, operator: &ExchangeClient, signer: &Signer, first: &str) {
     let e0 = client(url, EVALUATOR, "");
-    let (r, m) = reason(e0.put_measurements(Round(2), "{").await.unwrap_err());
+    let (r, m) = reason(e0.put_measurements(Round(2), "not json").await.unwrap_err());
     assert_eq!(r, Reason::BadRequest);
     assert!(m.contains("not JSON"), "{m}");
     let unsigned = r#"{"evaluator":"e0","measured":{},"round":6,"seed":"00"}"#;

@@ -19,7 +19,7 @@ use crate::exchange::{PeerId, Reason};
 use crate::outer::{Round, read};
 use crate::run::Run;
 use crate::scoring::evaluate::{Evaluator, Submission, own_slice, random_slice, theta_hash};
-use crate::scoring::ledger::{EvaluatorReport, Signer};
+use crate::scoring::ledger::{EvaluatorReport, Signer, hex};
 use crate::scoring::rules::Measured;
 
 /// How this evaluator reaches the exchange and what it measures with.
@@ -99,7 +99,9 @@ pub fn evaluate(run: &Run, opts: EvaluatorOptions) -> Result<EvaluatorSummary, P
             },
         };
         rounds = result.rounds;
-        let report = me.measure(round, &result)?;
+        // θ_r, read once: measured against, then the `before` of the round's step.
+        let theta = read(&me.replica.model)?;
+        let report = me.measure(round, &result, &theta)?;
         match rt.block_on(client.put_measurements(round, &report)) {
             Ok(()) => me.summary.rounds_measured += 1,
             Err(e) => {
@@ -108,7 +110,7 @@ pub fn evaluate(run: &Run, opts: EvaluatorOptions) -> Result<EvaluatorSummary, P
                 me.summary.reports_refused += 1;
             }
         }
-        me.apply(&result)?;
+        me.apply(&result, &theta)?;
         round = round.next();
     }
     tracing::info!(summary = ?me.summary, "run finished");
@@ -167,16 +169,20 @@ impl Follower<'_> {
         let message = format!("{}/{}/{}", self.opts.run_uid, round.0, self.summary.name);
         let tag = ring::hmac::sign(&key, message.as_bytes());
         let bytes = tag.as_ref();
-        let hex = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex(bytes);
         let mut first = [0u8; 8];
         first.copy_from_slice(&bytes[..8]);
         (hex, u64::from_le_bytes(first))
     }
 
     /// Measures `round`'s updates against this replica's θ: the signed report.
-    fn measure(&mut self, round: Round, result: &RoundResult) -> Result<String, PeerError> {
+    fn measure(
+        &mut self,
+        round: Round,
+        result: &RoundResult,
+        theta: &[Vec<f32>],
+    ) -> Result<String, PeerError> {
         let run = self.replica.run;
-        let theta = read(&self.replica.model)?;
         let half = (self.opts.eval_batches / 2).max(1) as usize;
         let chosen = self.choose(round, result);
         let submissions: Vec<Submission> = (result.entries.iter())
@@ -191,7 +197,7 @@ impl Follower<'_> {
         let (revealed, seed) = self.seed(round);
         let random = random_slice(&run.assignment, &run.shards.train, half, seed, round);
         let started = std::time::Instant::now();
-        let mut measured = self.evaluator.measure(&theta, &submissions, &random)?;
+        let mut measured = self.evaluator.measure(theta, &submissions, &random)?;
         for e in &result.entries {
             measured.entry(e.peer).or_insert(Measured::NotEvaluated);
         }
@@ -209,7 +215,7 @@ impl Follower<'_> {
         let report = EvaluatorReport {
             evaluator: self.summary.name.clone(),
             round,
-            theta: theta_hash(&theta),
+            theta: theta_hash(theta),
             seed: revealed,
             measured,
             public_key: String::new(),
@@ -229,9 +235,8 @@ impl Follower<'_> {
         chosen
     }
 
-    /// The outer step every replica takes with the round.
-    fn apply(&mut self, result: &RoundResult) -> Result<(), PeerError> {
-        let before = read(&self.replica.model)?;
+    /// The outer step every replica takes with the round, from `before` (θ_r).
+    fn apply(&mut self, result: &RoundResult, before: &[Vec<f32>]) -> Result<(), PeerError> {
         let updates: Vec<(&[u8], f32)> = (result.entries.iter())
             .map(|e| (e.bytes.as_slice(), e.weight))
             .collect();
@@ -240,7 +245,7 @@ impl Follower<'_> {
         let accepted: Vec<(PeerId, &[u8])> = (result.entries.iter())
             .map(|e| (e.peer, e.bytes.as_slice()))
             .collect();
-        self.evaluator.observe(&before, &after, &accepted);
+        self.evaluator.observe(before, &after, &accepted);
         Ok(())
     }
 }

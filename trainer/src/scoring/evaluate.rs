@@ -69,14 +69,13 @@ pub fn probe_model(model: &Llama, positions: &[(usize, usize)]) -> Result<Vec<f3
 /// state a round was measured against.
 pub fn theta_hash(theta: &[Vec<f32>]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for tensor in theta {
-        for v in tensor {
-            ctx.update(&v.to_le_bytes());
-        }
+    let mut buffer = Vec::with_capacity(4 * 4096);
+    for block in theta.iter().flat_map(|t| t.chunks(4096)) {
+        buffer.clear();
+        buffer.extend(block.iter().flat_map(|v| v.to_le_bytes()));
+        ctx.update(&buffer);
     }
-    (ctx.finish().as_ref().iter())
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::ledger::hex(ctx.finish().as_ref())
 }
 
 /// The first `rows` sequences peer `p` was assigned for `round`: its own data, as

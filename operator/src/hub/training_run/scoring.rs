@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use starling_trainer::exchange::{PeerId, evaluator_name, proto};
 use starling_trainer::outer::Round;
-use starling_trainer::scoring::ledger::{Record, Signer, line_hash};
+use starling_trainer::scoring::ledger::{Record, Signer, line_hash, unhex};
 use starling_trainer::scoring::recorder;
 use starling_trainer::scoring::rules::{Change, Scoring, Standing};
 
@@ -33,12 +33,7 @@ pub struct Scored {
 
 /// The run's ledger key from its credentials.
 fn signer(tokens: &BTreeMap<String, String>) -> Option<Signer> {
-    let hex = tokens.get(LEDGER_KEY)?;
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    Signer::from_pkcs8(&bytes).ok()
+    Signer::from_pkcs8(&unhex(tokens.get(LEDGER_KEY)?)?).ok()
 }
 
 /// Runs scoring for the decision `d`: evaluators, the record due, the status.

@@ -9,11 +9,7 @@ use starling_trainer::scoring::rules::{Evaluation, Measured};
 
 /// The case's ledger key, as the operator reads it.
 fn signer(case: &Case) -> Signer {
-    let hex = &case.ledger_key;
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
+    let bytes = starling_trainer::scoring::ledger::unhex(&case.ledger_key).unwrap();
     Signer::from_pkcs8(&bytes).unwrap()
 }
 
