@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod codec;
+pub mod cpu;
 pub mod data;
 pub mod env;
 pub mod exchange;

@@ -370,6 +370,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Training tokens/s and model FLOPs utilisation per preset, batch shape and thread
+    /// count, against this machine's f32 matmul peak measured in the same run.
+    Throughput {
+        #[command(flatten)]
+        bench: bench::ThroughputBench,
+        /// One JSON object per row instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A scored federation with four honest peers and one adversary of each kind in
     /// turn: when scoring excluded it, and its cost to the model.
     Adversaries {
@@ -422,6 +431,11 @@ impl Bench {
                 let header = bench::convergence_table_header();
                 bench.run(bench::printer(json, header, bench::convergence_table_row))?;
             }
+            Bench::Throughput { mut bench, json } => {
+                bench.binary = std::env::current_exe()?;
+                let header = bench::throughput_table_header();
+                bench.run(bench::printer(json, header, bench::throughput_table_row))?;
+            }
             Bench::Adversaries { bench, json } => {
                 use starling_trainer::scoring::bench::{
                     adversary_table_header, adversary_table_row,
@@ -448,6 +462,7 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    starling_trainer::cpu::init();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

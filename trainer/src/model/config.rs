@@ -103,6 +103,27 @@ impl ModelConfig {
         out
     }
 
+    /// Model FLOPs of one training step per token at sequence length `seq`, as MFU is
+    /// conventionally counted (PaLM, appendix B): 6 per weight of every matrix multiply
+    /// (forward 2, backward 4; the LM head included, the embedding lookup not) and
+    /// 12·layers·seq·hidden for attention's scores and weighted sum, causal masking not
+    /// subtracted. Recomputation and elementwise work are not model FLOPs.
+    pub fn train_flops_per_token(&self, seq: usize) -> u64 {
+        let [v, h, i, heads, kv, layers, t] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.num_hidden_layers,
+            seq,
+        ]
+        .map(|x| x as u64);
+        let kv_dim = kv * (h / heads.max(1));
+        let per_layer = h * h * 2 + h * kv_dim * 2 + 3 * h * i;
+        6 * (layers * per_layer + v * h) + 12 * layers * t * h
+    }
+
     /// Number of parameters, counted as Hugging Face counts them for `LlamaForCausalLM`.
     pub fn parameter_count(&self) -> u64 {
         let [v, h, i, heads, kv, layers] = [
@@ -259,6 +280,16 @@ pub enum Preset {
     Llama8B,
 }
 
+impl std::str::FromStr for Preset {
+    type Err = String;
+
+    /// The preset's name as the CRD spells it (`tiny`, `llama-125m`, ...).
+    fn from_str(name: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(name.to_owned()))
+            .map_err(|_| format!("unknown preset {name:?}: tiny, llama-125m, llama-1b or llama-8b"))
+    }
+}
+
 impl Preset {
     pub fn config(self, vocab_size: usize) -> ModelConfig {
         let (hidden, layers, heads, kv, inter, positions, theta, tied) = match self {
@@ -285,6 +316,29 @@ impl Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_flops_count_six_per_matmul_weight_plus_attention() {
+        // tiny at 128 tokens: per layer q,o 2·128² + k,v 2·128·64 + mlp 3·128·384 =
+        // 196 608 weights; 4 layers plus the 256×128 head; attention 12·4·128·128.
+        let flops = Preset::Tiny.config(256).train_flops_per_token(128);
+        assert_eq!(flops, 6 * (4 * 196_608 + 256 * 128) + 12 * 4 * 128 * 128);
+        // Without attention, it is 6 × the parameters minus norms and the embedding
+        // lookup (tied here, so the head's weights are counted once, as the head).
+        let c = Preset::Llama125M.config(32_000);
+        let weights = c.parameter_count() - (2 * 12 + 1) * 768;
+        assert_eq!(c.train_flops_per_token(0), 6 * weights);
+    }
+
+    #[test]
+    fn presets_parse_from_their_crd_names() {
+        assert_eq!("llama-1b".parse::<Preset>(), Ok(Preset::Llama1B));
+        let refused = "llama-2b".parse::<Preset>().unwrap_err();
+        assert!(
+            refused.contains("llama-2b") && refused.contains("llama-125m"),
+            "{refused}"
+        );
+    }
 
     #[test]
     fn presets_have_the_sizes_their_names_promise() {

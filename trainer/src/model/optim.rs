@@ -56,6 +56,8 @@ pub struct InnerOptimizer {
     config: AdamWConfig,
     schedule: LrSchedule,
     step: u64,
+    /// Threads [`InnerOptimizer::gradients`] splits a batch over.
+    threads: usize,
 }
 
 impl InnerOptimizer {
@@ -81,7 +83,14 @@ impl InnerOptimizer {
             config,
             schedule,
             step: 0,
+            threads: crate::cpu::threads(),
         })
+    }
+
+    /// Splits each batch over `threads` threads from now on (the process's
+    /// [`crate::cpu::threads`] by default).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     /// Steps taken so far (the schedule's position).
@@ -117,17 +126,55 @@ impl InnerOptimizer {
 
     /// The gradient of the mean loss over `batch` (accumulated over micro-batches of
     /// `micro_rows`), and that loss; the parameters do not change.
+    ///
+    /// With several threads (see [`InnerOptimizer::set_threads`]), the micro-batches are split into one
+    /// contiguous group per thread (micro-batches shrink so that every thread has rows)
+    /// and the groups' sums are added in batch order: the result depends on the thread
+    /// count, never on timing. With one thread it is one sequential pass.
     pub fn gradients(
         &self,
         model: &Llama,
         batch: &Batch,
         micro_rows: usize,
     ) -> Result<(GradStore, f32), ModelError> {
-        let micro_rows = micro_rows.clamp(1, batch.rows.max(1));
+        use rayon::prelude::*;
+        let threads = self.threads;
+        let micro_rows = micro_rows
+            .clamp(1, batch.rows.max(1))
+            .min(batch.rows.div_ceil(threads).max(1));
+        let starts: Vec<usize> = (0..batch.rows).step_by(micro_rows).collect();
+        let per_group = starts.len().div_ceil(threads).max(1);
+        let groups: Vec<&[usize]> = starts.chunks(per_group).collect();
+        let sums: Vec<(GradStore, f32)> = if groups.len() > 1 {
+            groups
+                .par_iter()
+                .map(|group| self.accumulate(model, batch, group, micro_rows))
+                .collect::<Result<_, _>>()?
+        } else {
+            vec![self.accumulate(model, batch, &starts, micro_rows)?]
+        };
+        let mut sums = sums.into_iter();
+        let (mut total, mut loss_sum) = sums.next().unwrap_or_default();
+        for (grads, loss) in sums {
+            self.add_into(&mut total, &grads)?;
+            loss_sum += loss;
+        }
+        Ok((total, loss_sum / batch.rows.max(1) as f32))
+    }
+
+    /// The gradient of the batch-mean loss restricted to the micro-batches starting at
+    /// `starts`, and the sum of their rows' losses.
+    fn accumulate(
+        &self,
+        model: &Llama,
+        batch: &Batch,
+        starts: &[usize],
+        micro_rows: usize,
+    ) -> Result<(GradStore, f32), ModelError> {
         let device = model.device();
         let mut total = GradStore::default();
         let mut loss_sum = 0.0f32;
-        for start in (0..batch.rows).step_by(micro_rows) {
+        for &start in starts {
             let rows = micro_rows.min(batch.rows - start);
             let span = start * batch.seq..(start + rows) * batch.seq;
             let inputs =
@@ -141,17 +188,23 @@ impl InnerOptimizer {
             loss_sum += value * rows as f32;
             // Weight each micro-batch by its share of the rows: the sum is the batch mean.
             let grads = (loss * (rows as f64 / batch.rows as f64))?.backward()?;
-            for v in &self.vars {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    let sum = match total.get(v.as_tensor()) {
-                        Some(a) => (a + g)?,
-                        None => g.clone(),
-                    };
-                    total.insert(v.as_tensor(), sum);
-                }
+            self.add_into(&mut total, &grads)?;
+        }
+        Ok((total, loss_sum))
+    }
+
+    /// `total += grads`, parameter by parameter.
+    fn add_into(&self, total: &mut GradStore, grads: &GradStore) -> Result<(), ModelError> {
+        for v in &self.vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let sum = match total.get(v.as_tensor()) {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                };
+                total.insert(v.as_tensor(), sum);
             }
         }
-        Ok((total, loss_sum / batch.rows.max(1) as f32))
+        Ok(())
     }
 
     /// Clips `grads` to the configured global norm and takes one AdamW step with them.

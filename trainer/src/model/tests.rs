@@ -111,6 +111,50 @@ fn train_shakespeare(steps: u64, seed: u64) -> (f32, f32, Llama) {
 }
 
 #[test]
+fn gradients_split_over_threads_match_one_pass_and_repeat_bit_for_bit() {
+    let m = Llama::new(small(), 3, &Device::Cpu).unwrap();
+    let (train, _) = shakespeare(32);
+    // 7 rows over 3 threads: uneven groups, micro-batches cut to fit.
+    let a = Assignment::new(0, 1, 7, 32, train.len()).unwrap();
+    let batch = a.batch(&train, &a.peer_round(0, 0));
+    let schedule = LrSchedule {
+        peak: 1e-3,
+        warmup: 0,
+        total: 10,
+        floor: 1.0,
+    };
+    let mut opt = InnerOptimizer::new(&m, AdamWConfig::default(), schedule).unwrap();
+    let gradients = |opt: &InnerOptimizer| {
+        let (g, loss) = opt.gradients(&m, &batch, 8).unwrap();
+        let flat: Vec<f32> = m
+            .params()
+            .iter()
+            .flat_map(|(_, v)| {
+                let t = g
+                    .get(v.as_tensor())
+                    .expect("every parameter has a gradient");
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect();
+        (flat, loss)
+    };
+    let (one, loss_one) = gradients(&opt);
+    opt.set_threads(3);
+    let (three, loss_three) = gradients(&opt);
+    assert_eq!(three, gradients(&opt).0, "same threads, same bits");
+    assert!(
+        (loss_one - loss_three).abs() < 1e-5,
+        "{loss_one} vs {loss_three}"
+    );
+    let worst = one
+        .iter()
+        .zip(&three)
+        .map(|(a, b)| (a - b).abs() / (1e-4 + a.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-3, "relative gradient difference {worst}");
+}
+
+#[test]
 fn training_lowers_held_out_loss_and_is_deterministic() {
     let (before, after, m1) = train_shakespeare(200, 5);
     eprintln!("validation loss {before} -> {after}");

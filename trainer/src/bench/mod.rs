@@ -2,6 +2,13 @@
 //! measured in the same run on the same buffers, because the machines are shared and
 //! absolute numbers drift.
 
+mod throughput;
+
+pub use throughput::{
+    Shape, ThroughputBench, ThroughputRow, peak_rss_bytes, throughput_table_header,
+    throughput_table_row,
+};
+
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -332,7 +339,7 @@ pub fn printer<R: Serialize>(
 }
 
 /// The `tiny` preset (the operator's `tiny`, byte vocabulary).
-pub const TINY_CONFIG: &str = include_str!("../tests/fixtures/tiny-config.json");
+pub const TINY_CONFIG: &str = include_str!("../../tests/fixtures/tiny-config.json");
 
 impl ConvergenceBench {
     /// Trains every algorithm in turn, calling `report` as each row is ready.
