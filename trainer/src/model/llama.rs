@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::{ModelConfig, ModelError};
+use super::{ModelConfig, ModelError, fused};
 
 /// The model: its configuration and named parameters, in Hugging Face order.
 pub struct Llama {
@@ -129,23 +129,19 @@ impl Llama {
         let c = &self.config;
         let embed = self.p("model.embed_tokens.weight");
         let mut x = embed.index_select(&tokens.flatten_all()?, 0)?; // [b·t, h]
-        let mask = causal_mask(t, &self.device)?;
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
+        let layers = Layers::new(self, t)?;
         for i in 0..c.num_hidden_layers {
             let at = |s: &str| format!("model.layers.{i}.{s}");
-            let h = rms_norm(&x, self.p(&at("input_layernorm.weight")), c.rms_norm_eps)?;
-            let attn = self.attention(&h, i, b, t, &mask, &cos, &sin)?;
+            let h = layers.rms_norm(&x, self.p(&at("input_layernorm.weight")))?;
+            let attn = self.attention(&layers, &h, i, b, t)?;
             x = (x + attn)?;
-            let h = rms_norm(
-                &x,
-                self.p(&at("post_attention_layernorm.weight")),
-                c.rms_norm_eps,
-            )?;
-            let gate = candle_nn::ops::silu(&linear(&h, self.p(&at("mlp.gate_proj.weight")))?)?;
+            let h = layers.rms_norm(&x, self.p(&at("post_attention_layernorm.weight")))?;
+            let gate = linear(&h, self.p(&at("mlp.gate_proj.weight")))?;
             let up = linear(&h, self.p(&at("mlp.up_proj.weight")))?;
-            x = (x + linear(&(gate * up)?, self.p(&at("mlp.down_proj.weight")))?)?;
+            let mlp = layers.swiglu(&gate, &up)?;
+            x = (x + linear(&mlp, self.p(&at("mlp.down_proj.weight")))?)?;
         }
-        let x = rms_norm(&x, self.p("model.norm.weight"), c.rms_norm_eps)?;
+        let x = layers.rms_norm(&x, self.p("model.norm.weight"))?;
         let head = if c.tie_word_embeddings {
             embed
         } else {
@@ -154,16 +150,13 @@ impl Llama {
         Ok(linear(&x, head)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        layers: &Layers,
         h: &Tensor,
         layer: usize,
         b: usize,
         t: usize,
-        mask: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
@@ -174,13 +167,13 @@ impl Llama {
         let q = split(linear(h, self.p(&at("q_proj")))?, heads)?;
         let k = split(linear(h, self.p(&at("k_proj")))?, kv_heads)?;
         let v = split(linear(h, self.p(&at("v_proj")))?, kv_heads)?;
-        let (q, k) = (rope(&q, cos, sin)?, rope(&k, cos, sin)?);
+        let (q, k) = (layers.rope(&q)?, layers.rope(&k)?);
         let (k, v) = (
             repeat_kv(k, heads / kv_heads)?,
             repeat_kv(v, heads / kv_heads)?,
         );
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(mask)?, D::Minus1)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = layers.causal_softmax(&scores, 1.0 / (d as f64).sqrt())?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -216,10 +209,12 @@ impl Llama {
     /// Mean next-token cross-entropy of `targets` given `inputs` (both `[batch, seq]`).
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
         let logits = self.forward(inputs)?;
-        Ok(candle_nn::loss::cross_entropy(
-            &logits,
-            &targets.flatten_all()?,
-        )?)
+        let targets = targets.flatten_all()?;
+        if !self.device.is_cpu() {
+            return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
+        }
+        let targets = targets.to_vec1::<u32>()?;
+        Ok(logits.apply_op1(fused::CrossEntropy { targets })?)
     }
 
     /// The mean loss on `batch`, without gradients (evaluation).
@@ -294,7 +289,79 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.matmul(&w.t()?)
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+/// The model's elementwise layers at one sequence length: the fused CPU kernels, or
+/// candle's composite operations on other devices.
+struct Layers {
+    eps: f64,
+    /// Rotary tables of all positions (the fused kernel) or of the first `seq` ones.
+    cos: Tensor,
+    sin: Tensor,
+    /// `None` where the kernels are fused (the causal softmax masks by itself).
+    mask: Option<Tensor>,
+}
+
+impl Layers {
+    fn new(model: &Llama, seq: usize) -> candle_core::Result<Self> {
+        let eps = model.config.rms_norm_eps;
+        let (cos, sin) = (model.cos.clone(), model.sin.clone());
+        if model.device.is_cpu() {
+            return Ok(Self {
+                eps,
+                cos,
+                sin,
+                mask: None,
+            });
+        }
+        Ok(Self {
+            eps,
+            cos: cos.narrow(0, 0, seq)?,
+            sin: sin.narrow(0, 0, seq)?,
+            mask: Some(causal_mask(seq, &model.device)?),
+        })
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+        match self.mask {
+            None => x.apply_op2(
+                weight,
+                fused::RmsNorm {
+                    eps: self.eps as f32,
+                },
+            ),
+            Some(_) => rms_norm(x, weight, self.eps),
+        }
+    }
+
+    fn rope(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.mask {
+            None => x.apply_op1(fused::Rope {
+                cos: self.cos.clone(),
+                sin: self.sin.clone(),
+            }),
+            Some(_) => rope(x, &self.cos, &self.sin),
+        }
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        match self.mask {
+            None => gate.apply_op2(up, fused::SwiGlu),
+            Some(_) => candle_nn::ops::silu(gate)? * up,
+        }
+    }
+
+    fn causal_softmax(&self, scores: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+        match &self.mask {
+            None => scores.apply_op1(fused::CausalSoftmax {
+                scale: scale as f32,
+            }),
+            Some(mask) => {
+                candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(mask)?, D::Minus1)
+            }
+        }
+    }
+}
+
+pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
     x.broadcast_div(&rms)?.broadcast_mul(weight)
 }
@@ -318,7 +385,7 @@ fn rotary_tables(c: &ModelConfig, device: &Device) -> candle_core::Result<(Tenso
 }
 
 /// `x·cos + rotate_half(x)·sin` over `[batch, heads, seq, head_dim]`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let (x1, x2) = (
         x.narrow(D::Minus1, 0, d / 2)?,
@@ -340,7 +407,7 @@ fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
 }
 
 /// `[t, t]`: 0 where a position may attend, −∞ above the diagonal.
-fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub(super) fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..t * t)
         .map(|i| {
             if i % t > i / t {

@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod config;
+mod fused;
 mod llama;
 mod optim;
 
