@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 /// Overrides the thread count; otherwise `RAYON_NUM_THREADS`, otherwise the CPUs this
 /// process may use (its affinity mask and cgroup quota: the pod's CPU limit).
-pub const THREADS_ENV: &str = "STARLING_THREADS";
+pub const THREADS_ENV: &str = crate::env::THREADS;
 
 static THREADS: OnceLock<usize> = OnceLock::new();
 

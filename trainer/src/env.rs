@@ -43,6 +43,10 @@ pub const STATE_DIR: &str = "STARLING_STATE_DIR";
 pub const RUN: &str = "STARLING_RUN";
 
 // Read by the trainer but not set by the operator: defaults suit a pod.
+/// `cpu`, `cuda`, `cuda:N` or `auto` (see [`crate::device`]).
+pub const DEVICE: &str = "STARLING_DEVICE";
+/// Threads that train (see [`crate::cpu`]); by default the CPUs the pod may use.
+pub const THREADS: &str = "STARLING_THREADS";
 pub const LIVENESS: &str = "STARLING_LIVENESS";
 pub const MAX_UPDATE_BYTES: &str = "STARLING_MAX_UPDATE_BYTES";
 pub const KEEP_ROUNDS: &str = "STARLING_KEEP_ROUNDS";

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod codec;
 pub mod cpu;
 pub mod data;
+pub mod device;
 pub mod env;
 pub mod exchange;
 pub mod hub;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
+use starling_trainer::device::DeviceArgs;
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::exchange::{Settings, Tokens};
@@ -50,6 +51,8 @@ enum Command {
 struct TrainArgs {
     #[command(flatten)]
     run: RunConfig,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// The exchange's URL, e.g. `http://run-exchange:7070`.
     #[arg(long, env = env::EXCHANGE)]
     exchange: String,
@@ -84,7 +87,8 @@ struct TrainArgs {
 impl TrainArgs {
     /// The loaded run and how this peer reaches the exchange.
     fn into_options(self) -> anyhow::Result<(Run, PeerOptions)> {
-        let run = self.run.load(&self.data_dir)?;
+        let mut run = self.run.load(&self.data_dir)?;
+        run.device = self.device.open()?;
         let opts = PeerOptions {
             exchange: self.exchange,
             token: self.token,
@@ -117,6 +121,8 @@ impl TrainArgs {
 struct EvaluateArgs {
     #[command(flatten)]
     run: RunConfig,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// The exchange's URL, e.g. `http://run-exchange:7070`.
     #[arg(long, env = env::EXCHANGE)]
     exchange: String,
@@ -148,7 +154,8 @@ struct EvaluateArgs {
 
 impl EvaluateArgs {
     fn run(self) -> anyhow::Result<()> {
-        let run = self.run.load(&self.data_dir)?;
+        let mut run = self.run.load(&self.data_dir)?;
+        run.device = self.device.open()?;
         let secret = hex_bytes(&self.scoring_key)
             .ok_or_else(|| anyhow::anyhow!("--scoring-key must be hex, at least 16 bytes"))?;
         let opts = EvaluatorOptions {
@@ -180,6 +187,8 @@ fn hex_bytes(text: &str) -> Option<Vec<u8>> {
 struct ExchangeArgs {
     #[command(flatten)]
     run: RunConfig,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
     /// File of `<identity> <token>` lines: `p0 <token>`, ..., `operator <token>`.
@@ -237,7 +246,8 @@ const EXIT_ADVANCE: u8 = 70;
 impl ExchangeArgs {
     /// The loaded run and how the exchange serves it.
     fn into_options(self) -> anyhow::Result<(Run, ExchangeOptions)> {
-        let run = self.run.load(&self.data_dir)?;
+        let mut run = self.run.load(&self.data_dir)?;
+        run.device = self.device.open()?;
         let tokens = match (self.tokens, self.tokens_file) {
             (Some(text), _) => Tokens::parse(&text),
             (None, Some(path)) => Tokens::read(&path),
@@ -331,6 +341,8 @@ impl InitArgs {
 
 #[derive(Args)]
 struct SampleArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long, env = env::CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text to continue.
@@ -348,7 +360,7 @@ struct SampleArgs {
 
 impl SampleArgs {
     fn run(self) -> anyhow::Result<()> {
-        let (model, _) = load_checkpoint(&self.checkpoint, &Device::Cpu)?;
+        let (model, _) = load_checkpoint(&self.checkpoint, &self.device.open()?)?;
         let tokenizer = Tokenizer::of_checkpoint(&self.checkpoint)?;
         let prompt = tokenizer.encode(&self.prompt)?;
         let out = model.generate(&prompt, self.tokens, self.temperature, self.seed)?;

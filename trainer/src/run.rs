@@ -184,6 +184,9 @@ pub struct Run {
     pub assignment: Assignment,
     /// Hash of everything peers must agree on.
     pub fingerprint: String,
+    /// Where this process holds the model (the CPU unless a role opened another; not
+    /// part of what peers agree on).
+    pub device: Device,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +257,7 @@ impl RunConfig {
             shards,
             assignment,
             fingerprint,
+            device: Device::Cpu,
         })
     }
 
@@ -342,10 +346,10 @@ impl Run {
     /// random weights from the run's seed. Every peer and the exchange get the same.
     pub fn initial_model(&self) -> Result<Llama, RunError> {
         let Some(dir) = &self.config.init_from else {
-            return Llama::new(self.model.clone(), self.config.seed, &Device::Cpu)
+            return Llama::new(self.model.clone(), self.config.seed, &self.device)
                 .map_err(|e| RunError::Invalid(e.to_string()));
         };
-        let (model, _) = load_checkpoint(dir, &Device::Cpu)
+        let (model, _) = load_checkpoint(dir, &self.device)
             .map_err(|e| RunError::Invalid(format!("initial checkpoint: {e}")))?;
         if model.config() != &self.model {
             return Err(RunError::Invalid(format!(

@@ -9,15 +9,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, Pod, PodSpec, Secret, SecretKeySelector,
+    Container, EnvVar, EnvVarSource, Pod, PodSpec, ResourceRequirements, Secret, SecretKeySelector,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use starling_trainer::env as names;
 
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
-use crate::k8s::{ANNOTATION_TEMPLATE_HASH, LABEL_MANAGED_BY, LABEL_MEMBER};
+use crate::k8s::{ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER};
 
 /// Where the agent puts things: its member's name and its trainer namespace.
 #[derive(Clone, Copy, Debug)]
@@ -253,6 +254,9 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
         ..EnvVar::default()
     });
     env.push(env_value(names::DATA_DIR, "data"));
+    if !env.iter().any(|e| e.name == names::DEVICE) {
+        env.push(env_value(names::DEVICE, device_for(t.resources.as_ref())));
+    }
     if let Some(mbps) = t.upload_limit_mbps {
         env.push(env_value(names::BANDWIDTH_MBPS, mbps.to_string()));
     }
@@ -282,6 +286,18 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
         spec: Some(spec),
         ..Pod::default()
     }
+}
+
+/// `cuda` for a pod that asks for a GPU, `cpu` otherwise: a GPU pod that finds no CUDA
+/// fails and says why rather than training slowly on the CPU, and a CPU pod never picks up
+/// a GPU it was not given. A template that sets `STARLING_DEVICE` itself keeps its own.
+fn device_for(resources: Option<&ResourceRequirements>) -> &'static str {
+    let gpus = |m: Option<&BTreeMap<String, Quantity>>| {
+        m.and_then(|m| m.get(GPU_RESOURCE))
+            .is_some_and(|q| !matches!(q.0.trim(), "" | "0"))
+    };
+    let asks = resources.is_some_and(|r| gpus(r.limits.as_ref()) || gpus(r.requests.as_ref()));
+    if asks { "cuda" } else { "cpu" }
 }
 
 /// Whether `pod` was made from another template than `wanted`. A pod that carries no

@@ -315,6 +315,40 @@ fn a_created_pod_runs_its_peer_with_the_peer_s_token() {
         json!({"name": "g-credentials", "key": "p4"})
     );
     assert_eq!(env("STARLING_BANDWIDTH_MBPS")["value"], "20");
+    assert_eq!(env("STARLING_DEVICE")["value"], "cpu");
+}
+
+#[test]
+fn a_pod_that_asks_for_a_gpu_trains_on_cuda_unless_its_template_says_otherwise() {
+    let device_of = |template: Value| {
+        let mut observed = observed(&[0], vec![]);
+        let mut g = (*observed.group).clone();
+        g.spec.template = serde_json::from_value(template).unwrap();
+        observed.group = Arc::new(g);
+        let pod = serde_json::to_value(decide(&observed, &SITE).create.remove(0)).unwrap();
+        let env = pod["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let devices: Vec<Value> = env
+            .iter()
+            .filter(|e| e["name"] == "STARLING_DEVICE")
+            .map(|e| e["value"].clone())
+            .collect();
+        assert_eq!(devices.len(), 1, "one STARLING_DEVICE: {devices:?}");
+        devices[0].as_str().unwrap().to_owned()
+    };
+    let image = json!("starling-trainer:dev");
+    let gpu = json!({"image": image, "resources": {"limits": {"nvidia.com/gpu": "1"}}});
+    assert_eq!(device_of(gpu), "cuda");
+    let requested = json!({"image": image, "resources": {"requests": {"nvidia.com/gpu": "2"}}});
+    assert_eq!(device_of(requested), "cuda");
+    let none =
+        json!({"image": image, "resources": {"limits": {"nvidia.com/gpu": "0", "cpu": "4"}}});
+    assert_eq!(device_of(none), "cpu");
+    let pinned = json!({"image": image, "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "env": [{"name": "STARLING_DEVICE", "value": "cuda:1"}]});
+    assert_eq!(device_of(pinned), "cuda:1");
 }
 
 fn local_objects() -> (Vec<Arc<Pod>>, Vec<Arc<Secret>>) {

@@ -113,12 +113,22 @@ impl Llama {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    fn p(&self, name: &str) -> &Tensor {
-        self.params[self.index[name]].1.as_tensor()
+    /// Parameter `name`, in the graph or detached from it.
+    fn p(&self, name: &str, graph: Graph) -> Tensor {
+        let t = self.params[self.index[name]].1.as_tensor();
+        match graph {
+            Graph::Record => t.clone(),
+            Graph::Skip => t.detach(),
+        }
     }
 
-    /// Logits `[batch·seq, vocab]` for `tokens` (`[batch, seq]`, u32).
+    /// Logits `[batch·seq, vocab]` for `tokens` (`[batch, seq]`, u32), recording the
+    /// graph for a backward pass.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
+        self.forward_in(tokens, Graph::Record)
+    }
+
+    fn forward_in(&self, tokens: &Tensor, graph: Graph) -> Result<Tensor, ModelError> {
         let (b, t) = tokens.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(ModelError::SequenceTooLong {
@@ -127,27 +137,28 @@ impl Llama {
             });
         }
         let c = &self.config;
-        let embed = self.p("model.embed_tokens.weight");
+        let p = |name: &str| self.p(name, graph);
+        let embed = p("model.embed_tokens.weight");
         let mut x = embed.index_select(&tokens.flatten_all()?, 0)?; // [b·t, h]
         let layers = Layers::new(self, t)?;
         for i in 0..c.num_hidden_layers {
             let at = |s: &str| format!("model.layers.{i}.{s}");
-            let h = layers.rms_norm(&x, self.p(&at("input_layernorm.weight")))?;
-            let attn = self.attention(&layers, &h, i, b, t)?;
+            let h = layers.rms_norm(&x, &p(&at("input_layernorm.weight")))?;
+            let attn = self.attention(&layers, &h, i, (b, t), graph)?;
             x = (x + attn)?;
-            let h = layers.rms_norm(&x, self.p(&at("post_attention_layernorm.weight")))?;
-            let gate = linear(&h, self.p(&at("mlp.gate_proj.weight")))?;
-            let up = linear(&h, self.p(&at("mlp.up_proj.weight")))?;
+            let h = layers.rms_norm(&x, &p(&at("post_attention_layernorm.weight")))?;
+            let gate = linear(&h, &p(&at("mlp.gate_proj.weight")))?;
+            let up = linear(&h, &p(&at("mlp.up_proj.weight")))?;
             let mlp = layers.swiglu(&gate, &up)?;
-            x = (x + linear(&mlp, self.p(&at("mlp.down_proj.weight")))?)?;
+            x = (x + linear(&mlp, &p(&at("mlp.down_proj.weight")))?)?;
         }
-        let x = layers.rms_norm(&x, self.p("model.norm.weight"))?;
+        let x = layers.rms_norm(&x, &p("model.norm.weight"))?;
         let head = if c.tie_word_embeddings {
             embed
         } else {
-            self.p("lm_head.weight")
+            p("lm_head.weight")
         };
-        Ok(linear(&x, head)?)
+        Ok(linear(&x, &head)?)
     }
 
     fn attention(
@@ -155,8 +166,8 @@ impl Llama {
         layers: &Layers,
         h: &Tensor,
         layer: usize,
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
+        graph: Graph,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
@@ -164,9 +175,10 @@ impl Llama {
         let split = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
             x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(linear(h, self.p(&at("q_proj")))?, heads)?;
-        let k = split(linear(h, self.p(&at("k_proj")))?, kv_heads)?;
-        let v = split(linear(h, self.p(&at("v_proj")))?, kv_heads)?;
+        let p = |name: &str| self.p(&at(name), graph);
+        let q = split(linear(h, &p("q_proj"))?, heads)?;
+        let k = split(linear(h, &p("k_proj"))?, kv_heads)?;
+        let v = split(linear(h, &p("v_proj"))?, kv_heads)?;
         let (q, k) = (layers.rope(&q)?, layers.rope(&k)?);
         let (k, v) = (
             repeat_kv(k, heads / kv_heads)?,
@@ -178,7 +190,7 @@ impl Llama {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b * t, heads * d))?;
-        Ok(linear(&out, self.p(&at("o_proj")))?)
+        Ok(linear(&out, &p("o_proj"))?)
     }
 
     /// Continues `prompt` by `count` tokens, sampling at `temperature` (0 = greedy) from a
@@ -199,7 +211,7 @@ impl Llama {
         for _ in 0..count {
             let context = &tokens[tokens.len().saturating_sub(window)..];
             let x = Tensor::from_slice(context, (1, context.len()), &self.device)?;
-            let logits = self.forward(&x)?;
+            let logits = self.forward_in(&x, Graph::Skip)?;
             let last: Vec<f32> = logits.get(context.len() - 1)?.to_vec1()?;
             tokens.push(sample(&last, temperature, &mut rng));
         }
@@ -208,7 +220,16 @@ impl Llama {
 
     /// Mean next-token cross-entropy of `targets` given `inputs` (both `[batch, seq]`).
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor, ModelError> {
-        let logits = self.forward(inputs)?;
+        self.loss_in(inputs, targets, Graph::Record)
+    }
+
+    fn loss_in(
+        &self,
+        inputs: &Tensor,
+        targets: &Tensor,
+        graph: Graph,
+    ) -> Result<Tensor, ModelError> {
+        let logits = self.forward_in(inputs, graph)?;
         let targets = targets.flatten_all()?;
         if !self.device.is_cpu() {
             return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
@@ -217,13 +238,33 @@ impl Llama {
         Ok(logits.apply_op1(fused::CrossEntropy { targets })?)
     }
 
-    /// The mean loss on `batch`, without gradients (evaluation).
+    /// The mean loss on `batch`, without gradients (evaluation), [`EVAL_ROWS`] rows at
+    /// a time: no graph is kept and only one slice's activations are alive, so an
+    /// evaluation over many rows needs no more memory than a training step.
     pub fn batch_loss(&self, batch: &crate::data::Batch) -> Result<f32, ModelError> {
-        let shape = (batch.rows, batch.seq);
-        let inputs = Tensor::from_slice(&batch.inputs, shape, &self.device)?;
-        let targets = Tensor::from_slice(&batch.targets, shape, &self.device)?;
-        Ok(self.loss(&inputs, &targets)?.to_scalar::<f32>()?)
+        let mut sum = 0f64;
+        for start in (0..batch.rows).step_by(EVAL_ROWS) {
+            let rows = EVAL_ROWS.min(batch.rows - start);
+            let span = start * batch.seq..(start + rows) * batch.seq;
+            let shape = (rows, batch.seq);
+            let inputs = Tensor::from_slice(&batch.inputs[span.clone()], shape, &self.device)?;
+            let targets = Tensor::from_slice(&batch.targets[span], shape, &self.device)?;
+            let loss = self.loss_in(&inputs, &targets, Graph::Skip)?;
+            sum += f64::from(loss.to_scalar::<f32>()?) * rows as f64;
+        }
+        Ok((sum / batch.rows.max(1) as f64) as f32)
     }
+}
+
+/// Rows [`Llama::batch_loss`] evaluates at once.
+pub const EVAL_ROWS: usize = 8;
+
+/// Whether a forward pass records the graph a backward pass needs. Evaluation and
+/// generation skip it: every activation is then freed as soon as the next is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Graph {
+    Record,
+    Skip,
 }
 
 /// `(name, shape)` of every parameter, in Hugging Face order.

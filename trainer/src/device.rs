@@ -1,0 +1,161 @@
+//! Where a role's tensors live: `--device cpu|cuda|cuda:N|auto` (env `STARLING_DEVICE`).
+//!
+//! `auto` takes the first CUDA device when this binary was built with the `cuda` feature
+//! and one answers, and the CPU otherwise, and says which and why: a pod that asked for a
+//! GPU and trains on the CPU must be visible in its log, not only in its speed. Asking for
+//! `cuda` where there is none is an error naming the reason, never a fallback.
+
+use candle_core::Device;
+
+/// The device a role was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    /// A CUDA device by ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("device {other:?}: expected cpu, cuda, cuda:N or auto")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "--device {0}: this starling-trainer was built without CUDA; use --device cpu, or a \
+         binary built with `--features cuda` (see trainer/cuda/toolchain.sh)"
+    )]
+    NotBuilt(DeviceChoice),
+    #[error("--device {choice}: no usable CUDA device: {reason}")]
+    Unavailable {
+        choice: DeviceChoice,
+        reason: String,
+    },
+}
+
+/// The `--device` flag every tensor-holding role takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a GPU answers).
+    #[arg(long, env = crate::env::DEVICE, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+impl DeviceArgs {
+    /// Opens the device, logging which one and why.
+    pub fn open(&self) -> Result<Device, DeviceError> {
+        let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
+        tracing::info!(device = %describe(&device), "{why}");
+        Ok(device)
+    }
+}
+
+/// The device for `choice` where `cuda_built` says whether this binary has CUDA, and a
+/// sentence saying why it is the one.
+pub fn open(choice: DeviceChoice, cuda_built: bool) -> Result<(Device, String), DeviceError> {
+    match choice {
+        DeviceChoice::Cpu => Ok((Device::Cpu, "training on the CPU, as asked".into())),
+        DeviceChoice::Cuda(_) if !cuda_built => Err(DeviceError::NotBuilt(choice)),
+        DeviceChoice::Cuda(n) => Device::new_cuda(n)
+            .map(|d| (d, format!("training on CUDA device {n}, as asked")))
+            .map_err(|e| DeviceError::Unavailable {
+                choice,
+                reason: e.to_string(),
+            }),
+        DeviceChoice::Auto if !cuda_built => Ok((
+            Device::Cpu,
+            "training on the CPU: this binary was built without CUDA".into(),
+        )),
+        DeviceChoice::Auto => match Device::new_cuda(0) {
+            Ok(d) => Ok((d, "training on CUDA device 0 (auto)".into())),
+            Err(e) => Ok((
+                Device::Cpu,
+                format!("training on the CPU: no usable CUDA device ({e})"),
+            )),
+        },
+    }
+}
+
+/// `cpu` or `cuda:N`.
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for (name, choice) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda:0", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            assert_eq!(name.parse(), Ok(choice));
+            assert_eq!(choice.to_string(), name);
+        }
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(e.contains("cpu, cuda, cuda:N or auto"), "{e}");
+        }
+    }
+
+    #[test]
+    fn auto_without_cuda_picks_the_cpu_and_says_why() {
+        let (device, why) = open(DeviceChoice::Auto, false).unwrap();
+        assert!(device.is_cpu());
+        assert!(why.contains("CPU") && why.contains("without CUDA"), "{why}");
+    }
+
+    #[test]
+    fn asking_for_cuda_without_it_is_a_clear_error() {
+        let e = open(DeviceChoice::Cuda(1), false).unwrap_err();
+        assert!(matches!(e, DeviceError::NotBuilt(DeviceChoice::Cuda(1))));
+        let message = e.to_string();
+        assert!(message.contains("--device cuda:1") && message.contains("--features cuda"));
+    }
+
+    /// On this machine, whatever it has: auto never fails, cpu is the CPU, and cuda either
+    /// opens a GPU or names why not.
+    #[test]
+    fn on_this_machine_auto_never_fails_and_cuda_opens_or_explains() {
+        let built = candle_core::utils::cuda_is_available();
+        assert!(open(DeviceChoice::Auto, built).is_ok());
+        assert!(open(DeviceChoice::Cpu, built).unwrap().0.is_cpu());
+        match open(DeviceChoice::Cuda(0), built) {
+            Ok((device, _)) => assert!(device.is_cuda()),
+            Err(e) => assert!(e.to_string().starts_with("--device cuda:0: "), "{e}"),
+        }
+    }
+}
