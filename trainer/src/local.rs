@@ -2,9 +2,12 @@
 //! `starling-trainer` binary on loopback, each with its own data directory and log. The
 //! convergence benchmark and the multi-process tests run runs this way.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
@@ -24,6 +27,67 @@ pub struct LocalFederation {
     exchange: Option<Child>,
     port: u16,
     rt: tokio::runtime::Runtime,
+    memory: MemoryWatch,
+}
+
+/// The peak resident memory of each process of a federation, by name (`exchange`,
+/// `p0`, ...): `VmHWM` read from `/proc` every 50 ms while the process runs (the kernel
+/// keeps the peak itself, so only growth in a process's last 50 ms can be missed).
+struct MemoryWatch {
+    /// (name, pid, peak bytes) of every process started.
+    processes: Arc<Mutex<Vec<(String, u32, u64)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MemoryWatch {
+    fn start() -> Self {
+        let processes: Arc<Mutex<Vec<(String, u32, u64)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (watched, stopped) = (processes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(mut list) = watched.lock() {
+                    for (_, pid, peak) in list.iter_mut() {
+                        *peak = (*peak).max(vm_hwm(*pid).unwrap_or(0));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self { processes, stop }
+    }
+
+    fn watch(&self, name: &str, child: &Child) {
+        if let Ok(mut list) = self.processes.lock() {
+            list.push((name.to_owned(), child.id(), 0));
+        }
+    }
+
+    /// The largest peak of each name (a restarted process counts as its name).
+    fn peaks(&self) -> BTreeMap<String, u64> {
+        let mut peaks = BTreeMap::new();
+        if let Ok(list) = self.processes.lock() {
+            for (name, _, peak) in list.iter() {
+                let p = peaks.entry(name.clone()).or_insert(0);
+                *p = (*p).max(*peak);
+            }
+        }
+        peaks
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// `VmHWM` of process `pid`, bytes (Linux).
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 impl LocalFederation {
@@ -48,6 +112,7 @@ impl LocalFederation {
             exchange: None,
             port: 0,
             rt: tokio::runtime::Runtime::new()?,
+            memory: MemoryWatch::start(),
         })
     }
 
@@ -97,6 +162,7 @@ impl LocalFederation {
             )));
         };
         self.port = port;
+        self.memory.watch("exchange", &child);
         self.exchange = Some(child);
         Ok(())
     }
@@ -112,13 +178,22 @@ impl LocalFederation {
 
     /// Starts peer `p`; its final parameters go to `peer<p>/`.
     pub fn start_peer(&self, p: u32) -> std::io::Result<Child> {
-        self.command("train", &format!("p{p}"))?
+        let child = self
+            .command("train", &format!("p{p}"))?
             .args(["--exchange", &format!("http://127.0.0.1:{}", self.port)])
             .args(["--token", &token(p)])
             .arg("--checkpoint-dir")
             .arg(self.path(&format!("peer{p}")))
             .stdout(Stdio::piped())
-            .spawn()
+            .spawn()?;
+        self.memory.watch(&format!("p{p}"), &child);
+        Ok(child)
+    }
+
+    /// The peak resident memory of every process started so far, by name (`exchange`,
+    /// `p0`, ...), bytes.
+    pub fn peak_rss(&self) -> BTreeMap<String, u64> {
+        self.memory.peaks()
     }
 
     /// Waits for peer `p` to exit; its output, or its log when it failed.

@@ -257,6 +257,9 @@ pub struct ConvergenceRow {
     pub dense_bytes_per_peer: u64,
     pub ratio_vs_dense: f64,
     pub wall_s: f64,
+    /// Peak resident memory of the exchange, and of the largest peer, bytes.
+    pub exchange_peak_rss_bytes: u64,
+    pub peer_peak_rss_bytes: u64,
 }
 
 /// The convergence benchmark: the same model, data and token budget trained by a local
@@ -396,6 +399,13 @@ impl ConvergenceBench {
             .last()
             .ok_or_else(|| anyhow::anyhow!("{algorithm:?}: no round closed"))?;
         let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
+        let peaks = federation.peak_rss();
+        let peer_peak = peaks
+            .iter()
+            .filter(|(name, _)| name.starts_with('p'))
+            .map(|(_, &b)| b)
+            .max()
+            .unwrap_or(0);
         let dense_bytes_per_peer = state.dense_update_bytes * u64::from(rounds);
         Ok(ConvergenceRow {
             algorithm,
@@ -408,6 +418,8 @@ impl ConvergenceBench {
             dense_bytes_per_peer,
             ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
             wall_s,
+            exchange_peak_rss_bytes: peaks.get("exchange").copied().unwrap_or(0),
+            peer_peak_rss_bytes: peer_peak,
         })
     }
 
@@ -478,7 +490,7 @@ impl ConvergenceBench {
 
 pub fn convergence_table_header() -> String {
     format!(
-        "{:<11} {:>5} {:>6} {:>9} {:>8} {:>8} {:>13} {:>13} {:>9} {:>8}",
+        "{:<11} {:>5} {:>6} {:>9} {:>8} {:>8} {:>13} {:>13} {:>9} {:>8} {:>9} {:>9}",
         "algorithm",
         "peers",
         "rounds",
@@ -488,13 +500,15 @@ pub fn convergence_table_header() -> String {
         "sent/peer",
         "dense/peer",
         "vs dense",
-        "wall s"
+        "wall s",
+        "exch RSS",
+        "peer RSS"
     )
 }
 
 pub fn convergence_table_row(r: &ConvergenceRow) -> String {
     format!(
-        "{:<11} {:>5} {:>6} {:>9} {:>8.4} {:>8.4} {:>13} {:>13} {:>8.1}x {:>8.1}",
+        "{:<11} {:>5} {:>6} {:>9} {:>8.4} {:>8.4} {:>13} {:>13} {:>8.1}x {:>8.1} {:>6} MB {:>6} MB",
         format!("{:?}", r.algorithm).to_lowercase(),
         r.peers,
         r.rounds,
@@ -504,6 +518,8 @@ pub fn convergence_table_row(r: &ConvergenceRow) -> String {
         r.bytes_sent_per_peer,
         r.dense_bytes_per_peer,
         r.ratio_vs_dense,
-        r.wall_s
+        r.wall_s,
+        r.exchange_peak_rss_bytes >> 20,
+        r.peer_peak_rss_bytes >> 20
     )
 }

@@ -1,6 +1,7 @@
 //! The model: a LLaMA-style decoder (candle), its inner optimiser, and checkpoints in the
 //! Hugging Face layout (`model.safetensors`, `config.json`, `generation_config.json`).
 
+mod adamw;
 mod checkpoint;
 mod config;
 mod fused;

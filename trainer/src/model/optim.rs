@@ -1,6 +1,7 @@
 use candle_core::{Tensor, Var, backprop::GradStore};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+use super::adamw::CpuAdamW;
 use super::{Llama, ModelError};
 use crate::data::Batch;
 
@@ -50,8 +51,14 @@ impl LrSchedule {
 
 /// The inner loop's optimiser: one [`InnerOptimizer::step`] per batch, with gradient
 /// accumulation over micro-batches and global-norm clipping.
+/// AdamW on the CPU (one pass per parameter, see [`CpuAdamW`]) or candle's elsewhere.
+enum Adam {
+    Cpu(CpuAdamW, ParamsAdamW),
+    Device(AdamW),
+}
+
 pub struct InnerOptimizer {
-    adamw: AdamW,
+    adamw: Adam,
     vars: Vec<Var>,
     config: AdamWConfig,
     schedule: LrSchedule,
@@ -67,16 +74,18 @@ impl InnerOptimizer {
         schedule: LrSchedule,
     ) -> Result<Self, ModelError> {
         let vars: Vec<Var> = model.params().iter().map(|(_, v)| v.clone()).collect();
-        let adamw = AdamW::new(
-            vars.clone(),
-            ParamsAdamW {
-                lr: schedule.at(0),
-                beta1: config.beta1,
-                beta2: config.beta2,
-                eps: config.eps,
-                weight_decay: config.weight_decay,
-            },
-        )?;
+        let params = ParamsAdamW {
+            lr: schedule.at(0),
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+        };
+        let adamw = if model.device().is_cpu() {
+            Adam::Cpu(CpuAdamW::new(&vars), params)
+        } else {
+            Adam::Device(AdamW::new(vars.clone(), params)?)
+        };
         Ok(Self {
             adamw,
             vars,
@@ -209,26 +218,46 @@ impl InnerOptimizer {
 
     /// Clips `grads` to the configured global norm and takes one AdamW step with them.
     pub fn apply(&mut self, mut grads: GradStore) -> Result<(), ModelError> {
-        if let Some(clip) = self.config.grad_clip {
-            let mut sq = 0.0f64;
-            for v in &self.vars {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-                }
+        let scale = self.clip_scale(&grads)?;
+        let lr = self.schedule.at(self.step);
+        match &mut self.adamw {
+            Adam::Cpu(adamw, params) => {
+                params.lr = lr;
+                adamw.step(&self.vars, &grads, params, scale)?;
             }
-            let norm = sq.sqrt();
-            if norm > clip {
-                let scale = clip / norm;
-                for v in &self.vars {
-                    if let Some(g) = grads.remove(v.as_tensor()) {
-                        grads.insert(v.as_tensor(), (g * scale)?);
+            Adam::Device(adamw) => {
+                if scale != 1.0 {
+                    for v in &self.vars {
+                        if let Some(g) = grads.remove(v.as_tensor()) {
+                            grads.insert(v.as_tensor(), (g * scale)?);
+                        }
                     }
                 }
+                adamw.set_learning_rate(lr);
+                adamw.step(&grads)?;
             }
         }
-        self.adamw.set_learning_rate(self.schedule.at(self.step));
-        self.adamw.step(&grads)?;
         self.step += 1;
         Ok(())
+    }
+
+    /// The factor that brings the gradients' global norm down to the configured clip (1
+    /// when it is under it, or clipping is off). Parameters' squared norms are computed
+    /// in parallel and summed in order.
+    fn clip_scale(&self, grads: &GradStore) -> Result<f64, ModelError> {
+        use rayon::prelude::*;
+        let Some(clip) = self.config.grad_clip else {
+            return Ok(1.0);
+        };
+        let squares = self
+            .vars
+            .par_iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?)),
+                None => Ok(0.0),
+            })
+            .collect::<Result<Vec<f64>, candle_core::Error>>()?;
+        let norm = squares.iter().sum::<f64>().sqrt();
+        Ok(if norm > clip { clip / norm } else { 1.0 })
     }
 }
