@@ -41,8 +41,13 @@ pub fn init() -> usize {
         std::thread::available_parallelism().map_or(1, usize::from),
     );
     // SAFETY: main calls init first, before tracing, tokio or rayon start a thread, so
-    // no other thread can read the environment while it is written.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
+    // no other thread can read the environment while it is written. The thread count
+    // goes into the environment too, for child processes to inherit rather than the 1
+    // meant for candle.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        std::env::set_var(THREADS_ENV, threads.to_string());
+    }
     // rayon's own pool (the codec, the row slices) keeps every thread.
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -77,6 +82,18 @@ fn keep_freed_memory() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
         }
     }
+}
+
+/// The peak resident memory (`VmHWM`, Linux) of process `pid`, or of this process.
+pub fn peak_rss_bytes(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

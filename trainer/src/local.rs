@@ -48,7 +48,7 @@ impl MemoryWatch {
             while !stopped.load(Ordering::Relaxed) {
                 if let Ok(mut list) = watched.lock() {
                     for (_, pid, peak) in list.iter_mut() {
-                        *peak = (*peak).max(vm_hwm(*pid).unwrap_or(0));
+                        *peak = (*peak).max(crate::cpu::peak_rss_bytes(Some(*pid)).unwrap_or(0));
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -80,14 +80,6 @@ impl Drop for MemoryWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// `VmHWM` of process `pid`, bytes (Linux).
-fn vm_hwm(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 impl LocalFederation {

@@ -5,8 +5,7 @@
 mod throughput;
 
 pub use throughput::{
-    Shape, ThroughputBench, ThroughputRow, peak_rss_bytes, throughput_table_header,
-    throughput_table_row,
+    Shape, ThroughputBench, ThroughputRow, throughput_table_header, throughput_table_row,
 };
 
 use std::time::{Duration, Instant};

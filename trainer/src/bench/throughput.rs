@@ -186,7 +186,7 @@ impl ThroughputBench {
             peak_gflops,
             mfu: gflops / peak_gflops,
             optimizer_share: apply.as_secs_f64() / total,
-            peak_rss_bytes: peak_rss_bytes(),
+            peak_rss_bytes: crate::cpu::peak_rss_bytes(None),
         })
     }
 }
@@ -222,14 +222,6 @@ fn random_batch(shape: Shape, vocab: usize, seed: u64) -> Batch {
         rows: shape.rows,
         seq: shape.seq,
     }
-}
-
-/// `VmHWM` of this process (Linux), bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 pub fn throughput_table_header() -> String {
