@@ -40,7 +40,21 @@ for lib in "$home"/lib/lib*.so.*; do
 done
 [ -e "$home/lib64" ] || ln -s lib "$home/lib64"
 
+# The driver library (libcuda.so.1) comes with the GPU's driver, not with any wheel, yet
+# cudarc links against it. A stub that defines every driver function cudarc declares,
+# with the real library's soname, satisfies the linker; at run time the node's driver
+# is what loads.
+cudarc="$(sed -n '/^name = "cudarc"$/{n;s/^version = "\(.*\)"$/\1/p}' Cargo.lock)"
+bindings="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc"/src/driver/sys/mod.rs 2>/dev/null | head -1)"
+if [ -z "$bindings" ]; then
+    cargo fetch --locked >&2
+    bindings="$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc"/src/driver/sys/mod.rs | head -1)"
+fi
+mkdir -p "$home/lib/stubs"
+sed -n 's/^pub unsafe fn \(cu[A-Za-z0-9_]*\)(.*/void \1(void) {}/p' "$bindings" | sort -u > "$home/lib/stubs/cuda.c"
+${CC:-cc} -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$home/lib/stubs/libcuda.so" "$home/lib/stubs/cuda.c"
+
 echo "export CUDA_HOME='$home' CUDA_PATH='$home' CUDA_ROOT='$home'"
 echo "export PATH='$home/bin':\"\$PATH\""
-echo "export LIBRARY_PATH='$home/lib':\"\${LIBRARY_PATH:-}\""
+echo "export LIBRARY_PATH='$home/lib:$home/lib/stubs':\"\${LIBRARY_PATH:-}\""
 echo "export CUDA_COMPUTE_CAP='${CUDA_COMPUTE_CAP:-90}'"
