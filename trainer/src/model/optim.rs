@@ -49,14 +49,14 @@ impl LrSchedule {
     }
 }
 
-/// The inner loop's optimiser: one [`InnerOptimizer::step`] per batch, with gradient
-/// accumulation over micro-batches and global-norm clipping.
 /// AdamW on the CPU (one pass per parameter, see [`CpuAdamW`]) or candle's elsewhere.
 enum Adam {
     Cpu(CpuAdamW, ParamsAdamW),
     Device(AdamW),
 }
 
+/// The inner loop's optimiser: one [`InnerOptimizer::step`] per batch, with gradient
+/// accumulation over micro-batches and global-norm clipping.
 pub struct InnerOptimizer {
     adamw: Adam,
     vars: Vec<Var>,
@@ -136,10 +136,10 @@ impl InnerOptimizer {
     /// The gradient of the mean loss over `batch` (accumulated over micro-batches of
     /// `micro_rows`), and that loss; the parameters do not change.
     ///
-    /// With several threads (see [`InnerOptimizer::set_threads`]), the micro-batches are split into one
-    /// contiguous group per thread (micro-batches shrink so that every thread has rows)
-    /// and the groups' sums are added in batch order: the result depends on the thread
-    /// count, never on timing. With one thread it is one sequential pass.
+    /// With several threads ([`InnerOptimizer::set_threads`]), the micro-batches are
+    /// split into one contiguous group per thread (micro-batches shrink so that every
+    /// thread has rows) and the groups' sums are added in batch order: the result depends
+    /// on the thread count, never on timing. With one thread it is one sequential pass.
     pub fn gradients(
         &self,
         model: &Llama,
