@@ -44,6 +44,9 @@ async fn operate(
     let spec = ScoringSpec::default();
     let mut history = vec![];
     loop {
+        // Whether the evaluator was done before the state is read: asked after, a report
+        // sent in between would be missing from a state taken as final.
+        let evaluated = finished();
         let state = operator.run_state().await.unwrap();
         match recorder::due_in(&state, 1) {
             Some((round, reports)) => {
@@ -60,7 +63,7 @@ async fn operate(
                     .unwrap();
                 history.push((round, scoring));
             }
-            None if finished() && state.done => return history,
+            None if evaluated && state.done => return history,
             None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
