@@ -109,42 +109,41 @@ impl ModelConfig {
     /// 12·layers·seq·hidden for attention's scores and weighted sum, causal masking not
     /// subtracted. Recomputation and elementwise work are not model FLOPs.
     pub fn train_flops_per_token(&self, seq: usize) -> u64 {
-        let [v, h, i, heads, kv, layers, t] = [
+        let [v, h, layers, t] = [
             self.vocab_size,
             self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads,
-            self.num_key_value_heads,
             self.num_hidden_layers,
             seq,
         ]
         .map(|x| x as u64);
-        let kv_dim = kv * (h / heads.max(1));
-        let per_layer = h * h * 2 + h * kv_dim * 2 + 3 * h * i;
-        6 * (layers * per_layer + v * h) + 12 * layers * t * h
+        6 * (layers * self.layer_matmul_weights() + v * h) + 12 * layers * t * h
     }
 
     /// Number of parameters, counted as Hugging Face counts them for `LlamaForCausalLM`.
     pub fn parameter_count(&self) -> u64 {
-        let [v, h, i, heads, kv, layers] = [
-            self.vocab_size,
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.num_hidden_layers,
-        ]
-        .map(|x| x as u64);
-        let kv_dim = kv * (h / heads.max(1));
-        let attention = h * h * 2 + h * kv_dim * 2; // q, o and k, v projections
-        let mlp = 3 * h * i; // gate, up, down
+        let [v, h, layers] =
+            [self.vocab_size, self.hidden_size, self.num_hidden_layers].map(|x| x as u64);
         let norms = 2 * h;
         let embeddings = if self.tie_word_embeddings {
             v * h
         } else {
             2 * v * h
         };
-        layers * (attention + mlp + norms) + embeddings + h // final norm
+        layers * (self.layer_matmul_weights() + norms) + embeddings + h // final norm
+    }
+
+    /// Weights of one decoder layer's projections: q and o, k and v (grouped), and the
+    /// MLP's gate, up and down.
+    fn layer_matmul_weights(&self) -> u64 {
+        let [h, i, heads, kv] = [
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        ]
+        .map(|x| x as u64);
+        let kv_dim = kv * (h / heads.max(1));
+        h * h * 2 + h * kv_dim * 2 + 3 * h * i
     }
 
     /// The `config.json` Hugging Face tools expect next to `model.safetensors`.

@@ -37,6 +37,18 @@ pub(super) fn with_data<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) ->
     Ok(f(slice(cpu, layout, op)?))
 }
 
+/// [`with_data`] of three tensors at once.
+fn with_data3<R>(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    op: &str,
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> R,
+) -> Result<R> {
+    // The two outer reads' results; the innermost is what is returned.
+    with_data(a, op, |a| {
+        with_data(b, op, |b| with_data(c, op, |c| f(a, b, c)))
+    })??
+}
+
 /// A tensor of `shape` on `like`'s device from `data`.
 fn tensor(data: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(data, like.shape(), like.device())
@@ -106,32 +118,27 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let name = self.name();
-        let (dx, dw) = with_data(x, name, |x| {
-            with_data(w, name, |w| {
-                with_data(g, name, |g| {
-                    let h = w.len();
-                    let (mut dx, mut dw) = (vec![0f32; x.len()], vec![0f32; h]);
-                    let mut u = vec![0f32; h];
-                    for ((xr, gr), dxr) in x
-                        .chunks_exact(h)
-                        .zip(g.chunks_exact(h))
-                        .zip(dx.chunks_exact_mut(h))
-                    {
-                        let r = self.inv_rms(xr);
-                        for i in 0..h {
-                            u[i] = gr[i] * w[i];
-                            dw[i] += gr[i] * xr[i] * r;
-                        }
-                        let c = r * r * r * dot(&u, xr) / h as f32;
-                        for i in 0..h {
-                            dxr[i] = r * u[i] - xr[i] * c;
-                        }
-                    }
-                    (dx, dw)
-                })
-            })
-        })???; // one `?` per nested read
+        let (dx, dw) = with_data3((x, w, g), self.name(), |x, w, g| {
+            let h = w.len();
+            let (mut dx, mut dw) = (vec![0f32; x.len()], vec![0f32; h]);
+            let mut u = vec![0f32; h];
+            for ((xr, gr), dxr) in x
+                .chunks_exact(h)
+                .zip(g.chunks_exact(h))
+                .zip(dx.chunks_exact_mut(h))
+            {
+                let r = self.inv_rms(xr);
+                for i in 0..h {
+                    u[i] = gr[i] * w[i];
+                    dw[i] += gr[i] * xr[i] * r;
+                }
+                let c = r * r * r * dot(&u, xr) / h as f32;
+                for i in 0..h {
+                    dxr[i] = r * u[i] - xr[i] * c;
+                }
+            }
+            (dx, dw)
+        })?;
         Ok((Some(tensor(dx, x)?), Some(tensor(dw, w)?)))
     }
 }
@@ -180,20 +187,15 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let name = self.name();
-        let (da, db) = with_data(gate, name, |a| {
-            with_data(up, name, |b| {
-                with_data(g, name, |g| {
-                    let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; a.len()]);
-                    for i in 0..a.len() {
-                        let s = sigmoid(a[i]);
-                        da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-                        db[i] = g[i] * a[i] * s;
-                    }
-                    (da, db)
-                })
-            })
-        })???; // one `?` per nested read
+        let (da, db) = with_data3((gate, up, g), self.name(), |a, b, g| {
+            let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; a.len()]);
+            for i in 0..a.len() {
+                let s = sigmoid(a[i]);
+                da[i] = g[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                db[i] = g[i] * a[i] * s;
+            }
+            (da, db)
+        })?;
         Ok((Some(tensor(da, gate)?), Some(tensor(db, up)?)))
     }
 }
