@@ -18,10 +18,6 @@
 
 use std::sync::OnceLock;
 
-/// Overrides the thread count; otherwise `RAYON_NUM_THREADS`, otherwise the CPUs this
-/// process may use (its affinity mask and cgroup quota: the pod's CPU limit).
-pub const THREADS_ENV: &str = crate::env::THREADS;
-
 static THREADS: OnceLock<usize> = OnceLock::new();
 
 /// Training threads of this process: what [`init`] chose, or 1 where it was not called
@@ -30,13 +26,15 @@ pub fn threads() -> usize {
     THREADS.get().copied().unwrap_or(1)
 }
 
-/// Sets the allocator and the threads up. The binary's `main` calls it before anything
+/// Sets the allocator and the threads up. The thread count is `STARLING_THREADS`,
+/// otherwise `RAYON_NUM_THREADS`, otherwise the CPUs this process may use (its affinity
+/// mask and cgroup quota: the pod's CPU limit). The binary's `main` calls it before anything
 /// else, while it is the only thread: it writes the process environment. Returns the
 /// thread count.
 pub fn init() -> usize {
     keep_freed_memory();
     let threads = thread_count(
-        std::env::var(THREADS_ENV).ok().as_deref(),
+        std::env::var(crate::env::THREADS).ok().as_deref(),
         std::env::var("RAYON_NUM_THREADS").ok().as_deref(),
         std::thread::available_parallelism().map_or(1, usize::from),
     );
@@ -46,7 +44,7 @@ pub fn init() -> usize {
     // meant for candle.
     unsafe {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        std::env::set_var(THREADS_ENV, threads.to_string());
+        std::env::set_var(crate::env::THREADS, threads.to_string());
     }
     // rayon's own pool (the codec, the row slices) keeps every thread.
     let _ = rayon::ThreadPoolBuilder::new()

@@ -119,7 +119,7 @@ impl LocalFederation {
             .arg("--data-dir")
             .arg(self.path(&format!("data-{name}")))
             // One thread per process: the peers and the exchange share one machine.
-            .env(crate::cpu::THREADS_ENV, "1")
+            .env(crate::env::THREADS, "1")
             .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(self.path(&format!("{name}.log")))?);
         Ok(cmd)

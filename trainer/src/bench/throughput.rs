@@ -111,14 +111,13 @@ impl ThroughputBench {
         shape: Shape,
         threads: usize,
     ) -> anyhow::Result<ThroughputRow> {
-        let preset_name = serde_json::to_value(preset)?;
         let mut cmd = Command::new(&self.binary);
         cmd.args(["bench", "throughput", "--worker", "--json", "--presets"])
-            .arg(preset_name.as_str().unwrap_or("tiny"))
+            .arg(preset.to_string())
             .args(["--shapes", &format!("{}x{}", shape.rows, shape.seq)])
             .args(["--threads", &threads.to_string()])
             .args(["--steps", &self.steps.to_string()])
-            .env(crate::cpu::THREADS_ENV, threads.to_string());
+            .env(crate::env::THREADS, threads.to_string());
         if let Some(vocab) = self.vocab {
             cmd.args(["--vocab", &vocab.to_string()]);
         }
@@ -127,7 +126,7 @@ impl ThroughputBench {
             .with_context(|| format!("running {}", self.binary.display()))?;
         if !out.status.success() {
             anyhow::bail!(
-                "{preset_name} {}x{} on {threads} threads failed: {}",
+                "{preset} {}x{} on {threads} threads failed: {}",
                 shape.rows,
                 shape.seq,
                 String::from_utf8_lossy(&out.stderr)
@@ -241,10 +240,9 @@ pub fn throughput_table_header() -> String {
 }
 
 pub fn throughput_table_row(r: &ThroughputRow) -> String {
-    let preset = serde_json::to_value(r.preset).unwrap_or_default();
     format!(
         "{:<11} {:>9} {:>7} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>5.1}% {:>6.1}% {:>9}",
-        preset.as_str().unwrap_or("?"),
+        r.preset.to_string(),
         format!("{}x{}", r.rows, r.seq),
         r.threads,
         r.params,

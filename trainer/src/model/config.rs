@@ -279,6 +279,14 @@ pub enum Preset {
     Llama8B,
 }
 
+impl std::fmt::Display for Preset {
+    /// The preset's name as the CRD spells it: the serde name, so the two cannot differ.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(name.as_str().ok_or(std::fmt::Error)?)
+    }
+}
+
 impl std::str::FromStr for Preset {
     type Err = String;
 
@@ -332,6 +340,14 @@ mod tests {
     #[test]
     fn presets_parse_from_their_crd_names() {
         assert_eq!("llama-1b".parse::<Preset>(), Ok(Preset::Llama1B));
+        for p in [
+            Preset::Tiny,
+            Preset::Llama125M,
+            Preset::Llama1B,
+            Preset::Llama8B,
+        ] {
+            assert_eq!(p.to_string().parse::<Preset>(), Ok(p));
+        }
         let refused = "llama-2b".parse::<Preset>().unwrap_err();
         assert!(
             refused.contains("llama-2b") && refused.contains("llama-125m"),

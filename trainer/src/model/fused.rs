@@ -339,8 +339,8 @@ pub struct CrossEntropy {
 }
 
 impl CrossEntropy {
-    /// Calls `f(row, target, logits row, max, Σ exp(logit − max))` for every row.
-    fn rows(&self, z: &[f32], mut f: impl FnMut(usize, usize, &[f32], f32, f32)) -> Result<()> {
+    /// Calls `f(row, target, logits row, max logit)` for every row.
+    fn rows(&self, z: &[f32], mut f: impl FnMut(usize, usize, &[f32], f32)) -> Result<()> {
         let n = self.targets.len();
         if n == 0 || !z.len().is_multiple_of(n) {
             bail!("fused-cross-entropy: {} logits for {n} targets", z.len())
@@ -352,8 +352,7 @@ impl CrossEntropy {
                 bail!("fused-cross-entropy: target {target} outside a vocabulary of {v}")
             }
             let max = zr.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let sum: f32 = zr.iter().map(|&x| (x - max).exp()).sum();
-            f(row, target, zr, max, sum);
+            f(row, target, zr, max);
         }
         Ok(())
     }
@@ -367,7 +366,8 @@ impl CustomOp1 for CrossEntropy {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let z = slice(s, l, self.name())?;
         let mut total = 0f64;
-        self.rows(z, |_, target, zr, max, sum| {
+        self.rows(z, |_, target, zr, max| {
+            let sum: f32 = zr.iter().map(|&x| (x - max).exp()).sum();
             total += f64::from(sum.ln() + max - zr[target]);
         })?;
         let mean = (total / self.targets.len() as f64) as f32;
@@ -380,12 +380,16 @@ impl CustomOp1 for CrossEntropy {
         let dz = with_data(z, self.name(), |z| -> Result<Vec<f32>> {
             let mut dz = vec![0f32; z.len()];
             let v = z.len() / self.targets.len().max(1);
-            self.rows(z, |row, target, zr, max, sum| {
+            self.rows(z, |row, target, zr, max| {
+                // One exp pass: the exponentials are written, summed, then scaled.
                 let out = &mut dz[row * v..(row + 1) * v];
-                let inv = scale / sum;
+                let mut sum = 0f32;
                 for (o, &x) in out.iter_mut().zip(zr) {
-                    *o = (x - max).exp() * inv;
+                    *o = (x - max).exp();
+                    sum += *o;
                 }
+                let inv = scale / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
                 out[target] -= scale;
             })?;
             Ok(dz)
