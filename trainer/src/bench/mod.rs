@@ -2,8 +2,13 @@
 //! measured in the same run on the same buffers, because the machines are shared and
 //! absolute numbers drift.
 
+mod convergence;
 mod throughput;
 
+pub use convergence::{
+    Axis, ConvergenceBench, ConvergenceRow, Settings, convergence_table_header,
+    convergence_table_row,
+};
 pub use throughput::{
     Shape, ThroughputBench, ThroughputRow, throughput_table_header, throughput_table_row,
 };
@@ -14,7 +19,6 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::codec::{CodecConfig, Compressor, Finite, Update, ValueBits};
-use crate::run::Algorithm;
 
 /// One configuration's measurements.
 #[derive(Debug, Serialize)]
@@ -240,83 +244,6 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("not a size: {s:?} (try 16M)"))
 }
 
-/// One algorithm's outcome in the convergence benchmark.
-#[derive(Debug, Serialize)]
-pub struct ConvergenceRow {
-    pub algorithm: Algorithm,
-    pub peers: u32,
-    pub rounds: u32,
-    /// Tokens trained on by accepted updates, all peers together.
-    pub tokens: u64,
-    pub initial_validation_loss: f32,
-    pub final_validation_loss: f32,
-    /// Bytes of updates each peer sent (mean over peers).
-    pub bytes_sent_per_peer: u64,
-    /// The same updates as dense fp32: the baseline of the ratio.
-    pub dense_bytes_per_peer: u64,
-    pub ratio_vs_dense: f64,
-    pub wall_s: f64,
-    /// Peak resident memory of the exchange, and of the largest peer, bytes.
-    pub exchange_peak_rss_bytes: u64,
-    pub peer_peak_rss_bytes: u64,
-}
-
-/// The convergence benchmark: the same model, data and token budget trained by a local
-/// federation (exchange + peers as processes on loopback) with each algorithm.
-#[derive(clap::Args, Debug)]
-pub struct ConvergenceBench {
-    /// The `starling-trainer` binary to run the exchange and the peers with.
-    #[arg(skip)]
-    pub binary: std::path::PathBuf,
-    /// Where the runs work (kept afterwards for their logs and checkpoints).
-    #[arg(long, default_value = ".starling/bench-convergence")]
-    pub work_dir: std::path::PathBuf,
-    /// A model `config.json`; the tiny preset by default.
-    #[arg(long)]
-    pub model_config: Option<std::path::PathBuf>,
-    /// Algorithms to run, in order.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_enum,
-        default_value = "ddp,diloco,sparseloco"
-    )]
-    pub algorithms: Vec<Algorithm>,
-    #[arg(long, default_value_t = 4)]
-    pub peers: u32,
-    #[arg(long, default_value_t = 12)]
-    pub rounds: u32,
-    #[arg(long, default_value_t = 20)]
-    pub inner_steps: u32,
-    #[arg(long, default_value_t = 8)]
-    pub batch: u32,
-    #[arg(long, default_value_t = 128)]
-    pub sequence_length: u32,
-    #[arg(long, default_value_t = 3e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 20)]
-    pub warmup_steps: u64,
-    #[arg(long, default_value_t = 4096)]
-    pub chunk: u32,
-    #[arg(long, default_value_t = 64)]
-    pub k: u32,
-    #[arg(long, default_value_t = 2)]
-    pub bits: u8,
-    #[arg(long, default_value_t = 0.95)]
-    pub error_feedback: f32,
-    #[arg(long, default_value_t = 1.0)]
-    pub sparseloco_outer_lr: f32,
-    #[arg(long, default_value_t = 0.7)]
-    pub diloco_outer_lr: f32,
-    #[arg(long, default_value_t = 0.9)]
-    pub diloco_momentum: f32,
-    /// Held-out sequences the validation loss is measured on.
-    #[arg(long, default_value_t = 64)]
-    pub eval_rows: u32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
-
 /// Prints each row as soon as it is measured (big configurations take a while): a table
 /// under `header`, or one JSON object per line.
 pub fn printer<R: Serialize>(
@@ -342,183 +269,3 @@ pub fn printer<R: Serialize>(
 
 /// The `tiny` preset (the operator's `tiny`, byte vocabulary).
 pub const TINY_CONFIG: &str = include_str!("../../tests/fixtures/tiny-config.json");
-
-impl ConvergenceBench {
-    /// Trains every algorithm in turn, calling `report` as each row is ready.
-    pub fn run(
-        &self,
-        mut report: impl FnMut(&ConvergenceRow),
-    ) -> anyhow::Result<Vec<ConvergenceRow>> {
-        let model_config = self.model_config()?;
-        let mut rows = vec![];
-        for &algorithm in &self.algorithms {
-            let row = self.run_one(algorithm, &model_config)?;
-            report(&row);
-            rows.push(row);
-        }
-        Ok(rows)
-    }
-
-    /// The model config to train: the one given, or the tiny preset written into the
-    /// work directory.
-    fn model_config(&self) -> anyhow::Result<std::path::PathBuf> {
-        std::fs::create_dir_all(&self.work_dir)?;
-        Ok(match &self.model_config {
-            Some(path) => path.clone(),
-            None => {
-                let path = self.work_dir.join("tiny-config.json");
-                std::fs::write(&path, TINY_CONFIG)?;
-                path
-            }
-        })
-    }
-
-    /// One algorithm's run, from a fresh directory to its end, measured.
-    fn run_one(
-        &self,
-        algorithm: Algorithm,
-        model_config: &std::path::Path,
-    ) -> anyhow::Result<ConvergenceRow> {
-        // Same tokens for everyone: DDP's rounds are single steps.
-        let (rounds, inner) = match algorithm {
-            Algorithm::Ddp => (self.rounds * self.inner_steps, 1),
-            _ => (self.rounds, self.inner_steps),
-        };
-        let args = self.run_args(algorithm, model_config, inner);
-        let dir = self.work_dir.join(format!("{algorithm:?}").to_lowercase());
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut federation =
-            crate::local::LocalFederation::new(&self.binary, &dir, self.peers, args)?;
-        let start = Instant::now();
-        self.train(&mut federation, rounds)?;
-        let wall_s = start.elapsed().as_secs_f64();
-        let state = federation.run_state()?;
-        let last = state
-            .recent
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("{algorithm:?}: no round closed"))?;
-        let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
-        let peaks = federation.peak_rss();
-        let peer_peak = peaks
-            .iter()
-            .filter(|(name, _)| name.starts_with('p'))
-            .map(|(_, &b)| b)
-            .max()
-            .unwrap_or(0);
-        let dense_bytes_per_peer = state.dense_update_bytes * u64::from(rounds);
-        Ok(ConvergenceRow {
-            algorithm,
-            peers: self.peers,
-            rounds,
-            tokens: state.tokens,
-            initial_validation_loss: state.initial_validation_loss,
-            final_validation_loss: last.validation_loss,
-            bytes_sent_per_peer,
-            dense_bytes_per_peer,
-            ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
-            wall_s,
-            exchange_peak_rss_bytes: peaks.get("exchange").copied().unwrap_or(0),
-            peer_peak_rss_bytes: peer_peak,
-        })
-    }
-
-    /// The run flags the exchange and every peer of `algorithm`'s run get, with `inner`
-    /// steps a round.
-    fn run_args(
-        &self,
-        algorithm: Algorithm,
-        model_config: &std::path::Path,
-        inner: u32,
-    ) -> Vec<String> {
-        let outer_lr = match algorithm {
-            Algorithm::SparseLoCo => self.sparseloco_outer_lr,
-            Algorithm::DiLoCo => self.diloco_outer_lr,
-            Algorithm::Ddp => 1.0,
-        };
-        [
-            ("--model-config", model_config.display().to_string()),
-            ("--algorithm", format!("{algorithm:?}").to_lowercase()),
-            ("--seed", self.seed.to_string()),
-            ("--max-peers", self.peers.to_string()),
-            ("--inner-steps", inner.to_string()),
-            ("--batch", self.batch.to_string()),
-            ("--micro-batch", self.batch.to_string()),
-            ("--sequence-length", self.sequence_length.to_string()),
-            ("--lr", self.lr.to_string()),
-            ("--warmup-steps", self.warmup_steps.to_string()),
-            ("--outer-lr", outer_lr.to_string()),
-            ("--outer-momentum", self.diloco_momentum.to_string()),
-            ("--chunk", self.chunk.to_string()),
-            ("--k", self.k.to_string()),
-            ("--bits", self.bits.to_string()),
-            ("--error-feedback", self.error_feedback.to_string()),
-        ]
-        .into_iter()
-        .flat_map(|(flag, value)| [flag.to_owned(), value])
-        .collect()
-    }
-
-    /// Starts the exchange (for `rounds` rounds, each waiting for every peer) and the
-    /// peers, and waits until every peer has finished.
-    fn train(
-        &self,
-        federation: &mut crate::local::LocalFederation,
-        rounds: u32,
-    ) -> anyhow::Result<()> {
-        federation.start_exchange(&[
-            "--rounds",
-            &rounds.to_string(),
-            "--min-peers",
-            &self.peers.to_string(),
-            "--round-deadline",
-            "600",
-            "--eval-rows",
-            &self.eval_rows.to_string(),
-        ])?;
-        let children = (0..self.peers)
-            .map(|p| federation.start_peer(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        for (p, child) in children.into_iter().enumerate() {
-            federation
-                .finish(p as u32, child)
-                .map_err(anyhow::Error::msg)?;
-        }
-        Ok(())
-    }
-}
-
-pub fn convergence_table_header() -> String {
-    format!(
-        "{:<11} {:>5} {:>6} {:>9} {:>8} {:>8} {:>13} {:>13} {:>9} {:>8} {:>9} {:>9}",
-        "algorithm",
-        "peers",
-        "rounds",
-        "tokens",
-        "val0",
-        "val",
-        "sent/peer",
-        "dense/peer",
-        "vs dense",
-        "wall s",
-        "exch RSS",
-        "peer RSS"
-    )
-}
-
-pub fn convergence_table_row(r: &ConvergenceRow) -> String {
-    format!(
-        "{:<11} {:>5} {:>6} {:>9} {:>8.4} {:>8.4} {:>13} {:>13} {:>8.1}x {:>8.1} {:>6} MB {:>6} MB",
-        format!("{:?}", r.algorithm).to_lowercase(),
-        r.peers,
-        r.rounds,
-        r.tokens,
-        r.initial_validation_loss,
-        r.final_validation_loss,
-        r.bytes_sent_per_peer,
-        r.dense_bytes_per_peer,
-        r.ratio_vs_dense,
-        r.wall_s,
-        r.exchange_peak_rss_bytes >> 20,
-        r.peer_peak_rss_bytes >> 20
-    )
-}
