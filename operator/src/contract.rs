@@ -43,6 +43,10 @@ pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::Field
         sequence_length: spec.data.sequence_length,
         lr: s.inner_optimizer.lr,
         warmup_steps: u64::from(s.inner_optimizer.warmup_steps),
+        beta1: s.inner_optimizer.beta1,
+        beta2: s.inner_optimizer.beta2,
+        weight_decay: s.inner_optimizer.weight_decay,
+        grad_clip: s.inner_optimizer.grad_clip.unwrap_or(0.0),
         outer_lr: s.outer_lr as f32,
         outer_momentum: starling_trainer::run::DEFAULT_OUTER_MOMENTUM,
         chunk: c.chunk_size,
@@ -258,6 +262,21 @@ mod tests {
         let settings = settings(&run.spec);
         let parsed: Settings = names::parse_as_env(&settings.to_env()).unwrap();
         assert_eq!((parsed, settings.rounds), (settings, 12));
+    }
+
+    #[test]
+    fn every_inner_optimizer_field_of_the_spec_reaches_the_trainer() {
+        let mut run = sample();
+        let adamw = &mut run.spec.schedule.inner_optimizer;
+        (adamw.beta1, adamw.beta2, adamw.weight_decay) = (0.8, 0.99, 0.0);
+        adamw.grad_clip = None;
+        let trainer = run_config(&run.spec).unwrap().adamw();
+        assert_eq!((trainer.beta1, trainer.beta2), (0.8, 0.99));
+        assert_eq!(trainer.weight_decay, 0.0);
+        assert_eq!(trainer.grad_clip, None, "an unset gradClip clips nothing");
+        // The CRD's defaults are the trainer's.
+        let defaults = run_config(&sample().spec).unwrap().adamw();
+        assert_eq!(defaults, starling_trainer::model::AdamWConfig::DEFAULT);
     }
 
     #[test]

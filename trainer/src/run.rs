@@ -94,6 +94,22 @@ pub struct RunConfig {
     pub lr: f64,
     #[arg(long, env = env::WARMUP_STEPS, default_value_t = 20)]
     pub warmup_steps: u64,
+    // The inner AdamW's other settings. Each is left out of the fingerprint at its
+    // default, so runs that predate them keep theirs.
+    #[arg(long, env = env::BETA1, default_value_t = AdamWConfig::DEFAULT.beta1)]
+    #[serde(skip_serializing_if = "adamw_default::beta1")]
+    pub beta1: f64,
+    #[arg(long, env = env::BETA2, default_value_t = AdamWConfig::DEFAULT.beta2)]
+    #[serde(skip_serializing_if = "adamw_default::beta2")]
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    #[arg(long, env = env::WEIGHT_DECAY, default_value_t = AdamWConfig::DEFAULT.weight_decay)]
+    #[serde(skip_serializing_if = "adamw_default::weight_decay")]
+    pub weight_decay: f64,
+    /// Clip each step's global gradient norm to this; 0 clips nothing.
+    #[arg(long, env = env::GRAD_CLIP, default_value_t = adamw_default::GRAD_CLIP)]
+    #[serde(skip_serializing_if = "adamw_default::grad_clip")]
+    pub grad_clip: f64,
     #[arg(long, env = env::OUTER_LR, default_value_t = 1.0)]
     pub outer_lr: f32,
     /// Outer Nesterov momentum (`diloco`).
@@ -128,6 +144,28 @@ pub struct RunConfig {
     pub init_from: Option<PathBuf>,
 }
 
+/// Whether an AdamW setting is at its default (and so left out of the fingerprint).
+mod adamw_default {
+    use crate::model::AdamWConfig;
+
+    pub const GRAD_CLIP: f64 = match AdamWConfig::DEFAULT.grad_clip {
+        Some(clip) => clip,
+        None => 0.0,
+    };
+    pub fn beta1(v: &f64) -> bool {
+        *v == AdamWConfig::DEFAULT.beta1
+    }
+    pub fn beta2(v: &f64) -> bool {
+        *v == AdamWConfig::DEFAULT.beta2
+    }
+    pub fn weight_decay(v: &f64) -> bool {
+        *v == AdamWConfig::DEFAULT.weight_decay
+    }
+    pub fn grad_clip(v: &f64) -> bool {
+        *v == GRAD_CLIP
+    }
+}
+
 /// The outer Nesterov momentum of `diloco` when none is given.
 pub const DEFAULT_OUTER_MOMENTUM: f32 = 0.9;
 
@@ -153,6 +191,10 @@ impl RunConfig {
             (env::SEQUENCE_LENGTH, self.sequence_length.to_string()),
             (env::LR, self.lr.to_string()),
             (env::WARMUP_STEPS, self.warmup_steps.to_string()),
+            (env::BETA1, self.beta1.to_string()),
+            (env::BETA2, self.beta2.to_string()),
+            (env::WEIGHT_DECAY, self.weight_decay.to_string()),
+            (env::GRAD_CLIP, self.grad_clip.to_string()),
             (env::OUTER_LR, self.outer_lr.to_string()),
             (env::OUTER_MOMENTUM, self.outer_momentum.to_string()),
             (env::CHUNK, self.chunk.to_string()),
@@ -337,7 +379,13 @@ impl RunConfig {
     }
 
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig::default()
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            weight_decay: self.weight_decay,
+            grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip),
+            ..AdamWConfig::DEFAULT
+        }
     }
 }
 
@@ -409,6 +457,10 @@ mod tests {
             sequence_length: 256,
             lr: 1.5e-3,
             warmup_steps: 11,
+            beta1: 0.8,
+            beta2: 0.99,
+            weight_decay: 0.0,
+            grad_clip: 0.5,
             outer_lr: 0.7,
             outer_momentum: 0.85,
             chunk: 2048,
@@ -450,5 +502,21 @@ mod tests {
         // Peers that combine updates differently must not share a run.
         assert_eq!(default.fingerprint, mean.fingerprint);
         assert_ne!(default.fingerprint, median.fingerprint);
+    }
+
+    #[test]
+    fn the_inner_optimizer_settings_are_the_runs_and_fingerprinted() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = small_run(&dir.path().join("default"), &[]);
+        let same = small_run(&dir.path().join("same"), &["--weight-decay", "0.1"]);
+        let other = small_run(
+            &dir.path().join("other"),
+            &["--weight-decay", "0", "--grad-clip", "0"],
+        );
+        assert_eq!(default.config.adamw(), AdamWConfig::DEFAULT);
+        let adamw = other.config.adamw();
+        assert_eq!((adamw.weight_decay, adamw.grad_clip), (0.0, None));
+        assert_eq!(default.fingerprint, same.fingerprint);
+        assert_ne!(default.fingerprint, other.fingerprint);
     }
 }

@@ -16,15 +16,19 @@ pub struct AdamWConfig {
     pub grad_clip: Option<f64>,
 }
 
+impl AdamWConfig {
+    pub const DEFAULT: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        weight_decay: 0.1,
+        eps: 1e-8,
+        grad_clip: Some(1.0),
+    };
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.95,
-            weight_decay: 0.1,
-            eps: 1e-8,
-            grad_clip: Some(1.0),
-        }
+        Self::DEFAULT
     }
 }
 
