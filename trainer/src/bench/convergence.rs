@@ -210,7 +210,7 @@ impl ConvergenceBench {
         mut report: impl FnMut(&ConvergenceRow),
     ) -> anyhow::Result<Vec<ConvergenceRow>> {
         let runs = self.runs().map_err(anyhow::Error::msg)?;
-        let model_config = self.model_config()?;
+        let model_config = super::model_config(&self.work_dir, self.model_config.as_deref())?;
         let mut rows: Vec<ConvergenceRow> = vec![];
         for (i, (algorithm, settings)) in runs.into_iter().enumerate() {
             let dir = (self.work_dir).join(format!("{i:02}-{}", algorithm_name(algorithm)));
@@ -308,20 +308,6 @@ impl ConvergenceBench {
             outer_momentum,
             error_feedback,
             k,
-        })
-    }
-
-    /// The model config to train: the one given, or the tiny preset written into the
-    /// work directory.
-    fn model_config(&self) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(&self.work_dir)?;
-        Ok(match &self.model_config {
-            Some(path) => path.clone(),
-            None => {
-                let path = self.work_dir.join("tiny-config.json");
-                std::fs::write(&path, super::TINY_CONFIG)?;
-                path
-            }
         })
     }
 

@@ -269,3 +269,20 @@ pub fn printer<R: Serialize>(
 
 /// The `tiny` preset (the operator's `tiny`, byte vocabulary).
 pub const TINY_CONFIG: &str = include_str!("../../tests/fixtures/tiny-config.json");
+
+/// The model config a benchmark trains: the one `given`, or the tiny preset written into
+/// `work_dir` (which this creates).
+pub fn model_config(
+    work_dir: &std::path::Path,
+    given: Option<&std::path::Path>,
+) -> std::io::Result<std::path::PathBuf> {
+    std::fs::create_dir_all(work_dir)?;
+    Ok(match given {
+        Some(path) => path.to_owned(),
+        None => {
+            let path = work_dir.join("tiny-config.json");
+            std::fs::write(&path, TINY_CONFIG)?;
+            path
+        }
+    })
+}

@@ -132,15 +132,8 @@ impl AdversaryBench {
             #[command(flatten)]
             run: RunConfig,
         }
-        std::fs::create_dir_all(&self.work_dir)?;
-        let model_config = match &self.model_config {
-            Some(path) => path.clone(),
-            None => {
-                let path = self.work_dir.join("tiny-config.json");
-                std::fs::write(&path, crate::bench::TINY_CONFIG)?;
-                path
-            }
-        };
+        let model_config =
+            crate::bench::model_config(&self.work_dir, self.model_config.as_deref())?;
         let args = [
             ("--model-config", model_config.display().to_string()),
             ("--aggregation", "median-norm".into()),
