@@ -272,3 +272,66 @@ fn saved_round(path: &Path) -> u32 {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     meta.metadata().as_ref().unwrap()["round"].parse().unwrap()
 }
+
+#[test]
+fn the_convergence_sweep_trains_each_point_on_equal_tokens_and_compares_it_with_ddp() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("bench");
+    let flags = [
+        "bench",
+        "convergence",
+        "--json",
+        "--algorithms",
+        "sparseloco,ddp",
+        "--peers",
+        "2",
+        "--rounds",
+        "2",
+        "--inner-steps",
+        "2",
+        "--batch",
+        "2",
+        "--sequence-length",
+        "32",
+        "--warmup-steps",
+        "1",
+        "--eval-rows",
+        "4",
+        "--sweep",
+        "outer-lr=1,2",
+        "--work-dir",
+        work.to_str().unwrap(),
+    ];
+    let args: Vec<&std::ffi::OsStr> = flags.iter().map(|s| s.as_ref()).collect();
+    let stdout = String::from_utf8(trainer(&args)).unwrap();
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let field = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    // DDP once (the outer learning rate is not its), first; SparseLoCo at each value.
+    let shape: Vec<(&str, f64)> = (rows.iter())
+        .map(|r| (r["algorithm"].as_str().unwrap(), field(r, "outer_lr")))
+        .collect();
+    assert_eq!(
+        shape,
+        [("ddp", 1.0), ("sparseloco", 1.0), ("sparseloco", 2.0)],
+        "{stdout}"
+    );
+    let ddp = field(&rows[0], "final_validation_loss");
+    assert!(rows[0]["vs_ddp"].is_null());
+    for row in &rows[1..] {
+        assert_eq!(row["tokens"], rows[0]["tokens"], "unequal tokens: {row}");
+        assert_eq!(
+            (field(row, "rounds"), field(row, "inner_steps")),
+            (2.0, 2.0)
+        );
+        let gap = field(row, "final_validation_loss") / ddp - 1.0;
+        assert!((field(row, "vs_ddp") - gap).abs() < 1e-6, "{row}");
+    }
+    // The two SparseLoCo points really trained differently.
+    assert_ne!(
+        rows[1]["final_validation_loss"],
+        rows[2]["final_validation_loss"]
+    );
+}
