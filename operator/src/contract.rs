@@ -48,7 +48,7 @@ pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::Field
         weight_decay: s.inner_optimizer.weight_decay,
         grad_clip: s.inner_optimizer.grad_clip.unwrap_or(0.0),
         outer_lr: s.outer_lr as f32,
-        outer_momentum: starling_trainer::run::DEFAULT_OUTER_MOMENTUM,
+        outer_momentum: s.outer_momentum as f32,
         chunk: c.chunk_size,
         k: c.k(),
         bits: c.value_bits.bits(),
@@ -265,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn every_inner_optimizer_field_of_the_spec_reaches_the_trainer() {
+    fn every_optimizer_field_of_the_spec_reaches_the_trainer() {
         let mut run = sample();
         let adamw = &mut run.spec.schedule.inner_optimizer;
         (adamw.beta1, adamw.beta2, adamw.weight_decay) = (0.8, 0.99, 0.0);
@@ -274,6 +274,8 @@ mod tests {
         assert_eq!((trainer.beta1, trainer.beta2), (0.8, 0.99));
         assert_eq!(trainer.weight_decay, 0.0);
         assert_eq!(trainer.grad_clip, None, "an unset gradClip clips nothing");
+        run.spec.schedule.outer_momentum = 0.5;
+        assert_eq!(run_config(&run.spec).unwrap().outer_momentum, 0.5);
         // The CRD's defaults are the trainer's.
         let defaults = run_config(&sample().spec).unwrap().adamw();
         assert_eq!(defaults, starling_trainer::model::AdamWConfig::DEFAULT);

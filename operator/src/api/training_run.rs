@@ -26,11 +26,13 @@ const TRAINING_FIELDS_FIXED_ONCE_RUNNING: &str = "!has(oldSelf.status) || !has(o
     && self.spec.schedule.batchSize == oldSelf.spec.schedule.batchSize \
     && self.spec.schedule.innerOptimizer == oldSelf.spec.schedule.innerOptimizer \
     && self.spec.schedule.outerLr == oldSelf.spec.schedule.outerLr \
+    && self.spec.schedule.outerMomentum == oldSelf.spec.schedule.outerMomentum \
     && has(self.spec.schedule.microBatchSize) == has(oldSelf.spec.schedule.microBatchSize) \
     && (!has(self.spec.schedule.microBatchSize) \
     || self.spec.schedule.microBatchSize == oldSelf.spec.schedule.microBatchSize))";
 const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max and the \
-    schedule's innerSteps, batchSize, microBatchSize, innerOptimizer and outerLr cannot change \
+    schedule's innerSteps, batchSize, microBatchSize, innerOptimizer, outerLr and outerMomentum \
+    cannot change \
     once the run has started: they change what is being trained. Create a new TrainingRun \
     instead, starting from this run's last checkpoint to keep its progress; outerRounds, \
     peers.min, placement, checkpoint and scoring may change";
@@ -219,6 +221,11 @@ pub struct ScheduleSpec {
     #[serde(default = "default_outer_lr")]
     #[schemars(range(min = 0.0))]
     pub outer_lr: f64,
+    /// Outer Nesterov momentum of `diloco` (SparseLoCo's error feedback plays its part, so
+    /// `sparseloco` ignores it).
+    #[serde(default = "default_outer_momentum")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub outer_momentum: f64,
 }
 
 fn default_outer_rounds() -> u32 {
@@ -233,6 +240,9 @@ fn default_batch_size() -> u32 {
 fn default_outer_lr() -> f64 {
     1.0
 }
+fn default_outer_momentum() -> f64 {
+    f64::from(starling_trainer::run::DEFAULT_OUTER_MOMENTUM)
+}
 
 impl Default for ScheduleSpec {
     fn default() -> Self {
@@ -243,6 +253,7 @@ impl Default for ScheduleSpec {
             micro_batch_size: None,
             inner_optimizer: AdamWSpec::default(),
             outer_lr: default_outer_lr(),
+            outer_momentum: default_outer_momentum(),
         }
     }
 }

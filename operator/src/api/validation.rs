@@ -171,6 +171,11 @@ fn check_schedule(spec: &TrainingRunSpec, p: &mut Problems) {
         "must be positive".into()
     });
     p.check(
+        s.outer_momentum < 1.0,
+        "spec.schedule.outerMomentum",
+        || "must be below 1".into(),
+    );
+    p.check(
         s.inner_optimizer.lr > 0.0,
         "spec.schedule.innerOptimizer.lr",
         || "must be positive".into(),
@@ -386,6 +391,7 @@ schedule:
   batchSize: 8
   microBatchSize: 3
   outerLr: 0
+  outerMomentum: 1.0
   innerOptimizer: {warmupSteps: 20, beta1: 1.0}
 "#,
         );
@@ -396,6 +402,7 @@ schedule:
                 "spec.schedule.innerOptimizer.warmupSteps",
                 "spec.schedule.innerOptimizer.beta1",
                 "spec.schedule.outerLr",
+                "spec.schedule.outerMomentum",
             ]
         );
     }
