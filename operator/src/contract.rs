@@ -47,7 +47,7 @@ pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::Field
         beta2: s.inner_optimizer.beta2,
         weight_decay: s.inner_optimizer.weight_decay,
         grad_clip: s.inner_optimizer.grad_clip.unwrap_or(0.0),
-        outer_lr: s.outer_lr as f32,
+        outer_lr: s.outer_lr(c.algorithm) as f32,
         outer_momentum: s.outer_momentum as f32,
         chunk: c.chunk_size,
         k: c.k(),
@@ -223,7 +223,7 @@ pub fn mint_credentials(max_peers: u32, evaluators: u32) -> BTreeMap<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CorpusSource, TrainingRun};
+    use crate::api::{Algorithm, CorpusSource, TrainingRun};
 
     fn sample() -> TrainingRun {
         let yaml = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
@@ -276,6 +276,11 @@ mod tests {
         assert_eq!(trainer.grad_clip, None, "an unset gradClip clips nothing");
         run.spec.schedule.outer_momentum = 0.5;
         assert_eq!(run_config(&run.spec).unwrap().outer_momentum, 0.5);
+        // An unset outer learning rate is the algorithm's tuned one.
+        run.spec.schedule.outer_lr = None;
+        assert_eq!(run_config(&run.spec).unwrap().outer_lr, 2.0);
+        run.spec.compression.algorithm = Algorithm::DiLoCo;
+        assert_eq!(run_config(&run.spec).unwrap().outer_lr, 1.0);
         // The CRD's defaults are the trainer's.
         let defaults = run_config(&sample().spec).unwrap().adamw();
         assert_eq!(defaults, starling_trainer::model::AdamWConfig::DEFAULT);

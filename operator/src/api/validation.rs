@@ -167,9 +167,11 @@ fn check_schedule(spec: &TrainingRunSpec, p: &mut Problems) {
     p.check(beta1 < 1.0, "spec.schedule.innerOptimizer.beta1", || {
         "must be below 1".into()
     });
-    p.check(s.outer_lr > 0.0, "spec.schedule.outerLr", || {
-        "must be positive".into()
-    });
+    p.check(
+        s.outer_lr.is_none_or(|lr| lr > 0.0),
+        "spec.schedule.outerLr",
+        || "must be positive".into(),
+    );
     p.check(
         s.outer_momentum < 1.0,
         "spec.schedule.outerMomentum",
@@ -361,7 +363,10 @@ peers: {min: 1, max: 1}
     #[test]
     fn density_resolves_to_at_least_one_entry_per_chunk() {
         let mut s = spec(VALID);
-        assert_eq!(s.compression.k(), 64);
+        assert_eq!(
+            s.compression.k(),
+            crate::api::training_run::DEFAULT_K_PER_CHUNK
+        );
         s.compression.density = Some(0.03125);
         assert_eq!(s.compression.k(), 128);
         s.compression.density = Some(1e-9);

@@ -163,10 +163,11 @@ pub struct ConvergenceBench {
     pub algorithms: Vec<Algorithm>,
     #[arg(long, default_value_t = 4)]
     pub peers: u32,
-    /// Rounds of `--inner-steps` steps: with the batch, every row's token budget.
-    #[arg(long, default_value_t = 48)]
+    /// Rounds of `--inner-steps` steps: with the batch, every row's token budget. The
+    /// defaults here are the tuned ones, which the TrainingRun's defaults follow.
+    #[arg(long, default_value_t = 96)]
     pub rounds: u32,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     pub inner_steps: u32,
     #[arg(long, default_value_t = 8)]
     pub batch: u32,
@@ -178,15 +179,15 @@ pub struct ConvergenceBench {
     pub warmup_steps: u64,
     #[arg(long, default_value_t = 4096)]
     pub chunk: u32,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     pub k: u32,
     #[arg(long, default_value_t = 2)]
     pub bits: u8,
     #[arg(long, default_value_t = 0.95)]
     pub error_feedback: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 2.0)]
     pub sparseloco_outer_lr: f32,
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 1.0)]
     pub diloco_outer_lr: f32,
     #[arg(long, default_value_t = crate::run::DEFAULT_OUTER_MOMENTUM)]
     pub diloco_momentum: f32,
@@ -496,7 +497,8 @@ mod tests {
 
     #[test]
     fn without_a_sweep_each_algorithm_runs_once_on_the_same_tokens() {
-        let runs = bench(&["--rounds", "12", "--algorithms", "sparseloco,ddp"])
+        let flags = ["--rounds", "12", "--inner-steps", "20"];
+        let runs = bench(&[&flags[..], &["--algorithms", "sparseloco,ddp"]].concat())
             .runs()
             .unwrap();
         let shape: Vec<_> = (runs.iter())
@@ -506,7 +508,7 @@ mod tests {
             shape,
             [
                 (Algorithm::Ddp, 1, 240, 1.0),
-                (Algorithm::SparseLoCo, 20, 12, 1.0)
+                (Algorithm::SparseLoCo, 20, 12, 2.0)
             ]
         );
         assert_eq!(runs[1].1.outer_momentum, None, "SparseLoCo has no momentum");
@@ -517,6 +519,8 @@ mod tests {
         let b = bench(&[
             "--rounds",
             "12",
+            "--inner-steps",
+            "20",
             "--sweep",
             "inner-steps=10,20",
             "--sweep",
@@ -537,7 +541,7 @@ mod tests {
 
     #[test]
     fn sweep_values_that_break_the_token_budget_or_do_not_parse_are_refused() {
-        let err = bench(&["--rounds", "12", "--sweep", "inner-steps=7"])
+        let err = bench(&["--rounds", "24", "--sweep", "inner-steps=7"])
             .runs()
             .unwrap_err();
         assert!(
