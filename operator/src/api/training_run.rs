@@ -223,11 +223,11 @@ pub struct ScheduleSpec {
     #[serde(default)]
     pub inner_optimizer: AdamWSpec,
     /// Outer learning rate α in θ ← θ − α·mean(Δ). Unset: 2 for `sparseloco`, 1 for
-    /// `diloco`. Each peer's sparse update covers few coordinates, and the mean over peers
-    /// thins each coordinate further, so SparseLoCo gains from a step past the mean: on
-    /// the tiny preset (4 peers, 960 inner steps, `bench convergence`) α = 2 ended 3%
-    /// lower than α = 1 at 10 inner steps a round and 32 values a chunk. Dense DiLoCo
-    /// steps by the plain mean.
+    /// `diloco`. SparseLoCo's error feedback holds back most of each round's update
+    /// (decaying it while it waits), so its step lags the dense mean and gains from a
+    /// larger α: on the tiny preset (4 peers, 960 inner steps, `bench convergence`) α = 2
+    /// ended 3% lower than α = 1 at 10 inner steps a round and 32 values a chunk, and
+    /// α = 3 no lower than 2. Dense DiLoCo steps by the plain mean.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub outer_lr: Option<f64>,
