@@ -172,8 +172,29 @@ mod adamw_default {
 /// inner steps) it ended 12% above the plain mean, and 17% above data-parallel training.
 pub const DEFAULT_OUTER_MOMENTUM: f32 = 0.0;
 
+/// The settings `bench convergence --sweep` found best on the tiny preset (the README's
+/// table): the defaults of that benchmark and of the TrainingRun, defined once.
+pub mod tuned {
+    use super::Algorithm;
+
+    pub const INNER_STEPS: u32 = 10;
+    /// Values kept per chunk of 4096.
+    pub const K: u32 = 32;
+    pub const LR: f64 = 3e-3;
+    pub const WARMUP_STEPS: u32 = 20;
+
+    /// SparseLoCo's step lags the dense mean (its error feedback holds most of each
+    /// update back), so it steps past it; the dense algorithms step by the mean.
+    pub const fn outer_lr(algorithm: Algorithm) -> f32 {
+        match algorithm {
+            Algorithm::SparseLoCo => 2.0,
+            Algorithm::DiLoCo | Algorithm::Ddp => 1.0,
+        }
+    }
+}
+
 /// A value-enum's name as its flag (and variable) spells it.
-fn value_name<V: ValueEnum>(v: &V) -> String {
+pub(crate) fn value_name<V: ValueEnum>(v: &V) -> String {
     v.to_possible_value()
         .map(|p| p.get_name().to_owned())
         .unwrap_or_default()

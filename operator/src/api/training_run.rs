@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{LlamaConfig, ModelPreset, PeerId, Tier};
 /// The trainer's own types: what the operator asks for is what the trainer reads.
 pub use starling_trainer::codec::ValueBits;
+use starling_trainer::run::tuned;
 pub use starling_trainer::run::{Aggregation, Algorithm};
 pub use starling_trainer::scoring::rules::Standing;
 pub use starling_trainer::scoring::{CopySpec, OpenSkillSpec, ScoringSpec};
@@ -244,7 +245,7 @@ fn default_outer_rounds() -> u32 {
     20
 }
 fn default_inner_steps() -> u32 {
-    10
+    tuned::INNER_STEPS
 }
 fn default_batch_size() -> u32 {
     8
@@ -256,10 +257,7 @@ fn default_outer_momentum() -> f64 {
 impl ScheduleSpec {
     /// The outer learning rate `algorithm` steps with: the spec's, else its default.
     pub fn outer_lr(&self, algorithm: Algorithm) -> f64 {
-        self.outer_lr.unwrap_or(match algorithm {
-            Algorithm::SparseLoCo => 2.0,
-            Algorithm::DiLoCo | Algorithm::Ddp => 1.0,
-        })
+        (self.outer_lr).unwrap_or(f64::from(tuned::outer_lr(algorithm)))
     }
 }
 
@@ -308,7 +306,7 @@ pub struct AdamWSpec {
 }
 
 fn default_lr() -> f64 {
-    3e-3
+    tuned::LR
 }
 fn default_beta1() -> f64 {
     0.9
@@ -320,7 +318,7 @@ fn default_weight_decay() -> f64 {
     0.1
 }
 fn default_warmup_steps() -> u32 {
-    20
+    tuned::WARMUP_STEPS
 }
 fn default_grad_clip() -> Option<f64> {
     Some(1.0)
@@ -381,7 +379,7 @@ fn default_error_feedback_decay() -> f64 {
 }
 
 /// Entries per chunk when neither `density` nor `kPerChunk` is given.
-pub const DEFAULT_K_PER_CHUNK: u32 = 32;
+pub const DEFAULT_K_PER_CHUNK: u32 = tuned::K;
 
 impl CompressionSpec {
     /// Entries kept per chunk, resolving `density` against the chunk size (at least 1).

@@ -15,7 +15,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::local::LocalFederation;
-use crate::run::Algorithm;
+use crate::run::{Algorithm, tuned};
 
 /// The settings one run trains with: a point of the sweep's grid.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -167,27 +167,27 @@ pub struct ConvergenceBench {
     /// defaults here are the tuned ones, which the TrainingRun's defaults follow.
     #[arg(long, default_value_t = 96)]
     pub rounds: u32,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = tuned::INNER_STEPS)]
     pub inner_steps: u32,
     #[arg(long, default_value_t = 8)]
     pub batch: u32,
     #[arg(long, default_value_t = 128)]
     pub sequence_length: u32,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = tuned::LR)]
     pub lr: f64,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = u64::from(tuned::WARMUP_STEPS))]
     pub warmup_steps: u64,
     #[arg(long, default_value_t = 4096)]
     pub chunk: u32,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = tuned::K)]
     pub k: u32,
     #[arg(long, default_value_t = 2)]
     pub bits: u8,
     #[arg(long, default_value_t = 0.95)]
     pub error_feedback: f32,
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = tuned::outer_lr(Algorithm::SparseLoCo))]
     pub sparseloco_outer_lr: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = tuned::outer_lr(Algorithm::DiLoCo))]
     pub diloco_outer_lr: f32,
     #[arg(long, default_value_t = crate::run::DEFAULT_OUTER_MOMENTUM)]
     pub diloco_momentum: f32,
@@ -412,7 +412,7 @@ impl ConvergenceBench {
 
 /// An algorithm as its flag spells it.
 fn algorithm_name(algorithm: Algorithm) -> String {
-    format!("{:?}", algorithm).to_lowercase()
+    crate::run::value_name(&algorithm)
 }
 
 /// A setting the algorithm does not use prints as `-`.
