@@ -15,5 +15,6 @@ pub mod outer;
 pub mod roles;
 pub mod run;
 pub mod scoring;
+pub mod simulate;
 #[cfg(test)]
 mod testing;

@@ -45,6 +45,8 @@ enum Command {
     /// Benchmarks; each prints a table, or JSON lines with --json.
     #[command(subcommand)]
     Bench(Bench),
+    /// Simulate runs too large for this machine: where a round's time goes, link by link.
+    Simulate(starling_trainer::simulate::SimulateArgs),
 }
 
 #[derive(Args)]
@@ -491,6 +493,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Sample(args) => args.run()?,
         Command::Publish(args) => args.run()?,
         Command::Bench(bench) => bench.run()?,
+        Command::Simulate(args) => args.run()?,
     }
     Ok(ExitCode::SUCCESS)
 }

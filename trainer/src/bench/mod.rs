@@ -177,6 +177,31 @@ impl CodecBench {
     }
 }
 
+/// GB/s of encoded bytes that one core parses and checks (`Update::from_bytes`: checksum,
+/// header, every segment), as the exchange does with each update it receives.
+pub fn check_gbps(
+    shape: crate::simulate::CodecShape,
+    params: usize,
+    repeats: usize,
+) -> anyhow::Result<f64> {
+    let config = CodecConfig::new(shape.chunk, shape.k, shape.bits)?;
+    let compressor = Compressor::new(config, 0.95)?;
+    let delta = synthetic(params, params as u64);
+    let mut ef = vec![0.0f32; params];
+    let encoded = compressor.compress("bench", &[params as u64], Finite::new(&delta)?, &mut ef)?;
+    let bytes = Update::new(config, vec![encoded])?.to_bytes();
+    let mut failure = None;
+    let t = best_of(repeats, || {
+        if let Err(e) = Update::from_bytes(&bytes) {
+            failure = Some(e);
+        }
+    });
+    match failure {
+        Some(e) => Err(e.into()),
+        None => Ok(gbps(bytes.len(), t)),
+    }
+}
+
 /// Human-readable table header and rows.
 pub fn codec_table_header() -> String {
     format!(
