@@ -335,3 +335,40 @@ fn the_convergence_sweep_trains_each_point_on_equal_tokens_and_compares_it_with_
         rows[2]["final_validation_loss"]
     );
 }
+
+#[test]
+fn the_simulator_prints_one_json_object_per_scenario_with_its_round_time_and_egress() {
+    let flags = [
+        "simulate",
+        "--json",
+        "--scenario",
+        "covenant-72b",
+        "--scenario",
+        "covenant-72b-aggregate",
+        "--rounds",
+        "3",
+        "--codec-params",
+        "1M",
+    ];
+    let args: Vec<&std::ffi::OsStr> = flags.iter().map(|s| s.as_ref()).collect();
+    let stdout = String::from_utf8(trainer(&args)).unwrap();
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    let field = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    for r in &rows {
+        assert_eq!(field(r, "peers"), 20.0);
+        assert_eq!(field(r, "model_params"), 72e9);
+        assert!(field(r, "round_s") > field(r, "compute_s"));
+        assert!((0.0..1.0).contains(&field(r, "utilisation")));
+        assert!(r["exchange_egress_bytes"].is_number() && r["storage_egress_bytes"].is_number());
+    }
+    // The compressed aggregate is one update per peer instead of nineteen.
+    let (all, aggregate) = (&rows[0], &rows[1]);
+    let update = field(all, "update_bytes");
+    assert!((field(all, "download_per_peer_bytes") / update - 19.0).abs() < 1e-6);
+    assert!((field(aggregate, "download_per_peer_bytes") / update - 1.0).abs() < 1e-6);
+    assert!(field(aggregate, "round_s") < field(all, "round_s"));
+}
