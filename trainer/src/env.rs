@@ -36,6 +36,8 @@ pub const INIT_FROM: &str = "STARLING_INIT_FROM";
 pub const ROUNDS: &str = "STARLING_ROUNDS";
 pub const MIN_PEERS: &str = "STARLING_MIN_PEERS";
 pub const ROUND_DEADLINE: &str = "STARLING_ROUND_DEADLINE";
+pub const ROUND_DEADLINE_FLOOR: &str = "STARLING_ROUND_DEADLINE_FLOOR";
+pub const ROUND_QUORUM: &str = "STARLING_ROUND_QUORUM";
 pub const CHECKPOINT_EVERY: &str = "STARLING_CHECKPOINT_EVERY";
 
 // The exchange pod.

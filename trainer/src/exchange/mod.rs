@@ -6,6 +6,7 @@
 //! (fetch the closed round, resync, give up) without parsing text.
 
 pub mod client;
+pub mod pacing;
 pub mod server;
 mod settings;
 

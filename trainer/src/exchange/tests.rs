@@ -34,6 +34,9 @@ pub(super) fn options(dir: &std::path::Path) -> ExchangeOptions {
             min_peers: 2,
             round_deadline: 60.0,
             checkpoint_every: 100,
+            // Below the deadline, so that later rounds show it adapting.
+            round_deadline_floor: 30.0,
+            round_quorum: 0.75,
         }),
         liveness: Duration::from_secs(60),
         max_update_bytes: None,
@@ -288,6 +291,10 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     // Both peers the exchange knew had sent, with `min_peers` = 2: closed at quorum, not
     // after waiting out its minute.
     assert!(!state.recent[0].closed_at_deadline, "{:?}", state.recent[0]);
+    assert_eq!(state.recent[0].closed_by, "all-in");
+    // With no round before it, the round had the full deadline.
+    assert_eq!(state.recent[0].deadline_seconds, 60.0);
+    assert!(state.recent[0].waited_seconds < 60.0);
     assert!(state.recent[0].validation_loss.is_finite());
     let metrics = http_get(&url, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
@@ -386,6 +393,21 @@ fn federate_lengthened(
     for p in peers {
         let report = p.join().unwrap();
         assert_eq!(report.updates_accepted, rounds, "{report:?}");
+    }
+    if lengthen_to.is_none() {
+        // Every round was all in; after the first, the deadline followed the rounds
+        // before (seconds at most, so the floor) instead of the full minute.
+        let state = rt
+            .block_on(async { client(&url, OPERATOR, "").run_state().await })
+            .unwrap();
+        let paced: Vec<(&str, f64)> = (state.recent.iter())
+            .map(|r| (r.closed_by.as_str(), r.deadline_seconds))
+            .collect();
+        assert_eq!(
+            paced,
+            [("all-in", 60.0), ("all-in", 30.0), ("all-in", 30.0)],
+            "{algorithm}"
+        );
     }
     let last = format!("exchange/round-{rounds:06}");
     let bytes = |d: &str| std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();

@@ -30,7 +30,7 @@ use tokio::sync::{Notify, watch};
 use tonic::{Request, Status};
 
 use super::proto::{self, exchange_server::ExchangeServer};
-use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens};
+use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens, pacing};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama};
 use crate::outer::{Outer, Round};
@@ -131,6 +131,8 @@ struct State {
     /// Each evaluator's latest measurements: their round and how long after its close
     /// they came.
     evaluators: BTreeMap<String, proto::EvaluatorState>,
+    /// When recent rounds' updates arrived: what paces the open round.
+    pacing: pacing::History<PeerId>,
 }
 
 impl State {
@@ -157,6 +159,7 @@ impl State {
             publications: BTreeMap::new(),
             ledger: ledger::Ledger::default(),
             evaluators: BTreeMap::new(),
+            pacing: pacing::History::default(),
         }
     }
 

@@ -2,8 +2,9 @@
 //! [`RoundState::Collecting`] while updates arrive, [`RoundState::Closing`] while its
 //! result is applied to the global state; then the next round opens.
 //!
-//! Whether a round is due to close is the pure function [`due`]; one task per exchange
-//! ([`close_rounds`]) sleeps until the round is due or something happens, and closes it.
+//! Whether a round is due to close is the pure function [`due`] (its deadline and early
+//! close paced by [`crate::exchange::pacing`]); one task per exchange ([`close_rounds`])
+//! sleeps until the round is due or something happens, and closes it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
+use crate::exchange::pacing;
 use crate::outer::Round;
 
 /// Recent round summaries kept for `GetRunState`.
@@ -54,49 +56,88 @@ pub(super) enum Due {
     /// Not yet: look again at `wake_at`, or only when something happens if `None`.
     No { wake_at: Option<Instant> },
     /// Every live peer has sent, and at least `min_peers` have.
+    AllIn,
+    /// Early: a quorum has sent, and every live peer still missing is predicted to miss
+    /// the deadline.
     AtQuorum,
-    /// The deadline passed before the quorum was reached.
+    /// The deadline passed before the round was all in.
     AtDeadline,
+}
+
+impl Due {
+    /// How the round closed, as `RoundSummary.closed_by` says it.
+    fn closed_by(self) -> &'static str {
+        match self {
+            Due::No { .. } => "open",
+            Due::AllIn => "all-in",
+            Due::AtQuorum => "quorum",
+            Due::AtDeadline => "deadline",
+        }
+    }
+}
+
+/// What the exchange knows of the open round when it decides whether to close it.
+pub(super) struct Observed<'a> {
+    /// The peers whose update the round holds.
+    pub submitted: &'a [PeerId],
+    /// Every known peer with when it last called.
+    pub last_seen: &'a [(PeerId, Instant)],
+    /// How long after a round's first update each peer's update is expected (peers with
+    /// no recent rounds are absent).
+    pub predicted: &'a [(PeerId, Duration)],
+    /// When the round's first update arrived (`None`: it has none).
+    pub first_at: Option<Instant>,
+}
+
+/// The rules a round closes by.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Rules {
+    /// A peer counts as live for this long after it last called.
+    pub liveness: Duration,
+    pub min_peers: u32,
+    /// This round's deadline, after its first update.
+    pub deadline: Duration,
+    /// The fraction of live peers that may close the round early.
+    pub quorum: f64,
 }
 
 /// Whether a round is due to close at `now`.
 ///
-/// `submitted` are the peers whose update the round holds; `last_seen` is every known
-/// peer with when it last called, and a peer counts as live for `liveness` after that;
-/// the round's first update arrived at `first_at` (`None`: it has none). A round closes
-/// at quorum when every live peer has sent and at least `min_peers` have, else
-/// `deadline` after its first update. Until then it is looked at again when the
-/// deadline passes or the first live peer that has not sent lapses, whichever is
-/// earlier.
-pub(super) fn due(
-    submitted: &[PeerId],
-    last_seen: &[(PeerId, Instant)],
-    liveness: Duration,
-    min_peers: u32,
-    deadline: Duration,
-    first_at: Option<Instant>,
-    now: Instant,
-) -> Due {
-    let Some(first_at) = first_at else {
+/// It closes when every live peer has sent and at least `min_peers` have (all in), at
+/// its deadline after the first update, or before that at the quorum when the live peers
+/// still missing are all predicted to miss the deadline. Until then it is looked at
+/// again when the deadline passes or the first live peer that has not sent lapses,
+/// whichever is earlier, and whenever an update arrives.
+pub(super) fn due(o: &Observed, rules: &Rules, now: Instant) -> Due {
+    let Some(first_at) = o.first_at else {
         return Due::No { wake_at: None };
     };
-    // When each live peer that has not sent lapses (`None`: never, in practice).
-    let lapses: Vec<Option<Instant>> = last_seen
-        .iter()
+    // Each live peer that has not sent, with when it lapses (`None`: never, in practice).
+    let waiting: Vec<(PeerId, Option<Instant>)> = (o.last_seen.iter())
         .filter(|(p, seen)| {
-            now.saturating_duration_since(*seen) < liveness && !submitted.contains(p)
+            now.saturating_duration_since(*seen) < rules.liveness && !o.submitted.contains(p)
         })
-        .map(|(_, seen)| seen.checked_add(liveness))
+        .map(|(p, seen)| (*p, seen.checked_add(rules.liveness)))
         .collect();
-    if lapses.is_empty() && submitted.len() >= min_peers as usize {
-        return Due::AtQuorum;
+    let enough = o.submitted.len() >= rules.min_peers as usize;
+    if waiting.is_empty() && enough {
+        return Due::AllIn;
     }
-    let closes_at = first_at.checked_add(deadline);
+    let closes_at = first_at.checked_add(rules.deadline);
     if closes_at.is_some_and(|at| now >= at) {
         return Due::AtDeadline;
     }
+    let missing: Vec<Option<Duration>> = (waiting.iter())
+        .map(|(p, _)| o.predicted.iter().find(|(q, _)| q == p).map(|(_, t)| *t))
+        .collect();
+    if enough && pacing::stragglers_miss(o.submitted.len(), &missing, rules.quorum, rules.deadline)
+    {
+        return Due::AtQuorum;
+    }
     Due::No {
-        wake_at: lapses.into_iter().flatten().chain(closes_at).min(),
+        wake_at: (waiting.into_iter().filter_map(|(_, lapse)| lapse))
+            .chain(closes_at)
+            .min(),
     }
 }
 
@@ -106,7 +147,12 @@ pub(super) struct ClosingRound {
     entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
     scoring: ForScoring,
     train_loss: f32,
-    at_deadline: bool,
+    closed_by: Due,
+    first_at: Option<Instant>,
+    /// From the round's first update to its close.
+    waited: Duration,
+    /// The deadline the round had.
+    deadline: Duration,
     /// The settings in force when the round closed: its result is applied with them.
     settings: Settings,
     /// Where the run stood before this round: what its checkpoint reports.
@@ -137,6 +183,8 @@ pub(super) struct Closed {
     pub rounds: Round,
     pub scoring: ForScoring,
     pub closed_at: Instant,
+    /// When its first update arrived: late updates are timed from it.
+    pub first_at: Option<Instant>,
 }
 
 /// Closes rounds as they fall due, until the exchange is dropped or a round's result
@@ -182,6 +230,39 @@ fn round_tokens(config: &crate::run::RunConfig, entries: &[(PeerId, f32, Arc<Vec
         * u64::from(config.sequence_length)
 }
 
+impl super::State {
+    /// Times an update that came after its round closed, so that the pacing knows how
+    /// late this peer runs (rounds no longer kept are not timed).
+    pub(super) fn record_late(&mut self, peer: PeerId, round: Round) {
+        let first_at = match &self.round_state {
+            RoundState::Collecting { first_at } if self.open == round => Some(*first_at),
+            _ => (self.closed.iter())
+                .find(|c| c.round == round)
+                .and_then(|c| c.first_at),
+        };
+        if let Some(first_at) = first_at {
+            self.pacing.record(round.0, peer, first_at.elapsed());
+        }
+    }
+
+    /// [`due`] on what the exchange knows of the open round.
+    fn due(&self, rules: &Rules, first_at: Option<Instant>, now: Instant) -> Due {
+        let submitted: Vec<PeerId> = self.submissions.keys().copied().collect();
+        let last_seen: Vec<(PeerId, Instant)> =
+            self.peers.iter().map(|(p, r)| (*p, r.last_seen)).collect();
+        let predicted: Vec<(PeerId, Duration)> = (self.peers.keys())
+            .filter_map(|&p| Some((p, self.pacing.predicted(p)?)))
+            .collect();
+        let observed = Observed {
+            submitted: &submitted,
+            last_seen: &last_seen,
+            predicted: &predicted,
+            first_at,
+        };
+        due(&observed, rules, now)
+    }
+}
+
 impl Exchange {
     /// Moves the open round to [`RoundState::Closing`] if it is due at `now`, taking its
     /// updates; otherwise says when to look again.
@@ -196,23 +277,21 @@ impl Exchange {
             RoundState::Collecting { first_at } => Some(first_at),
             RoundState::Closing { .. } => return Err(None),
         };
-        let submitted: Vec<PeerId> = state.submissions.keys().copied().collect();
-        let last_seen: Vec<(PeerId, Instant)> =
-            state.peers.iter().map(|(p, r)| (*p, r.last_seen)).collect();
-        let verdict = due(
-            &submitted,
-            &last_seen,
-            opts.liveness,
-            settings.min_peers,
-            settings.deadline(),
-            first_at,
-            now,
-        );
-        let at_deadline = match verdict {
-            Due::No { wake_at } => return Err(wake_at),
-            Due::AtQuorum => false,
-            Due::AtDeadline => true,
+        let rules = Rules {
+            liveness: opts.liveness,
+            min_peers: settings.min_peers,
+            deadline: (state.pacing).deadline(
+                state.open.0,
+                settings.deadline_floor(),
+                settings.deadline(),
+            ),
+            quorum: settings.round_quorum,
         };
+        let closed_by = match state.due(&rules, first_at, now) {
+            Due::No { wake_at } => return Err(wake_at),
+            verdict => verdict,
+        };
+        let waited = first_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         let round = state.open;
         state.round_state = RoundState::Closing {
             contributors: (state.submissions.iter())
@@ -253,7 +332,10 @@ impl Exchange {
             entries,
             scoring,
             train_loss,
-            at_deadline,
+            closed_by,
+            first_at,
+            waited,
+            deadline: rules.deadline,
             settings,
             so_far,
         })
@@ -266,7 +348,10 @@ impl Exchange {
             entries,
             scoring,
             train_loss,
-            at_deadline,
+            closed_by,
+            first_at,
+            waited,
+            deadline,
             settings,
             so_far,
         } = closing;
@@ -285,7 +370,10 @@ impl Exchange {
             train_loss,
             validation_loss,
             bytes: entries.iter().map(|(_, _, b)| b.len() as u64).sum(),
-            closed_at_deadline: at_deadline,
+            closed_at_deadline: closed_by == Due::AtDeadline,
+            closed_by: closed_by.closed_by().to_owned(),
+            waited_seconds: waited.as_secs_f64(),
+            deadline_seconds: deadline.as_secs_f64(),
         };
         tracing::info!(
             round = round.0,
@@ -294,7 +382,9 @@ impl Exchange {
             bytes = summary.bytes,
             train_loss,
             validation_loss,
-            at_deadline,
+            closed_by = summary.closed_by,
+            waited_s = summary.waited_seconds,
+            deadline_s = summary.deadline_seconds,
             "round closed"
         );
         let rounds = Round(settings.rounds);
@@ -305,6 +395,7 @@ impl Exchange {
                 rounds,
                 scoring,
                 closed_at: Instant::now(),
+                first_at,
             },
             summary,
             state_bytes,
@@ -398,7 +489,16 @@ mod tests {
         (0..n).map(|i| (p(i), at)).collect()
     }
 
-    /// [`due`] with the liveness window of these tests.
+    fn rules(min_peers: u32, deadline: Duration) -> Rules {
+        Rules {
+            liveness: LIVENESS,
+            min_peers,
+            deadline,
+            quorum: 0.75,
+        }
+    }
+
+    /// [`due`] with the liveness window of these tests and no predictions.
     fn due_at(
         submitted: &[PeerId],
         last_seen: &[(PeerId, Instant)],
@@ -407,9 +507,13 @@ mod tests {
         first_at: Option<Instant>,
         now: Instant,
     ) -> Due {
-        due(
-            submitted, last_seen, LIVENESS, min_peers, deadline, first_at, now,
-        )
+        let observed = Observed {
+            submitted,
+            last_seen,
+            predicted: &[],
+            first_at,
+        };
+        due(&observed, &rules(min_peers, deadline), now)
     }
 
     #[test]
@@ -422,29 +526,29 @@ mod tests {
     }
 
     #[test]
-    fn every_live_peer_sent_and_min_peers_reached_closes_at_quorum() {
+    fn every_live_peer_sent_and_min_peers_reached_closes_all_in() {
         let t0 = Instant::now();
         let now = t0 + Duration::from_secs(1);
         let all = [p(0), p(1), p(2)];
         assert_eq!(
             due_at(&all, &seen(3, t0), 3, DEADLINE, Some(t0), now),
-            Due::AtQuorum
+            Due::AllIn
         );
         // Exactly `min_peers` updates are enough.
         assert_eq!(
             due_at(&all[..2], &seen(2, t0), 2, DEADLINE, Some(t0), now),
-            Due::AtQuorum
+            Due::AllIn
         );
     }
 
     #[test]
-    fn quorum_wins_over_a_deadline_passed_at_the_same_time() {
+    fn all_in_wins_over_a_deadline_passed_at_the_same_time() {
         let t0 = Instant::now();
         let all = [p(0), p(1)];
         let late = t0 + DEADLINE;
         assert_eq!(
             due_at(&all, &seen(2, late), 2, DEADLINE, Some(t0), late),
-            Due::AtQuorum
+            Due::AllIn
         );
     }
 
@@ -459,11 +563,11 @@ mod tests {
                 wake_at: Some(t0 + LIVENESS)
             }
         );
-        // Once it lapses, the others are a quorum.
+        // Once it lapses, the others are all in.
         let lapsed = t0 + LIVENESS;
         assert_eq!(
             due_at(&sent, &seen(3, t0), 2, DEADLINE, Some(t0), lapsed),
-            Due::AtQuorum
+            Due::AllIn
         );
     }
 
@@ -534,20 +638,66 @@ mod tests {
     fn a_peer_that_never_lapses_is_waited_for_until_the_deadline() {
         let t0 = Instant::now();
         let now = t0 + Duration::from_secs(1);
-        let forever = due(
-            &[p(0)],
-            &seen(2, t0),
-            Duration::MAX,
-            1,
-            DEADLINE,
-            Some(t0),
-            now,
-        );
+        let observed = Observed {
+            submitted: &[p(0)],
+            last_seen: &seen(2, t0),
+            predicted: &[],
+            first_at: Some(t0),
+        };
+        let never_lapses = Rules {
+            liveness: Duration::MAX,
+            ..rules(1, DEADLINE)
+        };
+        let forever = due(&observed, &never_lapses, now);
         assert_eq!(
             forever,
             Due::No {
                 wake_at: Some(t0 + DEADLINE)
             }
         );
+    }
+
+    /// Four live peers, three of which sent; the fourth is expected `fourth` after the
+    /// round's first update.
+    fn three_of_four(fourth: Option<Duration>, now_after: Duration) -> Due {
+        let t0 = Instant::now();
+        let now = t0 + now_after;
+        let predicted: Vec<(PeerId, Duration)> = fourth.map(|d| (p(3), d)).into_iter().collect();
+        let observed = Observed {
+            submitted: &[p(0), p(1), p(2)],
+            last_seen: &seen(4, now),
+            predicted: &predicted,
+            first_at: Some(t0),
+        };
+        due(&observed, &rules(1, DEADLINE), now)
+    }
+
+    #[test]
+    fn a_quorum_closes_the_round_early_when_the_missing_peer_would_miss_the_deadline() {
+        let second = Duration::from_secs(1);
+        assert_eq!(three_of_four(Some(DEADLINE * 3), second), Due::AtQuorum);
+        // Expected in time, or never measured: the round waits for it.
+        assert!(matches!(
+            three_of_four(Some(DEADLINE / 2), second),
+            Due::No { .. }
+        ));
+        assert!(matches!(three_of_four(None, second), Due::No { .. }));
+    }
+
+    #[test]
+    fn below_the_quorum_the_round_waits_even_for_peers_predicted_late() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(1);
+        let late = DEADLINE * 3;
+        let observed = Observed {
+            submitted: &[p(0)],
+            last_seen: &seen(3, now),
+            predicted: &[(p(1), late), (p(2), late)],
+            first_at: Some(t0),
+        };
+        assert!(matches!(
+            due(&observed, &rules(1, DEADLINE), now),
+            Due::No { .. }
+        ));
     }
 }

@@ -153,6 +153,7 @@ impl Exchange {
     fn accept(&self, peer: PeerId, round: Round, submission: Submission) -> Result<(), Refusal> {
         let mut state = self.state();
         if state.open != round || !state.round_state.accepts_updates() {
+            state.record_late(peer, round);
             return Err(Refusal::new(
                 Reason::RoundClosed,
                 format!("round {round} closed while the update was arriving"),
@@ -169,10 +170,12 @@ impl Exchange {
         let accepted_bytes = submission.bytes.len() as u64;
         let train_loss = submission.train_loss;
         state.submissions.insert(peer, submission);
+        let now = Instant::now();
         if state.round_state == RoundState::Open {
-            state.round_state = RoundState::Collecting {
-                first_at: Instant::now(),
-            };
+            state.round_state = RoundState::Collecting { first_at: now };
+        }
+        if let RoundState::Collecting { first_at } = state.round_state {
+            (state.pacing).record(round.0, peer, now.saturating_duration_since(first_at));
         }
         state.bytes_received += accepted_bytes;
         let record = state.peers.entry(peer).or_insert_with(PeerRecord::new);
@@ -185,7 +188,7 @@ impl Exchange {
     /// Whether `peer` may submit for `round` now; `Ok(Some(bytes))` when the exchange
     /// already holds its update for that round (a retry after a lost reply).
     fn check_round(&self, peer: PeerId, round: Round) -> Result<Option<Held>, Refusal> {
-        let state = self.state();
+        let mut state = self.state();
         if state.done() {
             return Err(Refusal::new(
                 Reason::RunDone,
@@ -217,6 +220,7 @@ impl Exchange {
             return Ok(Some(bytes));
         }
         if round < state.open || !state.round_state.accepts_updates() {
+            state.record_late(peer, round);
             return Err(Refusal::new(
                 Reason::RoundClosed,
                 format!(
