@@ -100,6 +100,8 @@ pub fn settings(spec: &TrainingRunSpec) -> Settings {
         min_peers: spec.peers.min,
         round_deadline: f64::from(spec.placement.round_deadline_seconds),
         checkpoint_every: spec.checkpoint.every_rounds,
+        round_deadline_floor: f64::from(spec.placement.round_deadline_floor_seconds),
+        round_quorum: spec.placement.round_quorum,
     }
 }
 
@@ -321,6 +323,18 @@ mod tests {
         edited.spec.checkpoint.every_rounds += 1;
         assert_eq!(run_env(&edited.spec), run_env(&run.spec));
         assert_ne!(settings(&edited.spec), settings(&run.spec));
+        // So are the pacing of rounds, each on its own.
+        for edit in [
+            (|s: &mut TrainingRunSpec| s.placement.round_deadline_floor_seconds = 5)
+                as fn(&mut TrainingRunSpec),
+            |s| s.placement.round_quorum = 0.5,
+        ] {
+            let mut paced = run.clone();
+            edit(&mut paced.spec);
+            assert_eq!(run_env(&paced.spec), run_env(&run.spec));
+            assert_ne!(settings(&paced.spec), settings(&run.spec));
+            assert!(settings(&paced.spec).validate().is_ok());
+        }
     }
 
     #[test]

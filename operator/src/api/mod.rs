@@ -28,9 +28,9 @@ pub use trainer_group::{
 pub use training_run::{
     AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
     CopySpec, CorpusSource, DataSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState, PeerStatus,
-    PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, ScheduleSpec,
-    ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun, TrainingRunSpec,
-    TrainingRunStatus, ValueBits,
+    PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, RoundStatus,
+    ScheduleSpec, ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun,
+    TrainingRunSpec, TrainingRunStatus, ValueBits,
 };
 
 /// API group of every Starling resource.

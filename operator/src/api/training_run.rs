@@ -444,10 +444,26 @@ pub struct PlacementSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub min_bandwidth_mbps: Option<u32>,
-    /// A round closes this long after it opens even if some peers have not sent.
+    /// A round closes at most this long after its first update even if some peers have
+    /// not sent. Below it the deadline follows the run: 1.5 × the 90th percentile of how
+    /// long after each of the last 8 rounds' first update its updates arrived (late ones
+    /// included), so that a federation of fast links does not wait minutes for a peer
+    /// that lost power, and one with slow links does not lose their updates.
     #[serde(default = "default_round_deadline_seconds")]
     #[schemars(range(min = 1))]
     pub round_deadline_seconds: u32,
+    /// The adaptive deadline is never shorter than this (capped by
+    /// `roundDeadlineSeconds`): a round is not cut short of a spread that healthy peers
+    /// have.
+    #[serde(default = "default_round_deadline_floor_seconds")]
+    #[schemars(range(min = 1))]
+    pub round_deadline_floor_seconds: u32,
+    /// A round closes before its deadline once this fraction of its live peers has sent
+    /// and every peer still missing is predicted, from its own recent rounds, to miss
+    /// the deadline anyway. 1 waits for every live peer or the deadline.
+    #[serde(default = "default_round_quorum")]
+    #[schemars(range(min = 0.01, max = 1.0))]
+    pub round_quorum: f64,
     /// A run that cannot be placed for this long fails (`Unschedulable`) instead of
     /// waiting for capacity forever.
     #[serde(default = "default_placement_deadline_seconds")]
@@ -461,6 +477,12 @@ fn default_tiers() -> Vec<Tier> {
 fn default_round_deadline_seconds() -> u32 {
     300
 }
+fn default_round_deadline_floor_seconds() -> u32 {
+    starling_trainer::exchange::DEFAULT_DEADLINE_FLOOR as u32
+}
+fn default_round_quorum() -> f64 {
+    starling_trainer::exchange::DEFAULT_QUORUM
+}
 fn default_placement_deadline_seconds() -> u32 {
     24 * 3600
 }
@@ -473,6 +495,8 @@ impl Default for PlacementSpec {
             max_peers_per_member: None,
             min_bandwidth_mbps: None,
             round_deadline_seconds: default_round_deadline_seconds(),
+            round_deadline_floor_seconds: default_round_deadline_floor_seconds(),
+            round_quorum: default_round_quorum(),
             placement_deadline_seconds: default_placement_deadline_seconds(),
         }
     }
@@ -620,6 +644,26 @@ pub struct TrainingRunStatus {
     /// The run's scoring ledger, once scoring runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scoring: Option<ScoringStatus>,
+    /// How the last round closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_round: Option<RoundStatus>,
+}
+
+/// How a round closed: what paced it, and what it waited for.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundStatus {
+    pub round: u32,
+    /// `all-in` (every live peer sent), `quorum` (closed early: the peers still missing
+    /// were predicted to miss the deadline) or `deadline`.
+    pub closed_by: String,
+    /// Updates in the round.
+    pub updates: u32,
+    /// Seconds from the round's first update to its close (to 0.1 s).
+    pub waited_seconds: f64,
+    /// The deadline the round had, in seconds (to 0.1 s): adapted to recent rounds
+    /// within `spec.placement.roundDeadlineFloorSeconds` and `roundDeadlineSeconds`.
+    pub deadline_seconds: f64,
 }
 
 /// Where a run's scoring ledger stands.

@@ -10,7 +10,7 @@ pub mod pacing;
 pub mod server;
 mod settings;
 
-pub use settings::Settings;
+pub use settings::{DEFAULT_DEADLINE_FLOOR, DEFAULT_QUORUM, Settings};
 
 use std::collections::HashMap;
 use std::fmt;

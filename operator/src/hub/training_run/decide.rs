@@ -489,6 +489,12 @@ fn settings_change(from: &Settings, to: &Settings) -> String {
             f64::from(from.checkpoint_every),
             f64::from(to.checkpoint_every),
         ),
+        (
+            "placement.roundDeadlineFloorSeconds",
+            from.round_deadline_floor,
+            to.round_deadline_floor,
+        ),
+        ("placement.roundQuorum", from.round_quorum, to.round_quorum),
     ];
     let changed: Vec<String> = fields
         .iter()

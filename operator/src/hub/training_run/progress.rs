@@ -8,8 +8,8 @@ use starling_trainer::exchange::proto;
 
 use super::decide::Observed;
 use crate::api::{
-    CheckpointRecord, MemberCluster, PeerId, PeerState, PeerStatus, TrainerGroup, TrainingRun,
-    TrainingRunStatus,
+    CheckpointRecord, MemberCluster, PeerId, PeerState, PeerStatus, RoundStatus, TrainerGroup,
+    TrainingRun, TrainingRunStatus,
 };
 use crate::hub::children::{EXCHANGE_WORKDIR, exchange_name};
 use crate::k8s::gpus;
@@ -41,6 +41,7 @@ pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
     status.bytes_sent = state.bytes_sent;
     if let Some(last) = state.recent.last() {
         status.last_loss = finite(last.validation_loss);
+        status.last_round = Some(round_status(last));
     }
     let updates: u64 = state
         .peers
@@ -52,6 +53,17 @@ pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
         status.compression_ratio = Some((ratio * 10.0).round() / 10.0);
     }
     status.checkpoints = checkpoints(o.run, closed, &status.checkpoints, o.now);
+}
+
+fn round_status(summary: &proto::RoundSummary) -> RoundStatus {
+    let tenths = |s: f64| (s * 10.0).round() / 10.0;
+    RoundStatus {
+        round: summary.round,
+        closed_by: summary.closed_by.clone(),
+        updates: summary.contributors.len() as u32,
+        waited_seconds: tenths(summary.waited_seconds),
+        deadline_seconds: tenths(summary.deadline_seconds),
+    }
 }
 
 /// `None` for NaN and infinities: they never compare equal, so a status holding one

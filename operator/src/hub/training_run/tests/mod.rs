@@ -143,6 +143,10 @@ fn state(round: u32, done: bool) -> proto::RunState {
         recent: vec![proto::RoundSummary {
             round,
             validation_loss: 2.5,
+            contributors: vec!["p0".into(), "p2".into()],
+            closed_by: "quorum".into(),
+            waited_seconds: 41.234,
+            deadline_seconds: 97.55,
             ..Default::default()
         }],
         bytes_received: 1_000,
@@ -451,6 +455,13 @@ fn a_running_run_reports_round_loss_tokens_and_compression() {
     assert_eq!(condition(&d, "Degraded").0, "False");
     assert_eq!(d.status.round, 3);
     assert_eq!(d.status.last_loss, Some(2.5));
+    // How the last round closed, to a tenth of a second.
+    let last = d.status.last_round.clone().unwrap();
+    assert_eq!(
+        (last.closed_by.as_str(), last.updates, last.waited_seconds),
+        ("quorum", 2, 41.2)
+    );
+    assert_eq!(last.deadline_seconds, 97.6);
     assert_eq!(d.status.tokens_seen, 5_000);
     // 9 updates × 100 kB dense over 1 kB on the wire.
     assert_eq!(d.status.compression_ratio, Some(900.0));
