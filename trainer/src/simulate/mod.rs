@@ -9,7 +9,8 @@
 //!   the round's [`Download`] mode asks, decodes and starts the next round — the protocol
 //!   the trainer runs, not an idealised one (no overlap of communication with compute);
 //! * the exchange checks each update as it arrives (parse and checksum, in arrival order),
-//!   closes the round when every expected peer's update is in or at the deadline, applies
+//!   closes the round when every expected peer's update is in, at the deadline, or early
+//!   at the quorum (paced as the exchange paces them, [`crate::exchange::pacing`]), applies
 //!   the accepted ones to its global state (one decode each) before the results can be
 //!   fetched, and serves the payloads itself or leaves them on object storage
 //!   ([`Payloads`]);
@@ -156,6 +157,48 @@ pub struct CodecShape {
     pub bits: ValueBits,
 }
 
+/// When the exchange closes a round before every expected peer has sent.
+#[derive(Clone, Copy, Debug)]
+pub enum Closing {
+    /// Never: it waits for every peer (or for the exchange to notice one is gone).
+    AllIn,
+    /// At a fixed time after the round's first update.
+    Fixed { deadline_s: f64 },
+    /// As the exchange does ([`crate::exchange::pacing`]): a deadline that follows recent
+    /// rounds within a floor and a ceiling, and an early close at the quorum when the
+    /// missing peers are predicted to miss it.
+    Adaptive {
+        floor_s: f64,
+        ceiling_s: f64,
+        quorum: f64,
+    },
+}
+
+impl Closing {
+    /// The exchange's defaults under a ceiling.
+    pub fn adaptive(ceiling_s: f64) -> Self {
+        Closing::Adaptive {
+            floor_s: crate::exchange::DEFAULT_DEADLINE_FLOOR,
+            ceiling_s,
+            quorum: crate::exchange::DEFAULT_QUORUM,
+        }
+    }
+}
+
+impl std::fmt::Display for Closing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closing::AllIn => f.write_str("all-in"),
+            Closing::Fixed { deadline_s } => write!(f, "fixed {deadline_s}s"),
+            Closing::Adaptive {
+                floor_s,
+                ceiling_s,
+                quorum,
+            } => write!(f, "adaptive {floor_s}-{ceiling_s}s q{quorum}"),
+        }
+    }
+}
+
 /// One run to simulate.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -173,8 +216,8 @@ pub struct Scenario {
     pub heartbeat_timeout_s: f64,
     pub payloads: Payloads,
     pub download: Download,
-    /// The round closes at this many seconds after it opened even if peers are missing.
-    pub deadline_s: Option<f64>,
+    /// When a round that is not all in closes.
+    pub closing: Closing,
     pub rounds: u32,
     pub seed: u64,
 }
@@ -217,6 +260,11 @@ pub struct Row {
     pub accepted: f64,
     /// Updates in each round's outer step.
     pub aggregated: f64,
+    /// How rounds closed: every expected peer in, early at the quorum, at the deadline
+    /// (fractions of the rounds).
+    pub closed_all_in: f64,
+    pub closed_quorum: f64,
+    pub closed_deadline: f64,
     /// Updates computed but not accepted (deadline missed, power cut) per round.
     pub lost: f64,
     pub exchange_ingress_bytes: f64,
@@ -228,7 +276,7 @@ pub struct Row {
 
 pub fn table_header() -> String {
     format!(
-        "{:<24} {:>5} {:>6} {:<8} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>5} {:>9} {:>9} {:>9}",
+        "{:<24} {:>5} {:>6} {:<8} {:<10} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>5} {:>5} {:>7} {:>9} {:>9} {:>9}",
         "scenario",
         "peers",
         "params",
@@ -245,6 +293,7 @@ pub fn table_header() -> String {
         "util",
         "aggr",
         "lost",
+        "q%/dl%",
         "xchg_out",
         "store_out",
         "per_peer"
@@ -257,7 +306,7 @@ pub fn table_row(r: &Row) -> String {
         Payloads::Storage => "storage",
     };
     format!(
-        "{:<24} {:>5} {:>6} {:<8} {:<10} {:>8} {:>8.1} {:>8.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.1}% {:>5.1} {:>5.2} {:>9} {:>9} {:>9}",
+        "{:<24} {:>5} {:>6} {:<8} {:<10} {:>8} {:>8.1} {:>8.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.1}% {:>5.1} {:>5.2} {:>7} {:>9} {:>9} {:>9}",
         r.scenario,
         r.peers,
         si(r.model_params, ""),
@@ -274,6 +323,11 @@ pub fn table_row(r: &Row) -> String {
         r.utilisation * 100.0,
         r.aggregated,
         r.lost,
+        format!(
+            "{:.0}/{:.0}",
+            r.closed_quorum * 100.0,
+            r.closed_deadline * 100.0
+        ),
         si(r.exchange_egress_bytes, "B"),
         si(r.storage_egress_bytes, "B"),
         si(r.download_per_peer_bytes, "B"),

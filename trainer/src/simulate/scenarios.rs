@@ -2,7 +2,8 @@
 //! defined, with where each figure comes from.
 
 use super::{
-    Bandwidth, CodecShape, Download, Hardware, Link, Payloads, PeerGroup, PowerCuts, Scenario,
+    Bandwidth, Closing, CodecShape, Download, Hardware, Link, Payloads, PeerGroup, PowerCuts,
+    Scenario,
 };
 use crate::codec::ValueBits;
 
@@ -15,8 +16,13 @@ pub const SCENARIOS: &[&str] = &[
     "covenant-72b-fast-links",
     "grid",
     "home-mix",
+    "home-mix-all-in",
     "home-mix-deadline",
+    "one-home",
 ];
+
+/// The operator's default ceiling for a round (`spec.placement.roundDeadlineSeconds`).
+const DEFAULT_CEILING_S: f64 = 300.0;
 
 /// Dense bf16 FLOP/s without sparsity, from the vendors' data sheets.
 const B200_FLOPS: f64 = 2.25e15;
@@ -74,7 +80,7 @@ fn covenant(name: &str, peers: u32, payloads: Payloads, download: Download) -> S
         heartbeat_timeout_s: 60.0,
         payloads,
         download,
-        deadline_s: None,
+        closing: Closing::adaptive(DEFAULT_CEILING_S),
         rounds: 20,
         seed: 0,
     }
@@ -109,11 +115,12 @@ fn grid() -> Vec<Scenario> {
     out
 }
 
-/// A 1B model on 12 cloud peers (one H100, 10 Gb/s) and 4 homes (one RTX 4090, 100 Mb/s
-/// down and 20 up, losing power about once in five hours for 30 minutes on average).
-fn home_mix(deadline_s: Option<f64>) -> Scenario {
+/// A 1B model on `clouds` cloud peers (one H100, 10 Gb/s) and `homes` homes (one RTX
+/// 4090, 100 Mb/s down and 20 up, losing power about once in five hours for 30 minutes on
+/// average), rounds closing as `closing` says.
+fn home_mix(name: &str, clouds: u32, homes: u32, closing: Closing) -> Scenario {
     let cloud = PeerGroup {
-        count: 12,
+        count: clouds,
         link: Link {
             up: Bandwidth::gbit(10.0),
             down: Bandwidth::gbit(10.0),
@@ -129,7 +136,7 @@ fn home_mix(deadline_s: Option<f64>) -> Scenario {
         power_cuts: None,
     };
     let home = PeerGroup {
-        count: 4,
+        count: homes,
         link: Link {
             up: Bandwidth::mbit(20.0),
             down: Bandwidth::mbit(100.0),
@@ -148,11 +155,7 @@ fn home_mix(deadline_s: Option<f64>) -> Scenario {
         }),
     };
     Scenario {
-        name: if deadline_s.is_some() {
-            "home-mix-deadline".to_owned()
-        } else {
-            "home-mix".to_owned()
-        },
+        name: name.to_owned(),
         params: 1e9,
         inner_steps: 30,
         tokens_per_step: 16.0 * 2048.0,
@@ -163,7 +166,7 @@ fn home_mix(deadline_s: Option<f64>) -> Scenario {
         heartbeat_timeout_s: 60.0,
         payloads: Payloads::Exchange,
         download: Download::All,
-        deadline_s,
+        closing,
         rounds: 200,
         seed: 0,
     }
@@ -189,8 +192,10 @@ pub fn scenario(name: &str) -> Result<Vec<Scenario>, String> {
             vec![s]
         }
         "grid" => grid(),
-        "home-mix" => vec![home_mix(None)],
-        "home-mix-deadline" => vec![home_mix(Some(90.0))],
+        "home-mix" => vec![home_mix(name, 12, 4, Closing::adaptive(DEFAULT_CEILING_S))],
+        "home-mix-all-in" => vec![home_mix(name, 12, 4, Closing::AllIn)],
+        "home-mix-deadline" => vec![home_mix(name, 12, 4, Closing::Fixed { deadline_s: 90.0 })],
+        "one-home" => vec![home_mix(name, 15, 1, Closing::adaptive(DEFAULT_CEILING_S))],
         other => {
             return Err(format!(
                 "no scenario {other:?}; known: {}",

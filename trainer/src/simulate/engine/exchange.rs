@@ -1,7 +1,10 @@
 //! The exchange's side of a round: checking updates, closing, publishing the results.
 
-use super::{Event, PeerId, Round, Sim, Transfer};
-use crate::simulate::{Download, Payloads};
+use std::time::Duration;
+
+use super::{ClosedBy, Event, PeerId, Round, Sim, Transfer};
+use crate::exchange::pacing;
+use crate::simulate::{Closing, Download, Payloads};
 
 impl Sim<'_> {
     pub(super) fn validate(&mut self, peer: PeerId, round: Round) {
@@ -13,23 +16,84 @@ impl Sim<'_> {
     pub(super) fn validated(&mut self, peer: PeerId, round: Round) {
         if round != self.open {
             self.bytes[round as usize].lost += 1;
+            self.late(peer, round);
             return;
         }
+        let first_at = match self.first_at {
+            Some(t) => t,
+            None => {
+                // The first update starts the round's deadline.
+                self.first_at = Some(self.now);
+                self.deadline = self.round_deadline();
+                if self.deadline.is_finite() {
+                    self.at(self.deadline, Event::Deadline { round });
+                }
+                self.now
+            }
+        };
+        let offset = Duration::from_secs_f64(self.now - first_at);
+        self.pacing.record(round, peer, offset);
         self.accepted.push(peer);
-        self.close_if_complete();
+        self.close_if_due();
     }
 
-    pub(super) fn close_if_complete(&mut self) {
+    /// The open round's deadline after its first update.
+    fn round_deadline(&self) -> f64 {
+        match self.s.closing {
+            Closing::AllIn => f64::INFINITY,
+            Closing::Fixed { deadline_s } => deadline_s,
+            Closing::Adaptive {
+                floor_s, ceiling_s, ..
+            } => (self.pacing)
+                .deadline(
+                    self.open,
+                    Duration::from_secs_f64(floor_s),
+                    Duration::from_secs_f64(ceiling_s),
+                )
+                .as_secs_f64(),
+        }
+    }
+
+    /// Times an update that missed its round, as the exchange does.
+    pub(super) fn late(&mut self, peer: PeerId, round: Round) {
+        let first_at = match self.firsts.get(round as usize) {
+            Some(first) => *first,
+            None => self.first_at,
+        };
+        if let Some(first_at) = first_at {
+            let offset = Duration::from_secs_f64(self.now - first_at);
+            self.pacing.record(round, peer, offset);
+        }
+    }
+
+    /// Closes the round if every expected peer is in, or, paced adaptively, if a quorum is
+    /// and the peers still missing are predicted to miss the deadline.
+    pub(super) fn close_if_due(&mut self) {
         if self.expected.iter().all(|p| self.accepted.contains(p)) {
-            self.close();
+            return self.close(ClosedBy::AllIn);
+        }
+        let Closing::Adaptive { quorum, .. } = self.s.closing else {
+            return;
+        };
+        if self.first_at.is_none() {
+            return;
+        }
+        let missing: Vec<Option<Duration>> = (self.expected.iter())
+            .filter(|p| !self.accepted.contains(p))
+            .map(|&p| self.pacing.predicted(p))
+            .collect();
+        let deadline = Duration::from_secs_f64(self.deadline);
+        if pacing::stragglers_miss(self.accepted.len(), &missing, quorum, deadline) {
+            self.close(ClosedBy::Quorum);
         }
     }
 
     /// Closes the open round: uploads still moving are refused, the next round opens, and
     /// the results become downloadable once the exchange has applied every accepted update
     /// to its global state (and compressed the aggregate, in that mode).
-    pub(super) fn close(&mut self) {
+    pub(super) fn close(&mut self, by: ClosedBy) {
         let round = self.open;
+        self.bytes[round as usize].closed_by = Some(by);
         let cancelled = self
             .transfers
             .cancel(|t| matches!(t, Transfer::Upload { round: r, .. } if *r == round));
@@ -37,18 +101,17 @@ impl Sim<'_> {
             self.count(t, round, -unsent);
             self.bytes[round as usize].lost += 1;
             if let Transfer::Upload { peer, .. } = t {
+                self.late(peer, round);
                 self.phase_done(peer, |b, d| b.upload += d);
                 self.await_results(peer, round);
             }
         }
+        self.firsts.push(self.first_at.take());
         let apply = self.apply_s * self.aggregate_set(&self.accepted).len() as f64;
         self.closed.push(std::mem::take(&mut self.accepted));
         self.closes.push(self.now);
         self.open += 1;
         self.expected = self.members.clone();
-        if let Some(d) = self.s.deadline_s {
-            self.at(d, Event::Deadline { round: self.open });
-        }
         match (self.s.download, self.s.payloads) {
             (Download::Aggregate, Payloads::Storage) => {
                 let put = Transfer::PutAggregate { round };

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::fluid::{Shared, Transfers};
 use super::{Bandwidth, Codec, Link, Payloads, PowerCuts, Row, Scenario};
+use crate::exchange::pacing::History;
 
 mod churn;
 mod exchange;
@@ -147,6 +148,15 @@ struct RoundBytes {
     lost: u32,
     /// From the round's close until its results could be fetched.
     publish_s: f64,
+    closed_by: Option<ClosedBy>,
+}
+
+/// How a round closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClosedBy {
+    AllIn,
+    Quorum,
+    Deadline,
 }
 
 struct Totals {
@@ -181,6 +191,12 @@ struct Sim<'a> {
     closes: Vec<f64>,
     ready: Option<Round>,
     waiting: BTreeSet<(Round, PeerId)>,
+    /// When the open round's first update was accepted, and its deadline from then.
+    first_at: Option<f64>,
+    deadline: f64,
+    /// The first updates' times of the closed rounds, to time late updates by.
+    firsts: Vec<Option<f64>>,
+    pacing: History<PeerId>,
     bytes: Vec<RoundBytes>,
     totals: Totals,
 }
@@ -253,6 +269,10 @@ impl<'a> Sim<'a> {
             closes: vec![],
             ready: None,
             waiting: BTreeSet::new(),
+            first_at: None,
+            deadline: f64::INFINITY,
+            firsts: vec![],
+            pacing: History::default(),
             bytes: vec![RoundBytes::default(); s.rounds as usize + 2],
             totals: Totals {
                 spent: Breakdown::default(),
@@ -272,9 +292,6 @@ impl<'a> Sim<'a> {
     }
 
     fn start(&mut self) {
-        if let Some(d) = self.s.deadline_s {
-            self.at(d, Event::Deadline { round: 0 });
-        }
         for peer in 0..self.peers.len() {
             self.schedule_cut(peer);
             self.begin_round(peer, 0);
@@ -325,14 +342,14 @@ impl<'a> Sim<'a> {
                 self.begin_round(peer, round);
             }
             Event::Validated { peer, round } => self.validated(peer, round),
-            Event::Deadline { round } if round == self.open => self.close(),
+            Event::Deadline { round } if round == self.open => self.close(ClosedBy::Deadline),
             Event::ResultsReady { round } => self.results_ready(round),
             Event::PowerCut { peer, epoch } if self.is(peer, epoch) => self.power_cut(peer),
             Event::PowerBack { peer } => self.power_back(peer),
             Event::Noticed { peer, epoch } if self.peers[peer].epoch == epoch => {
                 self.members.remove(&peer);
                 self.expected.remove(&peer);
-                self.close_if_complete();
+                self.close_if_due();
             }
             _ => {}
         }
@@ -390,6 +407,7 @@ impl<'a> Sim<'a> {
             self.at(rtt, Event::Begin(Transfer::Upload { peer, epoch, round }));
         } else {
             self.bytes[round as usize].lost += 1;
+            self.late(peer, round);
             self.await_results(peer, round);
         }
     }

@@ -1,6 +1,6 @@
 //! The simulated run summed up as a [`Row`].
 
-use super::{PeerId, RoundBytes, Sim};
+use super::{ClosedBy, PeerId, RoundBytes, Sim};
 use crate::simulate::Row;
 
 impl Sim<'_> {
@@ -45,6 +45,9 @@ impl Sim<'_> {
             utilisation: t.spent.compute / t.online,
             accepted,
             aggregated,
+            closed_all_in: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::AllIn))),
+            closed_quorum: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::Quorum))),
+            closed_deadline: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::Deadline))),
             lost: per_round(|b| f64::from(b.lost)),
             exchange_ingress_bytes: per_round(|b| b.exchange_in),
             exchange_egress_bytes: per_round(|b| b.exchange_out),
