@@ -347,6 +347,10 @@ fn si(x: f64, unit: &str) -> String {
     }
 }
 
+/// The best of this many timings is the codec's speed: on a shared machine one timing can
+/// be several times slower than the codec is.
+const CODEC_REPEATS: usize = 15;
+
 /// Measures the codec at `shape` on this machine: bits per parameter of a `params`-long
 /// tensor of gradient-like values, and its compress and decode speed per core.
 pub fn measure_codec(shape: CodecShape, params: usize, repeats: usize) -> anyhow::Result<Codec> {
@@ -411,7 +415,7 @@ impl SimulateArgs {
             let codec = match measured.iter().find(|m| (m.0, m.1, m.2) == key) {
                 Some(m) => m.3,
                 None => {
-                    let codec = measure_codec(s.codec, self.codec_params, 3)?;
+                    let codec = measure_codec(s.codec, self.codec_params, CODEC_REPEATS)?;
                     tracing::info!(
                         chunk = key.0,
                         k = key.1,

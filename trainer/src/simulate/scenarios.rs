@@ -23,6 +23,9 @@ pub const SCENARIOS: &[&str] = &[
 
 /// The operator's default ceiling for a round (`spec.placement.roundDeadlineSeconds`).
 const DEFAULT_CEILING_S: f64 = 300.0;
+/// The ceiling a run whose inner steps take 20–30 minutes would set: above the spread of
+/// its peers' arrivals (at 128 peers and 72B, 300 s would drop a tenth of them).
+const LONG_ROUND_CEILING_S: f64 = 1800.0;
 
 /// Dense bf16 FLOP/s without sparsity, from the vendors' data sheets.
 const B200_FLOPS: f64 = 2.25e15;
@@ -80,7 +83,7 @@ fn covenant(name: &str, peers: u32, payloads: Payloads, download: Download) -> S
         heartbeat_timeout_s: 60.0,
         payloads,
         download,
-        closing: Closing::adaptive(DEFAULT_CEILING_S),
+        closing: Closing::adaptive(LONG_ROUND_CEILING_S),
         rounds: 20,
         seed: 0,
     }
