@@ -302,12 +302,7 @@ fn the_convergence_sweep_trains_each_point_on_equal_tokens_and_compares_it_with_
         "--work-dir",
         work.to_str().unwrap(),
     ];
-    let args: Vec<&std::ffi::OsStr> = flags.iter().map(|s| s.as_ref()).collect();
-    let stdout = String::from_utf8(trainer(&args)).unwrap();
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&flags);
     let field = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
     // DDP once (the outer learning rate is not its), first; SparseLoCo at each value.
     let shape: Vec<(&str, f64)> = (rows.iter())
@@ -316,7 +311,7 @@ fn the_convergence_sweep_trains_each_point_on_equal_tokens_and_compares_it_with_
     assert_eq!(
         shape,
         [("ddp", 1.0), ("sparseloco", 1.0), ("sparseloco", 2.0)],
-        "{stdout}"
+        "{rows:?}"
     );
     let ddp = field(&rows[0], "final_validation_loss");
     assert!(rows[0]["vs_ddp"].is_null());
@@ -350,13 +345,8 @@ fn the_simulator_prints_one_json_object_per_scenario_with_its_round_time_and_egr
         "--codec-params",
         "1M",
     ];
-    let args: Vec<&std::ffi::OsStr> = flags.iter().map(|s| s.as_ref()).collect();
-    let stdout = String::from_utf8(trainer(&args)).unwrap();
-    let rows: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rows.len(), 2, "{stdout}");
+    let rows = json_rows(&flags);
+    assert_eq!(rows.len(), 2, "{rows:?}");
     let field = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
     for r in &rows {
         assert_eq!(field(r, "peers"), 20.0);
@@ -371,4 +361,14 @@ fn the_simulator_prints_one_json_object_per_scenario_with_its_round_time_and_egr
     assert!((field(all, "download_per_peer_bytes") / update - 19.0).abs() < 1e-6);
     assert!((field(aggregate, "download_per_peer_bytes") / update - 1.0).abs() < 1e-6);
     assert!(field(aggregate, "round_s") < field(all, "round_s"));
+}
+
+/// Runs the trainer with `flags` (a `--json` command) and parses each line it prints.
+fn json_rows(flags: &[&str]) -> Vec<serde_json::Value> {
+    let args: Vec<&std::ffi::OsStr> = flags.iter().map(|s| s.as_ref()).collect();
+    let stdout = String::from_utf8(trainer(&args)).unwrap();
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
