@@ -121,7 +121,7 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         "--subresource=status",
         "--type=merge",
         "-p",
-        r#"{"status":{"phase":"Running","round":4}}"#,
+        r#"{"status":{"phase":"Running","round":4,"lastLoss":5.294079303741455,"loss":"5.294"}}"#,
     ]);
     assert!(
         out.contains("trainingrun.starling.dev/shakespeare patched"),
@@ -130,6 +130,8 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
     let out = k.run(&["get", "tr", "shakespeare", "--no-headers"]);
     let cells: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(&cells[..3], ["shakespeare", "Running", "4"], "{out}");
+    // The loss as a person reads it; the precise value stays in the status.
+    assert_eq!(cells[5], "5.294", "{out}");
 
     // kubectl leaves validation to the server, which refuses unknown fields outright.
     let typo = k.dir().join("typo.yaml");

@@ -67,7 +67,12 @@ const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max
         description = "Peers scoring has excluded or banned",
         json_path = ".status.excludedPeers"
     ),
-    printcolumn(name = "Loss", type_ = "number", json_path = ".status.lastLoss"),
+    printcolumn(
+        name = "Loss",
+        type_ = "string",
+        description = "Validation loss after the last round, to 4 significant digits",
+        json_path = ".status.loss"
+    ),
     printcolumn(
         name = "Ratio",
         type_ = "number",
@@ -610,9 +615,12 @@ pub struct TrainingRunStatus {
     pub round: u32,
     #[serde(default)]
     pub tokens_seen: u64,
-    /// Mean training loss of the peers over the last round.
+    /// Validation loss of the global model after the last round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_loss: Option<f64>,
+    /// `lastLoss` as a person reads it (4 significant digits): what `kubectl get` shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<String>,
     /// Peers currently in state `Running`.
     #[serde(default)]
     pub active_peers: u32,

@@ -41,6 +41,7 @@ pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
     status.bytes_sent = state.bytes_sent;
     if let Some(last) = state.recent.last() {
         status.last_loss = finite(last.validation_loss);
+        status.loss = status.last_loss.map(|l| significant(l, 4));
         status.last_round = Some(round_status(last));
     }
     let updates: u64 = state
@@ -64,6 +65,16 @@ fn round_status(summary: &proto::RoundSummary) -> RoundStatus {
         waited_seconds: tenths(summary.waited_seconds),
         deadline_seconds: tenths(summary.deadline_seconds),
     }
+}
+
+/// `x` to `digits` significant digits: 5.294079 → "5.294", 0.0123456 → "0.01235".
+fn significant(x: f64, digits: i32) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return x.to_string();
+    }
+    let magnitude = x.abs().log10().floor() as i32;
+    let decimals = (digits - 1 - magnitude).max(0) as usize;
+    format!("{x:.decimals$}")
 }
 
 /// `None` for NaN and infinities: they never compare equal, so a status holding one
@@ -200,5 +211,19 @@ pub fn capacity(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::significant;
+
+    #[test]
+    fn losses_show_four_significant_digits() {
+        assert_eq!(significant(5.294079303741455, 4), "5.294");
+        assert_eq!(significant(0.012345678, 4), "0.01235");
+        assert_eq!(significant(12.3456, 4), "12.35");
+        assert_eq!(significant(12345.6, 4), "12346");
+        assert_eq!(significant(0.0, 4), "0");
     }
 }

@@ -455,6 +455,7 @@ fn a_running_run_reports_round_loss_tokens_and_compression() {
     assert_eq!(condition(&d, "Degraded").0, "False");
     assert_eq!(d.status.round, 3);
     assert_eq!(d.status.last_loss, Some(2.5));
+    assert_eq!(d.status.loss.as_deref(), Some("2.500"));
     // How the last round closed, to a tenth of a second.
     let last = d.status.last_round.clone().unwrap();
     assert_eq!(
