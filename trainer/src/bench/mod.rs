@@ -36,6 +36,9 @@ pub struct CodecRow {
     /// GB/s of fp32 input.
     pub compress_gbps: f64,
     pub decode_add_gbps: f64,
+    /// GB/s of encoded bytes one core parses and checks (`Update::from_bytes`: checksum,
+    /// header, every segment), as the exchange does with each update it receives.
+    pub check_gbps: f64,
     /// A plain (single-threaded) copy of the same buffer.
     pub memcpy_gbps: f64,
     /// The same copy split over all threads: a stricter baseline on machines where one
@@ -151,7 +154,17 @@ impl CodecBench {
                     return Err(e.into());
                 }
                 let index_bits = encoded.index_bits();
-                let bytes_encoded = Update::new(config, vec![encoded.clone()])?.to_bytes().len();
+                let wire = Update::new(config, vec![encoded.clone()])?.to_bytes();
+                let mut check_failure = None;
+                let check = best_of(self.repeats, || {
+                    if let Err(e) = Update::from_bytes(&wire) {
+                        check_failure = Some(e);
+                    }
+                });
+                if let Some(e) = check_failure {
+                    return Err(e.into());
+                }
+                let bytes_encoded = wire.len();
                 let fixed = bytes_encoded as f64 - index_bits as f64 / 8.0
                     + config.fixed_index_bits(params) as f64 / 8.0;
                 let row = CodecRow {
@@ -165,6 +178,7 @@ impl CodecBench {
                     ratio_vs_fixed_index: fixed / bytes_encoded as f64,
                     compress_gbps: gbps(bytes, compress),
                     decode_add_gbps: gbps(bytes, decode),
+                    check_gbps: gbps(bytes_encoded, check),
                     memcpy_gbps,
                     memcpy_parallel_gbps,
                     threads: rayon::current_num_threads(),
@@ -174,31 +188,6 @@ impl CodecBench {
             }
         }
         Ok(rows)
-    }
-}
-
-/// GB/s of encoded bytes that one core parses and checks (`Update::from_bytes`: checksum,
-/// header, every segment), as the exchange does with each update it receives.
-pub fn check_gbps(
-    shape: crate::simulate::CodecShape,
-    params: usize,
-    repeats: usize,
-) -> anyhow::Result<f64> {
-    let config = CodecConfig::new(shape.chunk, shape.k, shape.bits)?;
-    let compressor = Compressor::new(config, 0.95)?;
-    let delta = synthetic(params, params as u64);
-    let mut ef = vec![0.0f32; params];
-    let encoded = compressor.compress("bench", &[params as u64], Finite::new(&delta)?, &mut ef)?;
-    let bytes = Update::new(config, vec![encoded])?.to_bytes();
-    let mut failure = None;
-    let t = best_of(repeats, || {
-        if let Err(e) = Update::from_bytes(&bytes) {
-            failure = Some(e);
-        }
-    });
-    match failure {
-        Some(e) => Err(e.into()),
-        None => Ok(gbps(bytes.len(), t)),
     }
 }
 

@@ -108,6 +108,59 @@ pub fn stragglers_miss(
         && missing.iter().all(|p| p.is_some_and(|p| p > deadline))
 }
 
+/// How a round closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Close {
+    /// Every live peer sent (and at least the minimum did).
+    AllIn,
+    /// Early: a quorum sent, and every live peer still missing is predicted to miss the
+    /// deadline.
+    Quorum,
+    /// The deadline passed first.
+    Deadline,
+}
+
+impl Close {
+    /// As `RoundSummary.closed_by` says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Close::AllIn => "all-in",
+            Close::Quorum => "quorum",
+            Close::Deadline => "deadline",
+        }
+    }
+}
+
+/// The rules a round closes by.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    /// Updates a round needs before it closes other than at its deadline.
+    pub min_peers: u32,
+    /// The round's deadline after its first update.
+    pub deadline: Duration,
+    /// The fraction of live peers that may close the round early; 1 never does.
+    pub quorum: f64,
+}
+
+/// Whether a round whose first update came `elapsed` ago closes now, with `sent` updates
+/// in and `missing` holding the predicted arrival of each live peer still to send: all in,
+/// at the deadline, or early at the quorum ([`stragglers_miss`]).
+pub fn closes(
+    pace: &Pace,
+    sent: usize,
+    missing: &[Option<Duration>],
+    elapsed: Duration,
+) -> Option<Close> {
+    let enough = sent >= pace.min_peers as usize;
+    if missing.is_empty() && enough {
+        return Some(Close::AllIn);
+    }
+    if elapsed >= pace.deadline {
+        return Some(Close::Deadline);
+    }
+    (enough && stragglers_miss(sent, missing, pace.quorum, pace.deadline)).then_some(Close::Quorum)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

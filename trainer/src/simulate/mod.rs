@@ -29,9 +29,11 @@ mod scenarios;
 
 pub use scenarios::{SCENARIOS, scenario};
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
-use crate::codec::ValueBits;
+use crate::codec::CodecConfig;
 
 /// Bytes per second.
 #[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
@@ -149,14 +151,6 @@ pub struct Codec {
     pub check_per_core: Bandwidth,
 }
 
-/// The codec's shape: values kept per chunk and their width.
-#[derive(Clone, Copy, Debug)]
-pub struct CodecShape {
-    pub chunk: u32,
-    pub k: u32,
-    pub bits: ValueBits,
-}
-
 /// When the exchange closes a round before every expected peer has sent.
 #[derive(Clone, Copy, Debug)]
 pub enum Closing {
@@ -185,20 +179,6 @@ impl Closing {
     }
 }
 
-impl std::fmt::Display for Closing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Closing::AllIn => f.write_str("all-in"),
-            Closing::Fixed { deadline_s } => write!(f, "fixed {deadline_s}s"),
-            Closing::Adaptive {
-                floor_s,
-                ceiling_s,
-                quorum,
-            } => write!(f, "adaptive {floor_s}-{ceiling_s}s q{quorum}"),
-        }
-    }
-}
-
 /// One run to simulate.
 #[derive(Clone, Debug)]
 pub struct Scenario {
@@ -207,7 +187,7 @@ pub struct Scenario {
     pub inner_steps: u32,
     /// Tokens one peer trains on per inner step.
     pub tokens_per_step: f64,
-    pub codec: CodecShape,
+    pub codec: CodecConfig,
     pub groups: Vec<PeerGroup>,
     /// The exchange pod's connection.
     pub exchange: Link,
@@ -351,14 +331,14 @@ fn si(x: f64, unit: &str) -> String {
 /// be several times slower than the codec is.
 const CODEC_REPEATS: usize = 15;
 
-/// Measures the codec at `shape` on this machine: bits per parameter of a `params`-long
-/// tensor of gradient-like values, and its compress and decode speed per core.
-pub fn measure_codec(shape: CodecShape, params: usize, repeats: usize) -> anyhow::Result<Codec> {
+/// Measures the codec `config` on this machine: bits per parameter of a `params`-long
+/// tensor of gradient-like values, and its compress, decode and check speeds per core.
+pub fn measure_codec(config: CodecConfig, params: usize, repeats: usize) -> anyhow::Result<Codec> {
     let bench = crate::bench::CodecBench {
         params: vec![params],
-        chunk: shape.chunk,
-        ks: vec![shape.k],
-        bits: shape.bits,
+        chunk: config.chunk(),
+        ks: vec![config.k()],
+        bits: config.value_bits(),
         repeats,
     };
     let rows = bench.run(|_| {})?;
@@ -371,7 +351,7 @@ pub fn measure_codec(shape: CodecShape, params: usize, repeats: usize) -> anyhow
         compress_per_core: Bandwidth::bytes(row.compress_gbps * 1e9 / cores),
         decode_per_core: Bandwidth::bytes(row.decode_add_gbps * 1e9 / cores),
         // Checking is single-threaded (one update per core).
-        check_per_core: Bandwidth::bytes(crate::bench::check_gbps(shape, params, repeats)? * 1e9),
+        check_per_core: Bandwidth::bytes(row.check_gbps * 1e9),
     })
 }
 
@@ -406,27 +386,24 @@ impl SimulateArgs {
         for name in names {
             scenarios.extend(scenario(name).map_err(anyhow::Error::msg)?);
         }
-        let mut measured: Vec<(u32, u32, u8, Codec)> = vec![];
+        let mut measured: HashMap<CodecConfig, Codec> = HashMap::new();
         let mut print = crate::bench::printer(self.json, table_header(), table_row);
         for mut s in scenarios {
             s.seed = self.seed;
             s.rounds = self.rounds.unwrap_or(s.rounds).max(1);
-            let key = (s.codec.chunk, s.codec.k, s.codec.bits.bits());
-            let codec = match measured.iter().find(|m| (m.0, m.1, m.2) == key) {
-                Some(m) => m.3,
+            let codec = match measured.get(&s.codec) {
+                Some(codec) => *codec,
                 None => {
                     let codec = measure_codec(s.codec, self.codec_params, CODEC_REPEATS)?;
                     tracing::info!(
-                        chunk = key.0,
-                        k = key.1,
-                        bits = key.2,
+                        codec = %s.codec,
                         bits_per_param = codec.bits_per_param,
                         compress_gbps_per_core = codec.compress_per_core.bytes_per_s() / 1e9,
                         decode_gbps_per_core = codec.decode_per_core.bytes_per_s() / 1e9,
                         check_gbps_per_core = codec.check_per_core.bytes_per_s() / 1e9,
                         "codec measured on this machine"
                     );
-                    measured.push((key.0, key.1, key.2, codec));
+                    measured.insert(s.codec, codec);
                     codec
                 }
             };

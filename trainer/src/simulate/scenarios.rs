@@ -2,10 +2,9 @@
 //! defined, with where each figure comes from.
 
 use super::{
-    Bandwidth, Closing, CodecShape, Download, Hardware, Link, Payloads, PeerGroup, PowerCuts,
-    Scenario,
+    Bandwidth, Closing, Download, Hardware, Link, Payloads, PeerGroup, PowerCuts, Scenario,
 };
-use crate::codec::ValueBits;
+use crate::codec::{CodecConfig, ValueBits};
 
 /// Every scenario name, in the order `simulate` runs them by default.
 pub const SCENARIOS: &[&str] = &[
@@ -33,11 +32,9 @@ const H100_FLOPS: f64 = 989e12;
 const RTX_4090_FLOPS: f64 = 165e12;
 
 /// SparseLoCo as Covenant-72B ran it: 64 of every 4096 values (1.56%), 2 bits each.
-const COVENANT_CODEC: CodecShape = CodecShape {
-    chunk: 4096,
-    k: 64,
-    bits: ValueBits::Two,
-};
+fn covenant_codec() -> CodecConfig {
+    CodecConfig::new(4096, 64, ValueBits::Two).expect("top-64 of 4096 is a valid codec")
+}
 
 /// A participant in the published Covenant-72B run: 8×B200 per peer, "500 Mb/s down,
 /// 110 Mb/s up" as the run's reports describe a typical participant. The MFU is the one
@@ -76,7 +73,7 @@ fn covenant(name: &str, peers: u32, payloads: Payloads, download: Download) -> S
         params: 72e9,
         inner_steps: 30,
         tokens_per_step: 192.0 * 2048.0,
-        codec: COVENANT_CODEC,
+        codec: covenant_codec(),
         groups: vec![covenant_peer(peers)],
         exchange: CLOUD_EXCHANGE,
         exchange_cores: 16,
@@ -162,7 +159,7 @@ fn home_mix(name: &str, clouds: u32, homes: u32, closing: Closing) -> Scenario {
         params: 1e9,
         inner_steps: 30,
         tokens_per_step: 16.0 * 2048.0,
-        codec: COVENANT_CODEC,
+        codec: covenant_codec(),
         groups: vec![cloud, home],
         exchange: CLOUD_EXCHANGE,
         exchange_cores: 16,

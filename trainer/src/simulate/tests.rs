@@ -1,4 +1,5 @@
 use super::*;
+use crate::codec::ValueBits;
 
 const N: u32 = 4;
 const PARAMS: f64 = 1e6;
@@ -25,11 +26,7 @@ fn identical(payloads: Payloads, download: Download) -> Scenario {
         params: PARAMS,
         inner_steps: 2,
         tokens_per_step: 1000.0,
-        codec: CodecShape {
-            chunk: 4096,
-            k: 64,
-            bits: ValueBits::Two,
-        },
+        codec: CodecConfig::new(4096, 64, ValueBits::Two).unwrap(),
         groups: vec![PeerGroup {
             count: N,
             link: Link {

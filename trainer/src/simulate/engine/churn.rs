@@ -35,7 +35,7 @@ impl Sim<'_> {
             _ => false,
         });
         for (t, unsent) in cancelled {
-            self.count(t, round, -unsent);
+            self.count(t, -unsent);
         }
         if round == self.open && !self.accepted.contains(&peer) {
             self.bytes[round as usize].lost += 1;

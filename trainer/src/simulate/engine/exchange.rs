@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use super::{ClosedBy, Event, PeerId, Round, Sim, Transfer};
-use crate::exchange::pacing;
+use super::{Event, PeerId, Round, Sim, Transfer};
+use crate::exchange::pacing::{self, Close, Pace};
 use crate::simulate::{Closing, Download, Payloads};
 
 impl Sim<'_> {
@@ -66,39 +66,45 @@ impl Sim<'_> {
         }
     }
 
-    /// Closes the round if every expected peer is in, or, paced adaptively, if a quorum is
-    /// and the peers still missing are predicted to miss the deadline.
+    /// Closes the round if the exchange's rules ([`pacing::closes`]) say so, the expected
+    /// peers that have not sent being the missing ones. (The deadline closes it by its own
+    /// timer.)
     pub(super) fn close_if_due(&mut self) {
-        if self.expected.iter().all(|p| self.accepted.contains(p)) {
-            return self.close(ClosedBy::AllIn);
-        }
-        let Closing::Adaptive { quorum, .. } = self.s.closing else {
+        let Some(first_at) = self.first_at else {
             return;
         };
-        if self.first_at.is_none() {
-            return;
-        }
+        let quorum = match self.s.closing {
+            Closing::Adaptive { quorum, .. } => quorum,
+            // A quorum of every peer never closes a round early.
+            Closing::AllIn | Closing::Fixed { .. } => 1.0,
+        };
+        let pace = Pace {
+            min_peers: 1,
+            // No deadline (all in) is one that never passes.
+            deadline: Duration::try_from_secs_f64(self.deadline).unwrap_or(Duration::MAX),
+            quorum,
+        };
         let missing: Vec<Option<Duration>> = (self.expected.iter())
             .filter(|p| !self.accepted.contains(p))
             .map(|&p| self.pacing.predicted(p))
             .collect();
-        let deadline = Duration::from_secs_f64(self.deadline);
-        if pacing::stragglers_miss(self.accepted.len(), &missing, quorum, deadline) {
-            self.close(ClosedBy::Quorum);
+        let elapsed = Duration::from_secs_f64(self.now - first_at);
+        if let Some(close) = pacing::closes(&pace, self.accepted.len(), &missing, elapsed) {
+            self.close(close);
         }
     }
 
     /// Closes the open round: uploads still moving are refused, the next round opens, and
     /// the results become downloadable once the exchange has applied every accepted update
     /// to its global state (and compressed the aggregate, in that mode).
-    pub(super) fn close(&mut self, by: ClosedBy) {
+    pub(super) fn close(&mut self, by: Close) {
         let round = self.open;
         self.bytes[round as usize].closed_by = Some(by);
         let cancelled = self
             .transfers
             .cancel(|t| matches!(t, Transfer::Upload { round: r, .. } if *r == round));
         for (t, unsent) in cancelled {
-            self.count(t, round, -unsent);
+            self.count(t, -unsent);
             self.bytes[round as usize].lost += 1;
             if let Transfer::Upload { peer, .. } = t {
                 self.late(peer, round);

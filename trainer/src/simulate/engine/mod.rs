@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::fluid::{Shared, Transfers};
 use super::{Bandwidth, Codec, Link, Payloads, PowerCuts, Row, Scenario};
-use crate::exchange::pacing::History;
+use crate::exchange::pacing::{Close, History};
 
 mod churn;
 mod exchange;
@@ -47,6 +47,19 @@ enum Transfer {
         epoch: u32,
         round: Round,
     },
+}
+
+impl Transfer {
+    /// The round whose traffic this is.
+    fn round(self) -> Round {
+        match self {
+            Transfer::Upload { round, .. }
+            | Transfer::Fetch { round, .. }
+            | Transfer::Download { round, .. }
+            | Transfer::PutAggregate { round }
+            | Transfer::State { round, .. } => round,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -121,6 +134,19 @@ struct Breakdown {
     download: f64,
 }
 
+impl Breakdown {
+    fn add(&mut self, other: &Breakdown) {
+        self.compute += other.compute;
+        self.codec += other.codec;
+        self.upload += other.upload;
+        self.download += other.download;
+    }
+
+    fn busy(&self) -> f64 {
+        self.compute + self.codec + self.upload + self.download
+    }
+}
+
 struct Peer {
     link: Link,
     compute_s: f64,
@@ -148,15 +174,7 @@ struct RoundBytes {
     lost: u32,
     /// From the round's close until its results could be fetched.
     publish_s: f64,
-    closed_by: Option<ClosedBy>,
-}
-
-/// How a round closed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ClosedBy {
-    AllIn,
-    Quorum,
-    Deadline,
+    closed_by: Option<Close>,
 }
 
 struct Totals {
@@ -342,7 +360,7 @@ impl<'a> Sim<'a> {
                 self.begin_round(peer, round);
             }
             Event::Validated { peer, round } => self.validated(peer, round),
-            Event::Deadline { round } if round == self.open => self.close(ClosedBy::Deadline),
+            Event::Deadline { round } if round == self.open => self.close(Close::Deadline),
             Event::ResultsReady { round } => self.results_ready(round),
             Event::PowerCut { peer, epoch } if self.is(peer, epoch) => self.power_cut(peer),
             Event::PowerBack { peer } => self.power_back(peer),
@@ -388,10 +406,7 @@ impl<'a> Sim<'a> {
     fn end_round(&mut self, peer: PeerId) {
         let p = &mut self.peers[peer];
         let t = &mut self.totals;
-        t.spent.compute += p.spent.compute;
-        t.spent.codec += p.spent.codec;
-        t.spent.upload += p.spent.upload;
-        t.spent.download += p.spent.download;
+        t.spent.add(&p.spent);
         t.online += self.now - p.started;
         t.peer_rounds += 1;
         p.spent = Breakdown::default();
@@ -415,35 +430,21 @@ impl<'a> Sim<'a> {
     fn begin_transfer(&mut self, t: Transfer) {
         let u = self.update_bytes;
         let storage = self.s.payloads == Payloads::Storage;
-        let (bytes, cap, via, round) = match t {
-            Transfer::Upload { peer, round, .. } => {
+        let (bytes, cap, via) = match t {
+            Transfer::Upload { peer, .. } => {
                 let via = (!storage).then_some(Shared::Ingress);
-                (u, self.peers[peer].link.up, via, round)
+                (u, self.peers[peer].link.up, via)
             }
-            Transfer::Fetch { round, .. } => {
-                (u, Bandwidth::UNLIMITED, Some(Shared::Ingress), round)
-            }
-            Transfer::Download {
-                peer,
-                round,
-                updates,
-                ..
-            } => {
+            Transfer::Fetch { .. } => (u, Bandwidth::UNLIMITED, Some(Shared::Ingress)),
+            Transfer::Download { peer, updates, .. } => {
                 let via = (!storage).then_some(Shared::Egress);
-                (
-                    u * f64::from(updates),
-                    self.peers[peer].link.down,
-                    via,
-                    round,
-                )
+                (u * f64::from(updates), self.peers[peer].link.down, via)
             }
-            Transfer::PutAggregate { round } => {
-                (u, Bandwidth::UNLIMITED, Some(Shared::Egress), round)
-            }
-            Transfer::State { peer, round, .. } => {
+            Transfer::PutAggregate { .. } => (u, Bandwidth::UNLIMITED, Some(Shared::Egress)),
+            Transfer::State { peer, .. } => {
                 let via = (!storage).then_some(Shared::Egress);
                 let bytes = self.s.params * STATE_BYTES_PER_PARAM;
-                (bytes, self.peers[peer].link.down, via, round)
+                (bytes, self.peers[peer].link.down, via)
             }
         };
         if let Transfer::Upload { peer, .. }
@@ -453,14 +454,15 @@ impl<'a> Sim<'a> {
             // Until now the peer was waiting (for the round, or a round trip).
             self.peers[peer].phase_since = self.now;
         }
-        self.count(t, round, bytes);
+        self.count(t, bytes);
         self.transfers.start(bytes, cap, via, t);
     }
 
-    /// Books `bytes` of transfer `t` on the links it crosses (negative when cancelled).
-    fn count(&mut self, t: Transfer, round: Round, bytes: f64) {
+    /// Books `bytes` of transfer `t` on the links it crosses, in its round (negative when
+    /// cancelled).
+    fn count(&mut self, t: Transfer, bytes: f64) {
         let storage = self.s.payloads == Payloads::Storage;
-        let b = &mut self.bytes[(round as usize).min(self.s.rounds as usize + 1)];
+        let b = &mut self.bytes[(t.round() as usize).min(self.s.rounds as usize + 1)];
         match t {
             Transfer::Upload { .. } if storage => b.storage_in += bytes,
             Transfer::Upload { .. } => b.exchange_in += bytes,
@@ -519,7 +521,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// The exchange checks updates one after another, in arrival order.
+    /// Fetches what `peer` needs of `round`'s results (nothing: straight to decoding).
     fn download(&mut self, peer: PeerId, round: Round) {
         let updates = self.updates_to_fetch(peer, round);
         let epoch = self.peers[peer].epoch;

@@ -1,6 +1,7 @@
 //! The simulated run summed up as a [`Row`].
 
-use super::{ClosedBy, PeerId, RoundBytes, Sim};
+use super::{PeerId, RoundBytes, Sim};
+use crate::exchange::pacing::Close;
 use crate::simulate::Row;
 
 impl Sim<'_> {
@@ -17,7 +18,7 @@ impl Sim<'_> {
         };
         let t = &self.totals;
         let n = f64::from(t.peer_rounds.max(1));
-        let busy = t.spent.compute + t.spent.codec + t.spent.upload + t.spent.download;
+        let busy = t.spent.busy();
         let closed = &self.closed[..measured.min(self.closed.len())];
         let mean = |f: &dyn Fn(&[PeerId]) -> usize| {
             closed.iter().map(|a| f(a) as f64).sum::<f64>() / measured as f64
@@ -45,9 +46,9 @@ impl Sim<'_> {
             utilisation: t.spent.compute / t.online,
             accepted,
             aggregated,
-            closed_all_in: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::AllIn))),
-            closed_quorum: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::Quorum))),
-            closed_deadline: per_round(|b| f64::from(b.closed_by == Some(ClosedBy::Deadline))),
+            closed_all_in: per_round(|b| f64::from(b.closed_by == Some(Close::AllIn))),
+            closed_quorum: per_round(|b| f64::from(b.closed_by == Some(Close::Quorum))),
+            closed_deadline: per_round(|b| f64::from(b.closed_by == Some(Close::Deadline))),
             lost: per_round(|b| f64::from(b.lost)),
             exchange_ingress_bytes: per_round(|b| b.exchange_in),
             exchange_egress_bytes: per_round(|b| b.exchange_out),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
-use crate::exchange::pacing;
+use crate::exchange::pacing::{self, Close, Pace};
 use crate::outer::Round;
 
 /// Recent round summaries kept for `GetRunState`.
@@ -55,25 +55,8 @@ impl RoundState {
 pub(super) enum Due {
     /// Not yet: look again at `wake_at`, or only when something happens if `None`.
     No { wake_at: Option<Instant> },
-    /// Every live peer has sent, and at least `min_peers` have.
-    AllIn,
-    /// Early: a quorum has sent, and every live peer still missing is predicted to miss
-    /// the deadline.
-    AtQuorum,
-    /// The deadline passed before the round was all in.
-    AtDeadline,
-}
-
-impl Due {
-    /// How the round closed, as `RoundSummary.closed_by` says it.
-    fn closed_by(self) -> &'static str {
-        match self {
-            Due::No { .. } => "open",
-            Due::AllIn => "all-in",
-            Due::AtQuorum => "quorum",
-            Due::AtDeadline => "deadline",
-        }
-    }
+    /// Now, for this reason.
+    Closes(Close),
 }
 
 /// What the exchange knows of the open round when it decides whether to close it.
@@ -94,20 +77,15 @@ pub(super) struct Observed<'a> {
 pub(super) struct Rules {
     /// A peer counts as live for this long after it last called.
     pub liveness: Duration,
-    pub min_peers: u32,
-    /// This round's deadline, after its first update.
-    pub deadline: Duration,
-    /// The fraction of live peers that may close the round early.
-    pub quorum: f64,
+    pub pace: Pace,
 }
 
 /// Whether a round is due to close at `now`.
 ///
-/// It closes when every live peer has sent and at least `min_peers` have (all in), at
-/// its deadline after the first update, or before that at the quorum when the live peers
-/// still missing are all predicted to miss the deadline. Until then it is looked at
-/// again when the deadline passes or the first live peer that has not sent lapses,
-/// whichever is earlier, and whenever an update arrives.
+/// The live peers that have not sent are the ones missing; [`pacing::closes`] decides
+/// (all in, at the deadline after the first update, or early at the quorum). Until then
+/// the round is looked at again when the deadline passes or the first live peer that has
+/// not sent lapses, whichever is earlier, and whenever an update arrives.
 pub(super) fn due(o: &Observed, rules: &Rules, now: Instant) -> Due {
     let Some(first_at) = o.first_at else {
         return Due::No { wake_at: None };
@@ -119,24 +97,16 @@ pub(super) fn due(o: &Observed, rules: &Rules, now: Instant) -> Due {
         })
         .map(|(p, seen)| (*p, seen.checked_add(rules.liveness)))
         .collect();
-    let enough = o.submitted.len() >= rules.min_peers as usize;
-    if waiting.is_empty() && enough {
-        return Due::AllIn;
-    }
-    let closes_at = first_at.checked_add(rules.deadline);
-    if closes_at.is_some_and(|at| now >= at) {
-        return Due::AtDeadline;
-    }
     let missing: Vec<Option<Duration>> = (waiting.iter())
         .map(|(p, _)| o.predicted.iter().find(|(q, _)| q == p).map(|(_, t)| *t))
         .collect();
-    if enough && pacing::stragglers_miss(o.submitted.len(), &missing, rules.quorum, rules.deadline)
-    {
-        return Due::AtQuorum;
+    let elapsed = now.saturating_duration_since(first_at);
+    if let Some(close) = pacing::closes(&rules.pace, o.submitted.len(), &missing, elapsed) {
+        return Due::Closes(close);
     }
     Due::No {
         wake_at: (waiting.into_iter().filter_map(|(_, lapse)| lapse))
-            .chain(closes_at)
+            .chain(first_at.checked_add(rules.pace.deadline))
             .min(),
     }
 }
@@ -157,7 +127,7 @@ pub(super) struct ClosingRound {
 /// How a round came to close.
 #[derive(Clone, Copy, Debug)]
 struct Paced {
-    closed_by: Due,
+    closed_by: Close,
     first_at: Option<Instant>,
     /// From the round's first update to its close.
     waited: Duration,
@@ -333,8 +303,7 @@ impl Exchange {
             RoundState::Collecting { first_at } => Some(first_at),
             RoundState::Closing { .. } => return Err(None),
         };
-        let rules = Rules {
-            liveness: opts.liveness,
+        let pace = Pace {
             min_peers: settings.min_peers,
             deadline: (state.pacing).deadline(
                 state.open.0,
@@ -343,15 +312,19 @@ impl Exchange {
             ),
             quorum: settings.round_quorum,
         };
+        let rules = Rules {
+            liveness: opts.liveness,
+            pace,
+        };
         let closed_by = match state.due(&rules, first_at, now) {
             Due::No { wake_at } => return Err(wake_at),
-            verdict => verdict,
+            Due::Closes(close) => close,
         };
         let paced = Paced {
             closed_by,
             first_at,
             waited: first_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
-            deadline: rules.deadline,
+            deadline: pace.deadline,
         };
         Ok(state.take_round(paced, settings))
     }
@@ -388,8 +361,8 @@ impl Exchange {
             train_loss,
             validation_loss,
             bytes: entries.iter().map(|(_, _, b)| b.len() as u64).sum(),
-            closed_at_deadline: closed_by == Due::AtDeadline,
-            closed_by: closed_by.closed_by().to_owned(),
+            closed_at_deadline: closed_by == Close::Deadline,
+            closed_by: closed_by.as_str().to_owned(),
             waited_seconds: waited.as_secs_f64(),
             deadline_seconds: deadline.as_secs_f64(),
         };

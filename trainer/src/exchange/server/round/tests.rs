@@ -15,9 +15,11 @@ fn seen(n: u32, at: Instant) -> Vec<(PeerId, Instant)> {
 fn rules(min_peers: u32, deadline: Duration) -> Rules {
     Rules {
         liveness: LIVENESS,
-        min_peers,
-        deadline,
-        quorum: 0.75,
+        pace: Pace {
+            min_peers,
+            deadline,
+            quorum: 0.75,
+        },
     }
 }
 
@@ -55,12 +57,12 @@ fn every_live_peer_sent_and_min_peers_reached_closes_all_in() {
     let all = [p(0), p(1), p(2)];
     assert_eq!(
         due_at(&all, &seen(3, t0), 3, DEADLINE, Some(t0), now),
-        Due::AllIn
+        Due::Closes(Close::AllIn)
     );
     // Exactly `min_peers` updates are enough.
     assert_eq!(
         due_at(&all[..2], &seen(2, t0), 2, DEADLINE, Some(t0), now),
-        Due::AllIn
+        Due::Closes(Close::AllIn)
     );
 }
 
@@ -71,7 +73,7 @@ fn all_in_wins_over_a_deadline_passed_at_the_same_time() {
     let late = t0 + DEADLINE;
     assert_eq!(
         due_at(&all, &seen(2, late), 2, DEADLINE, Some(t0), late),
-        Due::AllIn
+        Due::Closes(Close::AllIn)
     );
 }
 
@@ -90,7 +92,7 @@ fn a_live_peer_that_has_not_sent_is_waited_for_until_it_lapses() {
     let lapsed = t0 + LIVENESS;
     assert_eq!(
         due_at(&sent, &seen(3, t0), 2, DEADLINE, Some(t0), lapsed),
-        Due::AllIn
+        Due::Closes(Close::AllIn)
     );
 }
 
@@ -107,7 +109,7 @@ fn too_few_updates_wait_for_the_deadline_even_when_everyone_sent() {
     let late = t0 + DEADLINE;
     assert_eq!(
         due_at(&[p(0)], &seen(1, late), 2, DEADLINE, Some(t0), late),
-        Due::AtDeadline
+        Due::Closes(Close::Deadline)
     );
 }
 
@@ -119,7 +121,7 @@ fn the_deadline_closes_a_round_a_live_peer_never_sent_to() {
     // p2 heartbeats (seen at the deadline) but never sends.
     assert_eq!(
         due_at(&sent, &seen(3, late), 2, DEADLINE, Some(t0), late),
-        Due::AtDeadline
+        Due::Closes(Close::Deadline)
     );
     // Just before the deadline the round waits for it, waking at the deadline.
     let before = late - Duration::from_millis(1);
@@ -198,7 +200,10 @@ fn three_of_four(fourth: Option<Duration>, now_after: Duration) -> Due {
 #[test]
 fn a_quorum_closes_the_round_early_when_the_missing_peer_would_miss_the_deadline() {
     let second = Duration::from_secs(1);
-    assert_eq!(three_of_four(Some(DEADLINE * 3), second), Due::AtQuorum);
+    assert_eq!(
+        three_of_four(Some(DEADLINE * 3), second),
+        Due::Closes(Close::Quorum)
+    );
     // Expected in time, or never measured: the round waits for it.
     assert!(matches!(
         three_of_four(Some(DEADLINE / 2), second),
