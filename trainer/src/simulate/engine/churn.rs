@@ -37,8 +37,9 @@ impl Sim<'_> {
         for (t, unsent) in cancelled {
             self.count(t, -unsent);
         }
-        if round == self.open && !self.accepted.contains(&peer) {
-            self.bytes[round as usize].lost += 1;
+        let r = &mut self.rounds[round as usize];
+        if round == self.open && !r.accepted.contains(&peer) {
+            r.lost += 1;
         }
         self.waiting.retain(|&(_, q)| q != peer);
         self.at(self.s.heartbeat_timeout_s, Event::Noticed { peer, epoch });

@@ -15,15 +15,15 @@ impl Sim<'_> {
 
     pub(super) fn validated(&mut self, peer: PeerId, round: Round) {
         if round != self.open {
-            self.bytes[round as usize].lost += 1;
+            self.rounds[round as usize].lost += 1;
             self.late(peer, round);
             return;
         }
-        let first_at = match self.first_at {
+        let first_at = match self.rounds[round as usize].first_at {
             Some(t) => t,
             None => {
                 // The first update starts the round's deadline.
-                self.first_at = Some(self.now);
+                self.rounds[round as usize].first_at = Some(self.now);
                 self.deadline = self.round_deadline();
                 if self.deadline.is_finite() {
                     self.at(self.deadline, Event::Deadline { round });
@@ -33,7 +33,7 @@ impl Sim<'_> {
         };
         let offset = Duration::from_secs_f64(self.now - first_at);
         self.pacing.record(round, peer, offset);
-        self.accepted.push(peer);
+        self.rounds[round as usize].accepted.push(peer);
         self.close_if_due();
     }
 
@@ -56,11 +56,7 @@ impl Sim<'_> {
 
     /// Times an update that missed its round, as the exchange does.
     pub(super) fn late(&mut self, peer: PeerId, round: Round) {
-        let first_at = match self.firsts.get(round as usize) {
-            Some(first) => *first,
-            None => self.first_at,
-        };
-        if let Some(first_at) = first_at {
+        if let Some(first_at) = self.rounds[round as usize].first_at {
             let offset = Duration::from_secs_f64(self.now - first_at);
             self.pacing.record(round, peer, offset);
         }
@@ -70,7 +66,8 @@ impl Sim<'_> {
     /// peers that have not sent being the missing ones. (The deadline closes it by its own
     /// timer.)
     pub(super) fn close_if_due(&mut self) {
-        let Some(first_at) = self.first_at else {
+        let open = &self.rounds[self.open as usize];
+        let Some(first_at) = open.first_at else {
             return;
         };
         let quorum = match self.s.closing {
@@ -85,11 +82,11 @@ impl Sim<'_> {
             quorum,
         };
         let missing: Vec<Option<Duration>> = (self.expected.iter())
-            .filter(|p| !self.accepted.contains(p))
+            .filter(|p| !open.accepted.contains(p))
             .map(|&p| self.pacing.predicted(p))
             .collect();
         let elapsed = Duration::from_secs_f64(self.now - first_at);
-        if let Some(close) = pacing::closes(&pace, self.accepted.len(), &missing, elapsed) {
+        if let Some(close) = pacing::closes(&pace, open.accepted.len(), &missing, elapsed) {
             self.close(close);
         }
     }
@@ -99,23 +96,24 @@ impl Sim<'_> {
     /// to its global state (and compressed the aggregate, in that mode).
     pub(super) fn close(&mut self, by: Close) {
         let round = self.open;
-        self.bytes[round as usize].closed_by = Some(by);
+        self.rounds[round as usize].closed_by = Some(by);
         let cancelled = self
             .transfers
             .cancel(|t| matches!(t, Transfer::Upload { round: r, .. } if *r == round));
         for (t, unsent) in cancelled {
             self.count(t, -unsent);
-            self.bytes[round as usize].lost += 1;
+            self.rounds[round as usize].lost += 1;
             if let Transfer::Upload { peer, .. } = t {
                 self.late(peer, round);
                 self.phase_done(peer, |b, d| b.upload += d);
                 self.await_results(peer, round);
             }
         }
-        self.firsts.push(self.first_at.take());
-        let apply = self.apply_s * self.aggregate_set(&self.accepted).len() as f64;
-        self.closed.push(std::mem::take(&mut self.accepted));
-        self.closes.push(self.now);
+        let applied = self
+            .aggregate_set(&self.rounds[round as usize].accepted)
+            .len();
+        let apply = self.apply_s * applied as f64;
+        self.rounds[round as usize].closed_at = Some(self.now);
         self.open += 1;
         self.expected = self.members.clone();
         match (self.s.download, self.s.payloads) {
@@ -140,8 +138,9 @@ impl Sim<'_> {
 
     pub(super) fn results_ready(&mut self, round: Round) {
         self.ready = Some(round);
-        if let Some(closed) = self.closes.get(round as usize) {
-            self.bytes[round as usize].publish_s = self.now - closed;
+        let record = &mut self.rounds[round as usize];
+        if let Some(closed_at) = record.closed_at {
+            record.publish_s = self.now - closed_at;
         }
         let due: Vec<(Round, PeerId)> = self
             .waiting
@@ -166,7 +165,7 @@ impl Sim<'_> {
 
     /// How many updates `peer` downloads from `round`'s results.
     pub(super) fn updates_to_fetch(&self, peer: PeerId, round: Round) -> u32 {
-        let set = self.aggregate_set(&self.closed[round as usize]);
+        let set = self.aggregate_set(&self.rounds[round as usize].accepted);
         match self.s.download {
             Download::Aggregate => u32::from(!set.is_empty()),
             Download::All | Download::Gather(_) => {

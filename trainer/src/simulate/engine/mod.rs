@@ -162,9 +162,15 @@ struct Peer {
     spent: Breakdown,
 }
 
-/// Per round: what crossed which link, and what happened to the updates.
-#[derive(Clone, Copy, Default)]
-struct RoundBytes {
+/// Everything about one round: its updates, how and when it closed, and what crossed
+/// which link for it.
+#[derive(Clone, Default)]
+struct RoundRecord {
+    /// Accepted updates, in arrival order.
+    accepted: Vec<PeerId>,
+    /// When its first update was accepted: its deadline and late updates are timed from it.
+    first_at: Option<f64>,
+    closed_at: Option<f64>,
     exchange_in: f64,
     exchange_out: f64,
     storage_in: f64,
@@ -202,20 +208,15 @@ struct Sim<'a> {
     open: Round,
     members: BTreeSet<PeerId>,
     expected: BTreeSet<PeerId>,
-    accepted: Vec<PeerId>,
     busy_until: f64,
     /// Accepted updates of each closed round, in arrival order.
-    closed: Vec<Vec<PeerId>>,
-    closes: Vec<f64>,
     ready: Option<Round>,
     waiting: BTreeSet<(Round, PeerId)>,
-    /// When the open round's first update was accepted, and its deadline from then.
-    first_at: Option<f64>,
+    /// The open round's deadline after its first update.
     deadline: f64,
-    /// The first updates' times of the closed rounds, to time late updates by.
-    firsts: Vec<Option<f64>>,
     pacing: History<PeerId>,
-    bytes: Vec<RoundBytes>,
+    /// Indexed by round; the open one is `rounds[open]`.
+    rounds: Vec<RoundRecord>,
     totals: Totals,
 }
 
@@ -223,7 +224,7 @@ pub(super) fn run(s: &Scenario, codec: &Codec) -> Row {
     let mut sim = Sim::new(s, codec);
     sim.start();
     let mut events = 0;
-    while sim.closes.len() <= s.rounds as usize && events < MAX_EVENTS {
+    while sim.open <= s.rounds && events < MAX_EVENTS {
         if !sim.step() {
             break;
         }
@@ -281,17 +282,12 @@ impl<'a> Sim<'a> {
             expected: (0..peers.len()).collect(),
             peers,
             open: 0,
-            accepted: vec![],
             busy_until: 0.0,
-            closed: vec![],
-            closes: vec![],
             ready: None,
             waiting: BTreeSet::new(),
-            first_at: None,
             deadline: f64::INFINITY,
-            firsts: vec![],
             pacing: History::default(),
-            bytes: vec![RoundBytes::default(); s.rounds as usize + 2],
+            rounds: vec![RoundRecord::default(); s.rounds as usize + 2],
             totals: Totals {
                 spent: Breakdown::default(),
                 online: 0.0,
@@ -421,7 +417,7 @@ impl<'a> Sim<'a> {
             let rtt = self.peers[peer].link.rtt_s;
             self.at(rtt, Event::Begin(Transfer::Upload { peer, epoch, round }));
         } else {
-            self.bytes[round as usize].lost += 1;
+            self.rounds[round as usize].lost += 1;
             self.late(peer, round);
             self.await_results(peer, round);
         }
@@ -462,7 +458,7 @@ impl<'a> Sim<'a> {
     /// cancelled).
     fn count(&mut self, t: Transfer, bytes: f64) {
         let storage = self.s.payloads == Payloads::Storage;
-        let b = &mut self.bytes[(t.round() as usize).min(self.s.rounds as usize + 1)];
+        let b = &mut self.rounds[(t.round() as usize).min(self.s.rounds as usize + 1)];
         match t {
             Transfer::Upload { .. } if storage => b.storage_in += bytes,
             Transfer::Upload { .. } => b.exchange_in += bytes,
@@ -525,7 +521,7 @@ impl<'a> Sim<'a> {
     fn download(&mut self, peer: PeerId, round: Round) {
         let updates = self.updates_to_fetch(peer, round);
         let epoch = self.peers[peer].epoch;
-        self.bytes[round as usize].peer_downloads += 1;
+        self.rounds[round as usize].peer_downloads += 1;
         if updates == 0 {
             self.peers[peer].phase_since = self.now;
             self.at(0.0, Event::Decoded { peer, epoch });
