@@ -13,6 +13,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use starling_operator::api::{MemberCluster, Tier};
+use starling_operator::rbac;
 use tokio::process::{Child, Command};
 
 use crate::apiserver::User;
@@ -64,6 +65,8 @@ pub struct Federation {
     pub clusters: LocalClusters,
     pub dir: PathBuf,
     operator_binary: PathBuf,
+    /// The hub controllers' kubeconfig: the hub chart's ServiceAccount and RBAC.
+    operator_kubeconfig: PathBuf,
     timing: Timing,
     /// The operator and its identity in the leader Lease.
     operator: Option<(String, Child)>,
@@ -90,6 +93,118 @@ pub async fn install_hub(client: &kube::Client) -> anyhow::Result<()> {
         )
         .await?;
     Ok(())
+}
+
+/// A ServiceAccount of the operator's, as the charts name it: (namespace, name).
+#[derive(Clone, Copy, Debug)]
+pub struct Account {
+    pub namespace: &'static str,
+    pub name: &'static str,
+}
+
+impl Account {
+    pub fn user(&self) -> User {
+        User::service_account(self.namespace, self.name)
+    }
+}
+
+/// The hub controllers' identity (the hub chart's ServiceAccount).
+pub const OPERATOR: Account = Account {
+    namespace: "starling-system",
+    name: "starling-operator",
+};
+
+/// An agent's identity on its own member cluster (the member chart's ServiceAccount).
+pub const AGENT: Account = Account {
+    namespace: "starling-system",
+    name: "starling-agent",
+};
+
+/// Where a member's trainer pods run (the agent's default).
+pub const TRAINER_NAMESPACE: &str = "starling-trainers";
+
+/// What a chart's RBAC templates make on `cluster`: `account` bound to a ClusterRole of
+/// `cluster_wide` and to a Role of `namespaced.1` in `namespaced.0`. Returns a kubeconfig
+/// authenticating as the account, as a pod of it would.
+async fn grant(
+    cluster: &LocalCluster,
+    account: Account,
+    cluster_wide: &[rbac::Grant],
+    namespaced: (&str, &[rbac::Grant]),
+) -> anyhow::Result<String> {
+    let (namespace, grants) = namespaced;
+    let name = account.name;
+    let subjects =
+        json!([{"kind": "ServiceAccount", "name": name, "namespace": account.namespace}]);
+    let role_ref =
+        |kind: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name});
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": account.namespace}}),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": account.namespace}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": name}, "rules": rbac::rules(cluster_wide)}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": name}, "roleRef": role_ref("ClusterRole"), "subjects": subjects}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": name, "namespace": namespace}, "rules": rbac::rules(grants)}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": role_ref("Role"), "subjects": subjects}),
+    ];
+    for object in objects {
+        apply(&cluster.client, object).await?;
+    }
+    let token = format!(
+        "{name}-{:08x}{:08x}",
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32()
+    );
+    let server = cluster.server().context("the cluster is up")?;
+    server.add_token(&token, account.user());
+    cluster
+        .kubeconfig_with_token(&token)
+        .context("the cluster is up")
+}
+
+/// Server-side applies one object given as JSON, as `kubectl apply --server-side` would.
+async fn apply(client: &kube::Client, object: serde_json::Value) -> anyhow::Result<()> {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    let object: DynamicObject = serde_json::from_value(object)?;
+    let types = object
+        .types
+        .clone()
+        .context("an object without apiVersion and kind")?;
+    let gvk = GroupVersionKind::try_from(&types)?;
+    let resource = ApiResource::from_gvk(&gvk);
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .context("an object without a name")?;
+    let api: Api<DynamicObject> = match &object.metadata.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply("starling-e2e").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .with_context(|| format!("applying {} {name}", gvk.kind))?;
+    Ok(())
+}
+
+/// See [`Federation::rbac_report`].
+#[derive(Debug, Default)]
+pub struct RbacReport {
+    /// Requests of the operator's identities that their roles refused.
+    pub refused: Vec<String>,
+    /// Permissions granted that no request used.
+    pub unused: Vec<String>,
 }
 
 /// The trainer image TrainingRuns default to in a local federation.
@@ -138,10 +253,20 @@ impl Federation {
             }))?;
             mcs.create(&PostParams::default(), &mc).await?;
         }
+        let operator_kubeconfig = dir.join("operator-kubeconfig");
+        let kubeconfig = grant(
+            &clusters.hub,
+            OPERATOR,
+            rbac::HUB,
+            (OPERATOR.namespace, rbac::HUB_LEADER_ELECTION),
+        )
+        .await?;
+        std::fs::write(&operator_kubeconfig, kubeconfig)?;
         let mut federation = Self {
             clusters,
             dir: dir.to_path_buf(),
             operator_binary,
+            operator_kubeconfig,
             timing,
             operator: None,
             replicas: BTreeMap::new(),
@@ -212,7 +337,7 @@ impl Federation {
             "--metrics-addr",
             "127.0.0.1:0",
         ];
-        let child = self.spawn(log, &args, &self.clusters.hub.kubeconfig)?;
+        let child = self.spawn(log, &args, &self.operator_kubeconfig)?;
         Ok((identity, child))
     }
 
@@ -258,7 +383,15 @@ impl Federation {
             hub.kubeconfig_with_token(&token).expect("the hub is up"),
         )?;
         let cluster = self.member(member);
-        let local_kubeconfig = cluster.kubeconfig.clone();
+        let local_kubeconfig = self.dir.join(member).join("agent-kubeconfig");
+        let access = grant(
+            cluster,
+            AGENT,
+            rbac::AGENT_CLUSTER,
+            (TRAINER_NAMESPACE, rbac::AGENT_TRAINERS),
+        )
+        .await?;
+        std::fs::write(&local_kubeconfig, access)?;
         let hub_kubeconfig = kubeconfig.display().to_string();
         let heartbeat = self.timing.heartbeat_seconds.to_string();
         let args = [
@@ -276,6 +409,84 @@ impl Federation {
         self.agents.insert(member.into(), child);
         self.agent_tokens.insert(member.into(), token);
         Ok(())
+    }
+
+    /// Every authorisation decision made for the operator's own identities (the hub
+    /// controllers and each agent on its member; an agent's hub identity is granted by
+    /// the operator and not counted), by cluster.
+    pub fn starling_decisions(&self) -> Vec<(String, crate::apiserver::Decision)> {
+        let ours = |cluster: &LocalCluster, account: Account| {
+            let user = account.user().name;
+            cluster
+                .server()
+                .map(|s| s.decisions())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(move |d| d.user == user)
+                .map(|d| (cluster.name.clone(), d))
+                .collect::<Vec<_>>()
+        };
+        let mut all = ours(&self.clusters.hub, OPERATOR);
+        for m in &self.clusters.members {
+            all.extend(ours(m, AGENT));
+        }
+        all
+    }
+
+    /// The operator's own permissions held against what it did: what was refused, and
+    /// what its roles grant that nothing used (`group/resource verb`, by table).
+    pub fn rbac_report(&self) -> RbacReport {
+        let decisions = self.starling_decisions();
+        let refused = decisions
+            .iter()
+            .filter(|(_, d)| !d.allowed)
+            .map(|(cluster, d)| {
+                format!(
+                    "{cluster}: {} {}/{} in {:?}",
+                    d.verb, d.group, d.resource, d.namespace
+                )
+            })
+            .collect();
+        let used =
+            |on_hub: bool, namespace: Option<&str>, g: &rbac::Grant, resource: &str, verb: &str| {
+                decisions.iter().any(|(cluster, d)| {
+                    (cluster == "hub") == on_hub
+                        && d.allowed
+                        && d.group == g.group
+                        && d.resource == resource
+                        && d.verb == verb
+                        && namespace.is_none_or(|ns| d.namespace == ns)
+                })
+            };
+        let tables: [(&str, bool, Option<&str>, &[rbac::Grant]); 4] = [
+            ("HUB", true, None, rbac::HUB),
+            (
+                "HUB_LEADER_ELECTION",
+                true,
+                Some(OPERATOR.namespace),
+                rbac::HUB_LEADER_ELECTION,
+            ),
+            ("AGENT_CLUSTER", false, Some(""), rbac::AGENT_CLUSTER),
+            (
+                "AGENT_TRAINERS",
+                false,
+                Some(TRAINER_NAMESPACE),
+                rbac::AGENT_TRAINERS,
+            ),
+        ];
+        let mut unused = vec![];
+        for (table, on_hub, namespace, grants) in tables {
+            for g in grants {
+                for resource in g.resources {
+                    for verb in g.verbs {
+                        if !used(on_hub, namespace, g, resource, verb) {
+                            unused.push(format!("{table}: {}/{resource} {verb}", g.group));
+                        }
+                    }
+                }
+            }
+        }
+        RbacReport { refused, unused }
     }
 
     pub fn member(&self, name: &str) -> &LocalCluster {

@@ -385,6 +385,7 @@ async fn the_operator_restarts_mid_run_and_deleting_the_run_cleans_every_member(
         )
         .await;
     }
+    assert_rbac_held(&fed, true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

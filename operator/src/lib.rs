@@ -8,4 +8,5 @@ pub mod crdgen;
 pub mod hub;
 pub mod k8s;
 pub mod placement;
+pub mod rbac;
 pub mod telemetry;

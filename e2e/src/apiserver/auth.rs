@@ -171,6 +171,153 @@ pub fn allowed(store: &Store, user: &User, a: &Attributes) -> bool {
                 .any(|b| granted(b, &a.namespace)))
 }
 
+/// One authorisation decision, without the object's name: what a role must grant.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Decision {
+    pub user: String,
+    pub verb: String,
+    pub group: String,
+    /// The resource's plural, with `/subresource`.
+    pub resource: String,
+    /// Empty for cluster-scoped resources and cluster-wide requests.
+    pub namespace: String,
+    pub allowed: bool,
+}
+
+/// Every distinct decision the server has made, so a test can hold a role to exactly
+/// what its holder used: nothing refused (missing) and nothing granted but unused (extra).
+#[derive(Default)]
+pub(super) struct Decisions(std::sync::Mutex<std::collections::BTreeSet<Decision>>);
+
+impl Decisions {
+    pub(super) fn record(&self, user: &User, a: &Attributes, allowed: bool) {
+        let resource = match &a.subresource {
+            Some(sub) => format!("{}/{sub}", a.resource),
+            None => a.resource.clone(),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(Decision {
+                user: user.name.clone(),
+                verb: a.verb.clone(),
+                group: a.group.clone(),
+                resource,
+                namespace: a.namespace.clone(),
+                allowed,
+            });
+    }
+
+    pub(super) fn snapshot(&self) -> Vec<Decision> {
+        let set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.iter().cloned().collect()
+    }
+}
+
+/// RBAC's escalation check: a caller may write a Role or ClusterRole only with rules it
+/// holds itself, and bind a role only if it holds the role's rules, unless it has the
+/// `escalate` (roles) or `bind` (bindings) verb. `rules` are those the write grants
+/// (the object's own, or its `roleRef`'s), `a` the write's attributes. Every permission
+/// checked is recorded, since holding it is a use of it.
+pub(super) fn may_grant(
+    store: &Store,
+    decisions: &Decisions,
+    user: &User,
+    a: &Attributes,
+    rules: &[Value],
+) -> Result<(), ApiError> {
+    let exempt_verb = if a.resource.ends_with("bindings") {
+        "bind"
+    } else {
+        "escalate"
+    };
+    let exempt = Attributes {
+        verb: exempt_verb.into(),
+        subresource: None,
+        ..a.clone()
+    };
+    if allowed(store, user, &exempt) {
+        return Ok(());
+    }
+    let mut missing = vec![];
+    for rule in rules {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    let (resource, subresource) = match resource.split_once('/') {
+                        Some((r, sub)) => (r.to_owned(), Some(sub.to_owned())),
+                        None => (resource.to_owned(), None),
+                    };
+                    let held = Attributes {
+                        verb: verb.into(),
+                        group: group.into(),
+                        resource,
+                        subresource,
+                        namespace: a.namespace.clone(),
+                        name: None,
+                    };
+                    let ok = allowed(store, user, &held);
+                    decisions.record(user, &held, ok);
+                    if !ok {
+                        missing.push(format!(
+                            "{{APIGroups:[\"{group}\"], Resources:[\"{}\"], Verbs:[\"{verb}\"]}}",
+                            held.subresource
+                                .as_ref()
+                                .map_or(held.resource.clone(), |s| format!(
+                                    "{}/{s}",
+                                    held.resource
+                                ))
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let name = a.name.clone().unwrap_or_default();
+    Err(ApiError::forbidden(
+        format!(
+            "{}.{RBAC} \"{name}\" is forbidden: user \"{}\" (groups={:?}) is attempting to \
+             grant RBAC permissions not currently held:\n{}",
+            a.resource,
+            user.name,
+            user.groups,
+            missing.join("\n")
+        ),
+        name,
+        RBAC,
+        &a.resource,
+    ))
+}
+
+/// The rules a write of an RBAC object grants: a role's own, or the role a binding
+/// refers to (`None` for anything else).
+pub(super) fn granted_rules(store: &Store, a: &Attributes, object: &Value) -> Option<Vec<Value>> {
+    if a.group != RBAC || a.subresource.is_some() {
+        return None;
+    }
+    match a.resource.as_str() {
+        "roles" | "clusterroles" => Some(object["rules"].as_array().cloned().unwrap_or_default()),
+        "rolebindings" | "clusterrolebindings" => {
+            let role = &object["roleRef"];
+            let (plural, ns) = match role["kind"].as_str() {
+                Some("ClusterRole") => ("clusterroles", ""),
+                _ => ("roles", a.namespace.as_str()),
+            };
+            let name = role["name"].as_str().unwrap_or_default();
+            Some(
+                store
+                    .get_raw(RBAC, plural, ns, name)
+                    .and_then(|r| r["rules"].as_array().cloned())
+                    .unwrap_or_default(),
+            )
+        }
+        _ => None,
+    }
+}
+
 /// The verb of a request, as RBAC names it.
 pub fn verb(method: &axum::http::Method, named: bool, watch: bool) -> &'static str {
     use axum::http::Method;

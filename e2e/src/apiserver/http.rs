@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::auth::{self, Attributes, User};
 use super::error::ApiError;
 use super::registry::{Registry, ResourceType};
-use super::store::{Part, resource_name};
+use super::store::{Part, Store, resource_name};
 use super::{ApiServer, logs, openapi};
 
 mod delete;
@@ -180,10 +180,51 @@ async fn route(
         namespace: target.namespace.clone(),
         name: target.name.clone(),
     };
-    if !auth::allowed(&server.store(), &user, &attributes) {
+    let allowed = auth::allowed(&server.store(), &user, &attributes);
+    server.inner.decisions.record(&user, &attributes, allowed);
+    if !allowed {
         return Err(attributes.forbidden(&user));
     }
-    resource(server, method, headers, body, target, &q).await
+    check_escalation(server, &user, &attributes, headers, &body)?;
+    resource(
+        server,
+        method,
+        headers,
+        body,
+        target,
+        &q,
+        (&user, &attributes),
+    )
+    .await
+}
+
+/// A write of a role or binding may grant only what its caller holds (see
+/// [`auth::may_grant`]). Checked on creates, updates and applies, whose bodies are the
+/// whole object; merge and JSON patches of RBAC objects are not checked.
+fn check_escalation(
+    server: &ApiServer,
+    user: &User,
+    a: &Attributes,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(), ApiError> {
+    let whole = match a.verb.as_str() {
+        "create" | "update" => true,
+        "patch" => headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/apply-patch")),
+        _ => false,
+    };
+    if !whole || a.group != "rbac.authorization.k8s.io" {
+        return Ok(());
+    }
+    let object = parse_body(headers, body)?;
+    let store = server.store();
+    match auth::granted_rules(&store, a, &object) {
+        Some(rules) => auth::may_grant(&store, &server.inner.decisions, user, a, &rules),
+        None => Ok(()),
+    }
 }
 
 /// `kubectl auth can-i`: may the caller do what the review describes?
@@ -255,6 +296,28 @@ struct Call<'a> {
     dry_run: bool,
     /// Who is writing (see [`field_manager`]).
     manager: String,
+    /// Who called, and what the request was authorised as.
+    caller: (&'a User, &'a Attributes),
+}
+
+impl Call<'_> {
+    /// A write that turns out to create (an apply of an object that does not exist) is
+    /// authorised as a create too, as a real API server does: `patch` alone does not
+    /// let a caller make new objects.
+    fn authorize_create(&self, store: &Store) -> Result<(), ApiError> {
+        let (user, asked) = self.caller;
+        let create = Attributes {
+            verb: "create".into(),
+            ..asked.clone()
+        };
+        let allowed = auth::allowed(store, user, &create);
+        self.server.inner.decisions.record(user, &create, allowed);
+        if allowed {
+            Ok(())
+        } else {
+            Err(create.forbidden(user))
+        }
+    }
 }
 
 async fn resource(
@@ -264,6 +327,7 @@ async fn resource(
     body: Bytes,
     target: Target,
     q: &[(String, String)],
+    caller: (&User, &Attributes),
 ) -> Result<Response, ApiError> {
     let t = &target.resource;
     let ns = target.namespace.as_str();
@@ -287,6 +351,7 @@ async fn resource(
         part,
         dry_run: dry_run(q)?,
         manager: field_manager(q, headers),
+        caller,
     };
     match (method, target.name.as_deref()) {
         (&Method::GET, None) => read::list(&call),

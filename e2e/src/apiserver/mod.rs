@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::json;
 use tokio::sync::watch;
 
-pub use auth::User;
+pub use auth::{Decision, User};
 pub use error::ApiError;
 pub(crate) use http::{param, query};
 pub use registry::{Registry, ResourceType};
@@ -54,6 +54,8 @@ struct Inner {
     watch_epoch: watch::Sender<u64>,
     /// Every request received, for benchmarks.
     requests: requests::Counts,
+    /// Every authorisation decision, for RBAC tests.
+    decisions: auth::Decisions,
 }
 
 /// A server listening on loopback over HTTPS.
@@ -158,6 +160,7 @@ impl ApiServer {
                 store: Mutex::new(store),
                 watch_epoch,
                 requests: Default::default(),
+                decisions: Default::default(),
             }),
         }
     }
@@ -215,6 +218,12 @@ impl ApiServer {
     /// How many requests the server has received so far, by user, verb and resource.
     pub fn request_counts(&self) -> std::collections::BTreeMap<RequestKey, u64> {
         self.inner.requests.snapshot()
+    }
+
+    /// Every distinct authorisation decision so far (who, verb, resource, namespace,
+    /// allowed), sorted.
+    pub fn decisions(&self) -> Vec<auth::Decision> {
+        self.inner.decisions.snapshot()
     }
 
     /// Forgets the change history and ends every open watch, as an API server restart

@@ -26,7 +26,12 @@ pub fn exe_dir() -> PathBuf {
 }
 
 pub async fn federation(members: &[MemberSpec]) -> (Federation, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
+    // STARLING_E2E_KEEP=1 keeps the federation's logs and files for a post-mortem.
+    if std::env::var_os("STARLING_E2E_KEEP").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("federation files kept in {}", dir.path().display());
+    }
     let federation = Federation::start(members, Timing::default(), dir.path(), &exe_dir())
         .await
         .unwrap();
@@ -186,4 +191,19 @@ pub fn uids(pods: &[Pod]) -> Vec<String> {
     let mut v: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
     v.sort();
     v
+}
+
+/// The operator's identities ran under exactly the charts' RBAC: nothing they asked was
+/// refused (a permission missing), and, when `whole_life`, every permission granted was
+/// used (one granted for nothing).
+pub fn assert_rbac_held(fed: &Federation, whole_life: bool) {
+    let report = fed.rbac_report();
+    assert!(report.refused.is_empty(), "refused: {:#?}", report.refused);
+    if whole_life {
+        assert!(
+            report.unused.is_empty(),
+            "granted but never used: {:#?}",
+            report.unused
+        );
+    }
 }

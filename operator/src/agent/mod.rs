@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{ObjectMeta, PostParams};
 use kube::runtime::controller::{self, Action};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
@@ -116,7 +115,7 @@ async fn agent(
     metrics: Arc<Metrics>,
     config: AgentConfig,
 ) -> anyhow::Result<()> {
-    ensure_namespace(&local, &config.namespace).await?;
+    require_namespace(&local, &config.namespace).await?;
     let sweep = Arc::new(Notify::new());
     let (stores, triggers) = observe::watch(&hub, &local, &config, sweep.clone());
     let hub_namespace = member_namespace(&config.member);
@@ -158,22 +157,15 @@ async fn agent(
     Ok(())
 }
 
-async fn ensure_namespace(client: &Client, name: &str) -> kube::Result<()> {
+/// The trainer namespace is the member chart's to make (see `rbac::AGENT_CLUSTER`); a
+/// missing one is a mistake in the install, said plainly rather than retried.
+async fn require_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
     let api: Api<Namespace> = Api::all(client.clone());
-    if api.get_opt(name).await?.is_none() {
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        };
-        match api.create(&PostParams::default(), &ns).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e),
-        }
-    }
+    anyhow::ensure!(
+        api.get_opt(name).await?.is_some(),
+        "the trainer namespace {name} does not exist on this cluster: install the member \
+         chart with trainerNamespace.create=true, or create it (kubectl create namespace {name})"
+    );
     Ok(())
 }
 

@@ -435,38 +435,21 @@ fn role_ref(kind: &str, name: &str) -> RoleRef {
 /// writes the groups' status.
 fn agent_group_rules() -> Vec<PolicyRule> {
     vec![
-        rule(
-            "starling.dev",
-            "trainergroups",
-            None,
-            &["get", "list", "watch"],
-        ),
-        rule(
-            "starling.dev",
-            "trainergroups/status",
-            None,
-            &["get", "patch", "update"],
-        ),
-        rule("", "secrets", None, &["get", "list", "watch"]),
+        rule("starling.dev", "trainergroups", None, &["list", "watch"]),
+        rule("starling.dev", "trainergroups/status", None, &["patch"]),
+        rule("", "secrets", None, &["list", "watch"]),
     ]
 }
 
-/// Cluster-wide the agent reads its own MemberCluster, no other, and reports its status.
+/// Cluster-wide the agent reports its own MemberCluster's status (the heartbeat), no
+/// other's.
 fn agent_member_rules(member: &str) -> Vec<PolicyRule> {
-    vec![
-        rule(
-            "starling.dev",
-            "memberclusters",
-            Some(member),
-            &["get", "watch"],
-        ),
-        rule(
-            "starling.dev",
-            "memberclusters/status",
-            Some(member),
-            &["get", "patch", "update"],
-        ),
-    ]
+    vec![rule(
+        "starling.dev",
+        "memberclusters/status",
+        Some(member),
+        &["patch"],
+    )]
 }
 
 #[cfg(test)]

@@ -73,6 +73,14 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("exchange: {0}")]
     Exchange(#[from] starling_trainer::exchange::client::ClientError),
+    /// A Secret of the credentials' name exists that the operator's cache does not hold:
+    /// one it made a moment ago (the next reconcile sees it), or someone else's, which it
+    /// will not adopt.
+    #[error(
+        "Secret {0} exists but is not (yet) the operator's: retrying; if it is not a run's \
+         credentials, delete or rename it"
+    )]
+    CredentialsTaken(String),
 }
 
 /// What the controllers read instead of listing: one reflector per kind, kept current by

@@ -110,10 +110,13 @@ fn apply(
     };
     let object = managed::apply(t, part, &how, live.as_ref(), config)?;
     match live {
-        None => Ok((
-            store.create(t, ns, object, validation(q))?,
-            StatusCode::CREATED,
-        )),
+        None => {
+            call.authorize_create(store)?;
+            Ok((
+                store.create(t, ns, object, validation(q))?,
+                StatusCode::CREATED,
+            ))
+        }
         Some(_) => Ok((
             store.update(t, ns, name, object, part, validation(q))?,
             StatusCode::OK,

@@ -205,7 +205,10 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     act(ctx, run, decision).await
 }
 
-/// Creates the run's credentials Secret, or reads the one a previous reconcile made.
+/// Creates the run's credentials Secret. One of its name that the cache does not show
+/// yet is an error to retry rather than a Secret to read: reading it would take another
+/// Secret's contents as the run's tokens, and the operator's role has no `get` on
+/// Secrets for it.
 async fn mint_credentials(
     ctx: &Context,
     run: &TrainingRun,
@@ -217,8 +220,7 @@ async fn mint_credentials(
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(tokens),
         Err(kube::Error::Api(e)) if e.code == 409 => {
-            let existing = secrets.get(&credentials_name(run)).await?;
-            Ok(tokens_of(&existing))
+            Err(Error::CredentialsTaken(credentials_name(run)))
         }
         Err(e) => Err(e.into()),
     }
