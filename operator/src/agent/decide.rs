@@ -16,6 +16,7 @@ use kube::ResourceExt;
 use kube::api::ObjectMeta;
 use starling_trainer::env as names;
 
+use super::placement::LocalPlacement;
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
 use crate::k8s::{ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER};
@@ -25,6 +26,8 @@ use crate::k8s::{ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL
 pub struct Site<'a> {
     pub member: &'a str,
     pub namespace: &'a str,
+    /// What this member adds to every trainer pod.
+    pub placement: &'a LocalPlacement,
 }
 
 /// What the agent saw of one group, all read from reflector stores.
@@ -257,13 +260,14 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     if !env.iter().any(|e| e.name == names::DEVICE) {
         env.push(env_value(names::DEVICE, device_for(t.resources.as_ref())));
     }
-    if let Some(mbps) = t.upload_limit_mbps {
+    let placed = site.placement.place(t);
+    if let Some(mbps) = placed.upload_limit_mbps {
         env.push(env_value(names::BANDWIDTH_MBPS, mbps.to_string()));
     }
     let spec = PodSpec {
         restart_policy: Some("OnFailure".into()),
-        node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
-        tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
+        node_selector: placed.node_selector,
+        tolerations: placed.tolerations,
         containers: vec![Container {
             name: "trainer".into(),
             image: Some(t.image.clone()),

@@ -18,6 +18,7 @@ mod act;
 pub mod capacity;
 pub mod decide;
 mod observe;
+pub mod placement;
 #[cfg(test)]
 mod tests;
 
@@ -68,6 +69,8 @@ pub struct AgentConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     #[arg(long, env = "STARLING_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub placement: placement::LocalPlacement,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +177,7 @@ impl Context {
         Site {
             member: &self.config.member,
             namespace: &self.config.namespace,
+            placement: &self.config.placement,
         }
     }
 }

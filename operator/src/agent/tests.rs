@@ -9,11 +9,17 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use super::decide::{Observed, Plan, Site, decide, sweep};
+use super::placement::{LocalPlacement, NodeSelector, Tolerations};
 use crate::api::{PeerId, TrainerGroup};
 
 const SITE: Site<'static> = Site {
     member: "home",
     namespace: "trainers",
+    placement: &LocalPlacement {
+        node_selector: NodeSelector(std::collections::BTreeMap::new()),
+        tolerations: Tolerations(Vec::new()),
+        upload_limit_mbps: None,
+    },
 };
 
 fn group(peers: &[u32]) -> TrainerGroup {
