@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// The command that regenerates `crds/` from a checkout's root.
-pub const REGENERATE: &str = "cargo run -p starling-operator -- crdgen --out crds";
+pub const REGENERATE: &str = "cargo run -p starling-operator -- crdgen";
+
+/// Where the CRDs are kept: `crds/`, and the hub chart's `crds/`, which Helm installs.
+pub const DIRECTORIES: [&str; 2] = ["crds", "charts/starling-hub/crds"];
 
 /// `crds/<plural>.<group>.yaml`: the CRD's own name, so a file is easy to find from
 /// `kubectl get crd`.

@@ -16,9 +16,10 @@ struct Cli {
 enum Command {
     /// Write the CustomResourceDefinitions as YAML, one file per CRD.
     Crdgen {
-        /// Directory to write into (created if missing).
-        #[arg(long, default_value = "crds")]
-        out: PathBuf,
+        /// Directories to write into (created if missing); by default `crds/` and the
+        /// hub chart's `crds/`, from the repository's root.
+        #[arg(long, default_values = starling_operator::crdgen::DIRECTORIES)]
+        out: Vec<PathBuf>,
     },
     /// Run the hub controllers (on the hub cluster).
     Hub(starling_operator::hub::HubConfig),
@@ -73,10 +74,12 @@ fn main() -> anyhow::Result<()> {
             head,
         }) => verify_ledger(&path, public_key, head)?,
         Command::Crdgen { out } => {
-            let written = starling_operator::crdgen::write_all(&out)
-                .with_context(|| format!("writing CRDs to {}", out.display()))?;
-            for path in written {
-                println!("wrote {}", path.display());
+            for dir in out {
+                let written = starling_operator::crdgen::write_all(&dir)
+                    .with_context(|| format!("writing CRDs to {}", dir.display()))?;
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
             }
         }
     }

@@ -72,6 +72,17 @@ fn crds_directory_matches_the_api_types() {
 }
 
 #[test]
+fn the_hub_chart_installs_the_same_crds_as_crds_directory() {
+    let problems = drift(&repo_root().join("charts/starling-hub/crds"));
+    assert!(
+        problems.is_empty(),
+        "charts/starling-hub/crds/ is out of date with operator/src/api:\n  {}\nRegenerate with: {}",
+        problems.join("\n  "),
+        crdgen::REGENERATE
+    );
+}
+
+#[test]
 fn crdgen_command_writes_exactly_the_committed_crds() {
     let out = tempfile::tempdir().unwrap();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_starling-operator"))

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::events::v1::Event as EventV1;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
@@ -65,6 +66,7 @@ pub fn admit(group: &str, kind: &str, object: &mut Value) -> Option<Result<Admis
         ("coordination.k8s.io", "Lease") => round_trip::<Lease>(object),
         ("apps", "Deployment") => round_trip::<Deployment>(object),
         ("batch", "Job") => round_trip::<Job>(object),
+        ("policy", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(object),
         ("rbac.authorization.k8s.io", "Role") => round_trip::<Role>(object),
         ("rbac.authorization.k8s.io", "RoleBinding") => round_trip::<RoleBinding>(object),
         ("rbac.authorization.k8s.io", "ClusterRole") => round_trip::<ClusterRole>(object),

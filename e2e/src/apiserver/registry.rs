@@ -196,6 +196,15 @@ const BUILTINS: &[Builtin] = &[
     ),
     ("batch", "v1", "Job", "jobs", true, &[], true),
     (
+        "policy",
+        "v1",
+        "PodDisruptionBudget",
+        "poddisruptionbudgets",
+        true,
+        &["pdb"],
+        true,
+    ),
+    (
         "rbac.authorization.k8s.io",
         "v1",
         "Role",

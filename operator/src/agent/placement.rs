@@ -39,7 +39,8 @@ pub struct NodeSelector(pub BTreeMap<String, String>);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tolerations(pub Vec<Toleration>);
 
-fn parse_selector(text: &str) -> Result<NodeSelector, String> {
+/// `key=value,key=value` (spaces around either ignored) as a node selector.
+pub fn parse_selector(text: &str) -> Result<NodeSelector, String> {
     let mut selector = BTreeMap::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, value) = pair
@@ -53,7 +54,8 @@ fn parse_selector(text: &str) -> Result<NodeSelector, String> {
     Ok(NodeSelector(selector))
 }
 
-fn parse_tolerations(text: &str) -> Result<Tolerations, String> {
+/// A JSON list of Kubernetes tolerations.
+pub fn parse_tolerations(text: &str) -> Result<Tolerations, String> {
     serde_json::from_str(text)
         .map(Tolerations)
         .map_err(|e| format!("not a JSON list of tolerations: {e}"))
