@@ -357,31 +357,25 @@ impl Federation {
     /// token for the member's ServiceAccount (what `kubectl create token` gives the
     /// member chart).
     pub async fn start_agent(&mut self, member: &str) -> anyhow::Result<()> {
-        let namespace = format!("starling-member-{member}");
-        let namespaces: Api<Namespace> = Api::all(self.clusters.hub.client.clone());
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while namespaces.get_opt(&namespace).await?.is_none() {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the operator did not create {namespace}; see {}",
-                self.dir.join("operator.log").display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let token = format!(
-            "agent-{member}-{:08x}{:08x}",
-            crate::kubelet::rand_u32(),
-            crate::kubelet::rand_u32()
-        );
+        // What `starling-operator member add` does: a bound token of the member's agent
+        // ServiceAccount (TokenRequest), in a kubeconfig for the hub.
         let hub = &self.clusters.hub;
-        hub.server()
-            .expect("the hub is up")
-            .add_token(&token, User::service_account(&namespace, "agent"));
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&hub.kubeconfig)?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        let issued = starling_operator::onboard::issue(
+            &hub.client,
+            &config,
+            member,
+            None,
+            (24, Duration::from_secs(60)),
+        )
+        .await?;
         let kubeconfig = self.dir.join(member).join("hub-kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            hub.kubeconfig_with_token(&token).expect("the hub is up"),
-        )?;
+        std::fs::write(&kubeconfig, &issued.kubeconfig)?;
+        let token = issued.token;
         let cluster = self.member(member);
         let local_kubeconfig = self.dir.join(member).join("agent-kubeconfig");
         let access = grant(

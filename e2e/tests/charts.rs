@@ -4,6 +4,8 @@
 //!
 //! Helm is named by `STARLING_HELM` (`.ci/run` installs it; under `CI` it is required).
 
+#![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -91,7 +91,17 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
         "the run's Secrets",
     );
     let mcs: Api<MemberCluster> = Api::all(eu);
-    assert!(mcs.get("cloud-eu").await.is_ok());
+    // It reports its own member's status (the heartbeat), and reads no MemberCluster.
+    let heartbeat = Patch::Merge(json!({"status": {"agentVersion": env!("CARGO_PKG_VERSION")}}));
+    mcs.patch_status("cloud-eu", &PatchParams::default(), &heartbeat)
+        .await
+        .unwrap();
+    forbidden(
+        mcs.patch_status("cloud-us", &PatchParams::default(), &heartbeat)
+            .await
+            .map(|_| ()),
+        "another member's status",
+    );
     forbidden(
         mcs.get("cloud-us").await.map(|_| ()),
         "another member's MemberCluster",

@@ -7,6 +7,7 @@ pub mod contract;
 pub mod crdgen;
 pub mod hub;
 pub mod k8s;
+pub mod onboard;
 pub mod placement;
 pub mod rbac;
 pub mod telemetry;

@@ -28,6 +28,30 @@ enum Command {
     /// Work with a run's scoring ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Onboard member clusters (run against the hub, as its administrator).
+    #[command(subcommand)]
+    Member(MemberCommand),
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// Register a member cluster and write what its administrator applies there:
+    /// member-NAME-secret.yaml (the hub kubeconfig, with a bound token) and
+    /// member-NAME.yaml (the member chart's values).
+    Add {
+        #[command(flatten)]
+        member: starling_operator::onboard::NewMember,
+        #[command(flatten)]
+        access: starling_operator::onboard::Access,
+    },
+    /// Write member-NAME-secret.yaml again with a fresh token (apply it on the member;
+    /// the agent keeps its place). The old token stays valid until it expires.
+    RotateToken {
+        /// The member's name.
+        name: String,
+        #[command(flatten)]
+        access: starling_operator::onboard::Access,
+    },
 }
 
 #[derive(Subcommand)]
@@ -73,6 +97,7 @@ fn main() -> anyhow::Result<()> {
             public_key,
             head,
         }) => verify_ledger(&path, public_key, head)?,
+        Command::Member(command) => runtime()?.block_on(member(command))?,
         Command::Crdgen { out } => {
             for dir in out {
                 let written = starling_operator::crdgen::write_all(&dir)
@@ -122,6 +147,39 @@ fn verify_ledger(path: &Path, key: Option<String>, head: Option<String>) -> anyh
         verified.last_round,
         verified.head
     );
+    Ok(())
+}
+
+async fn member(command: MemberCommand) -> anyhow::Result<()> {
+    use starling_operator::onboard;
+    let config = kube::Config::infer().await?;
+    let client = kube::Client::try_from(config.clone())?;
+    let (written, name) = match &command {
+        MemberCommand::Add { member, access } => (
+            onboard::add(&client, &config, member, access).await?,
+            member.name.clone(),
+        ),
+        MemberCommand::RotateToken { name, access } => (
+            onboard::rotate(&client, &config, name, access).await?,
+            name.clone(),
+        ),
+    };
+    println!(
+        "wrote {} (the agent's hub kubeconfig; its token expires {})",
+        written.secret.display(),
+        written.expires
+    );
+    if let Some(values) = &written.values {
+        println!("wrote {} (the member chart's values)", values.display());
+    }
+    println!("\nOn member {name}:");
+    println!("  kubectl apply -f {}", written.secret.display());
+    if let Some(values) = &written.values {
+        println!(
+            "  helm install starling-member charts/starling-member -n starling-system -f {} --wait",
+            values.display()
+        );
+    }
     Ok(())
 }
 

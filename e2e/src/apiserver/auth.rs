@@ -33,20 +33,27 @@ impl User {
     }
 }
 
-/// Bearer tokens and who they are.
+/// Bearer tokens, who they are, and until when (bound tokens expire).
 #[derive(Clone, Debug, Default)]
-pub struct Tokens(HashMap<String, User>);
+pub struct Tokens(HashMap<String, (User, Option<std::time::SystemTime>)>);
 
 impl Tokens {
     pub fn insert(&mut self, token: String, user: User) {
-        self.0.insert(token, user);
+        self.0.insert(token, (user, None));
+    }
+
+    /// A token that stops authenticating at `expires`, as TokenRequest's do.
+    pub fn insert_expiring(&mut self, token: String, user: User, expires: std::time::SystemTime) {
+        self.0.insert(token, (user, Some(expires)));
     }
 
     pub fn authenticate(&self, header: Option<&str>) -> Result<User, ApiError> {
+        let now = std::time::SystemTime::now();
         header
             .and_then(|h| h.strip_prefix("Bearer "))
             .and_then(|t| self.0.get(t.trim()))
-            .cloned()
+            .filter(|(_, expires)| expires.is_none_or(|e| now < e))
+            .map(|(user, _)| user.clone())
             .ok_or_else(ApiError::unauthorized)
     }
 }
@@ -370,6 +377,19 @@ mod tests {
             &named,
             &attributes("get", "trainergroups", "m")
         ));
+    }
+
+    #[test]
+    fn a_bound_token_authenticates_until_it_expires_and_then_is_unauthorized() {
+        let mut tokens = Tokens::default();
+        let user = User::service_account("starling-member-home", "agent");
+        let now = std::time::SystemTime::now();
+        let minute = std::time::Duration::from_secs(60);
+        tokens.insert_expiring("fresh".into(), user.clone(), now + minute);
+        tokens.insert_expiring("stale".into(), user.clone(), now - minute);
+        assert_eq!(tokens.authenticate(Some("Bearer fresh")), Ok(user));
+        assert_eq!(tokens.authenticate(Some("Bearer stale")).unwrap_err().code, 401);
+        assert_eq!(tokens.authenticate(Some("Bearer unknown")).unwrap_err().code, 401);
     }
 
     #[test]

@@ -227,6 +227,60 @@ fn check_escalation(
     }
 }
 
+/// TokenRequest (`kubectl create token`): a bound token for the ServiceAccount, valid
+/// for `spec.expirationSeconds` (default an hour, at least ten minutes, as a real server
+/// holds them).
+fn token_request(
+    server: &ApiServer,
+    ns: &str,
+    name: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    server
+        .store()
+        .get_raw("", "serviceaccounts", ns, name)
+        .ok_or_else(|| ApiError::not_found("serviceaccounts", name))?;
+    let mut request = parse_body(headers, body)?;
+    let seconds = request["spec"]["expirationSeconds"]
+        .as_u64()
+        .unwrap_or(3600);
+    if seconds < 600 {
+        return Err(ApiError::invalid(
+            "TokenRequest.authentication.k8s.io",
+            name,
+            vec![(
+                "spec.expirationSeconds".into(),
+                format!(
+                    "Invalid value: {seconds}: may not specify a duration less than 10 minutes"
+                ),
+            )],
+        ));
+    }
+    let token = format!(
+        "{ns}.{name}.{:08x}{:08x}{:08x}",
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32()
+    );
+    let expires = std::time::SystemTime::now() + std::time::Duration::from_secs(seconds);
+    server
+        .inner
+        .tokens
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert_expiring(token.clone(), User::service_account(ns, name), expires);
+    let expiration = chrono::DateTime::<chrono::Utc>::from(expires)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    request["apiVersion"] = json!("authentication.k8s.io/v1");
+    request["kind"] = json!("TokenRequest");
+    request["metadata"] = json!({"name": name, "namespace": ns,
+        "creationTimestamp": super::store::now()});
+    request["spec"]["expirationSeconds"] = json!(seconds);
+    request["status"] = json!({"token": token, "expirationTimestamp": expiration});
+    Ok(json_response(StatusCode::CREATED, &request))
+}
+
 /// `kubectl auth can-i`: may the caller do what the review describes?
 fn access_review(
     server: &ApiServer,
@@ -277,7 +331,7 @@ fn target(registry: &Registry, group: &str, version: &str, rest: &[&str]) -> Opt
 
 fn version_info() -> Value {
     json!({
-        "major": "1", "minor": "32", "gitVersion": "v1.32.0-starling-e2e",
+        "major": "1", "minor": "32", "gitVersion": "v1.32.0+starling-e2e",
         "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
         "goVersion": "n/a", "compiler": "rustc", "platform": "linux/amd64",
     })
@@ -337,6 +391,12 @@ async fn resource(
         Some("log") if t.group.is_empty() && t.plural == "pods" && method == Method::GET => {
             let name = target.name.as_deref().unwrap_or_default();
             return logs::pod_log(server, ns, name, q).await;
+        }
+        Some("token")
+            if t.group.is_empty() && t.plural == "serviceaccounts" && method == Method::POST =>
+        {
+            let name = target.name.as_deref().unwrap_or_default();
+            return token_request(server, ns, name, headers, &body);
         }
         Some(other) => {
             return Err(ApiError::no_route(&format!("{}/{other}", t.plural)));

@@ -32,7 +32,7 @@ impl Kubelet {
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                     "message": "process kubelet is posting ready status",
                     "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
-                "nodeInfo": {"kubeletVersion": "v1.32.0-starling-e2e", "operatingSystem": "linux",
+                "nodeInfo": {"kubeletVersion": "v1.32.0+starling-e2e", "operatingSystem": "linux",
                     "architecture": std::env::consts::ARCH, "containerRuntimeVersion": "process://",
                     "kernelVersion": "", "osImage": "", "kubeProxyVersion": "", "machineID": "",
                     "systemUUID": "", "bootID": ""},
