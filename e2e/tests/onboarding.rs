@@ -76,6 +76,27 @@ async fn member_add_writes_a_secret_whose_token_lets_only_that_members_agent_in(
     let out = tempfile::tempdir().unwrap();
     let out_dir = out.path().to_str().unwrap();
 
+    // The federation's own agent got its token this way (for 24 hours) and reports when
+    // it expires; the hub judges it good for now.
+    let members: Api<MemberCluster> = Api::all(hub.client.clone());
+    wait_until("cloud-eu reports its token's expiry", 30, || async {
+        let m = members.get("cloud-eu").await.unwrap();
+        m.status.is_some_and(|s| {
+            s.credentials_expire.is_some()
+                && s.conditions.iter().any(|c| {
+                    c.type_ == "Credentials" && c.status == "True" && c.reason == "CredentialsValid"
+                })
+        })
+    })
+    .await;
+    let status = members.get("cloud-eu").await.unwrap().status.unwrap();
+    let lifetime = status
+        .credentials_expire
+        .unwrap()
+        .0
+        .duration_since(status.credentials_issued.unwrap().0);
+    assert_eq!(lifetime.as_secs(), 24 * 3600);
+
     let added = member_command(
         &hub.kubeconfig,
         &[
@@ -102,7 +123,6 @@ async fn member_add_writes_a_secret_whose_token_lets_only_that_members_agent_in(
     assert!(stdout.contains("kubectl apply -f"), "{stdout}");
 
     // The MemberCluster, as the flags describe it.
-    let members: Api<MemberCluster> = Api::all(hub.client.clone());
     let member = members.get("home-lagos").await.unwrap();
     assert_eq!(member.spec.tier, Tier::Home);
     assert_eq!(member.spec.region, "lagos");

@@ -50,6 +50,8 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// Whether the run's checkpoints reach the Hub (only for runs with `spec.publish`).
     pub const PUBLISHED: &str = "Published";
+    /// Whether a member agent's hub token is good for a while yet.
+    pub const CREDENTIALS: &str = "Credentials";
 }
 
 /// Condition reasons, which double as Event reasons.
@@ -81,6 +83,9 @@ pub mod reason {
     pub const AGENT_NOT_CONNECTED: &str = "AgentNotConnected";
     pub const HEARTBEAT_RECEIVED: &str = "HeartbeatReceived";
     pub const HEARTBEAT_MISSED: &str = "HeartbeatMissed";
+    pub const CREDENTIALS_VALID: &str = "CredentialsValid";
+    pub const CREDENTIALS_EXPIRING: &str = "CredentialsExpiring";
+    pub const CREDENTIALS_EXPIRED: &str = "CredentialsExpired";
     pub const PEER_EXCLUDED: &str = "PeerExcluded";
     pub const PEER_BANNED: &str = "PeerBanned";
     pub const PEER_READMITTED: &str = "PeerReadmitted";

@@ -222,6 +222,38 @@ async fn request_token(
     Ok((token.to_owned(), expires.to_owned()))
 }
 
+/// The bearer token of a kubeconfig's current context, if it has one inline.
+pub fn kubeconfig_token(kubeconfig: &str) -> Option<String> {
+    let config: Value = serde_yaml::from_str(kubeconfig).ok()?;
+    let context = config["current-context"].as_str()?;
+    let user = config["contexts"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == context)?["context"]["user"]
+        .as_str()?
+        .to_owned();
+    let entry = config["users"]
+        .as_array()?
+        .iter()
+        .find(|u| u["name"] == user.as_str())?;
+    entry["user"]["token"].as_str().map(str::to_owned)
+}
+
+/// When a bound ServiceAccount token was issued and expires: its JWT claims `iat` and
+/// `exp` (read, not verified: the hub verifies it; the agent only needs to know when to
+/// ask for a new one). `None` for a token that is not a JWT or never expires.
+pub fn token_lifetime(
+    token: &str,
+) -> Option<(k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp)> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let at = |claim: &str| k8s_openapi::jiff::Timestamp::from_second(claims[claim].as_i64()?).ok();
+    Some((at("iat")?, at("exp")?))
+}
+
 fn pem(der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
     let lines: Vec<&str> = body
@@ -280,4 +312,32 @@ pub fn values_file(member: &str, upload_mbps: Option<u32>) -> String {
         Path::new(&format!("member-{member}.yaml")).display(),
         serde_yaml::to_string(&values).unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: Value) -> String {
+        let b64 =
+            |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!("{}.{}.sig", b64(&json!({"alg": "RS256"})), b64(&claims))
+    }
+
+    #[test]
+    fn a_bound_tokens_lifetime_is_read_from_its_claims_and_other_tokens_have_none() {
+        let token = jwt(json!({"iat": 1_700_000_000, "exp": 1_700_086_400}));
+        let (issued, expires) = token_lifetime(&token).unwrap();
+        assert_eq!(expires.duration_since(issued).as_secs(), 86_400);
+        assert_eq!(token_lifetime(&jwt(json!({"sub": "x"}))), None, "no expiry");
+        assert_eq!(token_lifetime("an-opaque-token"), None);
+        assert_eq!(token_lifetime("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn the_token_of_the_current_context_is_found_in_a_written_kubeconfig() {
+        let written = hub_kubeconfig("https://hub:6443", Some("PEM"), "home", "secret-token");
+        assert_eq!(kubeconfig_token(&written).as_deref(), Some("secret-token"));
+        assert_eq!(kubeconfig_token("not: [a kubeconfig"), None);
+    }
 }

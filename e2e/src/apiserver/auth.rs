@@ -388,8 +388,17 @@ mod tests {
         tokens.insert_expiring("fresh".into(), user.clone(), now + minute);
         tokens.insert_expiring("stale".into(), user.clone(), now - minute);
         assert_eq!(tokens.authenticate(Some("Bearer fresh")), Ok(user));
-        assert_eq!(tokens.authenticate(Some("Bearer stale")).unwrap_err().code, 401);
-        assert_eq!(tokens.authenticate(Some("Bearer unknown")).unwrap_err().code, 401);
+        assert_eq!(
+            tokens.authenticate(Some("Bearer stale")).unwrap_err().code,
+            401
+        );
+        assert_eq!(
+            tokens
+                .authenticate(Some("Bearer unknown"))
+                .unwrap_err()
+                .code,
+            401
+        );
     }
 
     #[test]

@@ -257,13 +257,9 @@ fn token_request(
             )],
         ));
     }
-    let token = format!(
-        "{ns}.{name}.{:08x}{:08x}{:08x}",
-        crate::kubelet::rand_u32(),
-        crate::kubelet::rand_u32(),
-        crate::kubelet::rand_u32()
-    );
-    let expires = std::time::SystemTime::now() + std::time::Duration::from_secs(seconds);
+    let issued = std::time::SystemTime::now();
+    let expires = issued + std::time::Duration::from_secs(seconds);
+    let token = bound_token(ns, name, issued, expires);
     server
         .inner
         .tokens
@@ -279,6 +275,37 @@ fn token_request(
     request["spec"]["expirationSeconds"] = json!(seconds);
     request["status"] = json!({"token": token, "expirationTimestamp": expiration});
     Ok(json_response(StatusCode::CREATED, &request))
+}
+
+/// A token shaped as a real server's bound token, a JWT whose claims say who and until
+/// when (`sub`, `iat`, `exp`), so clients can read its lifetime; its signature is random
+/// bytes, since only this server, which keeps every token it issued, checks it.
+fn bound_token(
+    ns: &str,
+    name: &str,
+    issued: std::time::SystemTime,
+    expires: std::time::SystemTime,
+) -> String {
+    use base64::Engine;
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let seconds = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let claims = json!({"iss": "starling-e2e", "sub": format!("system:serviceaccount:{ns}:{name}"),
+        "iat": seconds(issued), "exp": seconds(expires)});
+    let signature = format!(
+        "{:08x}{:08x}{:08x}{:08x}",
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32(),
+        crate::kubelet::rand_u32()
+    );
+    format!(
+        "{}.{}.{signature}",
+        b64(&json!({"alg": "RS256", "typ": "JWT"})),
+        b64(&claims)
+    )
 }
 
 /// `kubectl auth can-i`: may the caller do what the review describes?

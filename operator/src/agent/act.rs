@@ -21,7 +21,12 @@ pub struct Writer {
     pub groups: Api<TrainerGroup>,
     pub members: Api<MemberCluster>,
     pub member: String,
+    /// When the hub token was issued and expires, reported with every heartbeat.
+    pub credentials: Option<Lifetime>,
 }
+
+/// A token's (issued, expires).
+pub type Lifetime = (k8s_openapi::jiff::Timestamp, k8s_openapi::jiff::Timestamp);
 
 fn tolerate<T>(result: kube::Result<T>, codes: &[u16]) -> Result<(), Error> {
     match result {
@@ -94,13 +99,17 @@ impl Writer {
 
     /// The heartbeat: the time, the agent's version and the member's GPU capacity.
     pub async fn heartbeat(&self, gpus: &[GpuCapacity]) -> Result<(), Error> {
-        let status = json!({"status": {
+        let mut status = json!({"status": {
             "lastHeartbeat": k8s_openapi::jiff::Timestamp::now(),
             "agentVersion": env!("CARGO_PKG_VERSION"),
             "gpusAllocatable": gpus.iter().map(|g| g.allocatable).sum::<u32>(),
             "gpusInUse": gpus.iter().map(|g| g.in_use).sum::<u32>(),
             "gpus": gpus,
         }});
+        if let Some((issued, expires)) = self.credentials {
+            status["status"]["credentialsIssued"] = json!(issued);
+            status["status"]["credentialsExpire"] = json!(expires);
+        }
         self.members
             .patch_status(&self.member, &PatchParams::default(), &Patch::Merge(status))
             .await

@@ -100,6 +100,13 @@ pub async fn run(local: Client, metrics: Arc<Metrics>, config: AgentConfig) -> a
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
+    let credentials = std::fs::read_to_string(&config.hub_kubeconfig)
+        .ok()
+        .and_then(|text| crate::onboard::kubeconfig_token(&text))
+        .and_then(|token| crate::onboard::token_lifetime(&token));
+    if let Some((_, expires)) = credentials {
+        tracing::info!(%expires, "the hub token expires");
+    }
     let hub = telemetry::client(hub_config, metrics.clone())?;
     let server = telemetry::serve(
         config.metrics_addr,
@@ -107,7 +114,7 @@ pub async fn run(local: Client, metrics: Arc<Metrics>, config: AgentConfig) -> a
         Arc::new(|_: &Metrics| {}),
     );
     let server = tokio::spawn(server);
-    let outcome = agent(local, hub, metrics, config).await;
+    let outcome = agent(local, hub, metrics, config, credentials).await;
     server.abort();
     outcome
 }
@@ -117,6 +124,7 @@ async fn agent(
     hub: Client,
     metrics: Arc<Metrics>,
     config: AgentConfig,
+    credentials: Option<act::Lifetime>,
 ) -> anyhow::Result<()> {
     require_namespace(&local, &config.namespace).await?;
     let sweep = Arc::new(Notify::new());
@@ -128,6 +136,7 @@ async fn agent(
         groups: Api::namespaced(hub.clone(), &hub_namespace),
         members: Api::all(hub),
         member: config.member.clone(),
+        credentials,
     };
     let ctx = Arc::new(Context {
         config,

@@ -107,6 +107,16 @@ pub struct MemberClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
 
+    /// When the agent's hub token expires, as the agent read it from the token; the
+    /// `Credentials` condition turns False ahead of it. Rotate with `starling-operator
+    /// member rotate-token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_expire: Option<Time>,
+
+    /// When that token was issued (its lifetime sets how early `Credentials` warns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_issued: Option<Time>,
+
     /// Version of the agent binary, to spot members that need an upgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,

@@ -25,6 +25,8 @@ pub struct Decision {
     pub conditions: Option<Vec<Condition>>,
     /// An Event when `Ready` flipped: (warning, reason, message).
     pub event: Option<(bool, &'static str, String)>,
+    /// An Event when `Credentials` changed.
+    pub credentials_event: Option<(bool, &'static str, String)>,
     /// When the heartbeat that never comes must be noticed.
     pub recheck: Duration,
 }
@@ -75,13 +77,73 @@ pub fn decide(member: &MemberCluster, grace: Duration, now: Timestamp) -> Decisi
             .map(|c| (c.status.clone(), c.reason.clone()))
             .collect()
     };
+    let mut recheck = recheck;
+    let mut credentials_event = None;
+    if let Some((valid, why, message, next)) = credentials(member, now) {
+        let before = conditions
+            .iter()
+            .find(|c| c.type_ == condition::CREDENTIALS)
+            .map(|c| c.reason.clone());
+        set_condition(
+            &mut conditions,
+            condition::CREDENTIALS,
+            valid,
+            why,
+            message.clone(),
+            generation,
+            now,
+        );
+        if before.as_deref() != Some(why) {
+            credentials_event = Some((!valid, why, message));
+        }
+        if let Some(next) = next {
+            recheck = recheck.min(next + SignedDuration::from_secs(1));
+        }
+    }
     let changed = essence(&conditions) != essence(&status.conditions);
     let recheck = Duration::try_from(recheck).unwrap_or(Duration::from_secs(1));
     Decision {
+        credentials_event,
         event: (changed && was_ready != ready).then_some((!ready, why, message)),
         conditions: changed.then_some(conditions),
         recheck: recheck.max(Duration::from_secs(1)),
     }
+}
+
+/// How long before its expiry a token counts as expiring: a fifth of its lifetime (as
+/// the kubelet renews projected tokens at 80%), at most a week.
+fn warn_before(issued: Timestamp, expires: Timestamp) -> SignedDuration {
+    let lifetime = expires.duration_since(issued);
+    (lifetime / 5).min(SignedDuration::from_hours(24 * 7))
+}
+
+/// `Credentials` from the token lifetime the agent reports: (valid, reason, message, when
+/// it next changes). None until an agent reports a token that expires.
+fn credentials(
+    member: &MemberCluster,
+    now: Timestamp,
+) -> Option<(bool, &'static str, String, Option<SignedDuration>)> {
+    let status = member.status.as_ref()?;
+    let expires = status.credentials_expire.as_ref()?.0;
+    let issued = status.credentials_issued.as_ref().map_or(expires, |t| t.0);
+    let left = expires.duration_since(now);
+    let warn = warn_before(issued, expires);
+    let rotate = format!(
+        "run `starling-operator member rotate-token {}` against the hub, apply the Secret it \
+         writes on the member and restart the agent",
+        member.name_any()
+    );
+    Some(if left <= SignedDuration::ZERO {
+        let message = format!("the agent's hub token expired at {expires}: {rotate}");
+        (false, reason::CREDENTIALS_EXPIRED, message, None)
+    } else if left <= warn {
+        let hours = left.as_secs() / 3600;
+        let message = format!("the agent's hub token expires at {expires} (in {hours}h): {rotate}");
+        (false, reason::CREDENTIALS_EXPIRING, message, Some(left))
+    } else {
+        let message = format!("the agent's hub token expires at {expires}");
+        (true, reason::CREDENTIALS_VALID, message, Some(left - warn))
+    })
 }
 
 #[tracing::instrument(skip_all, fields(member = %member.name_any()))]
@@ -114,6 +176,9 @@ async fn converge(member: &MemberCluster, ctx: &Context) -> Result<Action, Error
     }
     if let Some((warning, why, message)) = decision.event {
         publish(ctx, member, warning, why, &message, "Heartbeat").await;
+    }
+    if let Some((warning, why, message)) = decision.credentials_event {
+        publish(ctx, member, warning, why, &message, "Credentials").await;
     }
     // Heartbeats are status writes, which wake this controller; the requeue catches the
     // heartbeat that never comes.
@@ -230,6 +295,107 @@ mod tests {
         let (warning, why, _) = d.event.unwrap();
         assert!(warning);
         assert_eq!(why, "HeartbeatMissed");
+    }
+
+    #[test]
+    fn credentials_warn_a_fifth_of_a_tokens_life_ahead_at_most_a_week_then_expire() {
+        let hour = 3600;
+        let cases = [
+            (
+                "a 100-hour token, 90 hours left",
+                100,
+                10,
+                ("True", "CredentialsValid"),
+                None,
+            ),
+            (
+                "a 100-hour token, 19 hours left",
+                100,
+                81,
+                ("False", "CredentialsExpiring"),
+                Some(true),
+            ),
+            (
+                "a 30-day token, 145 hours left",
+                720,
+                575,
+                ("True", "CredentialsValid"),
+                None,
+            ),
+            (
+                "a 30-day token, 143 hours left",
+                720,
+                577,
+                ("False", "CredentialsExpiring"),
+                Some(true),
+            ),
+            (
+                "a year's token warns a week ahead",
+                8760,
+                8760 - 169,
+                ("True", "CredentialsValid"),
+                None,
+            ),
+            (
+                "a year's token, 167 hours left",
+                8760,
+                8760 - 167,
+                ("False", "CredentialsExpiring"),
+                Some(true),
+            ),
+            (
+                "an expired token",
+                100,
+                101,
+                ("False", "CredentialsExpired"),
+                Some(true),
+            ),
+        ];
+        for (name, lifetime, age, (status, why), warning) in cases {
+            let now = at(age * hour);
+            let mut m = member(Some(age * hour - 1), Some(("True", "HeartbeatReceived")));
+            let st = m.status.as_mut().unwrap();
+            st.credentials_issued = Some(Time(at(0)));
+            st.credentials_expire = Some(Time(at(lifetime * hour)));
+            let d = decide(&m, GRACE, now);
+            let conditions = d.conditions.expect(name);
+            let c = conditions
+                .iter()
+                .find(|c| c.type_ == "Credentials")
+                .expect(name);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                (status, why),
+                "{name}"
+            );
+            if status == "False" {
+                assert!(
+                    c.message.contains("member rotate-token home-lagos"),
+                    "{name}: {}",
+                    c.message
+                );
+            }
+            let event = d.credentials_event.expect(name);
+            assert_eq!(Some(event.0), warning.or(Some(false)), "{name}");
+            // Told once: the same finding again writes and announces nothing.
+            let mut again = m.clone();
+            again.status.as_mut().unwrap().conditions = conditions;
+            let d = decide(&again, GRACE, now);
+            assert_eq!(d.conditions, None, "{name}");
+            assert_eq!(d.credentials_event, None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_member_whose_agent_reports_no_token_expiry_has_no_credentials_condition() {
+        let d = decide(&member(Some(95), None), GRACE, at(100));
+        assert!(
+            d.conditions
+                .unwrap()
+                .iter()
+                .all(|c| c.type_ != "Credentials")
+        );
+        assert_eq!(d.credentials_event, None);
     }
 
     #[test]
