@@ -357,3 +357,121 @@ fn kubectl_applies_gets_patches_and_deletes_starling_resources() {
         "{err}"
     );
 }
+
+/// The header line and the rows of `kubectl get` output, split on runs of spaces.
+fn table_of(out: &str) -> Vec<Vec<String>> {
+    out.lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn kubectl_get_prints_pods_events_deployments_and_services_with_their_usual_columns() {
+    let k = Kubectl::new();
+    let manifests = k.dir().join("objects.yaml");
+    std::fs::write(
+        &manifests,
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: trainer-0, namespace: default}
+spec:
+  nodeName: node-a
+  containers: [{name: trainer, image: starling-trainer:dev}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: exchange, namespace: default}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: exchange}}
+  template:
+    metadata: {labels: {app: exchange}}
+    spec: {containers: [{name: exchange, image: starling-trainer:dev}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: exchange, namespace: default}
+spec:
+  selector: {app: exchange}
+  ports: [{port: 7070}]
+---
+apiVersion: v1
+kind: Event
+metadata: {name: trainer-0.1, namespace: default}
+involvedObject: {kind: Pod, name: trainer-0, namespace: default}
+type: Warning
+reason: BackOff
+message: restarting a failed container
+lastTimestamp: "2026-01-01T00:00:00Z"
+---
+apiVersion: v1
+kind: Event
+metadata: {name: trainer-0.2, namespace: default}
+involvedObject: {kind: Pod, name: trainer-0, namespace: default}
+type: Normal
+reason: Scheduled
+message: assigned to node-a
+lastTimestamp: "2025-12-31T00:00:00Z"
+"#,
+    )
+    .unwrap();
+    k.run(&["apply", "-f", manifests.to_str().unwrap()]);
+
+    let pods = table_of(&k.run(&["get", "pods", "-o", "wide"]));
+    assert_eq!(
+        pods[0][..6],
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP"]
+    );
+    assert_eq!(pods[0][6], "NODE");
+    assert_eq!(pods[1][..4], ["trainer-0", "0/1", "Pending", "0"]);
+    assert_eq!(pods[1][5..], ["<none>", "node-a"]);
+
+    let deployments = table_of(&k.run(&["get", "deployments"]));
+    assert_eq!(
+        deployments[0],
+        ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
+    );
+    assert_eq!(deployments[1][..4], ["exchange", "0/1", "0", "0"]);
+
+    let services = table_of(&k.run(&["get", "services"]));
+    assert_eq!(
+        services[0],
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ]
+    );
+    assert_eq!(services[1][1], "ClusterIP");
+    assert_eq!(services[1][4], "7070/TCP");
+
+    // Sorted by when they happened, across namespaces, as an SRE reads them.
+    let events = table_of(&k.run(&["get", "events", "-A", "--sort-by=.lastTimestamp"]));
+    assert_eq!(
+        events[0],
+        [
+            "NAMESPACE",
+            "LAST SEEN",
+            "TYPE",
+            "REASON",
+            "OBJECT",
+            "MESSAGE"
+        ]
+    );
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(
+        events[1][2..],
+        ["Normal", "Scheduled", "pod/trainer-0", "assigned to node-a"]
+    );
+    assert_eq!(events[2][3], "BackOff");
+}

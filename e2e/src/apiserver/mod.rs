@@ -16,6 +16,7 @@ mod http;
 mod logs;
 mod managed;
 mod openapi;
+mod printers;
 mod protobuf;
 mod registry;
 mod requests;

@@ -1,8 +1,9 @@
 //! `Table` output (`Accept: application/json;as=Table;g=meta.k8s.io;v=v1`): what
-//! `kubectl get` prints, from a CRD's `additionalPrinterColumns`.
+//! `kubectl get` prints: a built-in kind's usual columns, a CRD's `additionalPrinterColumns`.
 
 use serde_json::{Value, json};
 
+use super::printers::{self, age};
 use super::registry::ResourceType;
 
 /// Evaluates the JSONPath subset printer columns use: `.a.b`, `[0]` and
@@ -36,22 +37,6 @@ pub fn json_path<'a>(object: &'a Value, path: &str) -> Option<&'a Value> {
     Some(current)
 }
 
-/// `5s`, `3m`, `2h`, `4d`: how kubectl shows a timestamp's age.
-fn age(timestamp: &str) -> String {
-    let Ok(then) = chrono::DateTime::parse_from_rfc3339(timestamp) else {
-        return "<invalid>".into();
-    };
-    let secs = (chrono::Utc::now() - then.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 2 * 3600 => format!("{}m", s / 60),
-        s if s < 2 * 86400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
 fn cell(value: Option<&Value>, column_type: &str) -> Value {
     match (value, column_type) {
         (None | Some(Value::Null), _) => Value::Null,
@@ -60,45 +45,108 @@ fn cell(value: Option<&Value>, column_type: &str) -> Value {
     }
 }
 
-/// The objects as a Table: Name, the type's printer columns, and Age unless the columns
+/// What each row carries besides its cells (`includeObject`): nothing, the object's
+/// metadata (the default), or the whole object (kubectl asks for it to `--sort-by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Include {
+    None,
+    Metadata,
+    Object,
+}
+
+impl Include {
+    pub fn from_query(value: Option<&str>) -> Self {
+        match value {
+            Some("None") => Include::None,
+            Some("Object") => Include::Object,
+            _ => Include::Metadata,
+        }
+    }
+
+    fn row_object(self, o: &Value) -> Value {
+        match self {
+            Include::None => Value::Null,
+            Include::Metadata => json!({"kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]}),
+            Include::Object => o.clone(),
+        }
+    }
+}
+
+type Cell = Box<dyn Fn(&Value) -> Value>;
+
+fn definition(name: &str, kind: &str, priority: i64, description: &str) -> Value {
+    let format = if name == "Name" { "name" } else { "" };
+    json!({"name": name, "type": kind, "format": format, "description": description,
+        "priority": priority})
+}
+
+/// A custom resource's columns: Name, its CRD's printer columns, and Age unless they
 /// already show it.
-pub fn table(t: &ResourceType, objects: &[Value], resource_version: u64) -> Value {
-    let mut columns = vec![json!({"name": "Name", "type": "string", "format": "name",
-        "description": "Name must be unique within a namespace.", "priority": 0})];
-    let mut paths = vec![(".metadata.name".to_owned(), "string".to_owned())];
+fn crd_columns(t: &ResourceType) -> Vec<(Value, Cell)> {
+    let mut columns: Vec<(Value, Cell)> = vec![(
+        definition(
+            "Name",
+            "string",
+            0,
+            "Name must be unique within a namespace.",
+        ),
+        Box::new(|o: &Value| o["metadata"]["name"].clone()),
+    )];
     for c in &t.columns {
         let column_type = c["type"].as_str().unwrap_or("string").to_owned();
-        columns.push(json!({
-            "name": c["name"], "type": column_type, "format": c["format"].as_str().unwrap_or(""),
-            "description": c["description"].as_str().unwrap_or(""),
-            "priority": c["priority"].as_i64().unwrap_or(0),
-        }));
-        paths.push((c["jsonPath"].as_str().unwrap_or("").to_owned(), column_type));
+        let mut def = definition(
+            c["name"].as_str().unwrap_or_default(),
+            &column_type,
+            c["priority"].as_i64().unwrap_or(0),
+            c["description"].as_str().unwrap_or(""),
+        );
+        def["format"] = json!(c["format"].as_str().unwrap_or(""));
+        let path = c["jsonPath"].as_str().unwrap_or("").to_owned();
+        columns.push((
+            def,
+            Box::new(move |o: &Value| cell(json_path(o, &path), &column_type)),
+        ));
     }
     if !t.columns.iter().any(|c| c["name"] == "Age") {
-        columns.push(json!({"name": "Age", "type": "date", "format": "",
-            "description": "Time since the object was created.", "priority": 0}));
-        paths.push((".metadata.creationTimestamp".into(), "date".into()));
+        columns.push((
+            definition("Age", "date", 0, "Time since the object was created."),
+            Box::new(|o: &Value| cell(o["metadata"].get("creationTimestamp"), "date")),
+        ));
     }
+    columns
+}
+
+/// The objects as a Table, with a built-in kind's usual columns (see [`printers`]) or a
+/// custom resource's printer columns.
+pub fn table(
+    t: &ResourceType,
+    objects: &[Value],
+    resource_version: u64,
+    include: Include,
+) -> Value {
+    let columns: Vec<(Value, Cell)> = match printers::columns(&t.group, &t.kind) {
+        Some(builtin) => builtin
+            .into_iter()
+            .map(|c| {
+                let def = definition(c.name, c.kind, c.priority, "");
+                (def, Box::new(c.value) as Cell)
+            })
+            .collect(),
+        None => crd_columns(t),
+    };
     let rows: Vec<Value> = objects
         .iter()
         .map(|o| {
-            let cells: Vec<Value> = paths
-                .iter()
-                .map(|(path, column_type)| cell(json_path(o, path), column_type))
-                .collect();
-            json!({
-                "cells": cells,
-                "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                           "metadata": o["metadata"]},
-            })
+            let cells: Vec<Value> = columns.iter().map(|(_, cell)| cell(o)).collect();
+            json!({"cells": cells, "object": include.row_object(o)})
         })
         .collect();
     json!({
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": resource_version.to_string()},
-        "columnDefinitions": columns,
+        "columnDefinitions": columns.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(),
         "rows": rows,
     })
 }

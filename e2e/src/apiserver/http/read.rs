@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::super::error::ApiError;
 use super::super::selector::Selector;
-use super::super::table::table;
+use super::super::table::{Include, table};
 use super::{Call, json_response, param, watch};
 
 /// Whether the client asked for a table (as kubectl does to print).
@@ -15,6 +15,11 @@ fn wants_table(call: &Call) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("as=Table"))
+}
+
+/// What a Table's rows carry (`includeObject`).
+fn include(call: &Call) -> Include {
+    Include::from_query(param(call.q, "includeObject"))
 }
 
 /// GET on a collection: the objects the selectors match, or a watch of them.
@@ -33,7 +38,7 @@ pub(super) fn list(call: &Call) -> Result<Response, ApiError> {
         .filter(|o| selector.matches(o))
         .collect();
     let body = if wants_table(call) {
-        table(t, &items, store.resource_version())
+        table(t, &items, store.resource_version(), include(call))
     } else {
         json!({
             "kind": format!("{}List", t.kind),
@@ -50,7 +55,7 @@ pub(super) fn get(call: &Call, name: &str) -> Result<Response, ApiError> {
     let store = call.server.store();
     let object = store.get(call.t, call.ns, name)?;
     if wants_table(call) {
-        let table = table(call.t, &[object], store.resource_version());
+        let table = table(call.t, &[object], store.resource_version(), include(call));
         return Ok(json_response(StatusCode::OK, &table));
     }
     Ok(json_response(StatusCode::OK, &object))
