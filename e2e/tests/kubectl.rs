@@ -475,3 +475,86 @@ lastTimestamp: "2025-12-31T00:00:00Z"
     );
     assert_eq!(events[2][3], "BackOff");
 }
+
+#[test]
+fn kubectl_starling_status_prints_a_runs_screen_through_kubectls_plugin_mechanism() {
+    let k = Kubectl::new();
+    k.run(&["apply", "-f", "crds/"]);
+    k.run(&["apply", "-f", "crds/samples/trainingrun-shakespeare.yaml"]);
+    k.run(&["apply", "-f", "crds/samples/membercluster-home.yaml"]);
+    let status = r#"{"status": {"phase": "Running", "round": 3, "loss": "3.1", "activePeers": 1,
+        "lossHistory": [{"round": 1, "loss": 4.2}, {"round": 2, "loss": 3.6}, {"round": 3, "loss": 3.1}],
+        "peers": [{"id": "p0", "member": "home-lagos", "state": "Running", "rating": 25.5}]}}"#;
+    k.run(&[
+        "patch",
+        "tr",
+        "shakespeare",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ]);
+    // kubectl finds `kubectl-starling` on the PATH, as it would once installed.
+    let bin = std::env::current_exe().unwrap();
+    let target = bin.parent().unwrap().parent().unwrap();
+    assert!(
+        target.join("kubectl-starling").exists(),
+        "build the plugin first: cargo build -p starling-operator"
+    );
+    let path = format!(
+        "{}:{}",
+        target.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .args(["starling", "status", "shakespeare", "-n", "default"])
+        .env("PATH", path)
+        .env("KUBECONFIG", &k.kubeconfig)
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{screen}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        screen.starts_with("shakespeare (default)  Running  round 3/"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("Loss by round (1 to 3: 4.2000 → 3.1000)"),
+        "{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("p0 ") && l.contains("home-lagos")),
+        "{screen}"
+    );
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.starts_with("home-lagos ") && l.contains("never")),
+        "{screen}"
+    );
+
+    let missing = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into()))
+        .args(["starling", "status", "nothing"])
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                target.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("KUBECONFIG", &k.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("no TrainingRun nothing in namespace default")
+    );
+}

@@ -10,4 +10,5 @@ pub mod k8s;
 pub mod onboard;
 pub mod placement;
 pub mod rbac;
+pub mod status_view;
 pub mod telemetry;

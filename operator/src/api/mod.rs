@@ -27,9 +27,9 @@ pub use trainer_group::{
 };
 pub use training_run::{
     AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
-    CopySpec, CorpusSource, DataSpec, HubRef, ModelSpec, OpenSkillSpec, PeerState, PeerStatus,
-    PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle, RoundStatus,
-    ScheduleSpec, ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun,
+    CopySpec, CorpusSource, DataSpec, HubRef, LossPoint, ModelSpec, OpenSkillSpec, PeerState,
+    PeerStatus, PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle,
+    RoundStatus, ScheduleSpec, ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun,
     TrainingRunSpec, TrainingRunStatus, ValueBits,
 };
 

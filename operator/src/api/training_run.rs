@@ -652,9 +652,21 @@ pub struct TrainingRunStatus {
     /// The run's scoring ledger, once scoring runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scoring: Option<ScoringStatus>,
+    /// Validation loss by round, oldest first: the last 100 rounds the operator saw
+    /// close (what `kubectl starling status` draws).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_history: Vec<LossPoint>,
     /// How the last round closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_round: Option<RoundStatus>,
+}
+
+/// The global model's validation loss after one round.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LossPoint {
+    pub round: u32,
+    pub loss: f64,
 }
 
 /// How a round closed: what paced it, and what it waited for.

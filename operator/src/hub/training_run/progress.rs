@@ -8,8 +8,8 @@ use starling_trainer::exchange::proto;
 
 use super::decide::Observed;
 use crate::api::{
-    CheckpointRecord, MemberCluster, PeerId, PeerState, PeerStatus, RoundStatus, TrainerGroup,
-    TrainingRun, TrainingRunStatus,
+    CheckpointRecord, LossPoint, MemberCluster, PeerId, PeerState, PeerStatus, RoundStatus,
+    TrainerGroup, TrainingRun, TrainingRunStatus,
 };
 use crate::hub::children::{EXCHANGE_WORKDIR, exchange_name};
 use crate::k8s::gpus;
@@ -39,6 +39,7 @@ pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
     status.tokens_seen = state.tokens;
     status.bytes_received = state.bytes_received;
     status.bytes_sent = state.bytes_sent;
+    status.loss_history = loss_history(&status.loss_history, &state.recent);
     if let Some(last) = state.recent.last() {
         status.last_loss = finite(last.validation_loss);
         status.loss = status.last_loss.map(|l| significant(l, 4));
@@ -54,6 +55,27 @@ pub fn report(status: &mut TrainingRunStatus, o: &Observed, plan: &Plan) {
         status.compression_ratio = Some((ratio * 10.0).round() / 10.0);
     }
     status.checkpoints = checkpoints(o.run, closed, &status.checkpoints, o.now);
+}
+
+/// Rounds the loss history keeps: enough for a curve, little enough for a status.
+pub const LOSS_HISTORY: usize = 100;
+
+/// The history so far with the exchange's recent rounds merged in (by round, a finite
+/// loss only), the last [`LOSS_HISTORY`] kept.
+fn loss_history(known: &[LossPoint], recent: &[proto::RoundSummary]) -> Vec<LossPoint> {
+    let mut by_round: std::collections::BTreeMap<u32, f64> =
+        known.iter().map(|p| (p.round, p.loss)).collect();
+    for summary in recent {
+        if let Some(loss) = finite(summary.validation_loss) {
+            by_round.insert(summary.round, loss);
+        }
+    }
+    let skip = by_round.len().saturating_sub(LOSS_HISTORY);
+    by_round
+        .into_iter()
+        .skip(skip)
+        .map(|(round, loss)| LossPoint { round, loss })
+        .collect()
 }
 
 fn round_status(summary: &proto::RoundSummary) -> RoundStatus {
@@ -216,7 +238,39 @@ pub fn capacity(
 
 #[cfg(test)]
 mod tests {
-    use super::significant;
+    use super::*;
+
+    fn summary(round: u32, loss: f32) -> proto::RoundSummary {
+        proto::RoundSummary {
+            round,
+            validation_loss: loss,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_loss_history_merges_new_rounds_skips_nan_and_keeps_the_last_hundred() {
+        let known: Vec<LossPoint> = (0..99)
+            .map(|r| LossPoint {
+                round: r,
+                loss: 5.0 - f64::from(r) / 100.0,
+            })
+            .collect();
+        // The exchange's recent rounds overlap what is known, and one lost its loss.
+        let recent = [
+            summary(98, 4.02),
+            summary(99, 4.0),
+            summary(100, f32::NAN),
+            summary(101, 3.5),
+        ];
+        let history = loss_history(&known, &recent);
+        assert_eq!(history.len(), LOSS_HISTORY);
+        assert_eq!(history[0].round, 1, "the oldest went to make room");
+        let last: Vec<u32> = history[97..].iter().map(|p| p.round).collect();
+        assert_eq!(last, [98, 99, 101]);
+        assert_eq!(history[99].loss, 3.5);
+        assert_eq!(loss_history(&[], &[]), vec![]);
+    }
 
     #[test]
     fn losses_show_four_significant_digits() {
