@@ -54,6 +54,19 @@ pub(super) fn watch(
         selector,
     };
     let bookmarks = matches!(param(q, "allowWatchBookmarks"), Some("true" | "1"));
+    let streaming = matches!(param(q, "sendInitialEvents"), Some("true" | "1"));
+    if streaming && !bookmarks {
+        return Err(ApiError::invalid(
+            "ListOptions.meta.k8s.io",
+            "",
+            vec![(
+                "sendInitialEvents".into(),
+                "Forbidden: sendInitialEvents is forbidden for watch unless the \
+                 allowWatchBookmarks option is set"
+                    .into(),
+            )],
+        ));
+    }
     let timeout = param(q, "timeoutSeconds")
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
@@ -87,9 +100,29 @@ pub(super) fn watch(
     )))
 }
 
-/// The watch's first events: the changes since the requested resourceVersion, or the
-/// current objects.
+/// The current objects as ADDED events.
+fn current(store: &Store, scope: &Scope) -> Vec<Bytes> {
+    store
+        .list(&scope.t, scope.namespace.as_deref())
+        .iter()
+        .filter(|o| scope.selector.matches(o))
+        .map(|o| watch_line("ADDED", o))
+        .collect()
+}
+
+/// The watch's first events: with `sendInitialEvents` (a streaming list, client-go's
+/// WatchList), the current objects then a bookmark annotated
+/// `k8s.io/initial-events-end`, which tells the client its list is complete; otherwise
+/// the changes since the requested resourceVersion, or the current objects.
 fn initial(store: &Store, scope: &Scope, q: &[(String, String)]) -> Result<Vec<Bytes>, ApiError> {
+    if matches!(param(q, "sendInitialEvents"), Some("true" | "1")) {
+        let mut lines = current(store, scope);
+        let end = json!({"kind": scope.t.kind, "apiVersion": scope.t.api_version(),
+            "metadata": {"resourceVersion": store.resource_version().to_string(),
+                "annotations": {"k8s.io/initial-events-end": "true"}}});
+        lines.push(watch_line("BOOKMARK", &end));
+        return Ok(lines);
+    }
     match param(q, "resourceVersion").and_then(|v| v.parse::<u64>().ok()) {
         Some(rv) if rv > 0 => Ok(store
             .changes_since(&scope.t, rv)?
@@ -97,12 +130,7 @@ fn initial(store: &Store, scope: &Scope, q: &[(String, String)]) -> Result<Vec<B
             .filter(|c| scope.sees(c))
             .map(|c| watch_line(c.kind, &c.object))
             .collect()),
-        _ => Ok(store
-            .list(&scope.t, scope.namespace.as_deref())
-            .iter()
-            .filter(|o| scope.selector.matches(o))
-            .map(|o| watch_line("ADDED", o))
-            .collect()),
+        _ => Ok(current(store, scope)),
     }
 }
 
