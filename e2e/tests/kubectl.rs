@@ -453,6 +453,10 @@ lastTimestamp: "2025-12-31T00:00:00Z"
         ]
     );
     assert_eq!(services[1][1], "ClusterIP");
+    assert!(
+        services[1][2].starts_with("10.96."),
+        "an allocated IP: {services:?}"
+    );
     assert_eq!(services[1][4], "7070/TCP");
 
     // Sorted by when they happened, across namespaces, as an SRE reads them.

@@ -22,6 +22,7 @@ mod registry;
 mod requests;
 mod schema;
 mod selector;
+mod services;
 mod shape;
 mod store;
 mod strategic;

@@ -282,6 +282,9 @@ impl Store {
             meta.insert("generation".into(), json!(1));
             meta.remove("deletionTimestamp");
         }
+        if t.group.is_empty() && t.plural == "services" {
+            super::services::allocate_cluster_ip(object, self.uids);
+        }
         if t.status && !t.group.is_empty() {
             // A custom resource's status is set through the subresource only.
             if let Some(o) = object.as_object_mut() {
@@ -311,6 +314,9 @@ impl Store {
         check_replaces(t, name, &object, &current)?;
         keep_other_part(t, part, &mut object, &current);
         keep_server_metadata(&mut object, &current, name)?;
+        if t.group.is_empty() && t.plural == "services" {
+            super::services::keep_cluster_ip(&mut object, &current);
+        }
         admit(t, &mut object, Some(&current), name, validation)?;
         // The generation counts changes to everything but metadata and status.
         if strip(&current) != strip(&object) {
