@@ -241,16 +241,15 @@ impl Federation {
         // The platform team registers each member.
         let mcs: Api<MemberCluster> = Api::all(client.clone());
         for m in members {
-            let mc: MemberCluster = serde_json::from_value(json!({
-                "apiVersion": "starling.dev/v1alpha1", "kind": "MemberCluster",
-                "metadata": {"name": m.name},
-                "spec": {
-                    "tier": m.tier, "region": m.region,
-                    "bandwidth": {"uploadMbps": m.upload_mbps, "downloadMbps": m.upload_mbps},
-                    "maxTrainers": m.max_trainers,
-                    "labels": {"name": m.name},
-                },
-            }))?;
+            let mut mc = starling_operator::onboard::NewMember {
+                name: m.name.clone(),
+                tier: m.tier,
+                region: m.region.clone(),
+                bandwidth_mbps: m.upload_mbps,
+                max_trainers: m.max_trainers,
+            }
+            .object()?;
+            mc.spec.labels = BTreeMap::from([("name".to_string(), m.name.clone())]);
             mcs.create(&PostParams::default(), &mc).await?;
         }
         let operator_kubeconfig = dir.join("operator-kubeconfig");

@@ -69,6 +69,21 @@ fn parse_tier(text: &str) -> Result<Tier, String> {
         .map_err(|_| format!("{text:?} is not a tier: cloud or home"))
 }
 
+impl NewMember {
+    /// The MemberCluster it describes.
+    pub fn object(&self) -> serde_json::Result<MemberCluster> {
+        serde_json::from_value(json!({
+            "apiVersion": "starling.dev/v1alpha1", "kind": "MemberCluster",
+            "metadata": {"name": self.name},
+            "spec": {
+                "tier": self.tier, "region": self.region,
+                "bandwidth": {"uploadMbps": self.bandwidth_mbps, "downloadMbps": self.bandwidth_mbps},
+                "maxTrainers": self.max_trainers,
+            },
+        }))
+    }
+}
+
 /// The files written for a member.
 #[derive(Debug)]
 pub struct Written {
@@ -86,15 +101,7 @@ pub async fn add(
     member: &NewMember,
     access: &Access,
 ) -> anyhow::Result<Written> {
-    let object: MemberCluster = serde_json::from_value(json!({
-        "apiVersion": "starling.dev/v1alpha1", "kind": "MemberCluster",
-        "metadata": {"name": member.name},
-        "spec": {
-            "tier": member.tier, "region": member.region,
-            "bandwidth": {"uploadMbps": member.bandwidth_mbps, "downloadMbps": member.bandwidth_mbps},
-            "maxTrainers": member.max_trainers,
-        },
-    }))?;
+    let object = member.object()?;
     let api: Api<MemberCluster> = Api::all(hub.clone());
     api.patch(
         &member.name,
