@@ -372,9 +372,22 @@ impl Federation {
             (24, Duration::from_secs(60)),
         )
         .await?;
+        self.agent_tokens.insert(member.into(), issued.token);
+        self.start_agent_with(member, &issued.kubeconfig).await
+    }
+
+    /// Starts (or restarts) a member's agent with `hub_kubeconfig`, as a member chart
+    /// installed with that Secret would: a wrong or expired one included.
+    pub async fn start_agent_with(
+        &mut self,
+        member: &str,
+        hub_kubeconfig: &str,
+    ) -> anyhow::Result<()> {
+        if let Some(mut old) = self.agents.remove(member) {
+            let _ = old.kill().await;
+        }
         let kubeconfig = self.dir.join(member).join("hub-kubeconfig");
-        std::fs::write(&kubeconfig, &issued.kubeconfig)?;
-        let token = issued.token;
+        std::fs::write(&kubeconfig, hub_kubeconfig)?;
         let cluster = self.member(member);
         let local_kubeconfig = self.dir.join(member).join("agent-kubeconfig");
         let access = grant(
@@ -400,7 +413,6 @@ impl Federation {
         ];
         let child = self.spawn(&format!("agent-{member}"), &args, &local_kubeconfig)?;
         self.agents.insert(member.into(), child);
-        self.agent_tokens.insert(member.into(), token);
         Ok(())
     }
 

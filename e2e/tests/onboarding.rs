@@ -222,3 +222,83 @@ async fn member_add_refuses_a_bad_tier_and_a_member_the_operator_never_sets_up()
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_another_members_token_turns_not_ready_and_recovers_with_its_own() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut fed, dir) =
+        federation(&[MemberSpec::new("cloud-eu", Tier::Cloud, "eu", 10_000, 1)]).await;
+    let hub = fed.clusters.hub.client.clone();
+    let members: Api<MemberCluster> = Api::all(hub.clone());
+    let ready = |m: &MemberCluster| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    wait_until("cloud-eu is Ready", 30, || async {
+        ready(&members.get("cloud-eu").await.unwrap()).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+
+    // The administrator installs cloud-eu's agent with the Secret written for another
+    // member.
+    let out = tempfile::tempdir().unwrap();
+    let added = member_command(
+        &fed.clusters.hub.kubeconfig,
+        &[
+            "add",
+            "other",
+            "--tier",
+            "cloud",
+            "--region",
+            "us",
+            "--bandwidth-mbps",
+            "100",
+            "--out",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let secret = yaml(&out.path().join("member-other-secret.yaml"));
+    let wrong = secret["stringData"]["kubeconfig"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fed.start_agent_with("cloud-eu", &wrong).await.unwrap();
+    wait_until("cloud-eu turns Ready=False", 60, || async {
+        ready(&members.get("cloud-eu").await.unwrap()).is_some_and(|(s, _)| s == "False")
+    })
+    .await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(hub.clone());
+    wait_until("a HeartbeatMissed Event on cloud-eu", 30, || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| {
+                e.involved_object.name.as_deref() == Some("cloud-eu")
+                    && e.reason.as_deref() == Some("HeartbeatMissed")
+            })
+    })
+    .await;
+    // The agent's log says why: the hub's 403 for another member's identity.
+    let log = std::fs::read_to_string(dir.path().join("agent-cloud-eu.log")).unwrap();
+    assert!(
+        log.contains("403") && log.contains("system:serviceaccount:starling-member-other:agent"),
+        "{log}"
+    );
+
+    // With its own token it is back.
+    fed.start_agent("cloud-eu").await.unwrap();
+    wait_until("cloud-eu is Ready again", 60, || async {
+        ready(&members.get("cloud-eu").await.unwrap()).is_some_and(|(s, _)| s == "True")
+    })
+    .await;
+}
