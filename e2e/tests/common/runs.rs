@@ -200,10 +200,14 @@ pub fn assert_rbac_held(fed: &Federation, whole_life: bool) {
     let report = fed.rbac_report();
     assert!(report.refused.is_empty(), "refused: {:#?}", report.refused);
     if whole_life {
-        assert!(
-            report.unused.is_empty(),
-            "granted but never used: {:#?}",
-            report.unused
-        );
+        // kube's event recorder patches an Event only when the same one repeats within
+        // its series window, which a run may or may not do: that grant is held to use
+        // only when it happened (a refusal still fails above).
+        let unused: Vec<&String> = report
+            .unused
+            .iter()
+            .filter(|u| *u != "HUB: events.k8s.io/events patch")
+            .collect();
+        assert!(unused.is_empty(), "granted but never used: {unused:#?}");
     }
 }
