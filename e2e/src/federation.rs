@@ -154,7 +154,7 @@ async fn grant(
             "roleRef": role_ref("Role"), "subjects": subjects}),
     ];
     for object in objects {
-        apply(&cluster.client, object).await?;
+        crate::apply(&cluster.client, &object, false).await?;
     }
     let token = format!(
         "{name}-{:08x}{:08x}",
@@ -166,36 +166,6 @@ async fn grant(
     cluster
         .kubeconfig_with_token(&token)
         .context("the cluster is up")
-}
-
-/// Server-side applies one object given as JSON, as `kubectl apply --server-side` would.
-async fn apply(client: &kube::Client, object: serde_json::Value) -> anyhow::Result<()> {
-    use kube::api::{DynamicObject, Patch, PatchParams};
-    use kube::core::{ApiResource, GroupVersionKind};
-    let object: DynamicObject = serde_json::from_value(object)?;
-    let types = object
-        .types
-        .clone()
-        .context("an object without apiVersion and kind")?;
-    let gvk = GroupVersionKind::try_from(&types)?;
-    let resource = ApiResource::from_gvk(&gvk);
-    let name = object
-        .metadata
-        .name
-        .clone()
-        .context("an object without a name")?;
-    let api: Api<DynamicObject> = match &object.metadata.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply("starling-e2e").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .with_context(|| format!("applying {} {name}", gvk.kind))?;
-    Ok(())
 }
 
 /// See [`Federation::rbac_report`].

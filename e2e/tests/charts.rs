@@ -9,8 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams, ValidationDirective};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use starling_e2e::apiserver::ApiServer;
@@ -185,27 +183,6 @@ fn the_charts_grant_exactly_the_rules_the_operator_is_held_to() {
     }
 }
 
-/// Server-side applies `object` with `fieldValidation=Strict`: an unknown or misplaced
-/// field is an error, as on a real API server.
-async fn apply_strictly(client: &kube::Client, object: &Value) -> Result<(), String> {
-    let object: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-    let gvk = GroupVersionKind::try_from(object.types.as_ref().unwrap()).unwrap();
-    let resource = ApiResource::from_gvk(&gvk);
-    let name = object.metadata.name.clone().unwrap();
-    let api: Api<DynamicObject> = match &object.metadata.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    let params = PatchParams {
-        field_validation: Some(ValidationDirective::Strict),
-        ..PatchParams::apply("helm")
-    };
-    api.patch(&name, &params, &Patch::Apply(&object))
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("{} {name}: {e}", gvk.kind))
-}
-
 #[tokio::test]
 async fn what_the_charts_render_passes_the_api_servers_strict_validation() {
     let Some(helm) = helm() else { return };
@@ -213,7 +190,9 @@ async fn what_the_charts_render_passes_the_api_servers_strict_validation() {
     let client = running.client();
     let release_namespace = json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": NAMESPACE}});
-    apply_strictly(&client, &release_namespace).await.unwrap();
+    starling_e2e::apply(&client, &release_namespace, true)
+        .await
+        .unwrap();
     for name in ["starling-hub", "starling-member"] {
         let mut objects = with_test_values(&helm, name);
         // What Helm installs first: CRDs, then namespaces (its install order).
@@ -223,7 +202,7 @@ async fn what_the_charts_render_passes_the_api_servers_strict_validation() {
             _ => 2,
         });
         for object in &objects {
-            apply_strictly(&client, object).await.unwrap();
+            starling_e2e::apply(&client, object, true).await.unwrap();
         }
     }
 }

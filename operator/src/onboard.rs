@@ -229,21 +229,11 @@ async fn request_token(
     Ok((token.to_owned(), expires.to_owned()))
 }
 
-/// The bearer token of a kubeconfig's current context, if it has one inline.
-pub fn kubeconfig_token(kubeconfig: &str) -> Option<String> {
-    let config: Value = serde_yaml::from_str(kubeconfig).ok()?;
-    let context = config["current-context"].as_str()?;
-    let user = config["contexts"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == context)?["context"]["user"]
-        .as_str()?
-        .to_owned();
-    let entry = config["users"]
-        .as_array()?
-        .iter()
-        .find(|u| u["name"] == user.as_str())?;
-    entry["user"]["token"].as_str().map(str::to_owned)
+/// The bearer token a client configuration authenticates with, if it has one inline.
+pub fn bearer_token(config: &kube::Config) -> Option<String> {
+    use secrecy::ExposeSecret;
+    let token = config.auth_info.token.as_ref()?;
+    Some(token.expose_secret().to_owned())
 }
 
 /// When a bound ServiceAccount token was issued and expires: its JWT claims `iat` and
@@ -341,10 +331,20 @@ mod tests {
         assert_eq!(token_lifetime("a.!!!.c"), None);
     }
 
-    #[test]
-    fn the_token_of_the_current_context_is_found_in_a_written_kubeconfig() {
-        let written = hub_kubeconfig("https://hub:6443", Some("PEM"), "home", "secret-token");
-        assert_eq!(kubeconfig_token(&written).as_deref(), Some("secret-token"));
-        assert_eq!(kubeconfig_token("not: [a kubeconfig"), None);
+    async fn config_of(kubeconfig: &str) -> kube::Config {
+        let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
+        kube::Config::from_custom_kubeconfig(parsed, &Default::default())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_token_of_the_current_context_is_found_in_a_written_kubeconfig() {
+        let written = hub_kubeconfig("https://hub:6443", None, "home", "secret-token");
+        let config = config_of(&written).await;
+        assert_eq!(bearer_token(&config).as_deref(), Some("secret-token"));
+        assert_eq!(config.cluster_url.to_string(), "https://hub:6443/");
+        let without = written.replace("token: secret-token", "username: someone");
+        assert_eq!(bearer_token(&config_of(&without).await), None);
     }
 }

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde::Serialize;
 
-use crate::api::{LossPoint, MemberCluster, TrainingRun};
+use crate::api::{LossPoint, MemberCluster, TrainingRun, TrainingRunStatus};
 use crate::k8s::condition;
 
 /// The loss chart's size in characters.
@@ -51,19 +51,18 @@ fn ago(then: Timestamp, now: Timestamp) -> String {
 /// The whole screen.
 pub fn render(run: &TrainingRun, members: &[MemberCluster], now: Timestamp) -> String {
     let mut out = String::new();
-    header(&mut out, run);
     let status = run.status.clone().unwrap_or_default();
+    header(&mut out, run, &status);
     out.push('\n');
     out.push_str(&chart(&status.loss_history));
     out.push('\n');
-    peers(&mut out, run);
+    peers(&mut out, &status);
     out.push('\n');
     member_table(&mut out, members, now);
     out
 }
 
-fn header(out: &mut String, run: &TrainingRun) {
-    let status = run.status.clone().unwrap_or_default();
+fn header(out: &mut String, run: &TrainingRun, status: &TrainingRunStatus) {
     let phase = status
         .phase
         .map_or_else(|| "Pending".to_owned(), |p| p.to_string());
@@ -166,8 +165,7 @@ fn grid_marks(points: &[LossPoint], columns: usize, lo: f64, hi: f64) -> Vec<(us
         .collect()
 }
 
-fn peers(out: &mut String, run: &TrainingRun) {
-    let status = run.status.clone().unwrap_or_default();
+fn peers(out: &mut String, status: &TrainingRunStatus) {
     let _ = writeln!(
         out,
         "{:<5} {:<14} {:<9} {:>7} {:>7} {:>11} {:<9} REASON",

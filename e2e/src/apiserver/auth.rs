@@ -71,12 +71,17 @@ pub struct Attributes {
 }
 
 impl Attributes {
-    /// The 403 a real server sends for these attributes.
-    pub fn forbidden(&self, user: &User) -> ApiError {
-        let resource = match &self.subresource {
+    /// The resource as RBAC rules name it: `pods`, `trainingruns/status`.
+    pub fn resource_path(&self) -> String {
+        match &self.subresource {
             Some(sub) => format!("{}/{sub}", self.resource),
             None => self.resource.clone(),
-        };
+        }
+    }
+
+    /// The 403 a real server sends for these attributes.
+    pub fn forbidden(&self, user: &User) -> ApiError {
+        let resource = self.resource_path();
         let qualified = if self.group.is_empty() {
             self.resource.clone()
         } else {
@@ -111,10 +116,7 @@ fn strings(v: &Value) -> Vec<&str> {
 
 fn rule_allows(rule: &Value, a: &Attributes) -> bool {
     let any = |list: &[&str], x: &str| list.iter().any(|v| *v == "*" || *v == x);
-    let resource = match &a.subresource {
-        Some(sub) => format!("{}/{sub}", a.resource),
-        None => a.resource.clone(),
-    };
+    let resource = a.resource_path();
     let names = strings(&rule["resourceNames"]);
     any(&strings(&rule["verbs"]), &a.verb)
         && any(&strings(&rule["apiGroups"]), &a.group)
@@ -141,31 +143,30 @@ fn binds(binding: &Value, user: &User) -> bool {
         })
 }
 
+/// The rules of the Role (in `namespace`) or ClusterRole a binding's `roleRef` names;
+/// none if it does not exist.
+fn referenced_rules(store: &Store, role_ref: &Value, namespace: &str) -> Vec<Value> {
+    let (plural, ns) = match role_ref["kind"].as_str() {
+        Some("ClusterRole") => ("clusterroles", ""),
+        _ => ("roles", namespace),
+    };
+    let name = role_ref["name"].as_str().unwrap_or_default();
+    store
+        .get_raw(RBAC, plural, ns, name)
+        .and_then(|r| r["rules"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 /// Whether `user` may do `a`, by the RBAC objects in `store`.
 pub fn allowed(store: &Store, user: &User, a: &Attributes) -> bool {
     if user.groups.iter().any(|g| g == "system:masters") {
         return true;
     }
-    let role_rules = |kind: &str, name: &str, namespace: &str| -> Vec<Value> {
-        let (plural, ns) = match kind {
-            "ClusterRole" => ("clusterroles", ""),
-            _ => ("roles", namespace),
-        };
-        store
-            .get_raw(RBAC, plural, ns, name)
-            .and_then(|r| r["rules"].as_array().cloned())
-            .unwrap_or_default()
-    };
     let granted = |binding: &Value, namespace: &str| {
-        let role = &binding["roleRef"];
         binds(binding, user)
-            && role_rules(
-                role["kind"].as_str().unwrap_or_default(),
-                role["name"].as_str().unwrap_or_default(),
-                namespace,
-            )
-            .iter()
-            .any(|rule| rule_allows(rule, a))
+            && referenced_rules(store, &binding["roleRef"], namespace)
+                .iter()
+                .any(|rule| rule_allows(rule, a))
     };
     store
         .list_raw(RBAC, "clusterrolebindings", None)
@@ -198,10 +199,7 @@ pub(super) struct Decisions(std::sync::Mutex<std::collections::BTreeSet<Decision
 
 impl Decisions {
     pub(super) fn record(&self, user: &User, a: &Attributes, allowed: bool) {
-        let resource = match &a.subresource {
-            Some(sub) => format!("{}/{sub}", a.resource),
-            None => a.resource.clone(),
-        };
+        let resource = a.resource_path();
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -268,12 +266,7 @@ pub(super) fn may_grant(
                     if !ok {
                         missing.push(format!(
                             "{{APIGroups:[\"{group}\"], Resources:[\"{}\"], Verbs:[\"{verb}\"]}}",
-                            held.subresource
-                                .as_ref()
-                                .map_or(held.resource.clone(), |s| format!(
-                                    "{}/{s}",
-                                    held.resource
-                                ))
+                            held.resource_path()
                         ));
                     }
                 }
@@ -308,18 +301,7 @@ pub(super) fn granted_rules(store: &Store, a: &Attributes, object: &Value) -> Op
     match a.resource.as_str() {
         "roles" | "clusterroles" => Some(object["rules"].as_array().cloned().unwrap_or_default()),
         "rolebindings" | "clusterrolebindings" => {
-            let role = &object["roleRef"];
-            let (plural, ns) = match role["kind"].as_str() {
-                Some("ClusterRole") => ("clusterroles", ""),
-                _ => ("roles", a.namespace.as_str()),
-            };
-            let name = role["name"].as_str().unwrap_or_default();
-            Some(
-                store
-                    .get_raw(RBAC, plural, ns, name)
-                    .and_then(|r| r["rules"].as_array().cloned())
-                    .unwrap_or_default(),
-            )
+            Some(referenced_rules(store, &object["roleRef"], &a.namespace))
         }
         _ => None,
     }

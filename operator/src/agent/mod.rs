@@ -100,9 +100,7 @@ pub async fn run(local: Client, metrics: Arc<Metrics>, config: AgentConfig) -> a
         &kube::config::KubeConfigOptions::default(),
     )
     .await?;
-    let credentials = std::fs::read_to_string(&config.hub_kubeconfig)
-        .ok()
-        .and_then(|text| crate::onboard::kubeconfig_token(&text))
+    let credentials = crate::onboard::bearer_token(&hub_config)
         .and_then(|token| crate::onboard::token_lifetime(&token));
     if let Some((_, expires)) = credentials {
         tracing::info!(%expires, "the hub token expires");
