@@ -11,8 +11,12 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun, TrainingRunStatus};
 
-use crate::federation::{Federation, MemberSpec, Timing};
-use starling_operator::contract::{ADVERSARY_ANNOTATION, ADVERSARY_FROM_ANNOTATION};
+use crate::federation::{Federation, MemberSpec, TRAINER_NAMESPACE, Timing};
+use crate::plot::RunPicture;
+use crate::scrape::{RoundPhases, scrape};
+use starling_operator::contract::{
+    ADVERSARY_ANNOTATION, ADVERSARY_FROM_ANNOTATION, PEER_METRICS_PORT,
+};
 
 /// The run the demo applies: exactly the sample users read about.
 pub const SAMPLE: &str = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
@@ -110,10 +114,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let deadline = Duration::from_secs(opts.timeout);
-    let final_run = await_success(&hub, &runs, started, deadline, &dir).await?;
+    let mut phases = RoundPhases::default();
+    let final_run = await_success(&federation, started, deadline, &mut phases).await?;
     let status = final_run.status.clone().unwrap_or_default();
     print_outcome(&status, started);
     print_scores(&status);
+    write_picture(&dir, &status, &phases)?;
 
     let checkpoint = final_checkpoint(&hub, &federation, status.round).await?;
     println!("Checkpoint (Hugging Face layout): {}", checkpoint.display());
@@ -199,24 +205,27 @@ async fn apply_sample(
     Ok(())
 }
 
-/// Polls the sample run every second, showing its progress, until it succeeds; an error
-/// when it fails or `deadline` after `started` passes first.
+/// Polls the sample run every second, showing its progress and scraping its trainers'
+/// round times into `phases`, until it succeeds; an error when it fails or `deadline`
+/// after `started` passes first.
 async fn await_success(
-    hub: &kube::Client,
-    runs: &Api<TrainingRun>,
+    federation: &Federation,
     started: Instant,
     deadline: Duration,
-    dir: &Path,
+    phases: &mut RoundPhases,
 ) -> anyhow::Result<TrainingRun> {
+    let hub = &federation.clusters.hub.client;
+    let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
     let mut progress = Progress::new(started);
     let final_run = loop {
         anyhow::ensure!(
             started.elapsed() < deadline,
             "the run did not finish in {} s; logs are under {}",
             deadline.as_secs(),
-            dir.display()
+            federation.dir.display()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
+        scrape_trainers(federation, phases).await;
         let Some(run) = runs.get_opt("shakespeare").await? else {
             continue;
         };
@@ -234,6 +243,52 @@ async fn await_success(
     };
     progress.finish();
     Ok(final_run)
+}
+
+/// Scrapes every running trainer's `/metrics`, as a member's Prometheus would; a trainer
+/// that does not answer (starting, or just finished) is skipped.
+async fn scrape_trainers(federation: &Federation, phases: &mut RoundPhases) {
+    for member in &federation.clusters.members {
+        let pods: Api<Pod> = Api::namespaced(member.client.clone(), TRAINER_NAMESPACE);
+        let Ok(pods) = pods.list(&ListParams::default()).await else {
+            continue;
+        };
+        let ips = (pods.items.iter()).filter_map(|p| p.status.as_ref()?.pod_ip.clone());
+        for ip in ips {
+            let url = format!("http://{ip}:{PEER_METRICS_PORT}/metrics");
+            if let Ok(samples) = scrape(&url).await {
+                phases.observe(&samples);
+            }
+        }
+    }
+}
+
+/// Draws the run's loss by round and its peers' round time by phase into `run.svg`.
+fn write_picture(
+    dir: &Path,
+    status: &TrainingRunStatus,
+    phases: &RoundPhases,
+) -> anyhow::Result<()> {
+    let loss: Vec<(u32, f64)> = (status.loss_history.iter())
+        .map(|p| (p.round, p.loss))
+        .collect();
+    let phases = phases.means();
+    let title = format!(
+        "default/shakespeare: {} rounds, {} peers on {} members",
+        status.round,
+        phases.len(),
+        demo_members().len()
+    );
+    let svg = RunPicture {
+        title: &title,
+        loss: &loss,
+        phases: &phases,
+    }
+    .svg();
+    let path = dir.join("run.svg");
+    std::fs::write(&path, svg).with_context(|| path.display().to_string())?;
+    println!("Loss and round time by phase, drawn: {}", path.display());
+    Ok(())
 }
 
 /// The live progress display: on a terminal one line redrawn in place every second,

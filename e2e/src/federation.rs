@@ -310,6 +310,15 @@ impl Federation {
         Ok((identity, child))
     }
 
+    /// Where a process of this federation (`operator`, `agent-NAME`: the name of its log)
+    /// serves `/metrics`, as its log says (each listens on a port of its own choosing).
+    pub fn metrics_url(&self, log: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.join(format!("{log}.log"))).ok()?;
+        let line = (text.lines().rev()).find(|l| l.contains("serving /healthz"))?;
+        let address = line.split("address=").nth(1)?.split_whitespace().next()?;
+        Some(format!("http://{address}/metrics"))
+    }
+
     /// The identity of the operator started by [`Federation::start_operator`].
     pub fn operator_identity(&self) -> Option<&str> {
         self.operator.as_ref().map(|(id, _)| id.as_str())

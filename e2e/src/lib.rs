@@ -7,6 +7,8 @@ pub mod federation;
 pub mod harness;
 pub mod hub;
 pub mod kubelet;
+pub mod plot;
+pub mod scrape;
 
 /// Server-side applies one object given as JSON, as `kubectl apply --server-side` does;
 /// `strict` refuses unknown or misplaced fields (`fieldValidation=Strict`) instead of

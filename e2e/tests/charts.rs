@@ -13,6 +13,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use starling_e2e::apiserver::ApiServer;
 use starling_operator::agent::placement;
+use starling_operator::k8s::{
+    AGENT, COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, MANAGER,
+};
 use starling_operator::rbac;
 
 const NAMESPACE: &str = "starling-system";
@@ -307,6 +310,70 @@ fn the_member_charts_trainer_values_reach_the_agent_in_the_form_it_parses() {
         volumes[0]["secret"]["secretName"],
         "starling-hub-kubeconfig"
     );
+}
+
+#[test]
+fn the_monitors_select_what_the_operator_labels_and_the_dashboard_ships_verbatim() {
+    let Some(helm) = helm() else { return };
+    let on = ["--set", "metrics.serviceMonitor.enabled=true"];
+    let hub = template(
+        &helm,
+        "starling-hub",
+        &[&on[..], &["--set", "metrics.podMonitor.enabled=true"]].concat(),
+    )
+    .unwrap();
+    let exchanges = one(&hub, "PodMonitor");
+    assert_eq!(
+        exchanges["spec"]["selector"]["matchLabels"],
+        json!({LABEL_COMPONENT: COMPONENT_EXCHANGE, LABEL_MANAGED_BY: MANAGER})
+    );
+    assert_eq!(exchanges["spec"]["podMetricsEndpoints"][0]["port"], "grpc");
+    assert_eq!(exchanges["spec"]["namespaceSelector"]["any"], true);
+    let dashboard = one(&hub, "ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped = dashboard["data"]["starling.json"].as_str().unwrap();
+    let file =
+        std::fs::read_to_string(chart("starling-hub").join("dashboards/starling.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(shipped).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&file).unwrap()
+    );
+    let off = template(
+        &helm,
+        "starling-hub",
+        &["--set", "dashboards.enabled=false"],
+    )
+    .unwrap();
+    assert!(find(&off, "ConfigMap").is_empty());
+
+    let member = template(
+        &helm,
+        "starling-member",
+        &[
+            "-f",
+            chart("starling-member")
+                .join("ci/test-values.yaml")
+                .to_str()
+                .unwrap(),
+            "--set",
+            "metrics.podMonitor.enabled=true",
+        ],
+    )
+    .unwrap();
+    let monitors = find(&member, "PodMonitor");
+    let trainers = monitors
+        .iter()
+        .find(|m| m["spec"]["namespaceSelector"]["matchNames"][0] == "starling-trainers")
+        .expect("a PodMonitor for the trainer namespace");
+    assert_eq!(
+        trainers["spec"]["selector"]["matchLabels"],
+        json!({LABEL_MANAGED_BY: AGENT})
+    );
+    assert_eq!(
+        trainers["spec"]["podMetricsEndpoints"][0]["port"],
+        "metrics"
+    );
+    assert_eq!(monitors.len(), 2, "the agent's and the trainers'");
 }
 
 #[test]

@@ -11,8 +11,9 @@ use starling_trainer::run::RunConfig;
 
 use crate::api::{PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation};
 use crate::hub::children::{
-    LEDGER_KEY, OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, SCORING_KEY, TOKENS_KEY, env,
+    LEDGER_KEY, OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, SCORING_KEY, TOKENS_KEY,
 };
+use crate::k8s::env;
 use starling_trainer::exchange::evaluator_name;
 use starling_trainer::scoring::ledger::Signer;
 
@@ -59,6 +60,9 @@ pub fn run_config(spec: &TrainingRunSpec) -> Result<RunConfig, validation::Field
         init_from: None,
     })
 }
+
+/// The port a peer pod serves Prometheus `/metrics` on (the container port `metrics`).
+pub const PEER_METRICS_PORT: u16 = 9090;
 
 /// A testing aid, on a TrainingRun: its peers are started with `STARLING_ADVERSARY` set
 /// to the value (`p2=signflip`), so the peers it names cheat and scoring can be seen

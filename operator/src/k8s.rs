@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    EnvVar, EnvVarSource, ObjectFieldSelector, ResourceRequirements, SecretKeySelector,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, Patch, PatchParams};
@@ -228,6 +230,52 @@ pub fn slim<K: Resource + Clone + Send + 'static>(
     watch
         .default_backoff()
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+}
+
+/// An env var with a literal value.
+pub fn env(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+pub fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(source),
+    }
+}
+
+/// `name` set from `key` of Secret `secret`.
+pub fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    env_from(
+        name,
+        EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        },
+    )
+}
+
+/// `POD_IP`, from the pod's status: what a container listens on, `$(POD_IP):PORT`.
+pub fn pod_ip_env() -> EnvVar {
+    env_from(
+        "POD_IP",
+        EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.podIP".into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        },
+    )
 }
 
 #[cfg(test)]

@@ -40,6 +40,18 @@ pub struct PeerLabel {
     pub peer: String,
 }
 
+/// One run.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabel {
+    pub namespace: String,
+    pub run: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabel {
+    pub member: String,
+}
+
 /// A gauge of a real number.
 pub type RealGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -78,6 +90,16 @@ pub struct Metrics {
     pub peer_rating: Family<PeerLabel, RealGauge>,
     /// Each scored peer's weight in its run's next aggregate.
     pub peer_weight: Family<PeerLabel, RealGauge>,
+    /// Each member's last heartbeat, in seconds since the epoch.
+    pub member_heartbeat: Family<MemberLabel, RealGauge>,
+    /// Each run's last completed round.
+    pub run_round: Family<RunLabel, Gauge>,
+    /// Each run's validation loss after its last round.
+    pub run_loss: Family<RunLabel, RealGauge>,
+    /// Each run's dense-over-sent update bytes.
+    pub run_compression: Family<RunLabel, RealGauge>,
+    /// Each run's peers in state Running.
+    pub run_active_peers: Family<RunLabel, Gauge>,
     readiness: AtomicU8,
     registry: Registry,
 }
@@ -96,6 +118,11 @@ impl Default for Metrics {
             peer_score: Family::default(),
             peer_rating: Family::default(),
             peer_weight: Family::default(),
+            member_heartbeat: Family::default(),
+            run_round: Family::default(),
+            run_loss: Family::default(),
+            run_compression: Family::default(),
+            run_active_peers: Family::default(),
             readiness: AtomicU8::new(Readiness::Starting as u8),
             registry: Registry::default(),
         };
@@ -137,7 +164,84 @@ impl Default for Metrics {
             "A scored peer's weight in its run's next aggregate",
             m.peer_weight.clone(),
         );
+        m.register_runs_and_members(&mut registry);
         Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    fn register_runs_and_members(&self, registry: &mut Registry) {
+        registry.register(
+            "member_last_heartbeat_timestamp_seconds",
+            "When each MemberCluster's agent last reported, in seconds since the epoch",
+            self.member_heartbeat.clone(),
+        );
+        registry.register(
+            "run_round",
+            "A TrainingRun's last completed round",
+            self.run_round.clone(),
+        );
+        registry.register(
+            "run_validation_loss",
+            "A TrainingRun's validation loss after its last round",
+            self.run_loss.clone(),
+        );
+        registry.register(
+            "run_compression_ratio",
+            "A TrainingRun's dense fp32 update bytes over the bytes its peers sent",
+            self.run_compression.clone(),
+        );
+        registry.register(
+            "run_active_peers",
+            "A TrainingRun's peers in state Running",
+            self.run_active_peers.clone(),
+        );
+    }
+
+    /// The per-run gauges, from every run's status (runs gone, gone).
+    pub fn set_runs<'a>(&self, runs: impl IntoIterator<Item = &'a crate::api::TrainingRun>) {
+        use kube::ResourceExt;
+        self.run_round.clear();
+        self.run_loss.clear();
+        self.run_compression.clear();
+        self.run_active_peers.clear();
+        for run in runs {
+            let Some(status) = &run.status else { continue };
+            let label = RunLabel {
+                namespace: run.namespace().unwrap_or_default(),
+                run: run.name_any(),
+            };
+            (self.run_round.get_or_create(&label)).set(i64::from(status.round));
+            (self.run_active_peers.get_or_create(&label)).set(i64::from(status.active_peers));
+            if let Some(loss) = status.last_loss {
+                self.run_loss.get_or_create(&label).set(loss);
+            }
+            if let Some(ratio) = status.compression_ratio {
+                self.run_compression.get_or_create(&label).set(ratio);
+            }
+        }
+    }
+
+    /// Each member's last heartbeat (members gone, gone).
+    pub fn set_members<'a>(
+        &self,
+        members: impl IntoIterator<Item = &'a crate::api::MemberCluster>,
+    ) {
+        use kube::ResourceExt;
+        self.member_heartbeat.clear();
+        for member in members {
+            let beat = member
+                .status
+                .as_ref()
+                .and_then(|s| s.last_heartbeat.as_ref());
+            if let Some(beat) = beat {
+                let label = MemberLabel {
+                    member: member.name_any(),
+                };
+                let seconds = beat.0.as_millisecond() as f64 / 1000.0;
+                self.member_heartbeat.get_or_create(&label).set(seconds);
+            }
+        }
     }
 }
 
@@ -386,5 +490,41 @@ mod tests {
             text.contains("starling_operator_training_runs{phase=\"Running\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn each_run_s_progress_and_each_member_s_heartbeat_are_exposed_from_their_status() {
+        let m = Metrics::default();
+        let sample = include_str!("../../crds/samples/trainingrun-shakespeare.yaml");
+        let mut run: crate::api::TrainingRun = serde_yaml::from_str(sample).unwrap();
+        run.metadata.namespace = Some("ml".into());
+        run.status = serde_json::from_value(serde_json::json!({
+            "round": 7, "lastLoss": 2.5, "compressionRatio": 96.0, "activePeers": 3}))
+        .unwrap();
+        let mut member: crate::api::MemberCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "starling.dev/v1alpha1", "kind": "MemberCluster",
+            "metadata": {"name": "home-lagos"},
+            "spec": {"tier": "home", "region": "lagos",
+                     "bandwidth": {"uploadMbps": 20, "downloadMbps": 100}},
+            "status": {"lastHeartbeat": "2026-12-07T06:00:00.500Z"}}))
+        .unwrap();
+        m.set_runs([&run]);
+        m.set_members([&member]);
+        let text = m.encode();
+        for line in [
+            "starling_operator_run_round{namespace=\"ml\",run=\"shakespeare\"} 7",
+            "starling_operator_run_validation_loss{namespace=\"ml\",run=\"shakespeare\"} 2.5",
+            "starling_operator_run_compression_ratio{namespace=\"ml\",run=\"shakespeare\"} 96.0",
+            "starling_operator_run_active_peers{namespace=\"ml\",run=\"shakespeare\"} 3",
+            "starling_operator_member_last_heartbeat_timestamp_seconds{member=\"home-lagos\"} 1796623200.5",
+        ] {
+            assert!(text.contains(line), "no {line} in {text}");
+        }
+        member.status = None;
+        m.set_members([&member]);
+        m.set_runs([]);
+        let text = m.encode();
+        assert!(!text.contains("home-lagos"), "{text}");
+        assert!(!text.contains("shakespeare"), "{text}");
     }
 }

@@ -58,6 +58,8 @@ pub const MAX_UPDATE_BYTES: &str = "STARLING_MAX_UPDATE_BYTES";
 pub const KEEP_ROUNDS: &str = "STARLING_KEEP_ROUNDS";
 pub const EVAL_ROWS: &str = "STARLING_EVAL_ROWS";
 pub const TLS_CERT: &str = "STARLING_TLS_CERT";
+/// Where a peer serves Prometheus `/metrics` (`IP:PORT`); unset, it serves none.
+pub const METRICS_LISTEN: &str = "STARLING_METRICS_LISTEN";
 pub const TLS_KEY: &str = "STARLING_TLS_KEY";
 pub const TLS_CA: &str = "STARLING_TLS_CA";
 pub const RETRY_FOR: &str = "STARLING_RETRY_FOR";

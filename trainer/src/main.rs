@@ -84,6 +84,9 @@ struct TrainArgs {
     /// The round the adversary starts cheating in.
     #[arg(long, env = env::ADVERSARY_FROM, default_value_t = 0)]
     adversary_from: u32,
+    /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9090`).
+    #[arg(long, env = env::METRICS_LISTEN)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl TrainArgs {
@@ -100,6 +103,7 @@ impl TrainArgs {
             checkpoint_dir: self.checkpoint_dir,
             tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
             adversary: (self.adversary).map(|a| (a, Round(self.adversary_from))),
+            metrics_listen: self.metrics_listen,
         };
         Ok((run, opts))
     }

@@ -7,6 +7,8 @@
 //! and sets θ ← θ − α·aggregate(Δ) on the model. Peers that apply the same updates, with
 //! the same weights, in the same order, end the round with bit-identical θ.
 
+use std::time::{Duration, Instant};
+
 use candle_core::Tensor;
 
 use serde::{Deserialize, Serialize};
@@ -329,6 +331,28 @@ pub enum Outer {
 /// Prefix of the outer momentum tensors in an exported state.
 const VELOCITY: &str = "outer.velocity.";
 
+/// A peer's update for one round, its mean training loss, and where the time went.
+#[derive(Debug)]
+pub struct LocalUpdate {
+    pub bytes: Vec<u8>,
+    pub loss: f32,
+    /// The inner steps (for DDP: the gradient of one batch).
+    pub inner_steps: Duration,
+    /// Making the update from the steps' result: compression, or the dense encoding.
+    pub compress: Duration,
+}
+
+impl LocalUpdate {
+    fn timed(bytes: Vec<u8>, loss: f32, started: Instant, inner_steps: Duration) -> Self {
+        Self {
+            bytes,
+            loss,
+            inner_steps,
+            compress: started.elapsed().saturating_sub(inner_steps),
+        }
+    }
+}
+
 impl Outer {
     pub fn new(run: &RunConfig, model: &Llama) -> Result<Self, RoundError> {
         Ok(match run.algorithm {
@@ -342,20 +366,22 @@ impl Outer {
     }
 
     /// A peer's work for one round on `batches`: H inner steps and the compressed (or
-    /// dense) pseudo-gradient, or for DDP the gradient of one batch. Returns the encoded
-    /// update and the mean training loss.
+    /// dense) pseudo-gradient, or for DDP the gradient of one batch and its dense
+    /// encoding.
     pub fn local_round(
         &mut self,
         model: &Llama,
         inner: &mut InnerOptimizer,
         batches: &[Batch],
         micro_rows: usize,
-    ) -> Result<(Vec<u8>, f32), RoundError> {
+    ) -> Result<LocalUpdate, RoundError> {
+        let started = Instant::now();
         if let Outer::Ddp = self {
             let batch = batches
                 .first()
                 .ok_or(RoundError::Dense("no batch".into()))?;
             let (grads, loss) = inner.gradients(model, batch, micro_rows)?;
+            let inner_steps = started.elapsed();
             let mut tensors = Vec::with_capacity(model.params().len());
             for (name, var) in model.params() {
                 let g = match grads.get(var.as_tensor()) {
@@ -369,19 +395,21 @@ impl Outer {
                 Finite::new(&g).map_err(|e| e.in_tensor(name))?;
                 tensors.push((name.clone(), var.dims().to_vec(), g));
             }
-            return Ok((DenseUpdate { tensors }.to_bytes(), loss));
+            let bytes = DenseUpdate { tensors }.to_bytes();
+            return Ok(LocalUpdate::timed(bytes, loss, started, inner_steps));
         }
         let mut loss = 0.0;
         for batch in batches {
             loss += inner.step(model, batch, micro_rows)?;
         }
         let loss = loss / batches.len().max(1) as f32;
+        let inner_steps = started.elapsed();
         let bytes = match self {
             Outer::SparseLoCo(s) => s.make_update(model)?.to_bytes(),
             Outer::DiLoCo(s) => s.make_update(model)?.to_bytes(),
             Outer::Ddp => unreachable!("handled above"),
         };
-        Ok((bytes, loss))
+        Ok(LocalUpdate::timed(bytes, loss, started, inner_steps))
     }
 
     /// Checks that `bytes` is an update this run can apply to `model`: it decodes, every

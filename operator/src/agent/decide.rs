@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, Pod, PodSpec, ResourceRequirements, Secret, SecretKeySelector,
+    Container, ContainerPort, Pod, PodSpec, ResourceRequirements, Secret,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
@@ -18,8 +18,12 @@ use starling_trainer::env as names;
 
 use super::placement::LocalPlacement;
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
+use crate::contract::PEER_METRICS_PORT;
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
-use crate::k8s::{ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER};
+use crate::k8s::{
+    ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER, env as env_var,
+    pod_ip_env, secret_env,
+};
 
 /// Where the agent puts things: its member's name and its trainer namespace.
 #[derive(Clone, Copy, Debug)]
@@ -227,14 +231,6 @@ fn same_secret(local: &Secret, wanted: &Secret) -> bool {
             .all(|(k, v)| local_labels.get(k) == Some(v))
 }
 
-fn env_value(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
 /// A peer's trainer pod: the template's image and settings, the exchange endpoint, and
 /// the peer's token from the local credentials Secret.
 fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> Pod {
@@ -243,26 +239,22 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     let mut labels = labels(&group.name_any(), site);
     labels.insert(LABEL_PEER.into(), peer.clone());
     let mut env = t.env.clone();
-    env.push(env_value(names::EXCHANGE, &group.spec.exchange_endpoint));
-    env.push(EnvVar {
-        name: names::TOKEN.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret_name(&group.name_any()),
-                key: peer,
-                optional: None,
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    });
-    env.push(env_value(names::DATA_DIR, "data"));
+    env.extend([
+        env_var(names::EXCHANGE, &group.spec.exchange_endpoint),
+        secret_env(names::TOKEN, &secret_name(&group.name_any()), &peer),
+        env_var(names::DATA_DIR, "data"),
+        pod_ip_env(),
+        env_var(
+            names::METRICS_LISTEN,
+            format!("$(POD_IP):{PEER_METRICS_PORT}"),
+        ),
+    ]);
     if !env.iter().any(|e| e.name == names::DEVICE) {
-        env.push(env_value(names::DEVICE, device_for(t.resources.as_ref())));
+        env.push(env_var(names::DEVICE, device_for(t.resources.as_ref())));
     }
     let placed = site.placement.place(t);
     if let Some(mbps) = placed.upload_limit_mbps {
-        env.push(env_value(names::BANDWIDTH_MBPS, mbps.to_string()));
+        env.push(env_var(names::BANDWIDTH_MBPS, mbps));
     }
     let spec = PodSpec {
         restart_policy: Some("OnFailure".into()),
@@ -273,6 +265,11 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
             image: Some(t.image.clone()),
             args: Some(t.args.clone()),
             env: Some(env),
+            ports: Some(vec![ContainerPort {
+                name: Some("metrics".into()),
+                container_port: PEER_METRICS_PORT.into(),
+                ..ContainerPort::default()
+            }]),
             resources: t.resources.clone(),
             ..Container::default()
         }],

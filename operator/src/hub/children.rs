@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Namespace,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretKeySelector,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, Namespace, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Secret, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -27,7 +27,7 @@ use crate::api::{
 
 use crate::k8s::{
     COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN,
-    LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, member_namespace,
+    LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, env, member_namespace, pod_ip_env, secret_env,
 };
 
 mod jobs;
@@ -114,38 +114,6 @@ fn meta(name: String, namespace: Option<String>, labels: BTreeMap<String, String
     }
 }
 
-/// An env var with a literal value.
-pub fn env(name: &str, value: impl ToString) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.to_string()),
-        value_from: None,
-    }
-}
-
-fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: None,
-        value_from: Some(source),
-    }
-}
-
-/// `name` set from `key` of Secret `secret`.
-fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
-    env_from(
-        name,
-        EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.into(),
-                key: key.into(),
-                optional: None,
-            }),
-            ..EnvVarSource::default()
-        },
-    )
-}
-
 fn secret_data(entries: &BTreeMap<String, String>) -> BTreeMap<String, ByteString> {
     entries
         .iter()
@@ -182,20 +150,10 @@ fn exchange_selector(run: &TrainingRun) -> BTreeMap<String, String> {
 }
 
 fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Container {
-    let pod_ip = env_from(
-        "POD_IP",
-        EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: "status.podIP".into(),
-                api_version: None,
-            }),
-            ..EnvVarSource::default()
-        },
-    );
     let tokens = secret_env(names::TOKENS, &credentials_name(run), TOKENS_KEY);
     let mut vars = settings.run_env.to_vec();
     vars.extend([
-        pod_ip,
+        pod_ip_env(),
         env(names::LISTEN, format!("$(POD_IP):{EXCHANGE_PORT}")),
         tokens,
     ]);

@@ -368,6 +368,8 @@ fn refresh(scraped: Scraped) -> Refresh {
             metrics.runs.get_or_create(&label).set(n as i64);
         }
         metrics.set_peer_scores(runs.iter().map(|r| r.as_ref()));
+        metrics.set_runs(runs.iter().map(|r| r.as_ref()));
+        metrics.set_members(members.iter().map(|m| m.as_ref()));
     })
 }
 

@@ -80,6 +80,17 @@ pub struct RoundResult {
     pub accepted_bytes: Option<u64>,
     /// Every peer the exchange knew when the round closed (evaluators only).
     pub roster: Vec<PeerId>,
+    /// Where the exchange's part of the round went.
+    pub times: ExchangeTimes,
+}
+
+/// Where a peer's time with the exchange went in one round: sending its update, waiting
+/// for the round to close, and downloading the round's updates (retries included).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExchangeTimes {
+    pub upload: Duration,
+    pub wait: Duration,
+    pub fetch: Duration,
 }
 
 /// One accepted update of a closed round.
@@ -193,10 +204,14 @@ impl ExchangeClient {
     ) -> Result<RoundResult, ClientError> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
+        let mut times = ExchangeTimes::default();
         loop {
             let mut accepted_bytes = None;
             if let Some((bytes, loss)) = update {
-                match self.put_update_probed(round, bytes, loss, probe).await {
+                let sending = Instant::now();
+                let put = self.put_update_probed(round, bytes, loss, probe).await;
+                times.upload += sending.elapsed();
+                match put {
                     Ok(n) => accepted_bytes = Some(n),
                     Err(ClientError::Refused(r)) if r.reason == Reason::RoundClosed => {
                         tracing::warn!(round = round.0, refusal = %r, "update not counted");
@@ -204,9 +219,10 @@ impl ExchangeClient {
                     Err(e) => return Err(e),
                 }
             }
-            match self.fetch_round_once(round).await {
+            match self.fetch_round_once(round, &mut times).await {
                 Ok(mut result) => {
                     result.accepted_bytes = accepted_bytes;
+                    result.times = times;
                     return Ok(result);
                 }
                 Err(status) => self.back_off(status, start, &mut wait).await?,
@@ -308,9 +324,10 @@ impl ExchangeClient {
     pub async fn fetch_round(&self, round: Round) -> Result<RoundResult, ClientError> {
         let start = Instant::now();
         let mut wait = Duration::from_millis(100);
+        let mut times = ExchangeTimes::default();
         loop {
-            match self.fetch_round_once(round).await {
-                Ok(result) => return Ok(result),
+            match self.fetch_round_once(round, &mut times).await {
+                Ok(result) => return Ok(RoundResult { times, ..result }),
                 Err(status) => self.back_off(status, start, &mut wait).await?,
             }
         }
@@ -330,8 +347,16 @@ impl ExchangeClient {
 
     /// Waits for `round` to close and downloads its accepted updates, in peer order,
     /// with the run's length when it closed; one attempt.
-    async fn fetch_round_once(&self, round: Round) -> Result<RoundResult, Status> {
+    /// One try at downloading `round`'s updates; the time until the first message (the
+    /// exchange answers when the round closes) is added to `times.wait`, the rest to
+    /// `times.fetch`.
+    async fn fetch_round_once(
+        &self,
+        round: Round,
+        times: &mut ExchangeTimes,
+    ) -> Result<RoundResult, Status> {
         use proto::round_chunk::Item;
+        let asked = Instant::now();
         let mut stream = self
             .grpc
             .clone()
@@ -342,7 +367,13 @@ impl ExchangeClient {
         let mut entries: Vec<Entry> = Vec::new();
         let mut expected = None;
         let mut roster = vec![];
+        let mut first: Option<Instant> = None;
         while let Some(chunk) = stream.next().await {
+            if first.is_none() {
+                let now = Instant::now();
+                times.wait += now - asked;
+                first = Some(now);
+            }
             match chunk?.item {
                 Some(Item::Round(h)) if h.round == round.0 => {
                     expected = Some((h.updates, Round(h.rounds)));
@@ -367,15 +398,21 @@ impl ExchangeClient {
                 _ => return Err(Status::internal("malformed round stream")),
             }
         }
-        match expected {
+        let result = match expected {
             Some((n, rounds)) if n as usize == entries.len() => Ok(RoundResult {
                 entries,
                 rounds,
                 accepted_bytes: None,
                 roster,
+                times: ExchangeTimes::default(),
             }),
             _ => Err(Status::unavailable("the round stream ended early")),
+        };
+        match first {
+            Some(first) => times.fetch += first.elapsed(),
+            None => times.wait += asked.elapsed(),
         }
+        result
     }
 
     /// Downloads the global state and the round it starts.

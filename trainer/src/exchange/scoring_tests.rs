@@ -86,6 +86,7 @@ fn spawn_peers(url: &str, dir: &Path) -> Vec<std::thread::JoinHandle<PeerReport>
                     tls_ca: None,
                     checkpoint_dir: None,
                     adversary: cheat,
+                    metrics_listen: None,
                 };
                 train(&run, opts).unwrap()
             })

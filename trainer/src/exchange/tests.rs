@@ -79,7 +79,7 @@ fn update(run: &Run, p: u32) -> Vec<u8> {
     outer
         .local_round(&model, &mut inner, &run.batches(p, 0), 2)
         .unwrap()
-        .0
+        .bytes
 }
 
 /// A plain HTTP/1.1 GET, as a Prometheus scraper makes it.
@@ -170,7 +170,7 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
         outer
             .local_round(&model, &mut inner, &run.batches(0, 0), 2)
             .unwrap()
-            .0
+            .bytes
     };
     let other_codec = update(
         &small_run(
@@ -368,6 +368,7 @@ fn federate_lengthened(
                     tls_ca: None,
                     checkpoint_dir: Some(dir.join(format!("peer{p}"))),
                     adversary: None,
+                    metrics_listen: None,
                 };
                 train(&run, opts).unwrap()
             })

@@ -3,4 +3,5 @@
 //! [`crate::exchange::server`]).
 
 pub mod evaluate;
+pub mod metrics;
 pub mod train;

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::exchange::PeerId;
 use crate::exchange::Reason;
-use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient};
+use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient, RoundResult};
 use crate::model::{InnerOptimizer, Llama, save_checkpoint};
-use crate::outer::{Outer, Round};
+use crate::outer::{LocalUpdate, Outer, Round};
+use crate::roles::metrics::{PeerMetrics, RoundMeasured};
 use crate::run::{Algorithm, Run};
 use crate::scoring::adversary::{Adversaries, Cheater};
 use crate::scoring::evaluate::{probe_model, probe_positions};
@@ -31,6 +32,8 @@ pub struct PeerOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// A testing aid: cheat this way (if it names this peer) from this round on.
     pub adversary: Option<(Adversaries, Round)>,
+    /// Serve Prometheus `/metrics` here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What a peer did, for its last log line and for tests.
@@ -98,6 +101,7 @@ struct Peer<'a> {
     cheat: Option<Cheater>,
     /// Where this peer reports its θ with every update, for the evaluators.
     positions: Vec<(usize, usize)>,
+    metrics: Arc<PeerMetrics>,
 }
 
 /// Where a round leaves the peer.
@@ -125,6 +129,15 @@ impl<'a> Peer<'a> {
         tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");
         let replica = Replica::new(run, rounds)?;
         let positions = probe_positions(&replica.model, run.config.seed);
+        let metrics = Arc::new(PeerMetrics::new(peer));
+        if let Some(addr) = opts.metrics_listen {
+            let served = metrics.clone();
+            rt.spawn(async move {
+                if let Err(e) = served.serve(addr).await {
+                    tracing::warn!(%addr, error = %e, "cannot serve /metrics");
+                }
+            });
+        }
         let report = PeerReport {
             peer,
             rounds_trained: 0,
@@ -147,6 +160,7 @@ impl<'a> Peer<'a> {
                     Cheater::new(adversary, from, run.config.seed)
                 }),
             positions,
+            metrics,
         })
     }
 
@@ -165,15 +179,14 @@ impl<'a> Peer<'a> {
     /// Local work on `round`, the exchange, and the outer step; returns the round to work
     /// on next.
     fn round(&mut self, round: Round) -> Result<Next, PeerError> {
-        let peer = self.report.peer;
         let started = Instant::now();
         let probe = probe_model(&self.replica.model, &self.positions)?;
         let mut update = self.local_work(round);
-        if let (Some(cheat), Some((bytes, _))) = (&mut self.cheat, &mut update) {
-            *bytes = cheat.tamper(round, std::mem::take(bytes));
+        if let (Some(cheat), Some(u)) = (&mut self.cheat, &mut update) {
+            u.bytes = cheat.tamper(round, std::mem::take(&mut u.bytes));
         }
         let computed = started.elapsed();
-        let sent = update.as_ref().map(|(b, l)| (b.as_slice(), *l));
+        let sent = update.as_ref().map(|u| (u.bytes.as_slice(), u.loss));
         let exchanged = self.client.exchange_round_probed(round, sent, &probe);
         let result = match self.rt.block_on(exchanged) {
             Ok(result) => result,
@@ -192,32 +205,48 @@ impl<'a> Peer<'a> {
         if result.rounds != self.rounds {
             // The operator changed the run's length: apply this round and go on with the
             // exchange's schedule, as the exchange does.
-            tracing::info!(%peer, from = self.rounds.0, to = result.rounds.0, "run length changed");
+            tracing::info!(peer = %self.report.peer, from = self.rounds.0, to = result.rounds.0, "run length changed");
             self.rounds = result.rounds;
             let schedule = self.replica.run.config.schedule(self.rounds);
             self.replica.inner.set_schedule(schedule);
         }
-        if let Some((bytes, loss)) = &update {
-            let dense = 4 * self.replica.model.parameter_count();
+        let dense_bytes = 4 * self.replica.model.parameter_count();
+        if let Some(u) = &update {
             tracing::info!(
-                %peer,
+                peer = %self.report.peer,
                 round = format!("{}/{}", round.0 + 1, self.rounds.0),
-                train_loss = format!("{loss:.4}"),
-                update_bytes = bytes.len(),
-                compression = format!("{:.1}x", dense as f64 / bytes.len() as f64),
+                train_loss = format!("{:.4}", u.loss),
+                update_bytes = u.bytes.len(),
+                compression = format!("{:.1}x", dense_bytes as f64 / u.bytes.len() as f64),
                 compute_s = format!("{:.2}", computed.as_secs_f64()),
                 round_s = format!("{:.2}", started.elapsed().as_secs_f64()),
                 updates = result.entries.len(),
                 "round done"
             );
         }
-        let updates: Vec<(&[u8], f32)> = result
-            .entries
-            .iter()
-            .map(|e| (e.bytes.as_slice(), e.weight))
-            .collect();
+        let applying = Instant::now();
+        self.apply(round, &result)?;
+        self.metrics.round_done(&RoundMeasured {
+            round,
+            local: update.as_ref(),
+            accepted_bytes: result.accepted_bytes,
+            exchange: result.times,
+            received_bytes: result.entries.iter().map(|e| e.bytes.len() as u64).sum(),
+            outer_step: applying.elapsed(),
+            dense_bytes,
+        });
+        Ok(Next::Round(round.next()))
+    }
+
+    /// The outer step with `round`'s accepted updates (a cheater's way, if it cheats).
+    fn apply(&mut self, round: Round, result: &RoundResult) -> Result<(), PeerError> {
         match &mut self.cheat {
-            None => self.replica.apply(&updates)?,
+            None => {
+                let updates: Vec<(&[u8], f32)> = (result.entries.iter())
+                    .map(|e| (e.bytes.as_slice(), e.weight))
+                    .collect();
+                self.replica.apply(&updates)?;
+            }
             Some(cheat) => {
                 let entries = (result.entries.iter())
                     .map(|e| (e.peer, e.bytes.clone(), e.weight))
@@ -229,20 +258,21 @@ impl<'a> Peer<'a> {
                 }
             }
         }
-        tracing::debug!(%peer, round = round.0, updates = updates.len(), "round applied");
-        Ok(Next::Round(round.next()))
+        let updates = result.entries.len();
+        tracing::debug!(peer = %self.report.peer, round = round.0, updates, "round applied");
+        Ok(())
     }
 
-    /// This peer's update for `round` and its training loss; `None` when a step
-    /// diverged (it then takes everyone else's updates).
-    fn local_work(&mut self, round: Round) -> Option<(Vec<u8>, f32)> {
+    /// This peer's update for `round`; `None` when a step diverged (it then takes
+    /// everyone else's updates).
+    fn local_work(&mut self, round: Round) -> Option<LocalUpdate> {
         let peer = self.report.peer;
         let peers = self.replica.run.config.max_peers;
         let data = (self.cheat.as_ref()).map_or(peer, |c| c.trains_on(peer, peers, round));
         match self.replica.local_round(data, round) {
             Ok(update) => {
                 self.report.rounds_trained += 1;
-                self.report.last_train_loss = update.1;
+                self.report.last_train_loss = update.loss;
                 Some(update)
             }
             Err(e) => {
@@ -316,7 +346,7 @@ impl<'a> Replica<'a> {
         &mut self,
         peer: PeerId,
         round: Round,
-    ) -> Result<(Vec<u8>, f32), crate::outer::RoundError> {
+    ) -> Result<LocalUpdate, crate::outer::RoundError> {
         let batches = self.run.batches(peer.index(), round.0);
         let micro = self.run.config.micro_batch as usize;
         self.outer

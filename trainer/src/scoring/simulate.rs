@@ -184,7 +184,7 @@ impl<'a> Federation<'a> {
         let data = (self.cheater(p)).map_or(p, |c| c.trains_on(p, n, round));
         let replica = &mut self.peers[p.index() as usize];
         let probe = probe(&read(&replica.model)?, &self.positions);
-        let (honest, _) = replica.local_round(data, round)?;
+        let honest = replica.local_round(data, round)?.bytes;
         let bytes = match self.cheater(p) {
             Some(cheater) => cheater.tamper(round, honest),
             None => honest,
