@@ -76,6 +76,8 @@ pub struct Federation {
     /// Each member's hub token (its agent's ServiceAccount).
     pub agent_tokens: BTreeMap<String, String>,
     restarts: u32,
+    /// More environment for the operator and the agents (as a chart's `extraEnv`).
+    env: Vec<(String, String)>,
 }
 
 /// What `helm install starling-hub` does to a hub's API: the CRDs and the operator's
@@ -188,6 +190,18 @@ impl Federation {
         dir: &Path,
         exe_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(members, timing, dir, exe_dir, vec![]).await
+    }
+
+    /// [`Federation::start`], the operator and agents running with `env` added (as a
+    /// chart's `extraEnv` adds it: `OTEL_EXPORTER_OTLP_ENDPOINT`, say).
+    pub async fn start_with_env(
+        members: &[MemberSpec],
+        timing: Timing,
+        dir: &Path,
+        exe_dir: &Path,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let images = starling_images(exe_dir);
         let operator_binary = images
             .iter()
@@ -242,6 +256,7 @@ impl Federation {
             agents: BTreeMap::new(),
             agent_tokens: BTreeMap::new(),
             restarts: 0,
+            env,
         };
         federation.start_operator()?;
         for m in members {
@@ -260,6 +275,7 @@ impl Federation {
             .with_context(|| path.display().to_string())?;
         Command::new(&self.operator_binary)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", kubeconfig)
             .env(
                 "RUST_LOG",

@@ -7,6 +7,7 @@ pub mod federation;
 pub mod harness;
 pub mod hub;
 pub mod kubelet;
+pub mod otlp;
 pub mod plot;
 pub mod scrape;
 

@@ -73,15 +73,16 @@ enum LedgerCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube_runtime=warn,h2=warn,tower=warn,hyper=warn".into()),
-        )
-        .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let service = match command {
+        Command::Agent(_) => "starling-agent",
+        _ => "starling-operator",
+    };
+    let _tracing = starling_trainer::trace::init(
+        service,
+        "info,kube_runtime=warn,h2=warn,tower=warn,hyper=warn",
+    );
+    match command {
         Command::Hub(config) => runtime()?.block_on(async {
             let metrics = std::sync::Arc::new(Metrics::default());
             let client = telemetry::client(kube::Config::infer().await?, metrics.clone())?;

@@ -18,3 +18,4 @@ pub mod scoring;
 pub mod simulate;
 #[cfg(test)]
 mod testing;
+pub mod trace;

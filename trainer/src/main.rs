@@ -481,15 +481,14 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn main() -> anyhow::Result<ExitCode> {
     starling_trainer::cpu::init();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into()),
-        )
-        .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    let service = match command {
+        Command::Exchange(_) => "starling-exchange",
+        Command::Evaluate(_) => "starling-evaluator",
+        _ => "starling-trainer",
+    };
+    let _tracing = starling_trainer::trace::init(service, "info,h2=warn,tower=warn,hyper=warn");
+    match command {
         Command::Train(args) => args.run()?,
         Command::Evaluate(args) => args.run()?,
         Command::Exchange(args) => return args.run(),

@@ -376,12 +376,15 @@ impl Outer {
         micro_rows: usize,
     ) -> Result<LocalUpdate, RoundError> {
         let started = Instant::now();
+        let steps = tracing::info_span!("inner_steps", batches = batches.len()).entered();
         if let Outer::Ddp = self {
             let batch = batches
                 .first()
                 .ok_or(RoundError::Dense("no batch".into()))?;
             let (grads, loss) = inner.gradients(model, batch, micro_rows)?;
             let inner_steps = started.elapsed();
+            drop(steps);
+            let _compress = tracing::info_span!("compress", dense = true).entered();
             let mut tensors = Vec::with_capacity(model.params().len());
             for (name, var) in model.params() {
                 let g = match grads.get(var.as_tensor()) {
@@ -404,6 +407,8 @@ impl Outer {
         }
         let loss = loss / batches.len().max(1) as f32;
         let inner_steps = started.elapsed();
+        drop(steps);
+        let _compress = tracing::info_span!("compress").entered();
         let bytes = match self {
             Outer::SparseLoCo(s) => s.make_update(model)?.to_bytes(),
             Outer::DiLoCo(s) => s.make_update(model)?.to_bytes(),

@@ -1,6 +1,7 @@
 //! What a member's administrator adds to every trainer pod on the member cluster: the
 //! labels of its GPU nodes, the tolerations of their taints, and a cap on a home link's
 //! upload. The hub cannot know these; the member chart's `trainers` values set them.
+//! Trainers also export traces where the agent does.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +32,10 @@ pub struct LocalPlacement {
     /// lower of this and the hub's cap applies.
     #[arg(long, env = "STARLING_UPLOAD_LIMIT_MBPS", value_parser = clap::value_parser!(u32).range(1..))]
     pub upload_limit_mbps: Option<u32>,
+    /// The agent's own `OTEL_*` settings: its trainers export traces where it does (the
+    /// member's collector).
+    #[arg(skip = starling_trainer::trace::forwarded_env())]
+    pub trace_env: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -108,6 +113,7 @@ mod tests {
             node_selector: parse_selector(selector).unwrap(),
             tolerations: parse_tolerations(tolerations).unwrap(),
             upload_limit_mbps: upload,
+            trace_env: Vec::new(),
         }
     }
 

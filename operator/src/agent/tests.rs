@@ -19,6 +19,7 @@ const SITE: Site<'static> = Site {
         node_selector: NodeSelector(std::collections::BTreeMap::new()),
         tolerations: Tolerations(Vec::new()),
         upload_limit_mbps: None,
+        trace_env: Vec::new(),
     },
 };
 
@@ -422,4 +423,39 @@ fn only_what_the_hub_says_is_gone_is_swept() {
         let got_secrets: Vec<&str> = swept.secrets.iter().map(|d| d.name.as_str()).collect();
         assert_eq!((got_pods, got_secrets), (want_pods, want_secrets), "{name}");
     }
+}
+
+#[test]
+fn a_trainer_serves_metrics_on_its_pod_ip_and_exports_traces_where_its_agent_does() {
+    let placement = LocalPlacement {
+        trace_env: vec![(
+            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            "http://collector:4317".into(),
+        )],
+        ..LocalPlacement::default()
+    };
+    let site = Site {
+        placement: &placement,
+        ..SITE
+    };
+    let pod =
+        serde_json::to_value(decide(&observed(&[0], vec![]), &site).create.remove(0)).unwrap();
+    let container = &pod["spec"]["containers"][0];
+    let value = |name: &str| {
+        let env = container["env"].as_array().unwrap();
+        let var = env.iter().find(|e| e["name"] == name);
+        var.map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some(json!("http://collector:4317"))
+    );
+    assert_eq!(
+        value("STARLING_METRICS_LISTEN"),
+        Some(json!("$(POD_IP):9090"))
+    );
+    assert_eq!(
+        container["ports"],
+        json!([{"name": "metrics", "containerPort": 9090}])
+    );
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret, Service};
 use kube::api::DynamicObject;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -109,6 +109,8 @@ pub struct Context {
     pub statuses: training_run::WrittenStatuses,
     pub backoff: Backoff,
     pub metrics: Arc<Metrics>,
+    /// The OpenTelemetry settings the exchange pods inherit.
+    pub pod_env: Vec<EnvVar>,
     applied: Applied,
 }
 
@@ -333,6 +335,13 @@ impl Stores {
     }
 }
 
+/// This process's OpenTelemetry settings, for the pods it makes.
+pub fn forwarded_env() -> Vec<EnvVar> {
+    (starling_trainer::trace::forwarded_env().into_iter())
+        .map(|(name, value)| crate::k8s::env(&name, value))
+        .collect()
+}
+
 /// What `/metrics` reads at scrape time once this replica leads.
 type Scraped = Arc<std::sync::OnceLock<(Stores, Store<TrainingRun>)>>;
 
@@ -426,6 +435,7 @@ async fn lead(
         statuses: Default::default(),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
+        pod_env: forwarded_env(),
         applied: Applied::default(),
     });
     let outcome = control(&client, ctx, &leadership, &scraped, stores, wakes).await;

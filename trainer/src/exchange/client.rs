@@ -2,12 +2,14 @@
 //! retries with backoff while the exchange is unreachable, and an optional bandwidth cap
 //! for home links.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
+use tracing::Instrument;
 
 use super::proto::{self, exchange_client};
 use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
@@ -22,6 +24,8 @@ struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        // The exchange's span for this call joins the caller's trace.
+        crate::trace::inject(&tracing::Span::current(), req.metadata_mut());
         Ok(req)
     }
 }
@@ -64,10 +68,14 @@ pub struct ClientOptions {
     pub tls_ca: Option<Vec<u8>>,
 }
 
+/// The exchange's span of a round, as its last reply named it.
+type RoundTrace = Arc<Mutex<Option<(Round, opentelemetry::Context)>>>;
+
 #[derive(Clone)]
 pub struct ExchangeClient {
     grpc: Grpc,
     opts: ClientOptions,
+    round_trace: RoundTrace,
 }
 
 /// A closed round as a peer sees it.
@@ -127,7 +135,11 @@ impl ExchangeClient {
         let grpc = exchange_client::ExchangeClient::with_interceptor(channel, Bearer(header))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { grpc, opts })
+        Ok(Self {
+            grpc,
+            opts,
+            round_trace: RoundTrace::default(),
+        })
     }
 
     /// Runs `call` until it succeeds, is refused, or the exchange has been unreachable for
@@ -209,7 +221,9 @@ impl ExchangeClient {
             let mut accepted_bytes = None;
             if let Some((bytes, loss)) = update {
                 let sending = Instant::now();
-                let put = self.put_update_probed(round, bytes, loss, probe).await;
+                let put = self.put_update_probed(round, bytes, loss, probe);
+                let upload = tracing::info_span!("upload", round = round.0, bytes = bytes.len());
+                let put = put.instrument(upload).await;
                 times.upload += sending.elapsed();
                 match put {
                     Ok(n) => accepted_bytes = Some(n),
@@ -246,9 +260,11 @@ impl ExchangeClient {
                 let req = proto::JoinRequest {
                     config_fingerprint: fingerprint.clone(),
                 };
-                async move { g.join(req).await.map(|r| r.into_inner()) }
+                async move { g.join(req).await }
             })
             .await?;
+        self.note_round_trace(reply.metadata());
+        let reply = reply.into_inner();
         Ok((reply.peer, Round(reply.open_round), Round(reply.rounds)))
     }
 
@@ -349,31 +365,53 @@ impl ExchangeClient {
     /// with the run's length when it closed; one attempt.
     /// One try at downloading `round`'s updates; the time until the first message (the
     /// exchange answers when the round closes) is added to `times.wait`, the rest to
-    /// `times.fetch`.
+    /// `times.fetch`. The reply names the exchange's span of the round it opened next.
     async fn fetch_round_once(
         &self,
         round: Round,
         times: &mut ExchangeTimes,
     ) -> Result<RoundResult, Status> {
-        use proto::round_chunk::Item;
         let asked = Instant::now();
-        let mut stream = self
-            .grpc
-            .clone()
+        let wait = tracing::info_span!("wait", round = round.0);
+        let reply = (self.grpc.clone())
             .fetch_round(proto::FetchRoundRequest { round: round.0 })
-            .await?
-            .into_inner();
+            .instrument(wait.clone())
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(status) => {
+                times.wait += asked.elapsed();
+                return Err(status);
+            }
+        };
+        self.note_round_trace(reply.metadata());
+        let mut stream = reply.into_inner();
+        let first = stream.next().instrument(wait).await;
+        times.wait += asked.elapsed();
+        let fetching = Instant::now();
+        let fetch = tracing::info_span!("fetch", round = round.0);
+        let result = self
+            .read_round(round, first, &mut stream)
+            .instrument(fetch)
+            .await;
+        times.fetch += fetching.elapsed();
+        result
+    }
+
+    /// The rest of a round's stream, from its `first` message.
+    async fn read_round(
+        &self,
+        round: Round,
+        first: Option<Result<proto::RoundChunk, Status>>,
+        stream: &mut tonic::Streaming<proto::RoundChunk>,
+    ) -> Result<RoundResult, Status> {
+        use proto::round_chunk::Item;
         let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
         let mut entries: Vec<Entry> = Vec::new();
         let mut expected = None;
         let mut roster = vec![];
-        let mut first: Option<Instant> = None;
-        while let Some(chunk) = stream.next().await {
-            if first.is_none() {
-                let now = Instant::now();
-                times.wait += now - asked;
-                first = Some(now);
-            }
+        let mut next = first;
+        while let Some(chunk) = next {
             match chunk?.item {
                 Some(Item::Round(h)) if h.round == round.0 => {
                     expected = Some((h.updates, Round(h.rounds)));
@@ -397,8 +435,9 @@ impl ExchangeClient {
                 }
                 _ => return Err(Status::internal("malformed round stream")),
             }
+            next = stream.next().await;
         }
-        let result = match expected {
+        match expected {
             Some((n, rounds)) if n as usize == entries.len() => Ok(RoundResult {
                 entries,
                 rounds,
@@ -407,12 +446,28 @@ impl ExchangeClient {
                 times: ExchangeTimes::default(),
             }),
             _ => Err(Status::unavailable("the round stream ended early")),
-        };
-        match first {
-            Some(first) => times.fetch += first.elapsed(),
-            None => times.wait += asked.elapsed(),
         }
-        result
+    }
+
+    /// Keeps the exchange's span of the round a reply names, for [`Self::round_trace`].
+    fn note_round_trace(&self, metadata: &tonic::metadata::MetadataMap) {
+        let round = (metadata.get(crate::trace::ROUND_METADATA))
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        if let (Some(round), Some(cx)) = (round, crate::trace::remote(metadata))
+            && let Ok(mut trace) = self.round_trace.lock()
+        {
+            *trace = Some((Round(round), cx));
+        }
+    }
+
+    /// The exchange's span of `round`, when a reply has named it: a peer's round is its
+    /// child, so every peer's round and the exchange's are one trace.
+    pub fn round_trace(&self, round: Round) -> Option<opentelemetry::Context> {
+        let trace = self.round_trace.lock().ok()?;
+        trace
+            .as_ref()
+            .filter(|(r, _)| *r == round)
+            .map(|(_, cx)| cx.clone())
     }
 
     /// Downloads the global state and the round it starts.

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
 use crate::exchange::PeerId;
 use crate::exchange::Reason;
 use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient, RoundResult};
@@ -179,6 +181,12 @@ impl<'a> Peer<'a> {
     /// Local work on `round`, the exchange, and the outer step; returns the round to work
     /// on next.
     fn round(&mut self, round: Round) -> Result<Next, PeerError> {
+        let span = tracing::info_span!("peer_round", peer = %self.report.peer, round = round.0);
+        if let Some(exchange_round) = self.client.round_trace(round) {
+            // Fails only for a span that is not traced.
+            let _ = span.set_parent(exchange_round);
+        }
+        let _in_round = span.enter();
         let started = Instant::now();
         let probe = probe_model(&self.replica.model, &self.positions)?;
         let mut update = self.local_work(round);
@@ -225,7 +233,12 @@ impl<'a> Peer<'a> {
             );
         }
         let applying = Instant::now();
-        self.apply(round, &result)?;
+        tracing::info_span!(
+            "outer_step",
+            round = round.0,
+            updates = result.entries.len()
+        )
+        .in_scope(|| self.apply(round, &result))?;
         self.metrics.round_done(&RoundMeasured {
             round,
             local: update.as_ref(),

@@ -38,6 +38,9 @@ pub struct Observed<'a> {
     pub now: Timestamp,
     /// The trainer image runs use when they name none.
     pub default_image: &'a str,
+    /// What the operator adds to the environment of the exchange it makes (its own
+    /// OpenTelemetry settings).
+    pub pod_env: &'a [EnvVar],
     /// The run's tokens, once minted.
     pub credentials: Option<BTreeMap<String, String>>,
     pub exchange: ExchangeObserved,
@@ -110,6 +113,37 @@ pub struct Decision {
     pub children: Children,
     /// When to look again without a change; `None` waits for one.
     pub requeue: Option<Duration>,
+}
+
+impl Decision {
+    /// What the decision does, in a line: the phase it leaves the run in, the Events it
+    /// emits and the objects it writes (a reconcile's trace attribute).
+    pub fn summary(&self) -> String {
+        let c = &self.children;
+        let mut parts = vec![format!(
+            "phase={}",
+            self.status.phase.map_or("-".to_string(), |p| p.to_string())
+        )];
+        let reasons: Vec<&str> = self.events.iter().map(|n| n.reason).collect();
+        if !reasons.is_empty() {
+            parts.push(format!("events={}", reasons.join(",")));
+        }
+        for (what, n) in [
+            ("credentials", usize::from(c.mint_credentials)),
+            ("exchange", usize::from(c.exchange.is_some())),
+            ("groups", c.groups.len()),
+            ("remove", c.remove.len()),
+            ("configure", usize::from(c.configure.is_some())),
+            ("publisher", usize::from(c.publisher.is_some())),
+            ("evaluators", c.evaluators.len()),
+            ("score", usize::from(c.score.is_some())),
+        ] {
+            if n > 0 {
+                parts.push(format!("{what}={n}"));
+            }
+        }
+        parts.join(" ")
+    }
 }
 
 /// A decision being made: the status so far and the notes to emit.
@@ -262,7 +296,11 @@ pub fn decide(o: &Observed) -> Decision {
         &ExchangeSettings {
             image,
             run_env: &run_env,
-            exchange_env: contract::exchange_env(&o.run.name_any()),
+            exchange_env: [
+                contract::exchange_env(&o.run.name_any()),
+                o.pod_env.to_vec(),
+            ]
+            .concat(),
         },
     ));
     if let Some(why) = exchange_failure(o.exchange.pod.as_ref()) {

@@ -100,7 +100,7 @@ pub fn runs_on_flipped_member(
     }
 }
 
-#[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default()))]
+#[tracing::instrument(skip_all, fields(run = %run.name_any(), namespace = run.namespace().unwrap_or_default(), decision = tracing::field::Empty))]
 pub async fn reconcile(run: Arc<TrainingRun>, ctx: Arc<Context>) -> Result<Action, Error> {
     let mut timer = ctx.metrics.reconcile("trainingrun");
     let ns = run.namespace().unwrap_or_default();
@@ -190,6 +190,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         run,
         now: Timestamp::now(),
         default_image: &ctx.config.trainer_image,
+        pod_env: &ctx.pod_env,
         credentials,
         exchange,
         members: &members,
@@ -202,6 +203,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         publish_notes(ctx, run, &decision.events).await;
         decision = decide::decide(&observed);
     }
+    tracing::Span::current().record("decision", decision.summary());
     act(ctx, run, decision).await
 }
 

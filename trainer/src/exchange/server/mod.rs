@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use super::proto::{self, exchange_server::ExchangeServer};
 use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens, pacing};
@@ -87,10 +87,46 @@ struct Shared {
     wake: Arc<Notify>,
     /// Set when a closed round could not be applied; `serve` stops with it.
     failed: watch::Sender<Option<Failure>>,
+    /// The open round's span: the root of the round's trace, which every peer's work on
+    /// the round joins (replies name it). Replaced, and so ended, when the round closes.
+    round_span: Mutex<(Round, tracing::Span)>,
     max_update: u64,
     dense_bytes: u64,
     /// Tensors of the run's model: a probe has two values for each.
     tensors: usize,
+}
+
+/// A round's span, a root: a round is a trace of its own.
+fn round_span(run: &str, round: Round) -> tracing::Span {
+    tracing::info_span!(parent: None, "round", run, round = round.0)
+}
+
+impl Exchange {
+    /// The open round and its span.
+    fn open_round_span(&self) -> (Round, tracing::Span) {
+        (self.shared.round_span.lock())
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Ends `closed`'s span and starts `next`'s.
+    fn next_round_span(&self, next: Round) {
+        let span = round_span(&self.shared.opts.run_name, next);
+        let mut open = (self.shared.round_span.lock()).unwrap_or_else(|e| e.into_inner());
+        *open = (next, span);
+    }
+
+    /// Names the open round's span on a reply, so the caller's work on it joins its trace.
+    fn name_round<T>(&self, mut reply: Response<T>) -> Response<T> {
+        let (round, span) = self.open_round_span();
+        crate::trace::inject(&span, reply.metadata_mut());
+        if let Ok(round) = round.0.to_string().parse() {
+            reply
+                .metadata_mut()
+                .insert(crate::trace::ROUND_METADATA, round);
+        }
+        reply
+    }
 }
 
 impl Drop for Shared {
@@ -277,8 +313,10 @@ impl Exchange {
             inner,
             validation,
         };
+        let round_span = Mutex::new((open, round_span(&opts.run_name, open)));
         Ok(Self {
             shared: Arc::new(Shared {
+                round_span,
                 run,
                 opts,
                 state: Mutex::new(state),

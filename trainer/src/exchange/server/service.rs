@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::round::{RoundState, Submission};
 use super::{
@@ -302,60 +303,14 @@ impl Exchange {
     }
 }
 
-#[tonic::async_trait]
-impl proto::exchange_server::Exchange for Exchange {
-    async fn join(
+impl Exchange {
+    /// `round`'s updates for `follower`, once the round has closed; refused for a round
+    /// the run does not have or has not opened yet.
+    async fn answer_fetch(
         &self,
-        req: Request<proto::JoinRequest>,
-    ) -> Result<Response<proto::JoinReply>, Status> {
-        let peer = self.follower(&req)?;
-        self.check_fingerprint(&req.get_ref().config_fingerprint)?;
-        let (open, settings) = {
-            let state = self.state();
-            (state.open, state.settings()?)
-        };
-        tracing::info!(%peer, "peer joined");
-        Ok(Response::new(proto::JoinReply {
-            peer: peer.to_string(),
-            open_round: open.0,
-            rounds: settings.rounds,
-        }))
-    }
-
-    async fn heartbeat(
-        &self,
-        req: Request<proto::HeartbeatRequest>,
-    ) -> Result<Response<proto::HeartbeatReply>, Status> {
-        self.peer(&req)?;
-        Ok(Response::new(proto::HeartbeatReply {
-            open_round: self.state().open.0,
-        }))
-    }
-
-    async fn put_update(
-        &self,
-        req: Request<Streaming<proto::UpdateChunk>>,
-    ) -> Result<Response<proto::PutUpdateReply>, Status> {
-        let peer = self.peer(&req)?;
-        match self.receive_update(peer, req.into_inner()).await {
-            Ok(reply) => Ok(Response::new(reply)),
-            Err(refusal) => {
-                if refusal.reason != Reason::RoundClosed {
-                    self.record_rejection(peer, &refusal);
-                }
-                Err(refusal.into())
-            }
-        }
-    }
-
-    type FetchRoundStream = ResponseStream<proto::RoundChunk>;
-
-    async fn fetch_round(
-        &self,
-        req: Request<proto::FetchRoundRequest>,
-    ) -> Result<Response<Self::FetchRoundStream>, Status> {
-        let follower = self.follower(&req)?;
-        let round = Round(req.get_ref().round);
+        follower: Follower,
+        round: Round,
+    ) -> Result<Response<ResponseStream<proto::RoundChunk>>, Status> {
         if round.0 >= self.state().settings()?.rounds {
             return Err(
                 Refusal::new(Reason::RunDone, format!("the run has no round {round}")).into(),
@@ -379,6 +334,73 @@ impl proto::exchange_server::Exchange for Exchange {
         Ok(Response::new(Box::pin(tokio_stream::iter(
             out.into_iter().map(Ok),
         ))))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::exchange_server::Exchange for Exchange {
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinReply>, Status> {
+        let peer = self.follower(&req)?;
+        self.check_fingerprint(&req.get_ref().config_fingerprint)?;
+        let (open, settings) = {
+            let state = self.state();
+            (state.open, state.settings()?)
+        };
+        tracing::info!(%peer, "peer joined");
+        Ok(self.name_round(Response::new(proto::JoinReply {
+            peer: peer.to_string(),
+            open_round: open.0,
+            rounds: settings.rounds,
+        })))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatReply>, Status> {
+        self.peer(&req)?;
+        Ok(Response::new(proto::HeartbeatReply {
+            open_round: self.state().open.0,
+        }))
+    }
+
+    async fn put_update(
+        &self,
+        req: Request<Streaming<proto::UpdateChunk>>,
+    ) -> Result<Response<proto::PutUpdateReply>, Status> {
+        let peer = self.peer(&req)?;
+        let span = tracing::info_span!("PutUpdate", %peer);
+        crate::trace::follow(&span, req.metadata());
+        match self
+            .receive_update(peer, req.into_inner())
+            .instrument(span)
+            .await
+        {
+            Ok(reply) => Ok(Response::new(reply)),
+            Err(refusal) => {
+                if refusal.reason != Reason::RoundClosed {
+                    self.record_rejection(peer, &refusal);
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+
+    type FetchRoundStream = ResponseStream<proto::RoundChunk>;
+
+    async fn fetch_round(
+        &self,
+        req: Request<proto::FetchRoundRequest>,
+    ) -> Result<Response<Self::FetchRoundStream>, Status> {
+        let follower = self.follower(&req)?;
+        let round = Round(req.get_ref().round);
+        let span = tracing::info_span!("FetchRound", %follower, round = round.0);
+        crate::trace::follow(&span, req.metadata());
+        let reply = self.answer_fetch(follower, round).instrument(span).await?;
+        Ok(self.name_round(reply))
     }
 
     type FetchStateStream = ResponseStream<proto::StateChunk>;

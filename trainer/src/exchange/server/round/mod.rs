@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
 use crate::exchange::pacing::{self, Close, Pace};
@@ -173,7 +174,11 @@ pub(super) async fn close_rounds(shared: Weak<Shared>, wake: Arc<Notify>) {
         let exchange = Exchange { shared };
         let wake_at = match exchange.start_closing(Instant::now()) {
             Ok(closing) => {
-                if let Err(failure) = exchange.close(closing).await {
+                let (_, round_span) = exchange.open_round_span();
+                let span = tracing::info_span!(parent: &round_span, "close_round",
+                    round = closing.round.0, updates = closing.entries.len(),
+                    closed_by = closing.paced.closed_by.as_str());
+                if let Err(failure) = exchange.close(closing).instrument(span).await {
                     tracing::error!(round = failure.round.0, error = %failure.message,
                         "could not advance the global state");
                     exchange.shared.failed.send_replace(Some(failure));
@@ -348,8 +353,9 @@ impl Exchange {
         } = paced;
         let this = self.clone();
         let to_apply = entries.clone();
+        let span = tracing::Span::current();
         let applied = tokio::task::spawn_blocking(move || {
-            this.advance(round, &to_apply, train_loss, settings, so_far)
+            span.in_scope(|| this.advance(round, &to_apply, train_loss, settings, so_far))
         })
         .await
         .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
@@ -413,6 +419,7 @@ impl Exchange {
             state.open = next;
             state.round_state = RoundState::Open;
         }
+        self.next_round_span(next);
         self.shared.open_tx.send_replace(next);
     }
 
