@@ -377,6 +377,46 @@ fn the_monitors_select_what_the_operator_labels_and_the_dashboard_ships_verbatim
 }
 
 #[test]
+fn the_opentelemetry_values_reach_the_operator_and_the_agent_as_the_standard_variables() {
+    let Some(helm) = helm() else { return };
+    let test_values = chart("starling-member").join("ci/test-values.yaml");
+    let set = [
+        "--set",
+        "opentelemetry.endpoint=http://collector.monitoring:4317",
+        "--set",
+        "opentelemetry.resourceAttributes=k8s.cluster.name=x",
+    ];
+    let hub = template(&helm, "starling-hub", &set).unwrap();
+    let member_args = [&["-f", test_values.to_str().unwrap()], &set[..]].concat();
+    let member = template(&helm, "starling-member", &member_args).unwrap();
+    for objects in [&hub, &member] {
+        let container = &one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        let env = container["env"].as_array().unwrap();
+        let value = |name: &str| env.iter().find(|e| e["name"] == name).map(|e| &e["value"]);
+        assert_eq!(
+            value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            Some(&json!("http://collector.monitoring:4317"))
+        );
+        assert_eq!(
+            value("OTEL_RESOURCE_ATTRIBUTES"),
+            Some(&json!("k8s.cluster.name=x"))
+        );
+    }
+    let plain = template(&helm, "starling-hub", &[]).unwrap();
+    let env = &one(&plain, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        !env.to_string().contains("OTEL_"),
+        "no endpoint, no export: {env}"
+    );
+    let bad = template(
+        &helm,
+        "starling-hub",
+        &["--set", "opentelemetry.endpoint=collector:4317"],
+    );
+    assert!(bad.unwrap_err().contains("/opentelemetry/endpoint"));
+}
+
+#[test]
 fn values_that_break_the_schema_fail_with_the_schemas_message() {
     let Some(helm) = helm() else { return };
     let cases = [
