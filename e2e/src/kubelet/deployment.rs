@@ -10,6 +10,44 @@ use serde_json::json;
 use super::watch::Cache;
 use super::{Kubelet, finished, rand_u32};
 
+/// A pod whose Ready condition is True: running, and not crash-looping.
+fn pod_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A Deployment's `Available` and `Progressing` conditions, as the Deployment controller
+/// writes them: with every wanted replica ready, available and done rolling out (what
+/// `kubectl rollout status` and Helm's `--wait` look for).
+fn conditions(all_ready: bool) -> serde_json::Value {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let (available, progressing) = if all_ready {
+        (
+            (
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.",
+            ),
+            ("NewReplicaSetAvailable", "its pods are ready"),
+        )
+    } else {
+        (
+            (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            ),
+            ("ReplicaSetUpdated", "its pods are progressing"),
+        )
+    };
+    json!([
+        {"type": "Available", "status": available.0, "reason": available.1,
+         "message": available.2, "lastUpdateTime": now, "lastTransitionTime": now},
+        {"type": "Progressing", "status": "True", "reason": progressing.0,
+         "message": progressing.1, "lastUpdateTime": now, "lastTransitionTime": now},
+    ])
+}
+
 impl Kubelet {
     /// Converges each Deployment's pods to its template and replica count. Pods carry a
     /// hash of the template they were made from; a changed template replaces them
@@ -61,15 +99,13 @@ impl Kubelet {
             let created = pods.create(&Default::default(), &pod).await?;
             self.assumed.created(created);
         }
-        let ready = keep
-            .iter()
-            .take(want)
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .count() as i32;
+        let ready = keep.iter().take(want).filter(|p| pod_ready(p)).count() as i32;
         let status = json!({"status": {
             "observedGeneration": d.metadata.generation,
             "replicas": keep.len().min(want), "updatedReplicas": keep.len().min(want),
             "readyReplicas": ready, "availableReplicas": ready,
+            "unavailableReplicas": want as i32 - ready,
+            "conditions": conditions(ready as usize >= want),
         }});
         let current = d
             .status

@@ -271,7 +271,17 @@ impl Kubelet {
             // Back-off doubles from 1 s, as crash loops do (capped for tests' sake).
             let backoff = Duration::from_secs(1 << proc.restarts.clamp(0, 4) as u32 >> 1);
             proc.restart_at = Some(Instant::now() + backoff);
-            json!({"status": {"phase": "Running", "containerStatuses": [{
+            // Not ready until it runs again: a crash-looping pod is no ready replica.
+            let unready = format!("containers with unready status: [{}]", container.name);
+            json!({"status": {"phase": "Running",
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": "True"},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady",
+                    "message": unready, "lastTransitionTime": now()},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                    "message": unready, "lastTransitionTime": now()}],
+            "containerStatuses": [{
                 "name": container.name, "image": container.image, "imageID": "", "ready": false,
                 "started": false, "restartCount": proc.restarts, "lastState": terminated,
                 "state": {"waiting": {"reason": "CrashLoopBackOff",
