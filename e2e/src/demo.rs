@@ -13,7 +13,7 @@ use starling_operator::api::{MemberCluster, Phase, Tier, TrainingRun, TrainingRu
 
 use crate::federation::{Federation, MemberSpec, TRAINER_NAMESPACE, Timing};
 use crate::plot::RunPicture;
-use crate::scrape::{RoundPhases, scrape};
+use crate::scrape::{RoundPhases, pod_url, scrape};
 use starling_operator::contract::{
     ADVERSARY_ANNOTATION, ADVERSARY_FROM_ANNOTATION, PEER_METRICS_PORT,
 };
@@ -253,9 +253,8 @@ async fn scrape_trainers(federation: &Federation, phases: &mut RoundPhases) {
         let Ok(pods) = pods.list(&ListParams::default()).await else {
             continue;
         };
-        let ips = (pods.items.iter()).filter_map(|p| p.status.as_ref()?.pod_ip.clone());
-        for ip in ips {
-            let url = format!("http://{ip}:{PEER_METRICS_PORT}/metrics");
+        let urls = (pods.items.iter()).filter_map(|p| pod_url(p, PEER_METRICS_PORT));
+        for url in urls {
             if let Ok(samples) = scrape(&url).await {
                 phases.observe(&samples);
             }

@@ -21,9 +21,18 @@ impl Sample {
     }
 }
 
+/// Where a pod serves `/metrics` on `port`: its pod IP; `None` before it has one.
+pub fn pod_url(pod: &k8s_openapi::api::core::v1::Pod, port: u16) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+    Some(format!("http://{ip}:{port}/metrics"))
+}
+
 /// Scrapes `url` (`http://host:port/metrics`).
 pub async fn scrape(url: &str) -> anyhow::Result<Vec<Sample>> {
-    let response = reqwest::Client::new()
+    // One client for every scrape: the demo scrapes each trainer every second.
+    static CLIENT: std::sync::LazyLock<reqwest::Client> =
+        std::sync::LazyLock::new(reqwest::Client::new);
+    let response = CLIENT
         .get(url)
         .timeout(Duration::from_secs(5))
         .send()

@@ -10,12 +10,11 @@ mod runs;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use runs::*;
 use starling_e2e::federation::MemberSpec;
-use starling_e2e::scrape::{Sample, scrape};
+use starling_e2e::scrape::{Sample, pod_url, scrape};
 use starling_operator::api::{Tier, TrainingRun};
 use starling_operator::contract::PEER_METRICS_PORT;
 
@@ -50,14 +49,6 @@ async fn scraped(url: &str, what: &str) -> Vec<Sample> {
     }
 }
 
-fn pod_url(pod: &Pod, port: u16) -> String {
-    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
-    format!(
-        "http://{}:{port}/metrics",
-        ip.expect("a running pod has an IP")
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_queries_is_in_a_live_scrape_of_a_run() {
     let wanted = dashboard_metrics();
@@ -88,11 +79,11 @@ async fn every_metric_the_dashboard_queries_is_in_a_live_scrape_of_a_run() {
     }
     let exchange = exchange_pod(&hub).await;
     let port = starling_operator::hub::children::EXCHANGE_PORT;
-    samples.extend(scraped(&pod_url(&exchange, port), "the exchange").await);
+    samples.extend(scraped(&pod_url(&exchange, port).unwrap(), "the exchange").await);
     let trainers = every_members_trainer_pods(&fed).await;
     assert_eq!(trainers.len(), 2, "{:?}", uids(&trainers));
     for pod in &trainers {
-        let url = pod_url(pod, PEER_METRICS_PORT);
+        let url = pod_url(pod, PEER_METRICS_PORT).unwrap();
         samples.extend(scraped(&url, &pod.name_any()).await);
     }
 

@@ -7,51 +7,35 @@
 #[path = "common/kubelet.rs"]
 mod local;
 
-use std::time::Duration;
-
-use kube::api::{Api, PostParams};
-use local::{PATIENCE, cluster};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::Api;
+use local::{cluster, wait_for};
 use serde_json::json;
+
+/// A Deployment condition's status and reason.
+fn condition(d: &Deployment, type_: &str) -> Option<(String, String)> {
+    let d = serde_json::to_value(d).unwrap();
+    let conditions = d["status"]["conditions"].as_array().cloned();
+    let found = (conditions.unwrap_or_default().into_iter()).find(|c| c["type"] == type_);
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    found.map(|c| (text(&c["status"]), text(&c["reason"])))
+}
 
 #[tokio::test]
 async fn readiness_follows_the_container_and_a_deployment_counts_only_ready_pods() {
     let c = cluster().await;
     // Runs two seconds, then crashes: ready, then crash-looping.
     let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "crashy"},
+        "metadata": {"name": "crashy", "namespace": "default"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "crashy"}},
             "template": {"metadata": {"labels": {"app": "crashy"}},
                 "spec": {"containers": [{"name": "main", "image": "example.com/sh",
                     "command": ["sh", "-c", "sleep 2; exit 1"]}]}}}});
-    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
-        Api::namespaced(c.client.clone(), "default");
-    deployments
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(deployment).unwrap(),
-        )
+    starling_e2e::apply(&c.client, &deployment, true)
         .await
         .unwrap();
-    let condition = |d: &k8s_openapi::api::apps::v1::Deployment, type_: &str| {
-        let d = serde_json::to_value(d).unwrap();
-        let conditions = d["status"]["conditions"].as_array().cloned();
-        let found = (conditions.unwrap_or_default().into_iter()).find(|c| c["type"] == type_);
-        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-        found.map(|c| (text(&c["status"]), text(&c["reason"])))
-    };
-    let until =
-        async |what: &str, done: &dyn Fn(&k8s_openapi::api::apps::v1::Deployment) -> bool| {
-            let start = std::time::Instant::now();
-            loop {
-                let d = deployments.get("crashy").await.unwrap();
-                if done(&d) {
-                    return d;
-                }
-                assert!(start.elapsed() < PATIENCE, "never {what}: {:?}", d.status);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-    let available = until("available", &|d| {
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let available = wait_for(&deployments, "crashy", "available", |d| {
         condition(d, "Available").is_some_and(|(s, _)| s == "True")
     })
     .await;
@@ -61,7 +45,7 @@ async fn readiness_follows_the_container_and_a_deployment_counts_only_ready_pods
         Some(("True".into(), "NewReplicaSetAvailable".into()))
     );
     // Once it crashes, its pod is not Ready and the Deployment has no ready replica.
-    let down = until("unavailable after a crash", &|d| {
+    let down = wait_for(&deployments, "crashy", "unavailable after a crash", |d| {
         condition(d, "Available").is_some_and(|(s, _)| s == "False")
     })
     .await;

@@ -264,6 +264,14 @@ pub fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
     )
 }
 
+/// This process's OpenTelemetry settings as a pod's environment: the pods the operator
+/// and the agents make export their traces where they do.
+pub fn trace_env() -> Vec<EnvVar> {
+    (starling_trainer::trace::forwarded_env().into_iter())
+        .map(|(name, value)| env(&name, value))
+        .collect()
+}
+
 /// `POD_IP`, from the pod's status: what a container listens on, `$(POD_IP):PORT`.
 pub fn pod_ip_env() -> EnvVar {
     env_from(

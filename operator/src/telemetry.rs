@@ -15,12 +15,12 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use starling_trainer::roles::metrics::{OPENMETRICS, openmetrics};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabel {
@@ -337,12 +337,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        openmetrics(&self.registry)
     }
 }
 
@@ -376,13 +373,7 @@ struct Served {
 
 async fn scrape(State(s): State<Served>) -> impl IntoResponse {
     (s.refresh)(&s.metrics);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, OPENMETRICS)], s.metrics.encode())
 }
 
 async fn ready(State(s): State<Served>) -> impl IntoResponse {

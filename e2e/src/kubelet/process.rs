@@ -272,15 +272,8 @@ impl Kubelet {
             let backoff = Duration::from_secs(1 << proc.restarts.clamp(0, 4) as u32 >> 1);
             proc.restart_at = Some(Instant::now() + backoff);
             // Not ready until it runs again: a crash-looping pod is no ready replica.
-            let unready = format!("containers with unready status: [{}]", container.name);
             json!({"status": {"phase": "Running",
-            "conditions": [
-                {"type": "PodScheduled", "status": "True"},
-                {"type": "Initialized", "status": "True"},
-                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady",
-                    "message": unready, "lastTransitionTime": now()},
-                {"type": "Ready", "status": "False", "reason": "ContainersNotReady",
-                    "message": unready, "lastTransitionTime": now()}],
+            "conditions": conditions(Some(&container.name), &now()),
             "containerStatuses": [{
                 "name": container.name, "image": container.image, "imageID": "", "ready": false,
                 "started": false, "restartCount": proc.restarts, "lastState": terminated,
@@ -323,6 +316,23 @@ fn log_files(dir: &Path, container: &str) -> Result<(std::fs::File, std::fs::Fil
         .map_err(|e| Refusal::new("RunContainerError", format!("{}: {e}", log.display())))
 }
 
+/// A started pod's conditions: ready since `since`, or not ready (since then) because
+/// container `unready` is not running.
+fn conditions(unready: Option<&str>, since: &str) -> serde_json::Value {
+    let ready = |type_: &str| match unready {
+        None => json!({"type": type_, "status": "True", "lastTransitionTime": since}),
+        Some(container) => json!({"type": type_, "status": "False",
+            "reason": "ContainersNotReady", "lastTransitionTime": since,
+            "message": format!("containers with unready status: [{container}]")}),
+    };
+    json!([
+        {"type": "PodScheduled", "status": "True"},
+        {"type": "Initialized", "status": "True"},
+        ready("ContainersReady"),
+        ready("Ready"),
+    ])
+}
+
 /// A running container's pod status.
 fn running(
     pod: &Pod,
@@ -335,11 +345,7 @@ fn running(
         "phase": "Running", "hostIP": "127.0.0.1", "podIP": ip.to_string(),
         "podIPs": [{"ip": ip.to_string()}],
         "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).map_or(json!(started), |t| json!(t)),
-        "conditions": [
-            {"type": "PodScheduled", "status": "True"},
-            {"type": "Initialized", "status": "True"},
-            {"type": "ContainersReady", "status": "True", "lastTransitionTime": started},
-            {"type": "Ready", "status": "True", "lastTransitionTime": started}],
+        "conditions": conditions(None, started),
         "containerStatuses": [{
             "name": container.name, "image": container.image, "imageID": "", "ready": true,
             "started": true, "restartCount": restarts,

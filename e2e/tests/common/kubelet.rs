@@ -57,22 +57,29 @@ pub fn pod(name: &str, restart: &str, script: &str, extra: serde_json::Value) ->
     serde_json::from_value(pod).unwrap()
 }
 
-impl Cluster {
-    /// Polls `name` until `done` holds ([`PATIENCE`] at most); returns it.
-    pub async fn wait(&self, name: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
-        let start = std::time::Instant::now();
-        loop {
-            let pod = self.pods.get(name).await.unwrap();
-            if done(&pod) {
-                return pod;
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "{name} never {what}: {:?}",
-                pod.status
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Polls object `name` of `api` until `done` holds ([`PATIENCE`] at most); returns it.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, done: impl Fn(&K) -> bool) -> K
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let start = std::time::Instant::now();
+    loop {
+        let object = api.get(name).await.unwrap();
+        if done(&object) {
+            return object;
         }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{name} never {what}: {object:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Cluster {
+    /// Polls pod `name` until `done` holds ([`PATIENCE`] at most); returns it.
+    pub async fn wait(&self, name: &str, what: &str, done: impl Fn(&Pod) -> bool) -> Pod {
+        wait_for(&self.pods, name, what, done).await
     }
 }
 

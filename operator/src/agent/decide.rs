@@ -252,8 +252,7 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     if !env.iter().any(|e| e.name == names::DEVICE) {
         env.push(env_var(names::DEVICE, device_for(t.resources.as_ref())));
     }
-    let traces = site.placement.trace_env.iter();
-    env.extend(traces.map(|(name, value)| env_var(name, value)));
+    env.extend(site.placement.trace_env.iter().cloned());
     let placed = site.placement.place(t);
     if let Some(mbps) = placed.upload_limit_mbps {
         env.push(env_var(names::BANDWIDTH_MBPS, mbps));

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::api::core::v1::{EnvVar, Toleration};
 
 use crate::api::TrainerPodTemplate;
 
@@ -34,8 +34,8 @@ pub struct LocalPlacement {
     pub upload_limit_mbps: Option<u32>,
     /// The agent's own `OTEL_*` settings: its trainers export traces where it does (the
     /// member's collector).
-    #[arg(skip = starling_trainer::trace::forwarded_env())]
-    pub trace_env: Vec<(String, String)>,
+    #[arg(skip = crate::k8s::trace_env())]
+    pub trace_env: Vec<EnvVar>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -428,9 +428,9 @@ fn only_what_the_hub_says_is_gone_is_swept() {
 #[test]
 fn a_trainer_serves_metrics_on_its_pod_ip_and_exports_traces_where_its_agent_does() {
     let placement = LocalPlacement {
-        trace_env: vec![(
-            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
-            "http://collector:4317".into(),
+        trace_env: vec![crate::k8s::env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://collector:4317",
         )],
         ..LocalPlacement::default()
     };

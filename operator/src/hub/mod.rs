@@ -110,7 +110,7 @@ pub struct Context {
     pub backoff: Backoff,
     pub metrics: Arc<Metrics>,
     /// The OpenTelemetry settings the exchange pods inherit.
-    pub pod_env: Vec<EnvVar>,
+    pub trace_env: Vec<EnvVar>,
     applied: Applied,
 }
 
@@ -335,13 +335,6 @@ impl Stores {
     }
 }
 
-/// This process's OpenTelemetry settings, for the pods it makes.
-pub fn forwarded_env() -> Vec<EnvVar> {
-    (starling_trainer::trace::forwarded_env().into_iter())
-        .map(|(name, value)| crate::k8s::env(&name, value))
-        .collect()
-}
-
 /// What `/metrics` reads at scrape time once this replica leads.
 type Scraped = Arc<std::sync::OnceLock<(Stores, Store<TrainingRun>)>>;
 
@@ -435,7 +428,7 @@ async fn lead(
         statuses: Default::default(),
         backoff: Backoff::default(),
         metrics: metrics.clone(),
-        pod_env: forwarded_env(),
+        trace_env: crate::k8s::trace_env(),
         applied: Applied::default(),
     });
     let outcome = control(&client, ctx, &leadership, &scraped, stores, wakes).await;

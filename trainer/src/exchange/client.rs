@@ -362,10 +362,10 @@ impl ExchangeClient {
     }
 
     /// Waits for `round` to close and downloads its accepted updates, in peer order,
-    /// with the run's length when it closed; one attempt.
-    /// One try at downloading `round`'s updates; the time until the first message (the
-    /// exchange answers when the round closes) is added to `times.wait`, the rest to
-    /// `times.fetch`. The reply names the exchange's span of the round it opened next.
+    /// with the run's length when it closed; one attempt. The time until the first
+    /// message (the exchange answers when the round closes) is added to `times.wait`, the
+    /// rest to `times.fetch`. The reply names the exchange's span of the round it opened
+    /// next.
     async fn fetch_round_once(
         &self,
         round: Round,

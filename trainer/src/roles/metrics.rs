@@ -68,6 +68,18 @@ struct PhaseLabel {
 
 type RealGauge = Gauge<f64, AtomicU64>;
 
+/// What `/metrics` answers with: the OpenMetrics text `prometheus-client` writes (its
+/// counters end in `_total`, and the exposition in `# EOF`), as Prometheus negotiates it.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `registry` as OpenMetrics text; every `prometheus-client` registry here is written so.
+pub fn openmetrics(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
+}
+
 /// One round of one peer, as measured.
 pub struct RoundMeasured<'a> {
     pub round: Round,
@@ -179,12 +191,9 @@ impl PeerMetrics {
         self.round.set(i64::from(m.round.0) + 1);
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        openmetrics(&self.registry)
     }
 
     /// Serves `GET /metrics` on `addr` until the process ends.
@@ -195,15 +204,7 @@ impl PeerMetrics {
             "/metrics",
             axum::routing::get(move || {
                 let text = self.encode();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
+                async move { ([(axum::http::header::CONTENT_TYPE, OPENMETRICS)], text) }
             }),
         );
         axum::serve(listener, app).await

@@ -40,7 +40,7 @@ pub struct Observed<'a> {
     pub default_image: &'a str,
     /// What the operator adds to the environment of the exchange it makes (its own
     /// OpenTelemetry settings).
-    pub pod_env: &'a [EnvVar],
+    pub trace_env: &'a [EnvVar],
     /// The run's tokens, once minted.
     pub credentials: Option<BTreeMap<String, String>>,
     pub exchange: ExchangeObserved,
@@ -298,7 +298,7 @@ pub fn decide(o: &Observed) -> Decision {
             run_env: &run_env,
             exchange_env: [
                 contract::exchange_env(&o.run.name_any()),
-                o.pod_env.to_vec(),
+                o.trace_env.to_vec(),
             ]
             .concat(),
         },

@@ -190,7 +190,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
         run,
         now: Timestamp::now(),
         default_image: &ctx.config.trainer_image,
-        pod_env: &ctx.pod_env,
+        trace_env: &ctx.trace_env,
         credentials,
         exchange,
         members: &members,

@@ -87,9 +87,6 @@ struct Shared {
     wake: Arc<Notify>,
     /// Set when a closed round could not be applied; `serve` stops with it.
     failed: watch::Sender<Option<Failure>>,
-    /// The open round's span: the root of the round's trace, which every peer's work on
-    /// the round joins (replies name it). Replaced, and so ended, when the round closes.
-    round_span: Mutex<(Round, tracing::Span)>,
     max_update: u64,
     dense_bytes: u64,
     /// Tensors of the run's model: a probe has two values for each.
@@ -102,29 +99,15 @@ fn round_span(run: &str, round: Round) -> tracing::Span {
 }
 
 impl Exchange {
-    /// The open round and its span.
-    fn open_round_span(&self) -> (Round, tracing::Span) {
-        (self.shared.round_span.lock())
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone())
-    }
-
-    /// Ends `closed`'s span and starts `next`'s.
-    fn next_round_span(&self, next: Round) {
-        let span = round_span(&self.shared.opts.run_name, next);
-        let mut open = (self.shared.round_span.lock()).unwrap_or_else(|e| e.into_inner());
-        *open = (next, span);
-    }
-
     /// Names the open round's span on a reply, so the caller's work on it joins its trace.
     fn name_round<T>(&self, mut reply: Response<T>) -> Response<T> {
-        let (round, span) = self.open_round_span();
+        let (round, span) = {
+            let state = self.state();
+            (state.open, state.round_span.clone())
+        };
         crate::trace::inject(&span, reply.metadata_mut());
-        if let Ok(round) = round.0.to_string().parse() {
-            reply
-                .metadata_mut()
-                .insert(crate::trace::ROUND_METADATA, round);
-        }
+        let round = tonic::metadata::MetadataValue::from(round.0);
+        (reply.metadata_mut()).insert(crate::trace::ROUND_METADATA, round);
         reply
     }
 }
@@ -146,6 +129,9 @@ struct Global {
 
 struct State {
     open: Round,
+    /// `open`'s span: the root of the round's trace, which every peer's work on the round
+    /// joins (replies name it). Replaced, and so ended, when the round closes.
+    round_span: tracing::Span,
     /// `None` until the operator has configured an exchange that awaits it.
     settings: Option<Settings>,
     round_state: RoundState,
@@ -173,13 +159,14 @@ struct State {
 
 impl State {
     fn new(
-        open: Round,
+        (open, round_span): (Round, tracing::Span),
         settings: Option<Settings>,
         state_bytes: Vec<u8>,
         initial_validation_loss: f32,
     ) -> Self {
         Self {
             open,
+            round_span,
             settings,
             round_state: RoundState::Open,
             submissions: BTreeMap::new(),
@@ -305,7 +292,8 @@ impl Exchange {
         let dense_bytes = 4 * model.parameter_count() as u64;
         let tensors = model.params().len();
         let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
-        let mut state = State::new(open, settings, state_bytes, initial_validation_loss);
+        let opened = (open, round_span(&opts.run_name, open));
+        let mut state = State::new(opened, settings, state_bytes, initial_validation_loss);
         state.ledger = ledger::Ledger::load(opts.state_dir.as_deref())?;
         let global = Global {
             model,
@@ -313,10 +301,8 @@ impl Exchange {
             inner,
             validation,
         };
-        let round_span = Mutex::new((open, round_span(&opts.run_name, open)));
         Ok(Self {
             shared: Arc::new(Shared {
-                round_span,
                 run,
                 opts,
                 state: Mutex::new(state),

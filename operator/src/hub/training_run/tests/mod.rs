@@ -193,7 +193,7 @@ impl Case {
             run: &self.run,
             now: at(0),
             default_image: "starling-trainer:default",
-            pod_env: &[],
+            trace_env: &[],
             credentials: self.credentials.then(|| {
                 let mut tokens = mint_credentials(self.run.spec.peers.max, 1);
                 tokens.insert(LEDGER_KEY.into(), self.ledger_key.clone());

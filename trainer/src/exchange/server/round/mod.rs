@@ -174,7 +174,7 @@ pub(super) async fn close_rounds(shared: Weak<Shared>, wake: Arc<Notify>) {
         let exchange = Exchange { shared };
         let wake_at = match exchange.start_closing(Instant::now()) {
             Ok(closing) => {
-                let (_, round_span) = exchange.open_round_span();
+                let round_span = exchange.state().round_span.clone();
                 let span = tracing::info_span!(parent: &round_span, "close_round",
                     round = closing.round.0, updates = closing.entries.len(),
                     closed_by = closing.paced.closed_by.as_str());
@@ -417,9 +417,10 @@ impl Exchange {
             }
             state.state_bytes = Arc::new(state_bytes);
             state.open = next;
+            // Ends the closed round's span.
+            state.round_span = super::round_span(&self.shared.opts.run_name, next);
             state.round_state = RoundState::Open;
         }
-        self.next_round_span(next);
         self.shared.open_tx.send_replace(next);
     }
 
