@@ -71,8 +71,8 @@ pub fn publishing(
         .checkpoints
         .iter()
         .rev()
-        .find_map(|c| c.published.as_ref());
-    status.last_published = newest.map(|p| format!("{}@{}", p.repo, p.revision));
+        .find_map(|c| c.published.as_ref().map(|p| (c.round, p)));
+    status.last_published = newest.map(|(_, p)| format!("{}@{}", p.repo, p.revision));
     let pending: Vec<u32> = status
         .checkpoints
         .iter()
@@ -113,16 +113,20 @@ fn published(p: &proto::Publication) -> PublishedRecord {
 
 /// `Published`: False with the Hub's message while the oldest pending checkpoint's last
 /// attempt failed (one Event per new failure), else True once anything is published, else
-/// False while the first publication is under way.
+/// False while the first publication is under way. A failure older than the newest
+/// published checkpoint is superseded: its Event was said, and what a user downloads is
+/// the newer one.
 fn condition<'a>(
     pending: &[u32],
     report: &impl Fn(u32) -> Option<&'a proto::Publication>,
-    newest: Option<&PublishedRecord>,
+    newest: Option<(u32, &PublishedRecord)>,
     notes: &mut Vec<(bool, &'static str, String)>,
     previous: &TrainingRunStatus,
 ) -> Option<(bool, &'static str, String)> {
+    let superseded = |round: u32| newest.is_some_and(|(published, _)| round < published);
     let failing = pending
         .iter()
+        .filter(|r| !superseded(**r))
         .filter_map(|r| report(*r))
         .find(|p| !p.error.is_empty());
     if let Some(p) = failing {
@@ -145,7 +149,7 @@ fn condition<'a>(
         return Some((false, reason::PUBLISH_FAILED, message));
     }
     match (newest, pending.first()) {
-        (Some(p), _) => Some((
+        (Some((_, p)), _) => Some((
             true,
             reason::PUBLISHED,
             format!("{}@{}: {}", p.repo, p.revision, p.url),

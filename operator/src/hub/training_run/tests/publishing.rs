@@ -165,3 +165,29 @@ fn a_failing_publication_says_the_hubs_message_once_and_is_given_up_after_its_at
     assert!(condition(&d, "Published").2.contains("gave up"));
     assert!(d.children.publisher.is_none());
 }
+
+#[test]
+fn a_checkpoint_given_up_on_is_superseded_once_a_newer_one_is_published() {
+    let error = "the Hub answered 401: Invalid credentials in Authorization header";
+    let mut case = Case::new(publishing_run(1));
+    case.groups = placed(&case.run, &case.members);
+    let mut s = state(12, true);
+    s.publications = vec![reported(4, error, 4), reported(8, "", 0)];
+    case.exchange = exchange(Some(s));
+    let d = case.decide();
+    assert_eq!(d.status.phase, Some(Phase::Publishing));
+    assert_eq!(job_round(&d).as_deref(), Some("shakespeare-publish-12"));
+    let (ok, reason, _) = condition(&d, "Published");
+    assert_eq!((ok, reason), ("True", "Published"), "round 8 is out there");
+
+    case.exchange.state.as_mut().unwrap().publications = vec![
+        reported(4, error, 4),
+        reported(8, "", 0),
+        reported(12, "", 0),
+    ];
+    let d = again(&mut case, &d);
+    assert_eq!(d.status.phase, Some(Phase::Succeeded));
+    let (ok, _, message) = condition(&d, "Published");
+    assert_eq!(ok, "True");
+    assert!(message.contains("acme/tiny@round-12"), "{message}");
+}
