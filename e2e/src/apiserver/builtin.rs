@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
@@ -65,6 +65,7 @@ pub fn admit(group: &str, kind: &str, object: &mut Value) -> Option<Result<Admis
         ("events.k8s.io", "Event") => round_trip::<EventV1>(object),
         ("coordination.k8s.io", "Lease") => round_trip::<Lease>(object),
         ("apps", "Deployment") => round_trip::<Deployment>(object),
+        ("apps", "ReplicaSet") => round_trip::<ReplicaSet>(object),
         ("batch", "Job") => round_trip::<Job>(object),
         ("policy", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(object),
         ("rbac.authorization.k8s.io", "Role") => round_trip::<Role>(object),

@@ -23,6 +23,8 @@ mod request;
 mod watch;
 mod write;
 
+pub(super) use write::default_service_account;
+
 use request::{dry_run, field_manager, parse_body};
 
 pub fn router(server: ApiServer) -> axum::Router {

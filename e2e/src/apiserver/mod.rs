@@ -134,14 +134,17 @@ impl ApiServer {
             .find("", "v1", "namespaces")
             .expect("built in")
             .clone();
+        let mut created = vec![];
         for ns in ["default", "kube-system", "kube-public"] {
             let object = json!({
                 "apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": ns}, "status": {"phase": "Active"},
             });
-            store
-                .create(&namespaces, "", object, Default::default())
-                .expect("a fresh store");
+            created.push(
+                store
+                    .create(&namespaces, "", object, Default::default())
+                    .expect("a fresh store"),
+            );
         }
         let (watch_epoch, _) = watch::channel(0);
         // Unique per server, so a token from one cluster never works on another.
@@ -154,7 +157,7 @@ impl ApiServer {
             groups: vec!["system:masters".into(), "system:authenticated".into()],
         };
         tokens.insert(admin_token.clone(), admin);
-        Self {
+        let server = Self {
             inner: Arc::new(Inner {
                 tokens: RwLock::new(tokens),
                 admin_token,
@@ -164,7 +167,11 @@ impl ApiServer {
                 requests: Default::default(),
                 decisions: Default::default(),
             }),
+        };
+        for namespace in &created {
+            http::default_service_account(&server, namespace);
         }
+        server
     }
 
     /// Serves HTTPS on `127.0.0.1:port` (0 picks a free port) with a certificate from a

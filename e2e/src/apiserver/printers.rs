@@ -263,6 +263,24 @@ pub fn columns(group: &str, kind: &str) -> Option<Vec<Column>> {
                 selector(&o["spec"]["selector"]["matchLabels"])
             }),
         ],
+        ("apps", "ReplicaSet") => vec![
+            col("Name", "string", name),
+            col("Desired", "integer", |o| {
+                json!(o["spec"]["replicas"].as_i64().unwrap_or(1))
+            }),
+            col("Current", "integer", |o| {
+                json!(count(&o["status"]["replicas"]))
+            }),
+            col("Ready", "integer", |o| {
+                json!(count(&o["status"]["readyReplicas"]))
+            }),
+            col("Age", "string", created),
+            wide("Containers", |o| containers(o, "name")),
+            wide("Images", |o| containers(o, "image")),
+            wide("Selector", |o| {
+                selector(&o["spec"]["selector"]["matchLabels"])
+            }),
+        ],
         ("", "Service") => vec![
             col("Name", "string", name),
             col("Type", "string", |o| {
@@ -359,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn deployments_services_nodes_and_jobs_print_their_usual_columns() {
+    fn deployments_replica_sets_services_nodes_and_jobs_print_their_usual_columns() {
         let d = json!({"metadata": {"name": "x"}, "spec": {"replicas": 2,
             "selector": {"matchLabels": {"app": "x"}},
             "template": {"spec": {"containers": [{"name": "op", "image": "img:1"}]}}},
@@ -374,6 +392,22 @@ mod tests {
                 ("Containers", json!("op")),
                 ("Images", json!("img:1")),
                 ("Selector", json!("app=x"))
+            ])
+        );
+        let rs = json!({"metadata": {"name": "x-5f7c"}, "spec": {"replicas": 2,
+            "selector": {"matchLabels": {"app": "x", "pod-template-hash": "5f7c"}},
+            "template": {"spec": {"containers": [{"name": "op", "image": "img:1"}]}}},
+            "status": {"replicas": 2, "readyReplicas": 1}});
+        assert_eq!(
+            cells("apps", "ReplicaSet", &rs),
+            row(&[
+                ("Name", json!("x-5f7c")),
+                ("Desired", json!(2)),
+                ("Current", json!(2)),
+                ("Ready", json!(1)),
+                ("Containers", json!("op")),
+                ("Images", json!("img:1")),
+                ("Selector", json!("app=x,pod-template-hash=5f7c"))
             ])
         );
         let s = json!({"metadata": {"name": "ex"}, "spec": {"type": "LoadBalancer",

@@ -194,6 +194,15 @@ const BUILTINS: &[Builtin] = &[
         &["deploy"],
         true,
     ),
+    (
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        true,
+        &["rs"],
+        true,
+    ),
     ("batch", "v1", "Job", "jobs", true, &[], true),
     (
         "policy",
@@ -260,6 +269,17 @@ const BUILTINS: &[Builtin] = &[
     ),
 ];
 
+/// The built-in kinds `kubectl get all` lists, as a real server puts them in category
+/// `all`.
+fn in_all(plural: &str) -> Vec<String> {
+    const ALL: [&str; 5] = ["pods", "services", "deployments", "replicasets", "jobs"];
+    if ALL.contains(&plural) {
+        vec!["all".into()]
+    } else {
+        vec![]
+    }
+}
+
 impl Registry {
     pub fn builtin() -> Self {
         let types = BUILTINS
@@ -273,7 +293,7 @@ impl Registry {
                     singular: kind.to_lowercase(),
                     namespaced,
                     short_names: short.iter().map(|s| s.to_string()).collect(),
-                    categories: vec![],
+                    categories: in_all(plural),
                     status,
                     columns: vec![],
                     schema: None,

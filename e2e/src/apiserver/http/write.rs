@@ -53,6 +53,10 @@ pub(super) fn after_write(
         mirror_event(server, object);
         return Ok(());
     }
+    if t.group.is_empty() && t.plural == "namespaces" {
+        default_service_account(server, object);
+        return Ok(());
+    }
     if t.plural != "customresourcedefinitions"
         || object["metadata"]["deletionTimestamp"].is_string()
     {
@@ -142,5 +146,26 @@ fn mirror_event(server: &ApiServer, event: &Value) {
     };
     if let Err(e) = written {
         eprintln!("API test server: mirroring event {ns}/{name}: {e:?}");
+    }
+}
+
+/// Every namespace has a ServiceAccount `default`, as a real control plane's
+/// ServiceAccount controller makes it, so pods that name none get that one's token.
+pub(in super::super) fn default_service_account(server: &ApiServer, namespace: &Value) {
+    let Some(t) = server.registry().find("", "v1", "serviceaccounts").cloned() else {
+        return;
+    };
+    let ns = namespace["metadata"]["name"].as_str().unwrap_or_default();
+    if namespace["metadata"]["deletionTimestamp"].is_string() || ns.is_empty() {
+        return;
+    }
+    let mut store = server.store();
+    if store.get(&t, ns, "default").is_ok() {
+        return;
+    }
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "default", "namespace": ns}});
+    if let Err(e) = store.create(&t, ns, account, Default::default()) {
+        eprintln!("API test server: the default ServiceAccount of {ns}: {e:?}");
     }
 }
