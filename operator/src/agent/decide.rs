@@ -259,6 +259,8 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     }
     let spec = PodSpec {
         restart_policy: Some("OnFailure".into()),
+        // Trainers talk to their exchange, never to the Kubernetes API.
+        automount_service_account_token: Some(false),
         node_selector: placed.node_selector,
         tolerations: placed.tolerations,
         containers: vec![Container {

@@ -206,6 +206,9 @@ pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, 
                 }),
                 spec: Some(PodSpec {
                     containers: vec![exchange_container(run, settings)],
+                    // The exchange serves peers and the operator; it never calls the
+                    // Kubernetes API, so it holds no token for it.
+                    automount_service_account_token: Some(false),
                     volumes: Some(vec![Volume {
                         name: "data".into(),
                         empty_dir: Some(EmptyDirVolumeSource::default()),
