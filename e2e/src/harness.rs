@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use kube::Client;
 
 use crate::apiserver::{ApiServer, Running};
-use crate::kubelet::{Kubelet, KubeletConfig, NodeConfig};
+use crate::kubelet::{InCluster, Kubelet, KubeletConfig, NodeConfig};
 
 /// What one cluster has.
 #[derive(Clone, Debug)]
@@ -53,6 +53,7 @@ impl LocalCluster {
             nodes: spec.nodes.clone(),
             images: images.to_vec(),
             work_dir: home.join("pods"),
+            in_cluster: InCluster::new(&server.url, &server.ca_pem),
         };
         let kubelet = tokio::spawn(Kubelet::new(client.clone(), config).run());
         Ok(Self {

@@ -23,9 +23,11 @@
 //! renewal and a node status update a minute.
 //!
 //! It talks to its cluster only through the Kubernetes API (kube-rs), so the same code
-//! works against any API server. One container per Pod; init containers, probes and
-//! volume contents are not implemented (`workingDir` and every mount are the pod's
-//! directory).
+//! works against any API server. One container per Pod; init containers and probes are
+//! not implemented. Secret and ConfigMap volumes and the ServiceAccount's token are
+//! mounted where the container asks (`kubelet/volumes.rs`); `workingDir` and other
+//! volumes are the pod's directory. A listen address of `0.0.0.0:port` in args or env
+//! becomes the pod's own address, as its own network namespace would confine it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -47,12 +49,14 @@ mod node;
 mod pods;
 mod process;
 mod schedule;
+mod volumes;
 mod watch;
 
 use assumed::Assumed;
 pub use process::resolve_image;
 use process::{Exit, Process, Stopping};
 pub use schedule::quantity;
+pub use volumes::{InCluster, SERVICE_ACCOUNT_DIR, may_mount};
 
 /// How often nodes' status is posted again (which also re-creates a deleted node).
 const HEARTBEAT: Duration = Duration::from_secs(60);
@@ -74,13 +78,22 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// A node with the labels a kubelet gives every node, and, with GPUs, the one
+    /// NVIDIA's GPU feature discovery adds (what GPU node selectors name).
     pub fn new(name: &str, cpu: f64, memory_gib: f64, gpus: u32) -> Self {
+        let mut labels = BTreeMap::from([
+            ("kubernetes.io/hostname".to_owned(), name.to_owned()),
+            ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+        ]);
+        if gpus > 0 {
+            labels.insert("nvidia.com/gpu.present".into(), "true".into());
+        }
         Self {
             name: name.into(),
             cpu,
             memory: memory_gib * (1u64 << 30) as f64,
             gpus,
-            labels: BTreeMap::new(),
+            labels,
             taints: vec![],
         }
     }
@@ -94,6 +107,9 @@ pub struct KubeletConfig {
     pub images: Vec<(String, PathBuf)>,
     /// Pods' working directories and logs go under `<work_dir>/<namespace>_<pod>/`.
     pub work_dir: PathBuf,
+    /// How pods reach the API server (`KUBERNETES_SERVICE_*` and their ServiceAccount's
+    /// files); `None` gives them neither.
+    pub in_cluster: Option<InCluster>,
 }
 
 fn finished(pod: &Pod) -> bool {

@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use starling_e2e::apiserver::ApiServer;
-use starling_e2e::kubelet::{Kubelet, KubeletConfig, NodeConfig};
+use starling_e2e::kubelet::{InCluster, Kubelet, KubeletConfig, NodeConfig};
 
 use local::*;
 
@@ -458,6 +458,7 @@ async fn a_kubelet_at_rest_makes_next_to_no_api_requests() {
         nodes: vec![NodeConfig::new("node-a", 4.0, 8.0, 1)],
         images: vec![("example.com/sh".into(), PathBuf::from("/bin/sh"))],
         work_dir: work_dir.path().to_owned(),
+        in_cluster: InCluster::new(&server.url, &server.ca_pem),
     };
     let _kubelet = tokio::spawn(Kubelet::new(proxy.client(), config).run());
     let c = Cluster {

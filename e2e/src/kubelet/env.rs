@@ -134,3 +134,10 @@ pub(super) fn expand(text: &str, vars: &[(String, String)]) -> String {
     out.push_str(rest);
     out
 }
+
+/// A listen address on all of the pod's addresses (`0.0.0.0:port`) made its own
+/// address: pods here share the host's network, where a pod's own network namespace
+/// would keep two pods listening on the same port apart.
+pub(super) fn confine(text: &str, ip: Ipv4Addr) -> String {
+    text.replace("0.0.0.0:", &format!("{ip}:"))
+}

@@ -17,7 +17,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::env::expand;
+use super::env::{confine, expand};
+use super::volumes::may_mount;
 use super::{Kubelet, now};
 
 /// The binary for `image`, from the configured patterns.
@@ -222,24 +223,46 @@ impl Kubelet {
             pod.name_any()
         ));
         let (out, err) = log_files(&dir, &container.name)?;
+        let mut mounts = self
+            .mounts(pod, container, &dir)
+            .await
+            .map_err(|message| Refusal::new("CreateContainerConfigError", message))?;
+        if !mounts.binds.is_empty() && !may_mount() {
+            eprintln!(
+                "process kubelet: not root, so pod {}'s volumes and ServiceAccount token are written \
+                 under {} but not mounted",
+                pod.name_any(),
+                dir.display()
+            );
+            mounts.binds.clear();
+        }
+        mounts
+            .prepare()
+            .map_err(|message| Refusal::new("CreateContainerConfigError", message))?;
         let args: Vec<String> = container
             .command
             .iter()
             .flatten()
             .skip(1)
             .chain(container.args.iter().flatten())
-            .map(|a| expand(a, &env))
+            .map(|a| confine(&expand(a, &env), ip))
             .collect();
-        let child = tokio::process::Command::new(&binary)
+        let env = env.into_iter().map(|(k, v)| (k, confine(&v, ip)));
+        let mut command = tokio::process::Command::new(&binary);
+        command
             .args(&args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(mounts.env.clone())
             .envs(env)
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // SAFETY: `enter` makes only system calls (see there).
+        unsafe { command.pre_exec(move || mounts.enter()) };
+        let child = command
             .spawn()
             .map_err(|e| Refusal::new("RunContainerError", format!("{}: {e}", binary.display())))?;
         Ok((child, ip))

@@ -1,12 +1,12 @@
-//! What the kubelet knows of its cluster: Pods, Deployments, Jobs and Services, each kept by a
-//! watch (a list, then changes as they happen), so a cluster at rest costs no requests
-//! beyond the watches' occasional renewal.
+//! What the kubelet knows of its cluster: Pods, Deployments, ReplicaSets, Jobs and
+//! Services, each kept by a watch (a list, then changes as they happen), so a cluster at
+//! rest costs no requests beyond the watches' occasional renewal.
 
 use std::fmt::Debug;
 use std::pin::Pin;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
@@ -20,6 +20,7 @@ use tokio_stream::{Stream, StreamExt};
 pub(super) struct Cache {
     pub(super) pods: Store<Pod>,
     pub(super) deployments: Store<Deployment>,
+    pub(super) replica_sets: Store<ReplicaSet>,
     pub(super) services: Store<Service>,
     pub(super) jobs: Store<Job>,
 }
@@ -33,28 +34,31 @@ struct Seen {
 /// The watches' events, merged. Polling it is what keeps the [`Cache`] current.
 pub(super) struct Changes {
     events: Pin<Box<dyn Stream<Item = Seen> + Send>>,
-    listed: [bool; 4],
+    listed: [bool; 5],
 }
 
-/// Starts watching every Pod, Deployment, Service and Job.
+/// Starts watching every Pod, Deployment, ReplicaSet, Service and Job.
 pub(super) fn watch(client: &Client) -> (Cache, Changes) {
     let (pods, pod_events) = reflect::<Pod>(client, 0);
     let (deployments, deployment_events) = reflect::<Deployment>(client, 1);
     let (services, service_events) = reflect::<Service>(client, 2);
     let (jobs, job_events) = reflect::<Job>(client, 3);
+    let (replica_sets, replica_set_events) = reflect::<ReplicaSet>(client, 4);
     let events = pod_events
         .merge(deployment_events)
         .merge(service_events)
-        .merge(job_events);
+        .merge(job_events)
+        .merge(replica_set_events);
     let cache = Cache {
         pods,
         deployments,
+        replica_sets,
         services,
         jobs,
     };
     let changes = Changes {
         events: Box::pin(events),
-        listed: [false; 4],
+        listed: [false; 5],
     };
     (cache, changes)
 }

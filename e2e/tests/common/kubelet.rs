@@ -10,7 +10,7 @@ use kube::Client;
 use kube::api::Api;
 use serde_json::json;
 use starling_e2e::apiserver::{ApiServer, Running};
-use starling_e2e::kubelet::{Kubelet, KubeletConfig, NodeConfig};
+use starling_e2e::kubelet::{InCluster, Kubelet, KubeletConfig, NodeConfig};
 
 /// How long anything the kubelet should do may take before a test fails: generous, as
 /// the machine may be busy, but finite, so a kubelet that never does it fails the test
@@ -36,6 +36,7 @@ pub async fn cluster() -> Cluster {
         nodes: vec![node],
         images: vec![("example.com/sh".into(), PathBuf::from("/bin/sh"))],
         work_dir: work_dir.path().to_owned(),
+        in_cluster: InCluster::new(&server.url, &server.ca_pem),
     };
     let kubelet = tokio::spawn(Kubelet::new(client.clone(), config).run());
     Cluster {
