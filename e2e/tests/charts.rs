@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // a test fails by panicking, with the value it got
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,46 +17,11 @@ use starling_operator::k8s::{
 };
 use starling_operator::rbac;
 
+#[path = "common/helm.rs"]
+mod helm_cli;
+use helm_cli::{chart, helm, run_helm};
+
 const NAMESPACE: &str = "starling-system";
-
-fn helm() -> Option<PathBuf> {
-    let Some(helm) = std::env::var_os("STARLING_HELM") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must check the charts with Helm: set STARLING_HELM (.ci/run installs it)"
-        );
-        eprintln!("STARLING_HELM not set: skipped the Helm chart checks");
-        return None;
-    };
-    Some(helm.into())
-}
-
-fn chart(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("charts")
-        .join(name)
-}
-
-fn run_helm(helm: &Path, args: &[&str]) -> Output {
-    Command::new(helm)
-        .args(args)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("starling-helm/cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("starling-helm/config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("starling-helm/data"),
-        )
-        .output()
-        .expect("helm runs")
-}
 
 /// `helm template` of `name` in the test namespace with `args`; the objects, or the error.
 fn template(helm: &Path, name: &str, args: &[&str]) -> Result<Vec<Value>, String> {
