@@ -110,6 +110,10 @@ impl ApiError {
         Self::new(405, "MethodNotAllowed", message)
     }
 
+    pub fn not_acceptable(message: impl Into<String>) -> Self {
+        Self::new(406, "NotAcceptable", message)
+    }
+
     pub fn unsupported_media_type(content_type: &str) -> Self {
         Self::new(
             415,

@@ -114,6 +114,7 @@ fn discovery(
     server: &ApiServer,
     segments: &[&str],
     path: &str,
+    headers: &HeaderMap,
 ) -> Option<Result<Response, ApiError>> {
     let ok = |v: &Value| Ok(json_response(StatusCode::OK, v));
     let found = |doc: Option<Value>| {
@@ -124,6 +125,10 @@ fn discovery(
         ["version"] => ok(&version_info()),
         ["api"] => ok(&json!({"kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})),
+        ["openapi", "v2"] if !accepts_json(headers) => Err(ApiError::not_acceptable(
+            "only application/json is served at /openapi/v2",
+        )),
+        ["openapi", "v2"] => ok(&openapi::v2(&server.registry())),
         ["openapi", "v3"] => ok(&openapi::index(&server.registry())),
         ["openapi", "v3", "api", version] => {
             found(openapi::group_version(&server.registry(), "", version))
@@ -136,6 +141,12 @@ fn discovery(
         ["apis", group, version] => found(server.registry().resource_list(group, version)),
         _ => return None,
     })
+}
+
+/// Whether the request takes JSON: no `Accept`, or one naming JSON or anything.
+fn accepts_json(headers: &HeaderMap) -> bool {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    accept.is_none_or(|a| a.contains("json") || a.contains("*/*"))
 }
 
 async fn route(
@@ -156,7 +167,7 @@ async fn route(
         .unwrap_or_else(|p| p.into_inner())
         .authenticate(token)?;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if let Some(response) = discovery(server, &segments, path) {
+    if let Some(response) = discovery(server, &segments, path, headers) {
         return response;
     }
     let (group, version, rest) = match segments.as_slice() {
