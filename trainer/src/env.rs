@@ -61,7 +61,10 @@ pub const TLS_CERT: &str = "STARLING_TLS_CERT";
 /// Where a peer serves Prometheus `/metrics` (`IP:PORT`); unset, it serves none.
 pub const METRICS_LISTEN: &str = "STARLING_METRICS_LISTEN";
 pub const TLS_KEY: &str = "STARLING_TLS_KEY";
+/// The run's CA: PEM inline or a file (see [`crate::exchange::tls::pem`]).
 pub const TLS_CA: &str = "STARLING_TLS_CA";
+/// The name the exchange's certificate is verified against, if not the URL's host.
+pub const TLS_SERVER_NAME: &str = "STARLING_TLS_SERVER_NAME";
 pub const RETRY_FOR: &str = "STARLING_RETRY_FOR";
 /// The checkpoint `sample` reads.
 pub const CHECKPOINT: &str = "STARLING_CHECKPOINT";

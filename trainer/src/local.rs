@@ -238,7 +238,7 @@ impl LocalFederation {
             fingerprint: String::new(),
             bandwidth_mbps: None,
             retry_for: Duration::from_secs(30),
-            tls_ca: None,
+            tls: None,
         };
         self.rt
             .block_on(async { ExchangeClient::new(opts)?.run_state().await })

@@ -1,5 +1,5 @@
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use starling_trainer::data::Tokenizer;
 use starling_trainer::device::DeviceArgs;
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
+use starling_trainer::exchange::tls::{TlsArgs, pem};
 use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::hub;
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
@@ -73,9 +74,8 @@ struct TrainArgs {
     /// Write this peer's final parameters here, in the Hugging Face layout.
     #[arg(long, env = env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
-    /// CA certificate (PEM) to verify an `https://` exchange with.
-    #[arg(long, env = env::TLS_CA)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// A testing aid: cheat, to see scoring catch it. noise, scale:F, signflip, zero,
     /// copy:PEER, replay, stale, offslice or frozen; or PEER=KIND[,PEER=KIND…] to cheat
     /// only as the peers named.
@@ -101,7 +101,7 @@ impl TrainArgs {
             retry_for: Duration::from_secs(self.retry_for),
             heartbeat: Duration::from_secs(1),
             checkpoint_dir: self.checkpoint_dir,
-            tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
+            tls: self.tls.load().map_err(anyhow::Error::msg)?,
             adversary: (self.adversary).map(|a| (a, Round(self.adversary_from))),
             metrics_listen: self.metrics_listen,
         };
@@ -153,9 +153,8 @@ struct EvaluateArgs {
     /// Where the token shards are built (once).
     #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]
     data_dir: PathBuf,
-    /// CA certificate (PEM) to verify an `https://` exchange with.
-    #[arg(long, env = env::TLS_CA)]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 impl EvaluateArgs {
@@ -168,7 +167,7 @@ impl EvaluateArgs {
             exchange: self.exchange,
             token: self.token,
             retry_for: Duration::from_secs(self.retry_for),
-            tls_ca: self.tls_ca.as_deref().map(read).transpose()?,
+            tls: self.tls.load().map_err(anyhow::Error::msg)?,
             secret,
             run_uid: self.run_uid,
             eval_batches: self.eval_batches,
@@ -237,12 +236,16 @@ struct ExchangeArgs {
     eval_rows: u32,
     #[arg(long, env = env::RUN, default_value = "local")]
     run_name: String,
-    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    /// Serve TLS with this certificate chain (PEM, or a file holding it); needs
+    /// --tls-key.
     #[arg(long, env = env::TLS_CERT, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM).
-    #[arg(long, env = env::TLS_KEY, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
+    tls_cert: Option<String>,
+    /// The certificate's private key (PEM, or a file holding it).
+    #[arg(long, env = env::TLS_KEY, requires = "tls_cert", hide_env_values = true)]
+    tls_key: Option<String>,
+    /// Serve Prometheus `/metrics` on this address, in plain HTTP.
+    #[arg(long, env = env::METRICS_LISTEN)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The exit status of an exchange that could not advance the global state past a closed
@@ -261,7 +264,10 @@ impl ExchangeArgs {
         }
         .map_err(anyhow::Error::msg)?;
         let tls = match (self.tls_cert, self.tls_key) {
-            (Some(cert), Some(key)) => Some((read(&cert)?, read(&key)?)),
+            (Some(cert), Some(key)) => Some((
+                pem(&cert).map_err(|e| anyhow::anyhow!("--tls-cert: {e}"))?,
+                pem(&key).map_err(|e| anyhow::anyhow!("--tls-key: {e}"))?,
+            )),
             _ => None,
         };
         let settings = if self.await_settings {
@@ -289,9 +295,17 @@ impl ExchangeArgs {
     /// [`EXIT_ADVANCE`].
     fn run(self) -> anyhow::Result<ExitCode> {
         let listen = self.listen;
+        let metrics_listen = self.metrics_listen;
         let (run, opts) = self.into_options()?;
         let exchange = Exchange::new(run, opts)?;
         let served = tokio::runtime::Runtime::new()?.block_on(async move {
+            if let Some(addr) = metrics_listen {
+                let metrics = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                tracing::info!(address = %metrics.local_addr()?, "serving /metrics");
+                tokio::spawn(exchange.clone().serve_metrics(metrics));
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -473,10 +487,6 @@ impl Bench {
         }
         Ok(())
     }
-}
-
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn main() -> anyhow::Result<ExitCode> {

@@ -12,6 +12,7 @@ use tonic::{Code, Request, Status};
 use tracing::Instrument;
 
 use super::proto::{self, exchange_client};
+use super::tls::{ClientTls, untrusted};
 use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
 use crate::outer::Round;
 
@@ -42,6 +43,12 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the exchange: {0}")]
     Protocol(String),
+    #[error(
+        "the exchange at {url} presented a certificate this client does not trust ({reason}): \
+         check the run's CA (STARLING_TLS_CA) and the name it is verified against \
+         (STARLING_TLS_SERVER_NAME)"
+    )]
+    Untrusted { url: String, reason: String },
 }
 
 impl ClientError {
@@ -64,8 +71,8 @@ pub struct ClientOptions {
     pub bandwidth_mbps: Option<f64>,
     /// How long to keep retrying an unreachable exchange before giving up.
     pub retry_for: Duration,
-    /// CA certificate (PEM) to verify an `https://` exchange with.
-    pub tls_ca: Option<Vec<u8>>,
+    /// What verifies an `https://` exchange; `None` for a plaintext `http://` one.
+    pub tls: Option<ClientTls>,
 }
 
 /// The exchange's span of a round, as its last reply named it.
@@ -118,10 +125,13 @@ impl ExchangeClient {
             ClientError::Protocol(format!("exchange URL {}: {e}", opts.url))
         };
         let mut endpoint = Endpoint::from_shared(opts.url.clone()).map_err(|e| bad_url(&e))?;
-        if let Some(ca) = &opts.tls_ca {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad_url(&e))?;
+        if let Some(tls) = &opts.tls {
+            let mut config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca));
+            if let Some(name) = &tls.server_name {
+                config = config.domain_name(name);
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| bad_url(&e))?;
         }
         let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
@@ -167,8 +177,10 @@ impl ExchangeClient {
         start: Instant,
         wait: &mut Duration,
     ) -> Result<(), ClientError> {
+        // A certificate refused now is refused on every try.
         let retry = Refusal::from_status(&status).is_none()
             && transient(&status)
+            && untrusted(&status).is_none()
             && start.elapsed() < self.opts.retry_for;
         if !retry {
             return Err(self.error(status, start.elapsed()));
@@ -184,6 +196,10 @@ impl ExchangeClient {
     fn error(&self, status: Status, waited: Duration) -> ClientError {
         if let Some(refusal) = Refusal::from_status(&status) {
             return refusal.into();
+        }
+        if let Some(reason) = untrusted(&status) {
+            let url = self.opts.url.clone();
+            return ClientError::Untrusted { url, reason };
         }
         if !transient(&status) {
             return ClientError::Protocol(status.to_string());

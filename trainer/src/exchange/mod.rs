@@ -9,6 +9,7 @@ pub mod client;
 pub mod pacing;
 pub mod server;
 mod settings;
+pub mod tls;
 
 pub use settings::{DEFAULT_DEADLINE_FLOOR, DEFAULT_QUORUM, Settings};
 

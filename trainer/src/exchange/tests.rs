@@ -7,6 +7,7 @@ use candle_core::Device;
 
 use super::client::{ClientError, ClientOptions, ExchangeClient};
 use super::server::{Exchange, ExchangeOptions};
+use super::tls::ClientTls;
 use super::{Identity, PeerId, Reason, Refusal, Settings, Tokens};
 use crate::model::{InnerOptimizer, Llama, load_checkpoint};
 use crate::outer::{Outer, Round};
@@ -51,9 +52,13 @@ pub(super) fn options(dir: &std::path::Path) -> ExchangeOptions {
 
 /// Serves an exchange for `run` on a loopback port; returns its URL.
 pub(super) async fn serve(run: Run, opts: ExchangeOptions) -> String {
+    serve_exchange(Exchange::new(run, opts).unwrap()).await
+}
+
+/// Serves `exchange` on a free loopback port; its URL.
+async fn serve_exchange(exchange: Exchange) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let exchange = Exchange::new(run, opts).unwrap();
     tokio::spawn(exchange.serve(listener, std::future::pending()));
     url
 }
@@ -65,7 +70,7 @@ pub(super) fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClien
         fingerprint: fingerprint.into(),
         bandwidth_mbps: None,
         retry_for: Duration::from_secs(5),
-        tls_ca: None,
+        tls: None,
     })
     .unwrap()
 }
@@ -182,7 +187,8 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     let mut opts = options(dir.path());
     opts.max_update_bytes = Some(3 * good0.len() as u64);
     let other = small_run(&dir.path().join("other"), &["--lr", "0.1"]);
-    let url = serve(run, opts).await;
+    let exchange = Exchange::new(run, opts).unwrap();
+    let url = serve_exchange(exchange.clone()).await;
     let p0 = client(&url, &token(0), &fp);
     let p1 = client(&url, &token(1), &fp);
     let operator = client(&url, OPERATOR, &fp);
@@ -296,7 +302,10 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert_eq!(state.recent[0].deadline_seconds, 60.0);
     assert!(state.recent[0].waited_seconds < 60.0);
     assert!(state.recent[0].validation_loss.is_finite());
-    let metrics = http_get(&url, "/metrics").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(exchange.serve_metrics(listener));
+    let metrics = http_get(&metrics_url, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for line in [
         "starling_exchange_open_round 1",
@@ -365,7 +374,7 @@ fn federate_lengthened(
                     bandwidth_mbps: None,
                     retry_for: Duration::from_secs(10),
                     heartbeat: Duration::from_millis(200),
-                    tls_ca: None,
+                    tls: None,
                     checkpoint_dir: Some(dir.join(format!("peer{p}"))),
                     adversary: None,
                     metrics_listen: None,
@@ -695,26 +704,71 @@ async fn peers_reach_a_tls_exchange_only_through_its_ca() {
     let fp = run.fingerprint.clone();
     let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
     let read = |f: &str| std::fs::read(tls.join(f)).unwrap();
+    let model = Llama::new(small_config(), 3, &Device::Cpu).unwrap();
+    let ckpt = dir.path().join("exchange/round-000003");
+    let meta = serde_json::json!({"round": 3});
+    crate::model::save_checkpoint(&ckpt, &model, &meta, &crate::data::Tokenizer::Bytes).unwrap();
     let mut opts = options(dir.path());
     opts.tls = Some((read("server.pem"), read("server.key")));
+    opts.tokens.insert(PUBLISHER, Identity::Publisher);
     let url = serve(run, opts).await;
     let https = url.replace("http://127.0.0.1", "https://localhost");
-    let connect = |url: &str, ca: Option<Vec<u8>>| {
+    let connect = |url: &str, ca: Option<Vec<u8>>, server_name: Option<&str>| {
         ExchangeClient::new(ClientOptions {
             url: url.into(),
             token: token(0),
             fingerprint: fp.clone(),
             bandwidth_mbps: None,
-            retry_for: Duration::from_millis(300),
-            tls_ca: ca,
+            // Long enough that a refused certificate shows it is not retried.
+            retry_for: Duration::from_secs(60),
+            tls: ca.map(|ca| ClientTls {
+                ca,
+                server_name: server_name.map(str::to_owned),
+            }),
         })
         .unwrap()
     };
-    let (peer, _, _) = connect(&https, Some(read("ca.pem"))).join().await.unwrap();
+    let (peer, _, _) = connect(&https, Some(read("ca.pem")), None)
+        .join()
+        .await
+        .unwrap();
     assert_eq!(peer, PeerId::new(0));
-    // Without the CA the certificate is not trusted; in plain text nothing is served.
-    assert!(connect(&https, None).join().await.is_err());
-    assert!(connect(&url, None).join().await.is_err());
+    // Dialled by address, verified by the name the certificate carries.
+    let by_address = url.replace("http://", "https://");
+    let (peer, _, _) = connect(&by_address, Some(read("ca.pem")), Some("localhost"))
+        .join()
+        .await
+        .unwrap();
+    assert_eq!(peer, PeerId::new(0));
+
+    // Another CA, or a certificate for another name: refused at once, saying why.
+    let start = std::time::Instant::now();
+    let wrong_ca = connect(&https, Some(read("server.pem")), None).join().await;
+    let e = wrong_ca.unwrap_err();
+    assert!(matches!(e, ClientError::Untrusted { .. }), "{e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    let wrong_name = connect(
+        &by_address,
+        Some(read("ca.pem")),
+        Some("exchange.other.run"),
+    );
+    let e = wrong_name.join().await.unwrap_err();
+    assert!(e.to_string().contains("NotValidForName"), "{e}");
+    assert!(e.to_string().contains("STARLING_TLS_SERVER_NAME"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(30), "not retried");
+    // In plain text nothing is served.
+    assert!(connect(&url, None, None).join().await.is_err());
+
+    // The publisher downloads a checkpoint the same way (HTTP over the exchange's TLS).
+    let tls = ClientTls {
+        ca: read("ca.pem"),
+        server_name: Some("localhost".into()),
+    };
+    let checkpoint = format!("{by_address}/checkpoints/round-000003");
+    let source = crate::hub::ExchangeCheckpoint::new(&checkpoint, PUBLISHER.into(), Some(&tls));
+    let copy = dir.path().join("copy");
+    source.unwrap().download(&copy).await.unwrap();
+    assert!(copy.join("model.safetensors").exists());
 }
 
 const PUBLISHER: &str = "publisher-token-000";
@@ -765,7 +819,8 @@ async fn the_publisher_downloads_checkpoints_and_reports_publications_and_nothin
     );
 
     let source =
-        crate::hub::ExchangeCheckpoint::new(&format!("{url}{list}"), PUBLISHER.into()).unwrap();
+        crate::hub::ExchangeCheckpoint::new(&format!("{url}{list}"), PUBLISHER.into(), None)
+            .unwrap();
     let copy = dir.path().join("copy");
     source.download(&copy).await.unwrap();
     for entry in std::fs::read_dir(&ckpt).unwrap() {

@@ -17,6 +17,9 @@ pub struct PublishArgs {
     /// The publisher's token for the exchange (with a checkpoint URL).
     #[arg(long, env = env::TOKEN, hide_env_values = true)]
     pub exchange_token: Option<String>,
+    /// How an `https://` exchange is verified.
+    #[command(flatten)]
+    pub tls: crate::exchange::tls::TlsArgs,
     /// The model repo, `namespace/name`; created if missing.
     #[arg(long, env = env::PUBLISH_REPO)]
     pub repo: super::RepoId,
@@ -103,7 +106,8 @@ impl PublishArgs {
             .exchange_token
             .clone()
             .context("a checkpoint URL needs the publisher's exchange token (--exchange-token)")?;
-        let source = super::ExchangeCheckpoint::new(&self.checkpoint, token)?;
+        let tls = self.tls.load().map_err(anyhow::Error::msg)?;
+        let source = super::ExchangeCheckpoint::new(&self.checkpoint, token, tls.as_ref())?;
         let name = self
             .checkpoint
             .trim_end_matches('/')

@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::http::Auth;
 use super::{Hub, HubError, Published};
+use crate::exchange::tls::ClientTls;
 
 /// One checkpoint on an exchange.
 #[derive(Debug)]
@@ -29,14 +30,19 @@ struct Listed {
 }
 
 impl ExchangeCheckpoint {
-    /// The checkpoint at `url`, read with the publisher's `token`.
-    pub fn new(url: &str, token: String) -> Result<Self, HubError> {
+    /// The checkpoint at `url`, read with the publisher's `token` (over TLS verified as
+    /// `tls` says, for an `https://` exchange).
+    pub fn new(url: &str, token: String, tls: Option<&ClientTls>) -> Result<Self, HubError> {
         let (base, name) = url
             .trim_end_matches('/')
             .rsplit_once("/checkpoints/")
             .ok_or_else(|| HubError::BadEndpoint(url.to_owned()))?;
+        let exchange = match tls {
+            Some(tls) => Hub::for_exchange(base, token, tls)?,
+            None => Hub::new(base, Some(token))?,
+        };
         Ok(ExchangeCheckpoint {
-            exchange: Hub::new(base, Some(token))?,
+            exchange,
             path: format!("/checkpoints/{name}"),
         })
     }

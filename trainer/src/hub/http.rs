@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::exchange::tls::ClientTls;
+
 use super::HubError;
 
 /// How often and how patiently a request is retried.
@@ -67,7 +69,42 @@ impl Hub {
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             return Err(HubError::BadEndpoint(endpoint));
         }
-        let http = reqwest::Client::builder()
+        Self::build(endpoint, token, reqwest::Client::builder())
+    }
+
+    /// A client for a run's exchange at `endpoint`, trusting only the run's CA and
+    /// verifying the name `tls` says (the dialled address is resolved to, so the
+    /// certificate need not name it).
+    pub fn for_exchange(endpoint: &str, token: String, tls: &ClientTls) -> Result<Self, HubError> {
+        let bad = |e: &dyn std::fmt::Display| HubError::BadEndpoint(format!("{endpoint}: {e}"));
+        let ca = reqwest::Certificate::from_pem(&tls.ca).map_err(|e| bad(&e))?;
+        let mut builder = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca);
+        let mut url = reqwest::Url::parse(endpoint).map_err(|e| bad(&e))?;
+        if let Some(name) = &tls.server_name {
+            let host = url.host_str().unwrap_or_default().to_owned();
+            let port = url.port_or_known_default().unwrap_or(443);
+            let addrs: Vec<std::net::SocketAddr> =
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .map_err(|e| bad(&e))?
+                    .collect();
+            builder = builder.resolve_to_addrs(name, &addrs);
+            url.set_host(Some(name)).map_err(|e| bad(&e))?;
+        }
+        Self::build(
+            url.as_str().trim_end_matches('/').to_owned(),
+            Some(token),
+            builder,
+        )
+    }
+
+    fn build(
+        endpoint: String,
+        token: Option<String>,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<Self, HubError> {
+        let http = builder
             .user_agent(concat!("starling/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             // Between bytes, not in all: a large file may take an hour on a home link.

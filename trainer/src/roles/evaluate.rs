@@ -28,7 +28,8 @@ pub struct EvaluatorOptions {
     pub exchange: String,
     pub token: String,
     pub retry_for: Duration,
-    pub tls_ca: Option<Vec<u8>>,
+    /// What verifies an `https://` exchange.
+    pub tls: Option<crate::exchange::tls::ClientTls>,
     /// The run's scoring key: the secret its random slices are drawn from.
     pub secret: Vec<u8>,
     /// The run's uid, so two runs with one key draw different slices.
@@ -60,7 +61,7 @@ pub fn evaluate(run: &Run, opts: EvaluatorOptions) -> Result<EvaluatorSummary, P
         fingerprint: run.fingerprint.clone(),
         bandwidth_mbps: None,
         retry_for: opts.retry_for,
-        tls_ca: opts.tls_ca.clone(),
+        tls: opts.tls.clone(),
     })?;
     let (name, open, rounds) = rt.block_on(client.join_as())?;
     tracing::info!(evaluator = %name, open_round = open.0, rounds = rounds.0, "joined the run");

@@ -28,8 +28,8 @@ pub struct PeerOptions {
     pub bandwidth_mbps: Option<f64>,
     pub retry_for: Duration,
     pub heartbeat: Duration,
-    /// CA certificate (PEM) of an `https://` exchange.
-    pub tls_ca: Option<Vec<u8>>,
+    /// What verifies an `https://` exchange.
+    pub tls: Option<crate::exchange::tls::ClientTls>,
     /// The peer's final θ is written here (Hugging Face layout) when the run ends.
     pub checkpoint_dir: Option<PathBuf>,
     /// A testing aid: cheat this way (if it names this peer) from this round on.
@@ -125,7 +125,7 @@ impl<'a> Peer<'a> {
             fingerprint: run.fingerprint.clone(),
             bandwidth_mbps: opts.bandwidth_mbps,
             retry_for: opts.retry_for,
-            tls_ca: opts.tls_ca.clone(),
+            tls: opts.tls.clone(),
         })?;
         let (peer, open, rounds) = rt.block_on(client.join())?;
         tracing::info!(%peer, open_round = open.0, rounds = rounds.0, "joined the run");

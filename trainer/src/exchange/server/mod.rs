@@ -331,8 +331,21 @@ impl Exchange {
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
-    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, Prometheus
-    /// metrics at `GET /metrics` (plain HTTP/1.1, no token, as scrapers expect), and
+    /// Serves Prometheus metrics at `GET /metrics` on `listener`: plain HTTP, no token,
+    /// as scrapers inside the cluster expect, and apart from the exchange's own port,
+    /// which speaks TLS to peers across the internet.
+    pub async fn serve_metrics(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let metrics = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = prometheus(&self.run_state());
+                async move { text }
+            }),
+        );
+        axum::serve(listener, metrics).await
+    }
+
+    /// Serves the exchange on `listener` until `shutdown` completes: gRPC, and
     /// checkpoints for the publisher under `/checkpoints/`.
     /// Returns early with [`ServeError::Advance`] when a closed round cannot be applied.
     pub async fn serve(
@@ -340,14 +353,6 @@ impl Exchange {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let this = self.clone();
-        let metrics = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = prometheus(&this.run_state());
-                async move { text }
-            }),
-        );
         let mut server = tonic::transport::Server::builder();
         if let Some((cert, key)) = &self.shared.opts.tls {
             let identity = tonic::transport::Identity::from_pem(cert, key);
@@ -355,7 +360,7 @@ impl Exchange {
                 server.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
         }
         let mut failed = self.shared.failed.subscribe();
-        let http = metrics.merge(checkpoints::routes(self.clone()));
+        let http = checkpoints::routes(self.clone());
         let routes = tonic::service::Routes::from(http).add_service(self.into_service());
         let serving = server.accept_http1(true).add_routes(routes);
         let serving = serving.serve_with_incoming_shutdown(
