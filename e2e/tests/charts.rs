@@ -291,7 +291,10 @@ fn the_monitors_select_what_the_operator_labels_and_the_dashboard_ships_verbatim
         exchanges["spec"]["selector"]["matchLabels"],
         json!({LABEL_COMPONENT: COMPONENT_EXCHANGE, LABEL_MANAGED_BY: MANAGER})
     );
-    assert_eq!(exchanges["spec"]["podMetricsEndpoints"][0]["port"], "grpc");
+    assert_eq!(
+        exchanges["spec"]["podMetricsEndpoints"][0]["port"],
+        "metrics"
+    );
     assert_eq!(exchanges["spec"]["namespaceSelector"]["any"], true);
     let dashboard = one(&hub, "ConfigMap");
     assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");

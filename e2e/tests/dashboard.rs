@@ -78,8 +78,8 @@ async fn every_metric_the_dashboard_queries_is_in_a_live_scrape_of_a_run() {
         samples.extend(scraped(&fed.metrics_url(&log).unwrap(), &log).await);
     }
     let exchange = exchange_pod(&hub).await;
-    let port = starling_operator::hub::children::EXCHANGE_PORT;
-    samples.extend(scraped(&pod_url(&exchange, port).unwrap(), "the exchange").await);
+    let url = pod_url(&exchange, PEER_METRICS_PORT).unwrap();
+    samples.extend(scraped(&url, "the exchange").await);
     let trainers = every_members_trainer_pods(&fed).await;
     assert_eq!(trainers.len(), 2, "{:?}", uids(&trainers));
     for pod in &trainers {

@@ -117,6 +117,12 @@ async fn an_invalid_run_waits_for_a_fix_then_trains_to_a_checkpoint() {
     let loss = status.last_loss.unwrap();
     assert!(loss < 5.0, "final validation loss {loss}");
     assert!(status.compression_ratio.unwrap() > 50.0, "{status:?}");
+    // It trained over TLS, every peer verifying the exchange with the run's own CA.
+    let (tls, reason, _) = condition(&done, "ExchangeTLS").unwrap();
+    assert_eq!((tls, reason), ("True", "RunCA"));
+    let run_secrets: Api<Secret> = Api::namespaced(hub.clone(), "default");
+    let credentials = run_secrets.get("shakespeare-credentials").await.unwrap();
+    assert!(credentials.data.unwrap().contains_key("ca.crt"));
     assert_eq!(
         status
             .checkpoints

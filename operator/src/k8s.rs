@@ -54,6 +54,8 @@ pub mod condition {
     pub const PUBLISHED: &str = "Published";
     /// Whether a member agent's hub token is good for a while yet.
     pub const CREDENTIALS: &str = "Credentials";
+    /// Whether the run's exchange speaks TLS, verified with the run's own CA.
+    pub const EXCHANGE_TLS: &str = "ExchangeTLS";
 }
 
 /// Condition reasons, which double as Event reasons.
@@ -93,6 +95,9 @@ pub mod reason {
     pub const PEER_READMITTED: &str = "PeerReadmitted";
     pub const COPY_DETECTED: &str = "CopyDetected";
     pub const SCORING_UNAVAILABLE: &str = "ScoringUnavailable";
+    pub const RUN_CA: &str = "RunCA";
+    pub const NO_CERTIFICATE: &str = "NoCertificate";
+    pub const TLS_DISABLED: &str = "TLSDisabled";
 }
 
 /// The hub namespace holding one member's TrainerGroups and credentials.

@@ -19,6 +19,7 @@ use starling_trainer::env as names;
 use super::placement::LocalPlacement;
 use crate::api::{PeerId, PodState, TrainerGroup, TrainerGroupStatus};
 use crate::contract::PEER_METRICS_PORT;
+use crate::hub::run_tls::CA_KEY;
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
 use crate::k8s::{
     ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER, env as env_var,
@@ -249,6 +250,11 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
             format!("$(POD_IP):{PEER_METRICS_PORT}"),
         ),
     ]);
+    if group.spec.exchange_endpoint.starts_with("https://") {
+        // The run's CA came with the tokens (the hub writes it next to them).
+        let ca = secret_env(names::TLS_CA, &secret_name(&group.name_any()), CA_KEY);
+        env.push(ca);
+    }
     if !env.iter().any(|e| e.name == names::DEVICE) {
         env.push(env_var(names::DEVICE, device_for(t.resources.as_ref())));
     }

@@ -323,6 +323,25 @@ fn a_created_pod_runs_its_peer_with_the_peer_s_token() {
     );
     assert_eq!(env("STARLING_BANDWIDTH_MBPS")["value"], "20");
     assert_eq!(env("STARLING_DEVICE")["value"], "cpu");
+    assert!(
+        !container["env"].to_string().contains("STARLING_TLS_CA"),
+        "plain text"
+    );
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+}
+
+#[test]
+fn a_peer_of_a_tls_exchange_gets_the_runs_ca_from_its_local_secret() {
+    let mut observed = observed(&[4], vec![]);
+    Arc::make_mut(&mut observed.group).spec.exchange_endpoint = "https://exchange:7070".into();
+    let pod = decide(&observed, &SITE).create.remove(0);
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    let ca = env.iter().find(|e| e.name == "STARLING_TLS_CA").unwrap();
+    let from = ca.value_from.clone().unwrap().secret_key_ref.unwrap();
+    assert_eq!(
+        (from.name.as_str(), from.key.as_str()),
+        ("g-credentials", "ca.crt")
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 // derive's syntax, not a mistake.
 #![allow(clippy::duplicated_attributes)]
 
+mod exchange;
 mod member_cluster;
 mod model;
 mod trainer_group;
@@ -18,6 +19,7 @@ pub mod validation;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+pub use exchange::{ExchangeSpec, ExchangeTlsSpec};
 pub use member_cluster::{
     Bandwidth, GpuCapacity, MemberCluster, MemberClusterSpec, MemberClusterStatus, Tier,
 };

@@ -107,6 +107,9 @@ pub struct TrainingRunSpec {
     pub scoring: ScoringSpec,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
+    /// How peers reach the run's exchange (TLS, on by default).
+    #[serde(default)]
+    pub exchange: super::ExchangeSpec,
     /// Publish checkpoints to the Hugging Face Hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish: Option<PublishSpec>,

@@ -19,12 +19,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use starling_trainer::env as names;
+use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
 
 use crate::api::{
     MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
     TrainingRun,
 };
 
+use super::run_tls::{CA_KEY, CERT_KEY, KEY_KEY};
+use crate::contract::PEER_METRICS_PORT;
 use crate::k8s::{
     COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN,
     LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, env, member_namespace, pod_ip_env, secret_env,
@@ -37,12 +40,40 @@ pub use jobs::{
     publisher_job, publisher_job_name,
 };
 
-/// Port the exchange serves gRPC and `/metrics` on.
+/// Port the exchange serves gRPC (and checkpoints, to the publisher) on; its plain-HTTP
+/// `/metrics` is on [`PEER_METRICS_PORT`], as every Starling pod's is.
 pub const EXCHANGE_PORT: u16 = 7070;
 
-/// Where peers and the operator reach the exchange at `host` (its Service's address).
-pub fn exchange_url(host: &str) -> String {
-    format!("http://{host}:{EXCHANGE_PORT}")
+/// Where the run's pods and the operator reach its exchange, and whether over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeEndpoint {
+    pub url: String,
+    pub tls: bool,
+}
+
+impl ExchangeEndpoint {
+    /// The exchange at `host` (its Service's address), over TLS when the run's
+    /// credentials hold its certificate.
+    pub fn new(host: &str, tls: bool) -> Self {
+        let scheme = if tls { "https" } else { "http" };
+        Self {
+            url: format!("{scheme}://{host}:{EXCHANGE_PORT}"),
+            tls,
+        }
+    }
+
+    /// What a pod needs to verify the exchange besides its URL: the run's CA, from key
+    /// [`CA_KEY`] of Secret `secret`, and the name the exchange's certificate carries.
+    /// Nothing for a plain-text exchange.
+    pub fn verify_env(&self, secret: &str) -> Vec<EnvVar> {
+        if !self.tls {
+            return vec![];
+        }
+        vec![
+            secret_env(names::TLS_CA, secret, CA_KEY),
+            env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME),
+        ]
+    }
 }
 /// Where the exchange keeps its state, data and checkpoints inside its pod.
 pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
@@ -140,6 +171,8 @@ pub struct ExchangeSettings<'a> {
     pub run_env: &'a [EnvVar],
     /// The exchange's own environment (where it keeps state, its run's name).
     pub exchange_env: Vec<EnvVar>,
+    /// Serve TLS with the certificate in the run's credentials.
+    pub tls: bool,
 }
 
 fn exchange_selector(run: &TrainingRun) -> BTreeMap<String, String> {
@@ -155,8 +188,17 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
     vars.extend([
         pod_ip_env(),
         env(names::LISTEN, format!("$(POD_IP):{EXCHANGE_PORT}")),
+        env(
+            names::METRICS_LISTEN,
+            format!("$(POD_IP):{PEER_METRICS_PORT}"),
+        ),
         tokens,
     ]);
+    if settings.tls {
+        let credentials = credentials_name(run);
+        vars.push(secret_env(names::TLS_CERT, &credentials, CERT_KEY));
+        vars.push(secret_env(names::TLS_KEY, &credentials, KEY_KEY));
+    }
     vars.extend(settings.exchange_env.iter().cloned());
     Container {
         name: "exchange".into(),
@@ -164,11 +206,18 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
         args: Some(vec!["exchange".into()]),
         env: Some(vars),
         working_dir: Some(EXCHANGE_WORKDIR.into()),
-        ports: Some(vec![ContainerPort {
-            name: Some("grpc".into()),
-            container_port: EXCHANGE_PORT.into(),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: EXCHANGE_PORT.into(),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: PEER_METRICS_PORT.into(),
+                ..ContainerPort::default()
+            },
+        ]),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".into(),
             mount_path: EXCHANGE_WORKDIR.into(),
@@ -239,6 +288,15 @@ pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, 
     (deployment, service)
 }
 
+/// The name a TLS exchange's certificate carries, for peers to verify it against (their
+/// CA comes from the group's Secret, which their agent copies).
+fn server_name_env(endpoint: &ExchangeEndpoint) -> Vec<EnvVar> {
+    let tls = endpoint
+        .tls
+        .then(|| env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME));
+    tls.into_iter().collect()
+}
+
 /// What one member runs for one run: the TrainerGroup and the Secret with exactly its
 /// peers' tokens (no member sees another member's tokens).
 pub struct GroupChildren {
@@ -251,7 +309,7 @@ pub struct GroupSettings<'a> {
     pub image: &'a str,
     pub run_env: &'a [EnvVar],
     pub resources: Option<ResourceRequirements>,
-    pub endpoint: &'a str,
+    pub endpoint: &'a ExchangeEndpoint,
 }
 
 pub fn trainer_group(
@@ -264,9 +322,12 @@ pub fn trainer_group(
     let ns = member_namespace(&member.name_any());
     let mut labels = run_labels(run);
     labels.insert(LABEL_MEMBER.into(), member.name_any());
+    // The run's CA travels with the tokens: the agent hands it to its trainers.
     let only_ours: BTreeMap<String, String> = peers
         .iter()
-        .filter_map(|p| Some((p.to_string(), tokens.get(&p.to_string())?.clone())))
+        .map(PeerId::to_string)
+        .chain(settings.endpoint.tls.then(|| CA_KEY.to_owned()))
+        .filter_map(|key| Some((key.clone(), tokens.get(&key)?.clone())))
         .collect();
     let secret = Secret {
         metadata: meta(group_secret_name(run), Some(ns.clone()), labels.clone()),
@@ -286,14 +347,14 @@ pub fn trainer_group(
         template: TrainerPodTemplate {
             image: settings.image.into(),
             args: vec!["train".into()],
-            env: settings.run_env.to_vec(),
+            env: [settings.run_env, &server_name_env(settings.endpoint)].concat(),
             resources: settings.resources.clone(),
             node_selector: BTreeMap::new(),
             tolerations: vec![],
             // Home links are rate-limited to what they declared.
             upload_limit_mbps: home.then_some(member.spec.bandwidth.upload_mbps),
         },
-        exchange_endpoint: settings.endpoint.into(),
+        exchange_endpoint: settings.endpoint.url.clone(),
         credentials_secret: group_secret_name(run),
     };
     let mut group = TrainerGroup::new(&group_name(run), spec);
@@ -437,16 +498,39 @@ mod tests {
             ("p0".to_string(), "a".to_string()),
             ("p1".to_string(), "b".to_string()),
             ("operator".to_string(), "c".to_string()),
+            (CA_KEY.to_string(), "the run's CA".to_string()),
+            (KEY_KEY.to_string(), "the exchange's key".to_string()),
         ]);
-        let settings = GroupSettings {
+        let plain = ExchangeEndpoint::new("x", false);
+        let mut settings = GroupSettings {
             image: "img",
             run_env: &[],
             resources: None,
-            endpoint: "http://x:7070",
+            endpoint: &plain,
         };
         let children = trainer_group(&sample(), &home(), &[PeerId::new(1)], &tokens, &settings);
-        let data = children.secret.data.unwrap();
+        let data = children.secret.data.clone().unwrap();
         assert_eq!(data.keys().collect::<Vec<_>>(), vec!["p1"]);
+        assert_eq!(children.group.spec.exchange_endpoint, "http://x:7070");
+        // Over TLS the run's CA goes with the tokens, and peers learn the name to verify;
+        // the exchange's key never leaves the hub.
+        let tls = ExchangeEndpoint::new("x", true);
+        settings.endpoint = &tls;
+        let secured = trainer_group(&sample(), &home(), &[PeerId::new(1)], &tokens, &settings);
+        let data = secured.secret.data.unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), vec![CA_KEY, "p1"]);
+        assert_eq!(secured.group.spec.exchange_endpoint, "https://x:7070");
+        let name = secured
+            .group
+            .spec
+            .template
+            .env
+            .iter()
+            .find(|e| e.name == names::TLS_SERVER_NAME);
+        assert_eq!(
+            name.and_then(|e| e.value.as_deref()),
+            Some(EXCHANGE_SERVER_NAME)
+        );
         assert_eq!(
             children.group.spec.credentials_secret,
             children.secret.metadata.name.unwrap()
@@ -464,6 +548,7 @@ mod tests {
             image: "img",
             run_env: &[env("STARLING_SEED", 1)],
             exchange_env: vec![env(names::RUN, "r")],
+            tls: true,
         };
         let (deployment, service) = exchange(&sample(), &settings);
         let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
@@ -478,5 +563,27 @@ mod tests {
             .map(|e| e.name.as_str())
             .collect();
         assert!(names.contains(&"STARLING_SEED") && names.contains(&"STARLING_TOKENS"));
+        // It serves the certificate in the run's credentials, and metrics apart.
+        let vars = pod.containers[0].env.clone().unwrap();
+        for (name, key) in [(names::TLS_CERT, CERT_KEY), (names::TLS_KEY, KEY_KEY)] {
+            let var = vars.iter().find(|e| e.name == name).unwrap();
+            let from = var
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                (from.name.as_str(), from.key.as_str()),
+                ("shakespeare-credentials", key)
+            );
+        }
+        let ports = pod.containers[0].ports.clone().unwrap();
+        let metrics = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .unwrap();
+        assert_eq!(metrics.container_port, i32::from(PEER_METRICS_PORT));
     }
 }

@@ -15,6 +15,7 @@ use futures::channel::mpsc::UnboundedSender;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use starling_trainer::exchange::client::{ClientOptions, ExchangeClient};
+use starling_trainer::exchange::tls::ClientTls;
 use starling_trainer::exchange::{WATCH_KEEPALIVE, proto};
 use tokio::sync::watch;
 
@@ -68,8 +69,14 @@ impl Exchanges {
 
     /// What `run`'s exchange at `url` last said, `None` while it does not answer. The
     /// first call starts watching it (so the answer comes with a later wake-up), and a
-    /// new `url` or `token` starts over.
-    pub fn state(&self, run: &TrainingRun, url: &str, token: &str) -> Option<proto::RunState> {
+    /// new `url` or `token` starts over. An `https://` exchange is verified as `tls` says.
+    pub fn state(
+        &self,
+        run: &TrainingRun,
+        url: &str,
+        token: &str,
+        tls: Option<ClientTls>,
+    ) -> Option<proto::RunState> {
         let uid = run.uid().unwrap_or_default();
         let mut watched = self.lock();
         if let Some(w) = watched
@@ -78,7 +85,7 @@ impl Exchanges {
         {
             return w.latest.borrow().clone();
         }
-        let client = match connect(url, token) {
+        let client = match connect(url, token, tls) {
             Ok(client) => client,
             Err(e) => {
                 tracing::warn!(run = %run.name_any(), error = %e, "exchange address");
@@ -114,14 +121,18 @@ impl Exchanges {
     }
 }
 
-fn connect(url: &str, token: &str) -> Result<ExchangeClient, impl std::fmt::Display> {
+fn connect(
+    url: &str,
+    token: &str,
+    tls: Option<ClientTls>,
+) -> Result<ExchangeClient, impl std::fmt::Display> {
     ExchangeClient::new(ClientOptions {
         url: url.into(),
         token: token.into(),
         bandwidth_mbps: None,
         // One attempt per call: the watch retries on its own schedule.
         retry_for: Duration::ZERO,
-        tls_ca: None,
+        tls,
         // Only peers' joins and updates are checked against the run's fingerprint.
         fingerprint: String::new(),
     })

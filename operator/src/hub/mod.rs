@@ -13,6 +13,7 @@ pub mod children;
 mod exchanges;
 mod lease;
 mod member_cluster;
+pub mod run_tls;
 pub mod training_run;
 
 use std::collections::HashMap;
@@ -81,6 +82,8 @@ pub enum Error {
          credentials, delete or rename it"
     )]
     CredentialsTaken(String),
+    #[error("minting the run's TLS certificates: {0}")]
+    Certificate(#[from] rcgen::Error),
 }
 
 /// What the controllers read instead of listing: one reflector per kind, kept current by

@@ -8,8 +8,8 @@ use starling_trainer::env as names;
 use starling_trainer::exchange::evaluator_name;
 
 use super::{
-    PUBLISHER_TOKEN_KEY, SCORING_KEY, credentials_name, env, hub_pod_requests, meta, owned_by,
-    run_labels, secret_env,
+    ExchangeEndpoint, PUBLISHER_TOKEN_KEY, SCORING_KEY, credentials_name, env, hub_pod_requests,
+    meta, owned_by, run_labels, secret_env,
 };
 use crate::api::{PublishSpec, TrainingRun};
 use crate::k8s::{COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT};
@@ -18,18 +18,19 @@ use crate::k8s::{COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT};
 pub const PUBLISH_ATTEMPTS: u32 = 4;
 
 /// The Job publishing the checkpoint of `round`: it downloads the checkpoint from the
-/// exchange at `exchange_url` with the publisher's token and commits it to the Hub with
+/// `exchange` with the publisher's token and commits it to the Hub with
 /// the Hub token. It is the only pod that sees the Hub token, and it has no Kubernetes
 /// API access.
 pub fn publisher_job(
     run: &TrainingRun,
     publish: &PublishSpec,
     image: &str,
-    exchange_url: &str,
+    exchange: &ExchangeEndpoint,
     round: u32,
 ) -> Job {
-    let url = format!("{exchange_url}/checkpoints/round-{round:06}");
+    let url = format!("{}/checkpoints/round-{round:06}", exchange.url);
     let mut vars = crate::contract::publish_env(publish, &url);
+    vars.extend(exchange.verify_env(&credentials_name(run)));
     let hub_token = &publish.token_secret_ref;
     vars.push(secret_env(
         names::HUB_TOKEN,
@@ -100,7 +101,7 @@ pub struct EvaluatorSettings<'a> {
     pub image: &'a str,
     pub run_env: &'a [EnvVar],
     /// Where the run's exchange is.
-    pub endpoint: &'a str,
+    pub endpoint: &'a ExchangeEndpoint,
 }
 
 /// Evaluator `index` of the run: a Job on the hub (beside the exchange, on the cloud)
@@ -111,7 +112,7 @@ pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32
     let scoring = &run.spec.scoring;
     let mut vars = settings.run_env.to_vec();
     vars.extend([
-        env(names::EXCHANGE, settings.endpoint),
+        env(names::EXCHANGE, &settings.endpoint.url),
         secret_env(names::TOKEN, &credentials_name(run), &name),
         secret_env(names::SCORING_KEY, &credentials_name(run), SCORING_KEY),
         env(names::RUN_UID, run.uid().unwrap_or_default()),
@@ -119,6 +120,7 @@ pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32
         env(names::MAX_EVALUATED, scoring.max_evaluated_per_round),
         env(names::DATA_DIR, "data"),
     ]);
+    vars.extend(settings.endpoint.verify_env(&credentials_name(run)));
     let container = Container {
         name: "evaluator".into(),
         image: Some(settings.image.into()),

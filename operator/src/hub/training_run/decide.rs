@@ -17,8 +17,9 @@ use super::{progress, publishing, scoring};
 use crate::api::{MemberCluster, Phase, TrainerGroup, TrainingRun, TrainingRunStatus, validation};
 use crate::contract;
 use crate::hub::children::{
-    self, EvaluatorSettings, ExchangeSettings, GroupChildren, GroupSettings,
+    self, EvaluatorSettings, ExchangeEndpoint, ExchangeSettings, GroupChildren, GroupSettings,
 };
+use crate::hub::run_tls;
 use crate::k8s::{condition, condition_true, reason, set_condition};
 use crate::placement::Plan;
 
@@ -291,6 +292,7 @@ pub fn decide(o: &Observed) -> Decision {
         return d.finish(Some(Duration::ZERO));
     };
     let image = o.run.spec.peers.image.as_deref().unwrap_or(o.default_image);
+    let tls = exchange_tls(&mut d, &tokens);
     d.children.exchange = Some(children::exchange(
         o.run,
         &ExchangeSettings {
@@ -301,6 +303,7 @@ pub fn decide(o: &Observed) -> Decision {
                 o.trace_env.to_vec(),
             ]
             .concat(),
+            tls,
         },
     ));
     if let Some(why) = exchange_failure(o.exchange.pod.as_ref()) {
@@ -313,7 +316,7 @@ pub fn decide(o: &Observed) -> Decision {
         );
         return d.finish(Some(RESYNC));
     };
-    let endpoint = children::exchange_url(address);
+    let endpoint = ExchangeEndpoint::new(address, tls);
     let peer_env = contract::peer_env(o.run.annotations(), &run_env);
     let settings = GroupSettings {
         image,
@@ -335,6 +338,31 @@ pub fn decide(o: &Observed) -> Decision {
         }
         Placed::No(decision) => *decision,
     }
+}
+
+/// Whether the exchange speaks TLS (the run's credentials hold its certificate), said
+/// in the `ExchangeTLS` condition.
+fn exchange_tls(d: &mut Draft, tokens: &BTreeMap<String, String>) -> bool {
+    let tls = tokens.contains_key(run_tls::CA_KEY);
+    let (reason, message) = match (tls, d.o.run.spec.exchange.tls.enabled) {
+        (true, _) => (
+            reason::RUN_CA,
+            "peers, evaluators, the publisher and the operator verify the exchange with \
+             the run's own CA",
+        ),
+        (false, true) => (
+            reason::NO_CERTIFICATE,
+            "the run's credentials were minted without a certificate: its exchange speaks \
+             plain text",
+        ),
+        (false, false) => (
+            reason::TLS_DISABLED,
+            "spec.exchange.tls.enabled is false: peers' tokens and updates cross the \
+             network in plain text",
+        ),
+    };
+    d.condition(condition::EXCHANGE_TLS, tls, reason, message);
+    tls
 }
 
 /// Ready=False while the exchange comes up.
@@ -385,7 +413,7 @@ pub fn groups_of(uid: &str, groups: &[Arc<TrainerGroup>]) -> Vec<GroupRef> {
 
 /// Publishes what is due (the publisher Job, the `Published` condition, its Events);
 /// says whether the final checkpoint is still being published.
-fn publish(d: &mut Draft, image: &str, exchange_url: &str) -> bool {
+fn publish(d: &mut Draft, image: &str, exchange: &ExchangeEndpoint) -> bool {
     let o = d.o;
     let (Some(state), Some(spec)) = (&o.exchange.state, &o.run.spec.publish) else {
         return false;
@@ -393,7 +421,7 @@ fn publish(d: &mut Draft, image: &str, exchange_url: &str) -> bool {
     let outcome = publishing::publishing(o.run, state, &d.previous, &mut d.status);
     d.children.publisher = outcome
         .job
-        .map(|round| children::publisher_job(o.run, spec, image, exchange_url, round));
+        .map(|round| children::publisher_job(o.run, spec, image, exchange, round));
     for (warning, reason, message) in outcome.notes {
         d.note(warning, reason, message);
     }

@@ -24,8 +24,11 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use starling_trainer::exchange::Settings;
+use starling_trainer::exchange::tls::{ClientTls, EXCHANGE_SERVER_NAME};
 
-use super::children::{OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name};
+use super::children::{
+    ExchangeEndpoint, OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name,
+};
 use super::{Context, Error, publish};
 use crate::api::{MemberCluster, TrainerGroup, TrainingRun, TrainingRunStatus};
 use crate::contract;
@@ -184,8 +187,7 @@ async fn apply(run: &TrainingRun, ctx: &Context) -> Result<Action, Error> {
     let members = ctx.stores.members.state();
     let groups = ctx.stores.groups.state();
     let credentials = credentials(ctx, run);
-    let token = credentials.as_ref().and_then(|t| t.get(OPERATOR_TOKEN_KEY));
-    let exchange = observe_exchange(ctx, run, token.map(String::as_str));
+    let exchange = observe_exchange(ctx, run, credentials.as_ref());
     let mut observed = Observed {
         run,
         now: Timestamp::now(),
@@ -217,7 +219,8 @@ async fn mint_credentials(
 ) -> Result<BTreeMap<String, String>, Error> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-    let tokens = contract::mint_credentials(run.spec.peers.max, run.spec.scoring.evaluators);
+    let mut tokens = contract::mint_credentials(run.spec.peers.max, run.spec.scoring.evaluators);
+    super::run_tls::add_to(&mut tokens, run)?;
     let secret = credentials_secret(run, &tokens);
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(tokens),
@@ -247,9 +250,13 @@ fn credentials(ctx: &Context, run: &TrainingRun) -> Option<BTreeMap<String, Stri
     Some(tokens_of(&secret))
 }
 
-/// The exchange's address, pod health and, if it answers (to the operator's `token`),
-/// its state.
-fn observe_exchange(ctx: &Context, run: &TrainingRun, token: Option<&str>) -> ExchangeObserved {
+/// The exchange's address, pod health and, if it answers (to the operator's token from
+/// the run's `credentials`, verified with the run's CA), its state.
+fn observe_exchange(
+    ctx: &Context,
+    run: &TrainingRun,
+    credentials: Option<&BTreeMap<String, String>>,
+) -> ExchangeObserved {
     let ns = run.namespace().unwrap_or_default();
     let uid = run.uid().unwrap_or_default();
     let address = ctx
@@ -274,10 +281,17 @@ fn observe_exchange(ctx: &Context, run: &TrainingRun, token: Option<&str>) -> Ex
     if finished {
         ctx.exchanges.forget(&uid);
     }
+    let token = credentials.and_then(|c| c.get(OPERATOR_TOKEN_KEY));
+    let tls = credentials
+        .and_then(|c| c.get(super::run_tls::CA_KEY))
+        .map(|ca| ClientTls {
+            ca: ca.clone().into_bytes(),
+            server_name: Some(EXCHANGE_SERVER_NAME.into()),
+        });
     let state = match (&address, token) {
         (Some(host), Some(token)) if !finished => {
-            ctx.exchanges
-                .state(run, &super::children::exchange_url(host), token)
+            let endpoint = ExchangeEndpoint::new(host, tls.is_some());
+            ctx.exchanges.state(run, &endpoint.url, token, tls)
         }
         _ => None,
     };

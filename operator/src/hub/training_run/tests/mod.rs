@@ -19,7 +19,7 @@ use crate::api::{
     TrainerGroupStatus, TrainingRun, TrainingRunStatus,
 };
 use crate::contract::{self, mint_credentials};
-use crate::hub::children::{GroupSettings, LEDGER_KEY, trainer_group};
+use crate::hub::children::{ExchangeEndpoint, GroupSettings, LEDGER_KEY, trainer_group};
 use crate::k8s::set_condition;
 
 const NOW: i64 = 1_800_000_000;
@@ -89,11 +89,13 @@ fn group(
     peers: &[u32],
     phase: Option<&str>,
 ) -> Arc<TrainerGroup> {
+    // The cases' credentials hold the run's certificate: its exchange speaks TLS.
+    let endpoint = ExchangeEndpoint::new("10.0.0.1", true);
     let settings = GroupSettings {
         image: "img",
         run_env: &[],
         resources: None,
-        endpoint: "http://10.0.0.1:7070",
+        endpoint: &endpoint,
     };
     let peers: Vec<_> = peers.iter().map(|p| crate::api::PeerId::new(*p)).collect();
     let mut g = trainer_group(run, member, &peers, &BTreeMap::new(), &settings).group;
@@ -197,6 +199,7 @@ impl Case {
             credentials: self.credentials.then(|| {
                 let mut tokens = mint_credentials(self.run.spec.peers.max, 1);
                 tokens.insert(LEDGER_KEY.into(), self.ledger_key.clone());
+                crate::hub::run_tls::add_to(&mut tokens, &self.run).unwrap();
                 tokens
             }),
             exchange: self.exchange.clone(),
@@ -300,6 +303,38 @@ fn the_exchange_comes_first_and_peers_wait_for_its_address() {
     assert!(d.children.groups.is_empty());
     assert_eq!(condition(&d, "Ready").1, "ExchangeStarting");
     assert_eq!(d.requeue, Some(RESYNC));
+}
+
+#[test]
+fn the_exchange_speaks_tls_with_the_runs_own_ca_unless_the_spec_turns_it_off() {
+    let mut case = Case::new(run());
+    let d = case.decide();
+    let (ok, reason, _) = condition(&d, "ExchangeTLS");
+    assert_eq!((ok, reason), ("True", "RunCA"));
+    assert!(
+        d.children.groups[0]
+            .group
+            .spec
+            .exchange_endpoint
+            .starts_with("https://")
+    );
+
+    // Off: minted without a certificate, plain text, and the condition says so.
+    case.run.spec.exchange.tls.enabled = false;
+    let mut tokens = mint_credentials(case.run.spec.peers.max, 1);
+    crate::hub::run_tls::add_to(&mut tokens, &case.run).unwrap();
+    assert!(!tokens.contains_key("ca.crt"), "no certificate is minted");
+    let d = case.decide();
+    let (ok, reason, message) = condition(&d, "ExchangeTLS");
+    assert_eq!((ok, reason), ("False", "TLSDisabled"));
+    assert!(message.contains("plain text"), "{message}");
+    let group = &d.children.groups[0];
+    assert_eq!(group.group.spec.exchange_endpoint, "http://10.0.0.1:7070");
+    let env = &group.group.spec.template.env;
+    assert!(
+        env.iter().all(|e| !e.name.starts_with("STARLING_TLS")),
+        "{env:?}"
+    );
 }
 
 #[test]
@@ -416,7 +451,7 @@ fn a_placeable_run_gets_one_group_per_member_holding_its_peers() {
         child.group.namespace().as_deref(),
         Some("starling-member-cloud-a")
     );
-    assert_eq!(child.group.spec.exchange_endpoint, "http://10.0.0.1:7070");
+    assert_eq!(child.group.spec.exchange_endpoint, "https://10.0.0.1:7070");
     assert_eq!(
         child
             .secret
@@ -425,7 +460,8 @@ fn a_placeable_run_gets_one_group_per_member_holding_its_peers() {
             .unwrap()
             .keys()
             .collect::<Vec<_>>(),
-        vec!["p0"]
+        vec!["ca.crt", "p0"],
+        "its own peer's token, and the run's CA"
     );
     assert!(reasons(&d).contains(&"Placed"));
     assert!(d.children.remove.is_empty());

@@ -95,7 +95,22 @@ fn every_nth_checkpoint_gets_a_publisher_job_while_training_goes_on() {
     let var = |name: &str| env.iter().find(|e| e.name == name).unwrap();
     assert_eq!(
         var("STARLING_CHECKPOINT").value.as_deref(),
-        Some("http://10.0.0.1:7070/checkpoints/round-000008")
+        Some("https://10.0.0.1:7070/checkpoints/round-000008")
+    );
+    // It verifies the exchange with the run's CA, by the name its certificate carries.
+    let ca = var("STARLING_TLS_CA")
+        .value_from
+        .clone()
+        .unwrap()
+        .secret_key_ref
+        .unwrap();
+    assert_eq!(
+        (ca.name.as_str(), ca.key.as_str()),
+        ("shakespeare-credentials", "ca.crt")
+    );
+    assert_eq!(
+        var("STARLING_TLS_SERVER_NAME").value.as_deref(),
+        Some("exchange.starling.internal")
     );
     let hub_token = var("HF_TOKEN").value_from.as_ref().unwrap();
     assert_eq!(hub_token.secret_key_ref.as_ref().unwrap().name, "hf");

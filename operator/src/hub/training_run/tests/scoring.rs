@@ -99,7 +99,7 @@ fn each_evaluator_is_a_job_with_its_own_token_and_the_scoring_key_but_not_the_le
     let keys: Vec<String> = (container.env.iter().flatten())
         .filter_map(|e| Some(e.value_from.clone()?.secret_key_ref?.key))
         .collect();
-    assert_eq!(keys, ["e0", "scoring-key"]);
+    assert_eq!(keys, ["e0", "scoring-key", "ca.crt"]);
     let status = d.status.scoring.unwrap();
     assert_eq!(status.public_key, signer(&case).public_key());
     assert_eq!(status.records, 0);
