@@ -354,7 +354,7 @@ fn shakespeare() -> Value {
 #[test]
 fn schema_and_cel_rules_reject_bad_training_runs() {
     type Mutation = fn(&mut Value);
-    let cases: [(&str, Mutation, &str); 7] = [
+    let cases: [(&str, Mutation, &str); 9] = [
         (
             "valueBits 3",
             |o| o["spec"]["compression"]["valueBits"] = json!(3),
@@ -400,6 +400,19 @@ fn schema_and_cel_rules_reject_bad_training_runs() {
             "density with kPerChunk",
             |o| o["spec"]["compression"]["density"] = json!(0.01),
             "set at most one of density and kPerChunk",
+        ),
+        (
+            "a ClusterIP exchange nobody outside can dial",
+            |o| o["spec"]["exchange"] = json!({"service": {"type": "ClusterIP"}}),
+            "needs advertisedEndpoint",
+        ),
+        (
+            "an advertised endpoint that is not host[:port]",
+            |o| {
+                o["spec"]["exchange"] = json!({"service": {"type": "NodePort",
+                    "advertisedEndpoint": "https://ex.example.org/"}})
+            },
+            "/spec/exchange/service/advertisedEndpoint",
         ),
     ];
     assert!(admission_errors(&shakespeare()).is_empty());

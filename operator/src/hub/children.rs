@@ -22,8 +22,8 @@ use starling_trainer::env as names;
 use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
 
 use crate::api::{
-    MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
-    TrainingRun,
+    MemberCluster, PeerId, RunReference, ServiceType, Tier, TrainerGroup, TrainerGroupSpec,
+    TrainerPodTemplate, TrainingRun,
 };
 
 use super::run_tls::{CA_KEY, CERT_KEY, KEY_KEY};
@@ -52,12 +52,12 @@ pub struct ExchangeEndpoint {
 }
 
 impl ExchangeEndpoint {
-    /// The exchange at `host` (its Service's address), over TLS when the run's
-    /// credentials hold its certificate.
-    pub fn new(host: &str, tls: bool) -> Self {
+    /// The exchange at `address` (`host:port`, see [`advertised_address`]), over TLS
+    /// when the run's credentials hold its certificate.
+    pub fn new(address: &str, tls: bool) -> Self {
         let scheme = if tls { "https" } else { "http" };
         Self {
-            url: format!("{scheme}://{host}:{EXCHANGE_PORT}"),
+            url: format!("{scheme}://{address}"),
             tls,
         }
     }
@@ -273,7 +273,7 @@ pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, 
     let service = Service {
         metadata,
         spec: Some(ServiceSpec {
-            type_: Some("LoadBalancer".into()),
+            type_: Some(run.spec.exchange.service.type_.as_str().into()),
             selector: Some(exchange_selector(run)),
             ports: Some(vec![ServicePort {
                 name: Some("grpc".into()),
@@ -286,6 +286,37 @@ pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, 
         status: None,
     };
     (deployment, service)
+}
+
+/// Where peers dial the run's exchange, `host:port`, once its Service says: the
+/// `advertisedEndpoint` if the spec gives one (with the node port of a `NodePort`
+/// Service, or the exchange's port, when it names no port), else the load balancer's
+/// ingress address. `None` while there is none yet.
+pub fn advertised_address(run: &TrainingRun, service: &Service) -> Option<String> {
+    let spec = &run.spec.exchange.service;
+    let Some(advertised) = &spec.advertised_endpoint else {
+        let ingress = service
+            .status
+            .as_ref()?
+            .load_balancer
+            .as_ref()?
+            .ingress
+            .as_ref()?;
+        let first = ingress.first()?;
+        let host = first.hostname.clone().or_else(|| first.ip.clone())?;
+        return Some(format!("{host}:{EXCHANGE_PORT}"));
+    };
+    if advertised.contains(':') {
+        return Some(advertised.clone());
+    }
+    let port = match spec.type_ {
+        ServiceType::NodePort => {
+            let ports = service.spec.as_ref()?.ports.as_ref()?;
+            ports.first()?.node_port?
+        }
+        _ => EXCHANGE_PORT.into(),
+    };
+    Some(format!("{advertised}:{port}"))
 }
 
 /// The name a TLS exchange's certificate carries, for peers to verify it against (their
@@ -501,7 +532,7 @@ mod tests {
             (CA_KEY.to_string(), "the run's CA".to_string()),
             (KEY_KEY.to_string(), "the exchange's key".to_string()),
         ]);
-        let plain = ExchangeEndpoint::new("x", false);
+        let plain = ExchangeEndpoint::new("x:7070", false);
         let mut settings = GroupSettings {
             image: "img",
             run_env: &[],
@@ -514,7 +545,7 @@ mod tests {
         assert_eq!(children.group.spec.exchange_endpoint, "http://x:7070");
         // Over TLS the run's CA goes with the tokens, and peers learn the name to verify;
         // the exchange's key never leaves the hub.
-        let tls = ExchangeEndpoint::new("x", true);
+        let tls = ExchangeEndpoint::new("x:7070", true);
         settings.endpoint = &tls;
         let secured = trainer_group(&sample(), &home(), &[PeerId::new(1)], &tokens, &settings);
         let data = secured.secret.data.unwrap();
@@ -540,6 +571,109 @@ mod tests {
             children.group.spec.template.upload_limit_mbps,
             Some(home().spec.bandwidth.upload_mbps)
         );
+    }
+
+    #[test]
+    fn peers_dial_the_advertised_endpoint_or_else_the_load_balancer() {
+        let service = |node_port: Option<i32>, ingress: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"ports": [{"port": 7070, "nodePort": node_port}]},
+                "status": {"loadBalancer": {"ingress": ingress}}}))
+            .unwrap()
+        };
+        let cases = [
+            (
+                "a load balancer's IP",
+                None,
+                "LoadBalancer",
+                None,
+                json_ip(),
+                Some("203.0.113.7:7070"),
+            ),
+            (
+                "its host name",
+                None,
+                "LoadBalancer",
+                None,
+                json_host(),
+                Some("lb.example:7070"),
+            ),
+            (
+                "no address yet",
+                None,
+                "LoadBalancer",
+                None,
+                serde_json::json!([]),
+                None,
+            ),
+            (
+                "an Ingress's host and port",
+                Some("ex.example.org:443"),
+                "ClusterIP",
+                None,
+                serde_json::json!([]),
+                Some("ex.example.org:443"),
+            ),
+            (
+                "a host alone",
+                Some("ex.example.org"),
+                "ClusterIP",
+                None,
+                serde_json::json!([]),
+                Some("ex.example.org:7070"),
+            ),
+            (
+                "a node and its port",
+                Some("198.51.100.4"),
+                "NodePort",
+                Some(31234),
+                serde_json::json!([]),
+                Some("198.51.100.4:31234"),
+            ),
+            (
+                "no node port yet",
+                Some("198.51.100.4"),
+                "NodePort",
+                None,
+                serde_json::json!([]),
+                None,
+            ),
+            (
+                "advertised over the balancer",
+                Some("ex.example.org:443"),
+                "LoadBalancer",
+                None,
+                json_ip(),
+                Some("ex.example.org:443"),
+            ),
+        ];
+        for (case, advertised, type_, node_port, ingress, want) in cases {
+            let mut run = sample();
+            run.spec.exchange.service = serde_json::from_value(serde_json::json!(
+                {"type": type_, "advertisedEndpoint": advertised}))
+            .unwrap();
+            let got = advertised_address(&run, &service(node_port, ingress));
+            assert_eq!(got.as_deref(), want, "{case}");
+            let (_, svc) = exchange(&run, &exchange_settings());
+            assert_eq!(svc.spec.unwrap().type_.as_deref(), Some(type_), "{case}");
+        }
+    }
+
+    fn json_ip() -> serde_json::Value {
+        serde_json::json!([{"ip": "203.0.113.7"}])
+    }
+
+    fn json_host() -> serde_json::Value {
+        serde_json::json!([{"hostname": "lb.example"}])
+    }
+
+    fn exchange_settings() -> ExchangeSettings<'static> {
+        ExchangeSettings {
+            image: "img",
+            run_env: &[],
+            exchange_env: vec![],
+            tls: true,
+        }
     }
 
     #[test]

@@ -14,7 +14,9 @@ use starling_trainer::exchange::{Settings, proto};
 
 use super::placing::{self, Placed};
 use super::{progress, publishing, scoring};
-use crate::api::{MemberCluster, Phase, TrainerGroup, TrainingRun, TrainingRunStatus, validation};
+use crate::api::{
+    MemberCluster, Phase, ServiceType, TrainerGroup, TrainingRun, TrainingRunStatus, validation,
+};
 use crate::contract;
 use crate::hub::children::{
     self, EvaluatorSettings, ExchangeEndpoint, ExchangeSettings, GroupChildren, GroupSettings,
@@ -54,7 +56,8 @@ pub struct Observed<'a> {
 /// What is known of the run's exchange.
 #[derive(Clone, Debug, Default)]
 pub struct ExchangeObserved {
-    /// The load-balancer address of its Service, once it has one.
+    /// Where peers dial it (`host:port`, see `children::advertised_address`), once its
+    /// Service says.
     pub address: Option<String>,
     /// Its pod, once there is one.
     pub pod: Option<PodHealth>,
@@ -310,10 +313,11 @@ pub fn decide(o: &Observed) -> Decision {
         return d.fail(reason::EXCHANGE_FAILED, why);
     }
     let Some(address) = &o.exchange.address else {
-        starting(
-            &mut d,
-            "waiting for the exchange Service's load-balancer address",
-        );
+        let waiting = match o.run.spec.exchange.service.type_ {
+            ServiceType::NodePort => "waiting for the exchange Service's node port",
+            _ => "waiting for the exchange Service's load-balancer address",
+        };
+        starting(&mut d, waiting);
         return d.finish(Some(RESYNC));
     };
     let endpoint = ExchangeEndpoint::new(address, tls);

@@ -27,7 +27,8 @@ use starling_trainer::exchange::Settings;
 use starling_trainer::exchange::tls::{ClientTls, EXCHANGE_SERVER_NAME};
 
 use super::children::{
-    ExchangeEndpoint, OPERATOR_TOKEN_KEY, credentials_name, credentials_secret, exchange_name,
+    ExchangeEndpoint, OPERATOR_TOKEN_KEY, advertised_address, credentials_name, credentials_secret,
+    exchange_name,
 };
 use super::{Context, Error, publish};
 use crate::api::{MemberCluster, TrainerGroup, TrainingRun, TrainingRunStatus};
@@ -263,8 +264,7 @@ fn observe_exchange(
         .stores
         .services
         .get(&ObjectRef::new(&exchange_name(run)).within(&ns))
-        .and_then(|s| s.status.clone()?.load_balancer?.ingress?.into_iter().next())
-        .and_then(|i| i.hostname.or(i.ip));
+        .and_then(|s| advertised_address(run, &s));
     let pod = ctx
         .stores
         .exchange_pods

@@ -90,7 +90,7 @@ fn group(
     phase: Option<&str>,
 ) -> Arc<TrainerGroup> {
     // The cases' credentials hold the run's certificate: its exchange speaks TLS.
-    let endpoint = ExchangeEndpoint::new("10.0.0.1", true);
+    let endpoint = ExchangeEndpoint::new("10.0.0.1:7070", true);
     let settings = GroupSettings {
         image: "img",
         run_env: &[],
@@ -162,7 +162,7 @@ fn state(round: u32, done: bool) -> proto::RunState {
 
 fn exchange(state: Option<proto::RunState>) -> ExchangeObserved {
     ExchangeObserved {
-        address: Some("10.0.0.1".into()),
+        address: Some("10.0.0.1:7070".into()),
         pod: Some(PodHealth::default()),
         state,
     }
