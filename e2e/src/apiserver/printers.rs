@@ -226,6 +226,47 @@ fn job_completions(o: &Value) -> Value {
     json!(format!("{}/{want}", count(&o["status"]["succeeded"])))
 }
 
+/// The columns of Deployments and ReplicaSets.
+fn apps_columns(kind: &str) -> Option<Vec<Column>> {
+    Some(match kind {
+        "Deployment" => vec![
+            col("Name", "string", name),
+            col("Ready", "string", replicas_ready),
+            col("Up-to-date", "integer", |o| {
+                json!(count(&o["status"]["updatedReplicas"]))
+            }),
+            col("Available", "integer", |o| {
+                json!(count(&o["status"]["availableReplicas"]))
+            }),
+            col("Age", "string", created),
+            wide("Containers", |o| containers(o, "name")),
+            wide("Images", |o| containers(o, "image")),
+            wide("Selector", |o| {
+                selector(&o["spec"]["selector"]["matchLabels"])
+            }),
+        ],
+        "ReplicaSet" => vec![
+            col("Name", "string", name),
+            col("Desired", "integer", |o| {
+                json!(o["spec"]["replicas"].as_i64().unwrap_or(1))
+            }),
+            col("Current", "integer", |o| {
+                json!(count(&o["status"]["replicas"]))
+            }),
+            col("Ready", "integer", |o| {
+                json!(count(&o["status"]["readyReplicas"]))
+            }),
+            col("Age", "string", created),
+            wide("Containers", |o| containers(o, "name")),
+            wide("Images", |o| containers(o, "image")),
+            wide("Selector", |o| {
+                selector(&o["spec"]["selector"]["matchLabels"])
+            }),
+        ],
+        _ => return None,
+    })
+}
+
 /// The columns of a built-in kind, or `None` for the kinds printed by name and age.
 pub fn columns(group: &str, kind: &str) -> Option<Vec<Column>> {
     Some(match (group, kind) {
@@ -247,40 +288,7 @@ pub fn columns(group: &str, kind: &str) -> Option<Vec<Column>> {
             wide("Name", name),
             wide("Count", |o| json!(o["count"].as_i64().unwrap_or(1))),
         ],
-        ("apps", "Deployment") => vec![
-            col("Name", "string", name),
-            col("Ready", "string", replicas_ready),
-            col("Up-to-date", "integer", |o| {
-                json!(count(&o["status"]["updatedReplicas"]))
-            }),
-            col("Available", "integer", |o| {
-                json!(count(&o["status"]["availableReplicas"]))
-            }),
-            col("Age", "string", created),
-            wide("Containers", |o| containers(o, "name")),
-            wide("Images", |o| containers(o, "image")),
-            wide("Selector", |o| {
-                selector(&o["spec"]["selector"]["matchLabels"])
-            }),
-        ],
-        ("apps", "ReplicaSet") => vec![
-            col("Name", "string", name),
-            col("Desired", "integer", |o| {
-                json!(o["spec"]["replicas"].as_i64().unwrap_or(1))
-            }),
-            col("Current", "integer", |o| {
-                json!(count(&o["status"]["replicas"]))
-            }),
-            col("Ready", "integer", |o| {
-                json!(count(&o["status"]["readyReplicas"]))
-            }),
-            col("Age", "string", created),
-            wide("Containers", |o| containers(o, "name")),
-            wide("Images", |o| containers(o, "image")),
-            wide("Selector", |o| {
-                selector(&o["spec"]["selector"]["matchLabels"])
-            }),
-        ],
+        ("apps", kind) => return apps_columns(kind),
         ("", "Service") => vec![
             col("Name", "string", name),
             col("Type", "string", |o| {

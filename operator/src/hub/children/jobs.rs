@@ -8,11 +8,11 @@ use starling_trainer::env as names;
 use starling_trainer::exchange::evaluator_name;
 
 use super::{
-    ExchangeEndpoint, PUBLISHER_TOKEN_KEY, SCORING_KEY, credentials_name, env, hub_pod_requests,
-    meta, owned_by, run_labels, secret_env,
+    ExchangeEndpoint, PUBLISHER_TOKEN_KEY, SCORING_KEY, credentials_name, hub_pod_requests, meta,
+    owned_by, run_labels,
 };
 use crate::api::{PublishSpec, TrainingRun};
-use crate::k8s::{COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT};
+use crate::k8s::{COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT, env, secret_env};
 
 /// Tries a publisher Job makes (pods, each retrying the Hub itself) before it fails.
 pub const PUBLISH_ATTEMPTS: u32 = 4;

@@ -1,0 +1,377 @@
+//! The run's exchange on the hub: its Deployment and Service, and where the run's pods
+//! and the operator reach it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use starling_trainer::env as names;
+use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
+
+use super::{
+    TOKENS_KEY, credentials_name, exchange_name, hub_pod_requests, meta, owned_by, run_labels,
+};
+use crate::api::{ServiceType, TrainingRun};
+use crate::contract::PEER_METRICS_PORT;
+use crate::hub::run_tls::{CA_KEY, CERT_KEY, KEY_KEY};
+use crate::k8s::{COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN_UID, env, pod_ip_env, secret_env};
+
+/// Port the exchange serves gRPC (and checkpoints, to the publisher) on; its plain-HTTP
+/// `/metrics` is on [`PEER_METRICS_PORT`], as every Starling pod's is.
+pub const EXCHANGE_PORT: u16 = 7070;
+
+/// Where the run's pods and the operator reach its exchange, and whether over TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExchangeEndpoint {
+    pub url: String,
+    pub tls: bool,
+}
+
+impl ExchangeEndpoint {
+    /// The exchange at `address` (`host:port`, see [`advertised_address`]), over TLS
+    /// when the run's credentials hold its certificate.
+    pub fn new(address: &str, tls: bool) -> Self {
+        let scheme = if tls { "https" } else { "http" };
+        Self {
+            url: format!("{scheme}://{address}"),
+            tls,
+        }
+    }
+
+    /// What a pod needs to verify the exchange besides its URL: the run's CA, from key
+    /// [`CA_KEY`] of Secret `secret`, and the name the exchange's certificate carries.
+    /// Nothing for a plain-text exchange.
+    pub fn verify_env(&self, secret: &str) -> Vec<EnvVar> {
+        if !self.tls {
+            return vec![];
+        }
+        vec![
+            secret_env(names::TLS_CA, secret, CA_KEY),
+            env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME),
+        ]
+    }
+}
+
+/// Where the exchange keeps its state, data and checkpoints inside its pod.
+pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
+
+/// What the exchange pod needs besides the run's shared configuration.
+pub struct ExchangeSettings<'a> {
+    pub image: &'a str,
+    /// The run configuration every pod of the run shares.
+    pub run_env: &'a [EnvVar],
+    /// The exchange's own environment (where it keeps state, its run's name).
+    pub exchange_env: Vec<EnvVar>,
+    /// Serve TLS with the certificate in the run's credentials.
+    pub tls: bool,
+}
+
+fn exchange_selector(run: &TrainingRun) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_RUN_UID.to_string(), run.uid().unwrap_or_default()),
+        (LABEL_COMPONENT.to_string(), COMPONENT_EXCHANGE.to_string()),
+    ])
+}
+
+fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Container {
+    let tokens = secret_env(names::TOKENS, &credentials_name(run), TOKENS_KEY);
+    let mut vars = settings.run_env.to_vec();
+    vars.extend([
+        pod_ip_env(),
+        env(names::LISTEN, format!("$(POD_IP):{EXCHANGE_PORT}")),
+        env(
+            names::METRICS_LISTEN,
+            format!("$(POD_IP):{PEER_METRICS_PORT}"),
+        ),
+        tokens,
+    ]);
+    if settings.tls {
+        let credentials = credentials_name(run);
+        vars.push(secret_env(names::TLS_CERT, &credentials, CERT_KEY));
+        vars.push(secret_env(names::TLS_KEY, &credentials, KEY_KEY));
+    }
+    vars.extend(settings.exchange_env.iter().cloned());
+    Container {
+        name: "exchange".into(),
+        image: Some(settings.image.into()),
+        args: Some(vec!["exchange".into()]),
+        env: Some(vars),
+        working_dir: Some(EXCHANGE_WORKDIR.into()),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: EXCHANGE_PORT.into(),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                container_port: PEER_METRICS_PORT.into(),
+                ..ContainerPort::default()
+            },
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: EXCHANGE_WORKDIR.into(),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(hub_pod_requests()),
+        ..Container::default()
+    }
+}
+
+/// The exchange: one pod (a Deployment, so a lost node brings it back) and a
+/// LoadBalancer Service, since members dial it from other clusters and homes.
+pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, Service) {
+    let mut labels = run_labels(run);
+    labels.insert(LABEL_COMPONENT.into(), COMPONENT_EXCHANGE.into());
+    let mut metadata = meta(exchange_name(run), run.namespace(), labels.clone());
+    metadata.owner_references = owned_by(run);
+    let deployment = Deployment {
+        metadata: metadata.clone(),
+        spec: DeploymentSpec {
+            replicas: Some(1),
+            // Two exchanges of one run must never serve at once.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                rolling_update: None,
+            }),
+            selector: LabelSelector {
+                match_labels: Some(exchange_selector(run)),
+                match_expressions: None,
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![exchange_container(run, settings)],
+                    // The exchange serves peers and the operator; it never calls the
+                    // Kubernetes API, so it holds no token for it.
+                    automount_service_account_token: Some(false),
+                    volumes: Some(vec![Volume {
+                        name: "data".into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Volume::default()
+                    }]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        },
+        status: None,
+    };
+    let service = Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(run.spec.exchange.service.type_.as_str().into()),
+            selector: Some(exchange_selector(run)),
+            ports: Some(vec![ServicePort {
+                name: Some("grpc".into()),
+                port: EXCHANGE_PORT.into(),
+                target_port: Some(IntOrString::Int(EXCHANGE_PORT.into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    (deployment, service)
+}
+
+/// Where peers dial the run's exchange, `host:port`, once its Service says: the
+/// `advertisedEndpoint` if the spec gives one (with the node port of a `NodePort`
+/// Service, or the exchange's port, when it names no port), else the load balancer's
+/// ingress address. `None` while there is none yet.
+pub fn advertised_address(run: &TrainingRun, service: &Service) -> Option<String> {
+    let spec = &run.spec.exchange.service;
+    let Some(advertised) = &spec.advertised_endpoint else {
+        let ingress = service
+            .status
+            .as_ref()?
+            .load_balancer
+            .as_ref()?
+            .ingress
+            .as_ref()?;
+        let first = ingress.first()?;
+        let host = first.hostname.clone().or_else(|| first.ip.clone())?;
+        return Some(format!("{host}:{EXCHANGE_PORT}"));
+    };
+    if advertised.contains(':') {
+        return Some(advertised.clone());
+    }
+    let port = match spec.type_ {
+        ServiceType::NodePort => {
+            let ports = service.spec.as_ref()?.ports.as_ref()?;
+            ports.first()?.node_port?
+        }
+        _ => EXCHANGE_PORT.into(),
+    };
+    Some(format!("{advertised}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> TrainingRun {
+        let yaml = include_str!("../../../../crds/samples/trainingrun-shakespeare.yaml");
+        let mut run: TrainingRun = serde_yaml::from_str(yaml).unwrap();
+        run.metadata.uid = Some("uid-1".into());
+        run
+    }
+
+    #[test]
+    fn peers_dial_the_advertised_endpoint_or_else_the_load_balancer() {
+        let service = |node_port: Option<i32>, ingress: serde_json::Value| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "spec": {"ports": [{"port": 7070, "nodePort": node_port}]},
+                "status": {"loadBalancer": {"ingress": ingress}}}))
+            .unwrap()
+        };
+        let cases = [
+            (
+                "a load balancer's IP",
+                None,
+                "LoadBalancer",
+                None,
+                json_ip(),
+                Some("203.0.113.7:7070"),
+            ),
+            (
+                "its host name",
+                None,
+                "LoadBalancer",
+                None,
+                json_host(),
+                Some("lb.example:7070"),
+            ),
+            (
+                "no address yet",
+                None,
+                "LoadBalancer",
+                None,
+                serde_json::json!([]),
+                None,
+            ),
+            (
+                "an Ingress's host and port",
+                Some("ex.example.org:443"),
+                "ClusterIP",
+                None,
+                serde_json::json!([]),
+                Some("ex.example.org:443"),
+            ),
+            (
+                "a host alone",
+                Some("ex.example.org"),
+                "ClusterIP",
+                None,
+                serde_json::json!([]),
+                Some("ex.example.org:7070"),
+            ),
+            (
+                "a node and its port",
+                Some("198.51.100.4"),
+                "NodePort",
+                Some(31234),
+                serde_json::json!([]),
+                Some("198.51.100.4:31234"),
+            ),
+            (
+                "no node port yet",
+                Some("198.51.100.4"),
+                "NodePort",
+                None,
+                serde_json::json!([]),
+                None,
+            ),
+            (
+                "advertised over the balancer",
+                Some("ex.example.org:443"),
+                "LoadBalancer",
+                None,
+                json_ip(),
+                Some("ex.example.org:443"),
+            ),
+        ];
+        for (case, advertised, type_, node_port, ingress, want) in cases {
+            let mut run = sample();
+            run.spec.exchange.service = serde_json::from_value(serde_json::json!(
+                {"type": type_, "advertisedEndpoint": advertised}))
+            .unwrap();
+            let got = advertised_address(&run, &service(node_port, ingress));
+            assert_eq!(got.as_deref(), want, "{case}");
+            let (_, svc) = exchange(&run, &exchange_settings());
+            assert_eq!(svc.spec.unwrap().type_.as_deref(), Some(type_), "{case}");
+        }
+    }
+
+    fn json_ip() -> serde_json::Value {
+        serde_json::json!([{"ip": "203.0.113.7"}])
+    }
+
+    fn json_host() -> serde_json::Value {
+        serde_json::json!([{"hostname": "lb.example"}])
+    }
+
+    fn exchange_settings() -> ExchangeSettings<'static> {
+        ExchangeSettings {
+            image: "img",
+            run_env: &[],
+            exchange_env: vec![],
+            tls: true,
+        }
+    }
+
+    #[test]
+    fn the_exchange_is_owned_by_its_run_and_selected_by_uid() {
+        let settings = ExchangeSettings {
+            image: "img",
+            run_env: &[env("STARLING_SEED", 1)],
+            exchange_env: vec![env(names::RUN, "r")],
+            tls: true,
+        };
+        let (deployment, service) = exchange(&sample(), &settings);
+        let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.uid, "uid-1");
+        let selector = service.spec.unwrap().selector.unwrap();
+        assert_eq!(selector[LABEL_RUN_UID], "uid-1");
+        let pod = deployment.spec.template.spec.unwrap();
+        let names: Vec<_> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(names.contains(&"STARLING_SEED") && names.contains(&"STARLING_TOKENS"));
+        // It serves the certificate in the run's credentials, and metrics apart.
+        let vars = pod.containers[0].env.clone().unwrap();
+        for (name, key) in [(names::TLS_CERT, CERT_KEY), (names::TLS_KEY, KEY_KEY)] {
+            let var = vars.iter().find(|e| e.name == name).unwrap();
+            let from = var
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                (from.name.as_str(), from.key.as_str()),
+                ("shakespeare-credentials", key)
+            );
+        }
+        let ports = pod.containers[0].ports.clone().unwrap();
+        let metrics = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some("metrics"))
+            .unwrap();
+        assert_eq!(metrics.container_port, i32::from(PEER_METRICS_PORT));
+    }
+}
