@@ -235,6 +235,12 @@ fn by_default_images_follow_the_app_version_and_pods_run_locked_down() {
         assert!(container["resources"]["limits"]["memory"].is_string());
         assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     }
+    // The trainers' namespace enforces what the agent's pods meet.
+    let namespace = &one(&member, "Namespace")["metadata"]["labels"];
+    assert_eq!(
+        namespace["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
 }
 
 #[test]

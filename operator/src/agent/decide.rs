@@ -23,7 +23,7 @@ use crate::hub::run_tls::CA_KEY;
 pub use crate::k8s::{AGENT, LABEL_GROUP, LABEL_PEER};
 use crate::k8s::{
     ANNOTATION_TEMPLATE_HASH, GPU_RESOURCE, LABEL_MANAGED_BY, LABEL_MEMBER, env as env_var,
-    pod_ip_env, secret_env,
+    locked_down, pod_ip_env, secret_env,
 };
 
 /// Where the agent puts things: its member's name and its trainer namespace.
@@ -263,7 +263,7 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
     if let Some(mbps) = placed.upload_limit_mbps {
         env.push(env_var(names::BANDWIDTH_MBPS, mbps));
     }
-    let spec = PodSpec {
+    let mut spec = PodSpec {
         restart_policy: Some("OnFailure".into()),
         // Trainers talk to their exchange, never to the Kubernetes API.
         automount_service_account_token: Some(false),
@@ -284,6 +284,7 @@ fn trainer_pod(group: &TrainerGroup, name: &str, peer: PeerId, site: &Site) -> P
         }],
         ..PodSpec::default()
     };
+    locked_down(&mut spec);
     let hash = template_hash(&spec);
     Pod {
         metadata: ObjectMeta {

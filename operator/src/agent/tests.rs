@@ -328,6 +328,15 @@ fn a_created_pod_runs_its_peer_with_the_peer_s_token() {
         "plain text"
     );
     assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    // What the member's trainer namespace enforces (Pod Security `restricted`) admits it,
+    // and it writes only to its emptyDir working directory and /tmp.
+    let spec: k8s_openapi::api::core::v1::PodSpec =
+        serde_json::from_value(pod["spec"].clone()).unwrap();
+    assert_eq!(
+        crate::k8s::restricted_violations(&spec),
+        Vec::<String>::new()
+    );
+    assert_eq!(container["workingDir"], crate::k8s::WORKDIR);
 }
 
 #[test]

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -20,7 +19,9 @@ use super::{
 use crate::api::{ServiceType, TrainingRun};
 use crate::contract::PEER_METRICS_PORT;
 use crate::hub::run_tls::{CA_KEY, CERT_KEY, KEY_KEY};
-use crate::k8s::{COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN_UID, env, pod_ip_env, secret_env};
+use crate::k8s::{
+    COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN_UID, env, locked_down, pod_ip_env, secret_env,
+};
 
 /// Port the exchange serves gRPC (and checkpoints, to the publisher) on; its plain-HTTP
 /// `/metrics` is on [`PEER_METRICS_PORT`], as every Starling pod's is.
@@ -58,8 +59,21 @@ impl ExchangeEndpoint {
     }
 }
 
-/// Where the exchange keeps its state, data and checkpoints inside its pod.
-pub const EXCHANGE_WORKDIR: &str = "/var/lib/starling";
+/// Where the exchange keeps its state, data and checkpoints inside its pod (its
+/// working directory, an `emptyDir`).
+pub const EXCHANGE_WORKDIR: &str = crate::k8s::WORKDIR;
+
+fn exchange_pod(run: &TrainingRun, settings: &ExchangeSettings) -> PodSpec {
+    let mut pod = PodSpec {
+        containers: vec![exchange_container(run, settings)],
+        // The exchange serves peers and the operator; it never calls the Kubernetes
+        // API, so it holds no token for it.
+        automount_service_account_token: Some(false),
+        ..PodSpec::default()
+    };
+    locked_down(&mut pod);
+    pod
+}
 
 /// What the exchange pod needs besides the run's shared configuration.
 pub struct ExchangeSettings<'a> {
@@ -102,7 +116,6 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
         image: Some(settings.image.into()),
         args: Some(vec!["exchange".into()]),
         env: Some(vars),
-        working_dir: Some(EXCHANGE_WORKDIR.into()),
         ports: Some(vec![
             ContainerPort {
                 name: Some("grpc".into()),
@@ -115,11 +128,6 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
                 ..ContainerPort::default()
             },
         ]),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: EXCHANGE_WORKDIR.into(),
-            ..VolumeMount::default()
-        }]),
         resources: Some(hub_pod_requests()),
         ..Container::default()
     }
@@ -150,18 +158,7 @@ pub fn exchange(run: &TrainingRun, settings: &ExchangeSettings) -> (Deployment, 
                     labels: Some(labels),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![exchange_container(run, settings)],
-                    // The exchange serves peers and the operator; it never calls the
-                    // Kubernetes API, so it holds no token for it.
-                    automount_service_account_token: Some(false),
-                    volumes: Some(vec![Volume {
-                        name: "data".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Volume::default()
-                    }]),
-                    ..PodSpec::default()
-                }),
+                spec: Some(exchange_pod(run, settings)),
             },
             ..DeploymentSpec::default()
         },
@@ -367,6 +364,14 @@ mod tests {
                 ("shakespeare-credentials", key)
             );
         }
+        assert_eq!(
+            crate::k8s::restricted_violations(&pod),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            pod.containers[0].working_dir.as_deref(),
+            Some(EXCHANGE_WORKDIR)
+        );
         let ports = pod.containers[0].ports.clone().unwrap();
         let metrics = ports
             .iter()

@@ -12,7 +12,9 @@ use super::{
     owned_by, run_labels,
 };
 use crate::api::{PublishSpec, TrainingRun};
-use crate::k8s::{COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT, env, secret_env};
+use crate::k8s::{
+    COMPONENT_EVALUATOR, COMPONENT_PUBLISHER, LABEL_COMPONENT, env, locked_down, secret_env,
+};
 
 /// Tries a publisher Job makes (pods, each retrying the Hub itself) before it fails.
 pub const PUBLISH_ATTEMPTS: u32 = 4;
@@ -83,11 +85,15 @@ fn run_job(
                     labels: Some(labels),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    restart_policy: Some("Never".into()),
-                    automount_service_account_token: Some(false),
-                    ..PodSpec::default()
+                spec: Some({
+                    let mut pod = PodSpec {
+                        containers: vec![container],
+                        restart_policy: Some("Never".into()),
+                        automount_service_account_token: Some(false),
+                        ..PodSpec::default()
+                    };
+                    locked_down(&mut pod);
+                    pod
                 }),
             },
             ..JobSpec::default()

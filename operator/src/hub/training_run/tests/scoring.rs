@@ -94,7 +94,12 @@ fn each_evaluator_is_a_job_with_its_own_token_and_the_scoring_key_but_not_the_le
         .template
         .spec
         .clone();
-    let container = &pod.unwrap().containers[0];
+    let pod = pod.unwrap();
+    assert_eq!(
+        crate::k8s::restricted_violations(&pod),
+        Vec::<String>::new()
+    );
+    let container = &pod.containers[0];
     assert_eq!(container.args.as_ref().unwrap(), &["evaluate"]);
     let keys: Vec<String> = (container.env.iter().flatten())
         .filter_map(|e| Some(e.value_from.clone()?.secret_key_ref?.key))
