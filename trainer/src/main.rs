@@ -18,6 +18,7 @@ use starling_trainer::hub;
 use starling_trainer::model::{Llama, ModelConfig, load_checkpoint, save_checkpoint};
 use starling_trainer::outer::Round;
 use starling_trainer::roles::evaluate::{self, EvaluatorOptions};
+use starling_trainer::roles::metrics;
 use starling_trainer::roles::train::{self, PeerOptions};
 use starling_trainer::run::{Run, RunConfig};
 
@@ -300,11 +301,12 @@ impl ExchangeArgs {
         let exchange = Exchange::new(run, opts)?;
         let served = tokio::runtime::Runtime::new()?.block_on(async move {
             if let Some(addr) = metrics_listen {
-                let metrics = tokio::net::TcpListener::bind(addr)
+                let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("binding {addr}"))?;
-                tracing::info!(address = %metrics.local_addr()?, "serving /metrics");
-                tokio::spawn(exchange.clone().serve_metrics(metrics));
+                let exchange = exchange.clone();
+                let text = move || exchange.metrics_text();
+                tokio::spawn(metrics::serve(listener, metrics::PROMETHEUS_TEXT, text));
             }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -226,6 +226,18 @@ fn job_completions(o: &Value) -> Value {
     json!(format!("{}/{want}", count(&o["status"]["succeeded"])))
 }
 
+/// The wide columns of a kind with a pod template: its containers, their images, and
+/// the pods it selects.
+fn template_columns() -> [Column; 3] {
+    [
+        wide("Containers", |o| containers(o, "name")),
+        wide("Images", |o| containers(o, "image")),
+        wide("Selector", |o| {
+            selector(&o["spec"]["selector"]["matchLabels"])
+        }),
+    ]
+}
+
 /// The columns of Deployments and ReplicaSets.
 fn apps_columns(kind: &str) -> Option<Vec<Column>> {
     Some(match kind {
@@ -239,12 +251,10 @@ fn apps_columns(kind: &str) -> Option<Vec<Column>> {
                 json!(count(&o["status"]["availableReplicas"]))
             }),
             col("Age", "string", created),
-            wide("Containers", |o| containers(o, "name")),
-            wide("Images", |o| containers(o, "image")),
-            wide("Selector", |o| {
-                selector(&o["spec"]["selector"]["matchLabels"])
-            }),
-        ],
+        ]
+        .into_iter()
+        .chain(template_columns())
+        .collect(),
         "ReplicaSet" => vec![
             col("Name", "string", name),
             col("Desired", "integer", |o| {
@@ -257,12 +267,10 @@ fn apps_columns(kind: &str) -> Option<Vec<Column>> {
                 json!(count(&o["status"]["readyReplicas"]))
             }),
             col("Age", "string", created),
-            wide("Containers", |o| containers(o, "name")),
-            wide("Images", |o| containers(o, "image")),
-            wide("Selector", |o| {
-                selector(&o["spec"]["selector"]["matchLabels"])
-            }),
-        ],
+        ]
+        .into_iter()
+        .chain(template_columns())
+        .collect(),
         _ => return None,
     })
 }

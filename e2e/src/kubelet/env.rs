@@ -3,11 +3,11 @@
 
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, EnvVarSource, Pod, Secret};
+use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, Pod};
 use kube::ResourceExt;
-use kube::api::Api;
 
 use super::Kubelet;
+use super::volumes::Source;
 
 impl Kubelet {
     /// The container's environment, with `valueFrom` resolved through the API.
@@ -45,31 +45,10 @@ impl Kubelet {
     ) -> Result<String, String> {
         let ns = pod.namespace().unwrap_or_default();
         if let Some(r) = &from.secret_key_ref {
-            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &ns);
-            let secret = secrets
-                .get(&r.name)
-                .await
-                .map_err(|e| format!("secret {}: {e}", r.name))?;
-            let bytes = secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .map(|b| String::from_utf8_lossy(&b.0).into_owned());
-            let text = || secret.string_data.as_ref()?.get(&r.key).cloned();
-            bytes
-                .or_else(text)
-                .ok_or_else(|| format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name))
+            self.source_key(Source::Secret, &ns, &r.name, &r.key).await
         } else if let Some(r) = &from.config_map_key_ref {
-            let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-            let map = maps
-                .get(&r.name)
+            self.source_key(Source::ConfigMap, &ns, &r.name, &r.key)
                 .await
-                .map_err(|e| format!("configmap {}: {e}", r.name))?;
-            map.data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .cloned()
-                .ok_or_else(|| format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name))
         } else if let Some(f) = &from.field_ref {
             match f.field_path.as_str() {
                 "metadata.name" => Ok(pod.name_any()),
@@ -87,6 +66,22 @@ impl Kubelet {
         } else {
             Err(format!("env {name}: unsupported valueFrom"))
         }
+    }
+
+    /// Key `key` of Secret or ConfigMap `name`, as text.
+    async fn source_key(
+        &self,
+        kind: Source,
+        ns: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<String, String> {
+        let data = self.source_data(kind, ns, name).await?;
+        let data = data.ok_or_else(|| format!("{} {ns}/{name} not found", kind.name()))?;
+        let value = data.into_iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        value
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .ok_or_else(|| format!("couldn't find key {key} in {} {ns}/{name}", kind.name()))
     }
 
     /// The pod's loopback address, stable for the pod's life.

@@ -14,10 +14,7 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, KeyToPath, Pod, Secret, SecretVolumeSource,
-    ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, KeyToPath, Pod, Secret, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
@@ -158,9 +155,13 @@ impl Kubelet {
                 return Err(format!("volume {:?} is mounted but not defined", m.name));
             };
             let files = if let Some(s) = &volume.secret {
-                self.secret_files(&ns, s).await?
+                let source = (Source::Secret, s.secret_name.as_deref().unwrap_or_default());
+                let (items, optional) = (s.items.as_deref(), s.optional.unwrap_or(false));
+                self.volume_files(source, &ns, items, optional).await?
             } else if let Some(c) = &volume.config_map {
-                self.config_map_files(&ns, c).await?
+                let source = (Source::ConfigMap, c.name.as_str());
+                let (items, optional) = (c.items.as_deref(), c.optional.unwrap_or(false));
+                self.volume_files(source, &ns, items, optional).await?
             } else {
                 continue;
             };
@@ -226,72 +227,72 @@ impl Kubelet {
             .ok_or_else(|| format!("a TokenRequest for {ns}/{account} without a token"))
     }
 
-    async fn secret_files(
+    /// The keys and bytes of a Secret or ConfigMap, as env `valueFrom` and volumes read
+    /// them (a Secret's `stringData` included); `None` if it does not exist.
+    pub(super) async fn source_data(
         &self,
+        kind: Source,
         ns: &str,
-        source: &SecretVolumeSource,
-    ) -> Result<Vec<(String, Vec<u8>)>, String> {
-        let name = source.secret_name.clone().unwrap_or_default();
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        let optional = source.optional.unwrap_or(false);
-        let Some(secret) = secrets
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("secret {name}: {e}"))?
-        else {
-            return missing("Secret", ns, &name, optional);
-        };
-        let mut data: Vec<(String, Vec<u8>)> = secret
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
-        for (k, v) in secret.string_data.unwrap_or_default() {
-            data.push((k, v.into_bytes()));
-        }
-        select(data, source.items.as_deref(), "Secret", &name, optional)
+        name: &str,
+    ) -> Result<Option<Vec<(String, Vec<u8>)>>, String> {
+        let failed = |e: kube::Error| format!("{} {name}: {e}", kind.name());
+        Ok(match kind {
+            Source::Secret => {
+                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+                secrets.get_opt(name).await.map_err(failed)?.map(|s| {
+                    let data = s.data.unwrap_or_default().into_iter();
+                    let text = s.string_data.unwrap_or_default().into_iter();
+                    (data.map(|(k, v)| (k, v.0)))
+                        .chain(text.map(|(k, v)| (k, v.into_bytes())))
+                        .collect()
+                })
+            }
+            Source::ConfigMap => {
+                let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+                maps.get_opt(name).await.map_err(failed)?.map(|m| {
+                    let data = m.data.unwrap_or_default().into_iter();
+                    let binary = m.binary_data.unwrap_or_default().into_iter();
+                    (data.map(|(k, v)| (k, v.into_bytes())))
+                        .chain(binary.map(|(k, v)| (k, v.0)))
+                        .collect()
+                })
+            }
+        })
     }
 
-    async fn config_map_files(
+    /// A Secret or ConfigMap volume's files: every key, or the `items` listed; an absent
+    /// source is an empty volume if it is `optional`, else the kubelet's refusal.
+    async fn volume_files(
         &self,
+        (kind, name): (Source, &str),
         ns: &str,
-        source: &ConfigMapVolumeSource,
+        items: Option<&[KeyToPath]>,
+        optional: bool,
     ) -> Result<Vec<(String, Vec<u8>)>, String> {
-        let name = source.name.clone();
-        let maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let optional = source.optional.unwrap_or(false);
-        let Some(map) = maps
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("configmap {name}: {e}"))?
-        else {
-            return missing("ConfigMap", ns, &name, optional);
-        };
-        let mut data: Vec<(String, Vec<u8>)> = map
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .collect();
-        for (k, v) in map.binary_data.unwrap_or_default() {
-            data.push((k, v.0));
+        match self.source_data(kind, ns, name).await? {
+            Some(data) => select(data, items, kind.name(), name, optional),
+            None if optional => Ok(vec![]),
+            None => Err(format!(
+                "{} \"{name}\" not found in namespace {ns}",
+                kind.name()
+            )),
         }
-        select(data, source.items.as_deref(), "ConfigMap", &name, optional)
     }
 }
 
-/// An absent source: an empty volume if it is optional, else the kubelet's refusal.
-fn missing(
-    kind: &str,
-    ns: &str,
-    name: &str,
-    optional: bool,
-) -> Result<Vec<(String, Vec<u8>)>, String> {
-    if optional {
-        Ok(vec![])
-    } else {
-        Err(format!("{kind} \"{name}\" not found in namespace {ns}"))
+/// Where a volume's or an env var's contents come from.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Source {
+    Secret,
+    ConfigMap,
+}
+
+impl Source {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Source::Secret => "Secret",
+            Source::ConfigMap => "ConfigMap",
+        }
     }
 }
 

@@ -12,8 +12,6 @@ use k8s_openapi::api::rbac::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
-use starling_trainer::env as names;
-use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
 
 use crate::api::{
     MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
@@ -22,7 +20,7 @@ use crate::api::{
 
 use super::run_tls::CA_KEY;
 use crate::k8s::{
-    LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER, env,
+    LABEL_MANAGED_BY, LABEL_MEMBER, LABEL_RUN, LABEL_RUN_NAMESPACE, LABEL_RUN_UID, MANAGER,
     member_namespace,
 };
 
@@ -126,15 +124,6 @@ pub fn credentials_secret(run: &TrainingRun, entries: &BTreeMap<String, String>)
     }
 }
 
-/// The name a TLS exchange's certificate carries, for peers to verify it against (their
-/// CA comes from the group's Secret, which their agent copies).
-fn server_name_env(endpoint: &ExchangeEndpoint) -> Vec<EnvVar> {
-    let tls = endpoint
-        .tls
-        .then(|| env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME));
-    tls.into_iter().collect()
-}
-
 /// What one member runs for one run: the TrainerGroup and the Secret with exactly its
 /// peers' tokens (no member sees another member's tokens).
 pub struct GroupChildren {
@@ -185,7 +174,10 @@ pub fn trainer_group(
         template: TrainerPodTemplate {
             image: settings.image.into(),
             args: vec!["train".into()],
-            env: [settings.run_env, &server_name_env(settings.endpoint)].concat(),
+            // Peers' CA comes from the group's Secret, which their agent copies.
+            env: (settings.run_env.iter().cloned())
+                .chain(settings.endpoint.server_name_env())
+                .collect(),
             resources: settings.resources.clone(),
             node_selector: BTreeMap::new(),
             tolerations: vec![],
@@ -316,8 +308,11 @@ fn agent_member_rules(member: &str) -> Vec<PolicyRule> {
 mod tests {
     use super::*;
     use crate::hub::run_tls::KEY_KEY;
+    use starling_trainer::env as names;
+    use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
 
-    fn sample() -> TrainingRun {
+    /// The Shakespeare sample with a uid.
+    pub(in crate::hub::children) fn sample() -> TrainingRun {
         let yaml = include_str!("../../../crds/samples/trainingrun-shakespeare.yaml");
         let mut run: TrainingRun = serde_yaml::from_str(yaml).unwrap();
         run.metadata.uid = Some("uid-1".into());

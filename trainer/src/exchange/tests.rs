@@ -11,6 +11,7 @@ use super::tls::ClientTls;
 use super::{Identity, PeerId, Reason, Refusal, Settings, Tokens};
 use crate::model::{InnerOptimizer, Llama, load_checkpoint};
 use crate::outer::{Outer, Round};
+use crate::roles::metrics::PROMETHEUS_TEXT;
 use crate::roles::train::{PeerOptions, train};
 use crate::run::Run;
 use crate::testing::{small_config, small_run};
@@ -304,7 +305,12 @@ async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     assert!(state.recent[0].validation_loss.is_finite());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(exchange.serve_metrics(listener));
+    let text = move || exchange.metrics_text();
+    tokio::spawn(crate::roles::metrics::serve(
+        listener,
+        PROMETHEUS_TEXT,
+        text,
+    ));
     let metrics = http_get(&metrics_url, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     for line in [

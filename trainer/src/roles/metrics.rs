@@ -199,16 +199,30 @@ impl PeerMetrics {
     /// Serves `GET /metrics` on `addr` until the process ends.
     pub async fn serve(self: Arc<Self>, addr: SocketAddr) -> std::io::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(address = %listener.local_addr()?, "serving /metrics");
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = self.encode();
-                async move { ([(axum::http::header::CONTENT_TYPE, OPENMETRICS)], text) }
-            }),
-        );
-        axum::serve(listener, app).await
+        serve(listener, OPENMETRICS, move || self.encode()).await
     }
+}
+
+/// The Prometheus text format 0.0.4, which the exchange's exposition is written in.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `GET /metrics` on `listener` with what `render` writes, as `content_type`:
+/// plain HTTP and no token, as scrapers inside the cluster expect, on a port apart from
+/// any the pod serves its peers on (which may speak TLS).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    content_type: &'static str,
+    render: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = render();
+            async move { ([(axum::http::header::CONTENT_TYPE, content_type)], text) }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use starling_trainer::env as names;
-use starling_trainer::exchange::tls::EXCHANGE_SERVER_NAME;
+use starling_trainer::exchange::tls::{ClientTls, EXCHANGE_SERVER_NAME};
 
 use super::{
     TOKENS_KEY, credentials_name, exchange_name, hub_pod_requests, meta, owned_by, run_labels,
@@ -49,13 +49,23 @@ impl ExchangeEndpoint {
     /// [`CA_KEY`] of Secret `secret`, and the name the exchange's certificate carries.
     /// Nothing for a plain-text exchange.
     pub fn verify_env(&self, secret: &str) -> Vec<EnvVar> {
-        if !self.tls {
-            return vec![];
-        }
-        vec![
-            secret_env(names::TLS_CA, secret, CA_KEY),
-            env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME),
-        ]
+        let ca = self.tls.then(|| secret_env(names::TLS_CA, secret, CA_KEY));
+        ca.into_iter().chain(self.server_name_env()).collect()
+    }
+
+    /// The name the exchange's certificate carries, for a pod to verify it against;
+    /// nothing for a plain-text exchange.
+    pub fn server_name_env(&self) -> Option<EnvVar> {
+        (self.tls).then(|| env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME))
+    }
+
+    /// How the operator itself verifies the exchange: the run's CA (`ca`, from its
+    /// credentials) and the name the certificate carries, as every pod does.
+    pub fn client_tls(&self, ca: Option<&String>) -> Option<ClientTls> {
+        Some(ClientTls {
+            ca: ca.filter(|_| self.tls)?.clone().into_bytes(),
+            server_name: Some(EXCHANGE_SERVER_NAME.into()),
+        })
     }
 }
 
@@ -216,13 +226,7 @@ pub fn advertised_address(run: &TrainingRun, service: &Service) -> Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> TrainingRun {
-        let yaml = include_str!("../../../../crds/samples/trainingrun-shakespeare.yaml");
-        let mut run: TrainingRun = serde_yaml::from_str(yaml).unwrap();
-        run.metadata.uid = Some("uid-1".into());
-        run
-    }
+    use crate::hub::children::tests::sample;
 
     #[test]
     fn peers_dial_the_advertised_endpoint_or_else_the_load_balancer() {

@@ -24,7 +24,6 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use starling_trainer::exchange::Settings;
-use starling_trainer::exchange::tls::{ClientTls, EXCHANGE_SERVER_NAME};
 
 use super::children::{
     ExchangeEndpoint, OPERATOR_TOKEN_KEY, advertised_address, credentials_name, credentials_secret,
@@ -282,15 +281,11 @@ fn observe_exchange(
         ctx.exchanges.forget(&uid);
     }
     let token = credentials.and_then(|c| c.get(OPERATOR_TOKEN_KEY));
-    let tls = credentials
-        .and_then(|c| c.get(super::run_tls::CA_KEY))
-        .map(|ca| ClientTls {
-            ca: ca.clone().into_bytes(),
-            server_name: Some(EXCHANGE_SERVER_NAME.into()),
-        });
+    let ca = credentials.and_then(|c| c.get(super::run_tls::CA_KEY));
     let state = match (&address, token) {
         (Some(host), Some(token)) if !finished => {
-            let endpoint = ExchangeEndpoint::new(host, tls.is_some());
+            let endpoint = ExchangeEndpoint::new(host, ca.is_some());
+            let tls = endpoint.client_tls(ca);
             ctx.exchanges.state(run, &endpoint.url, token, tls)
         }
         _ => None,

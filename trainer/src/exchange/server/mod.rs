@@ -331,18 +331,10 @@ impl Exchange {
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
-    /// Serves Prometheus metrics at `GET /metrics` on `listener`: plain HTTP, no token,
-    /// as scrapers inside the cluster expect, and apart from the exchange's own port,
-    /// which speaks TLS to peers across the internet.
-    pub async fn serve_metrics(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        let metrics = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = prometheus(&self.run_state());
-                async move { text }
-            }),
-        );
-        axum::serve(listener, metrics).await
+    /// The exchange's Prometheus metrics, in the text format
+    /// ([`crate::roles::metrics::PROMETHEUS_TEXT`]).
+    pub fn metrics_text(&self) -> String {
+        prometheus(&self.run_state())
     }
 
     /// Serves the exchange on `listener` until `shutdown` completes: gRPC, and
