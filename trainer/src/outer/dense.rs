@@ -1,0 +1,140 @@
+//! The dense baseline: fp32 pseudo-gradients (DiLoCo) and gradients (DDP), carried as
+//! safetensors files.
+
+use super::{Finite, Llama, OuterLoop, RoundError, global_and_zeros, pseudo_gradients, write};
+
+/// A dense pseudo-gradient: every tensor in fp32, carried as a safetensors file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseUpdate {
+    pub(super) tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl DenseUpdate {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with(None)
+    }
+
+    pub(super) fn to_bytes_with(
+        &self,
+        meta: Option<std::collections::HashMap<String, String>>,
+    ) -> Vec<u8> {
+        let bytes: Vec<Vec<u8>> = self
+            .tensors
+            .iter()
+            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, shape, _), b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                        .expect("shape matches data");
+                (name.clone(), view)
+            });
+        safetensors::tensor::serialize(views, meta).expect("in-memory serialisation")
+    }
+
+    /// Parses and checks an update: fp32 only, every value finite.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RoundError> {
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| RoundError::Dense(e.to_string()))?;
+        let mut tensors = vec![];
+        for (name, view) in st.tensors() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(RoundError::Dense(format!("{name}: not float32")));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            Finite::new(&values).map_err(|e| e.in_tensor(&name))?;
+            tensors.push((name, view.shape().to_vec(), values));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { tensors })
+    }
+
+    pub(super) fn tensor(&self, name: &str, shape: &[usize]) -> Result<&[f32], RoundError> {
+        match self.tensors.iter().find(|t| t.0 == name) {
+            Some((_, s, v)) if s == shape => Ok(v),
+            Some((_, s, _)) => Err(RoundError::Dense(format!(
+                "{name}: shape {s:?}, the model has {shape:?}"
+            ))),
+            None => Err(RoundError::Dense(format!("{name} is missing"))),
+        }
+    }
+}
+
+/// Dense DiLoCo (Douillard et al., 2023), the baseline SparseLoCo is measured against:
+/// peers send full fp32 pseudo-gradients, the mean is applied with Nesterov momentum,
+/// v ← μ·v + Δ̄, θ ← θ − α·(Δ̄ + μ·v).
+pub struct DilocoState {
+    pub(super) global: Vec<Vec<f32>>,
+    pub(super) velocity: Vec<Vec<f32>>,
+    momentum: f32,
+}
+
+impl DilocoState {
+    pub fn new(model: &Llama, momentum: f32) -> Result<Self, RoundError> {
+        let (global, velocity) = global_and_zeros(model)?;
+        Ok(Self {
+            global,
+            velocity,
+            momentum,
+        })
+    }
+}
+
+impl OuterLoop for DilocoState {
+    type Update = DenseUpdate;
+
+    fn make_update(&mut self, model: &Llama) -> Result<DenseUpdate, RoundError> {
+        let mut deltas = Vec::new();
+        pseudo_gradients(model, &self.global, &mut deltas)?;
+        let tensors = model
+            .params()
+            .iter()
+            .zip(deltas)
+            .map(|((name, var), d)| (name.clone(), var.dims().to_vec(), d))
+            .collect();
+        Ok(DenseUpdate { tensors })
+    }
+
+    fn apply(
+        &mut self,
+        model: &Llama,
+        updates: &[(&DenseUpdate, f32)],
+        outer_lr: f32,
+    ) -> Result<(), RoundError> {
+        let total: f32 = updates.iter().map(|(_, w)| w).sum();
+        if total <= 0.0 {
+            return Ok(()); // nothing accepted: θ stays
+        }
+        let mut mean = Vec::new();
+        for (i, (name, var)) in model.params().iter().enumerate() {
+            mean.clear();
+            mean.resize(self.global[i].len(), 0.0f32);
+            for (u, w) in updates {
+                for (m, d) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
+                    *m += w / total * d;
+                }
+            }
+            let (g, v) = (&mut self.global[i], &mut self.velocity[i]);
+            for ((g, v), m) in g.iter_mut().zip(v.iter_mut()).zip(&mean) {
+                *v = self.momentum * *v + m;
+                *g -= outer_lr * (m + self.momentum * *v);
+            }
+        }
+        write(model, &self.global)
+    }
+}
+
+pub(super) fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, f32)>, RoundError> {
+    updates
+        .iter()
+        .map(|(b, w)| Ok((DenseUpdate::from_bytes(b)?, *w)))
+        .collect()
+}
