@@ -238,7 +238,7 @@ fn peers_reconnect_to_a_restarted_exchange_and_continue() {
     // Killed once every peer has been served every closed round: none of them needs a
     // round the restarted exchange no longer has.
     f.wait_for("round 2 to open and reach every peer", |s| {
-        let closed: u64 = s.recent.iter().map(|r| r.bytes).sum();
+        let closed: u64 = s.recent.iter().map(|r| r.download_bytes).sum();
         s.open_round >= 2 && s.bytes_sent >= 3 * closed
     });
     f.local.kill_exchange().unwrap();

@@ -10,7 +10,7 @@ use super::{LlamaConfig, ModelPreset, PeerId, Tier};
 /// The trainer's own types: what the operator asks for is what the trainer reads.
 pub use starling_trainer::codec::ValueBits;
 use starling_trainer::run::tuned;
-pub use starling_trainer::run::{Aggregation, Algorithm};
+pub use starling_trainer::run::{Aggregation, Algorithm, DEFAULT_GATHER, Download};
 pub use starling_trainer::scoring::rules::Standing;
 pub use starling_trainer::scoring::{CopySpec, OpenSkillSpec, ScoringSpec};
 
@@ -373,6 +373,16 @@ pub struct CompressionSpec {
     /// peer can dominate a round).
     #[serde(default, skip_serializing_if = "Aggregation::is_default")]
     pub aggregation: Aggregation,
+    /// What each peer downloads every round: `aggregate` (one object the exchange makes:
+    /// the round's aggregate compressed again, the same size whatever the federation's),
+    /// `gather` (at most `gather` updates, the highest-weighted), or `all` (every
+    /// update: a peer's download grows with the federation).
+    #[serde(default)]
+    pub download: Download,
+    /// Most updates a round's step takes with `download: gather`.
+    #[serde(default = "default_gather")]
+    #[schemars(range(min = 1))]
+    pub gather: u32,
     /// Error-feedback decay β in e ← β·e + Δ.
     #[serde(default = "default_error_feedback_decay")]
     #[schemars(range(min = 0.0, max = 1.0))]
@@ -381,6 +391,9 @@ pub struct CompressionSpec {
 
 fn default_chunk_size() -> u32 {
     4096
+}
+fn default_gather() -> u32 {
+    DEFAULT_GATHER
 }
 fn default_error_feedback_decay() -> f64 {
     0.95
@@ -409,6 +422,8 @@ impl Default for CompressionSpec {
             k_per_chunk: None,
             value_bits: ValueBits::default(),
             aggregation: Aggregation::default(),
+            download: Download::default(),
+            gather: default_gather(),
             error_feedback_decay: default_error_feedback_decay(),
         }
     }
@@ -687,6 +702,10 @@ pub struct RoundStatus {
     /// The deadline the round had, in seconds (to 0.1 s): adapted to recent rounds
     /// within `spec.placement.roundDeadlineFloorSeconds` and `roundDeadlineSeconds`.
     pub deadline_seconds: f64,
+    /// Bytes each peer downloaded to take the round's step: the exchange's aggregate,
+    /// or the updates the step took (`spec.compression.download`).
+    #[serde(default)]
+    pub download_bytes: u64,
 }
 
 /// Where a run's scoring ledger stands.

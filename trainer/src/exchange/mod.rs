@@ -298,6 +298,8 @@ impl From<Refusal> for Status {
 }
 
 #[cfg(test)]
+mod download_tests;
+#[cfg(test)]
 mod scoring_tests;
 #[cfg(test)]
 mod tests;

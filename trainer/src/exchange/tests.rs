@@ -77,7 +77,7 @@ pub(super) fn client(url: &str, token: &str, fingerprint: &str) -> ExchangeClien
 }
 
 /// A real round-0 update of peer `p`.
-fn update(run: &Run, p: u32) -> Vec<u8> {
+pub(super) fn update(run: &Run, p: u32) -> Vec<u8> {
     let model = Llama::new(run.model.clone(), run.config.seed, &Device::Cpu).unwrap();
     let mut outer = Outer::new(&run.config, &model).unwrap();
     let mut inner =
@@ -163,7 +163,8 @@ fn every_refusal_has_the_status_code_the_proto_documents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_calls_are_refused_with_a_reason_and_hurt_nobody() {
     let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
+    // Every update reaches every peer, so what each peer received can be compared.
+    let run = small_run(dir.path(), &["--download", "all"]);
     let fp = run.fingerprint.clone();
     let (good0, good1) = (update(&run, 0), update(&run, 1));
     let foreign = {
@@ -507,7 +508,7 @@ fn median_norm_aggregation_keeps_peers_and_exchange_bit_identical() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_calling_is_not_waited_for_past_its_liveness() {
     let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
+    let run = small_run(dir.path(), &["--download", "all"]);
     let fp = run.fingerprint.clone();
     let good0 = update(&run, 0);
     let mut opts = options(dir.path());

@@ -109,21 +109,13 @@ impl OuterLoop for DilocoState {
         updates: &[(&DenseUpdate, f32)],
         outer_lr: f32,
     ) -> Result<(), RoundError> {
-        let total: f32 = updates.iter().map(|(_, w)| w).sum();
-        if total <= 0.0 {
+        let Some(mean) = weighted_mean(model, updates)? else {
             return Ok(()); // nothing accepted: θ stays
-        }
-        let mut mean = Vec::new();
+        };
         for (i, (name, var)) in model.params().iter().enumerate() {
-            mean.clear();
-            mean.resize(self.global[i].len(), 0.0f32);
-            for (u, w) in updates {
-                for (m, d) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
-                    *m += w / total * d;
-                }
-            }
+            let mean = mean.tensor(name, var.dims())?;
             let (g, v) = (&mut self.global[i], &mut self.velocity[i]);
-            for ((g, v), m) in g.iter_mut().zip(v.iter_mut()).zip(&mean) {
+            for ((g, v), m) in g.iter_mut().zip(v.iter_mut()).zip(mean) {
                 *v = self.momentum * *v + m;
                 *g -= outer_lr * (m + self.momentum * *v);
             }
@@ -137,4 +129,28 @@ pub(super) fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, 
         .iter()
         .map(|(b, w)| Ok((DenseUpdate::from_bytes(b)?, *w)))
         .collect()
+}
+
+/// `Σ wᵢ·dᵢ / Σ wᵢ` of every tensor of `model`, or `None` when no update has positive
+/// weight. The one mean of dense updates: DiLoCo's step, DDP's gradient, and the
+/// aggregate the exchange sends in their place.
+pub(super) fn weighted_mean(
+    model: &Llama,
+    updates: &[(&DenseUpdate, f32)],
+) -> Result<Option<DenseUpdate>, RoundError> {
+    let total: f32 = updates.iter().map(|(_, w)| w).sum();
+    if total <= 0.0 {
+        return Ok(None);
+    }
+    let mut tensors = Vec::with_capacity(model.params().len());
+    for (name, var) in model.params() {
+        let mut mean = vec![0.0f32; var.elem_count()];
+        for (u, w) in updates {
+            for (m, d) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
+                *m += w / total * d;
+            }
+        }
+        tensors.push((name.clone(), var.dims().to_vec(), mean));
+    }
+    Ok(Some(DenseUpdate { tensors }))
 }

@@ -13,15 +13,19 @@ use candle_core::Tensor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{AggregationRule, CodecError, Compressor, Finite, Update, outer_step};
+use crate::codec::{
+    AggregationRule, CodecConfig, CodecError, Compressor, Finite, Update, outer_step,
+};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama, ModelError};
 use crate::run::{Algorithm, RunConfig};
 
 mod dense;
+mod download;
 
-use dense::parse_dense;
 pub use dense::{DenseUpdate, DilocoState};
+use dense::{parse_dense, weighted_mean};
+pub use download::{Aggregator, Download, Step, gathered};
 
 /// What a peer does at the end of its inner steps, and when a round closes.
 pub trait OuterLoop {
@@ -61,6 +65,9 @@ pub struct RoundState {
     /// θ at the start of the round, per parameter (model order).
     global: Vec<Vec<f32>>,
     error_feedback: Vec<Vec<f32>>,
+    /// The codec of the exchange's aggregates, when the run's step is one
+    /// ([`Download::Aggregate`]).
+    aggregate: Option<CodecConfig>,
 }
 
 /// The model's parameters (model order), flattened.
@@ -143,7 +150,41 @@ impl RoundState {
             rule,
             global,
             error_feedback,
+            aggregate: None,
         })
+    }
+
+    /// The same state, taking its steps as the exchange's aggregates made with `config`.
+    pub fn with_aggregates(self, config: CodecConfig) -> Self {
+        Self {
+            aggregate: Some(config),
+            ..self
+        }
+    }
+
+    /// θ ← θ − `outer_lr` · `aggregate`, decoded as it is. Every replica and the exchange
+    /// that made it compute the same bytes.
+    fn apply_aggregate(
+        &mut self,
+        model: &Llama,
+        aggregate: &Update,
+        outer_lr: f32,
+    ) -> Result<(), RoundError> {
+        let config = self.aggregate.ok_or(RoundError::Dense(
+            "this run's rounds carry updates, not an aggregate".into(),
+        ))?;
+        let layout = Self::layout(model);
+        aggregate.check_fits(
+            config,
+            layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        )?;
+        let mut step = Vec::new();
+        for (i, (name, _)) in layout.iter().enumerate() {
+            let input = [(aggregate.tensor(name).expect("layout checked"), 1.0)];
+            let rule = AggregationRule::WeightedMean;
+            outer_step(rule, &input, outer_lr, &mut self.global[i], &mut step)?;
+        }
+        write(model, &self.global)
     }
 
     /// The model's tensors as `(name, shape)`, for checking an update's layout.
@@ -236,8 +277,15 @@ impl Outer {
     pub fn new(run: &RunConfig, model: &Llama) -> Result<Self, RoundError> {
         Ok(match run.algorithm {
             Algorithm::SparseLoCo => {
-                let codec = run.codec().map_err(|e| RoundError::Dense(e.to_string()))?;
-                Outer::SparseLoCo(RoundState::new(model, codec, run.aggregation())?)
+                let invalid = |e: crate::run::RunError| RoundError::Dense(e.to_string());
+                let codec = run.codec().map_err(invalid)?;
+                let state = RoundState::new(model, codec, run.aggregation())?;
+                Outer::SparseLoCo(match run.download {
+                    Download::Aggregate => {
+                        state.with_aggregates(run.aggregate_codec().map_err(invalid)?.config())
+                    }
+                    Download::Gather | Download::All => state,
+                })
             }
             Algorithm::DiLoCo => Outer::DiLoCo(DilocoState::new(model, run.outer_momentum)?),
             Algorithm::Ddp => Outer::Ddp,
@@ -347,20 +395,15 @@ impl Outer {
                     "DDP needs the optimiser to apply gradients".into(),
                 ))?;
                 let parsed = parse_dense(updates)?;
-                let total: f32 = parsed.iter().map(|(_, w)| w).sum();
-                if total <= 0.0 {
+                let refs: Vec<_> = parsed.iter().map(|(u, w)| (u, *w)).collect();
+                let Some(mean) = weighted_mean(model, &refs)? else {
                     return Ok(()); // nothing accepted: no step on any replica
-                }
+                };
                 let mut grads = candle_core::backprop::GradStore::default();
                 for (name, var) in model.params() {
-                    let mut mean = vec![0.0f32; var.elem_count()];
-                    for (u, w) in &parsed {
-                        for (m, g) in mean.iter_mut().zip(u.tensor(name, var.dims())?) {
-                            *m += w / total * g;
-                        }
-                    }
+                    let mean = mean.tensor(name, var.dims())?;
                     let g =
-                        Tensor::from_slice(&mean, var.dims(), var.device()).map_err(|source| {
+                        Tensor::from_slice(mean, var.dims(), var.device()).map_err(|source| {
                             RoundError::Tensor {
                                 tensor: name.clone(),
                                 source,
@@ -370,6 +413,24 @@ impl Outer {
                 }
                 Ok(inner.apply(grads)?)
             }
+        }
+    }
+
+    /// Takes a closed round's step: its updates, or the exchange's aggregate of them.
+    pub fn apply_step(
+        &mut self,
+        model: &Llama,
+        inner: Option<&mut InnerOptimizer>,
+        step: Step<'_>,
+        outer_lr: f32,
+    ) -> Result<(), RoundError> {
+        match (step, self) {
+            (Step::Updates(updates), outer) => outer.apply(model, inner, updates, outer_lr),
+            (Step::Aggregate(bytes), Outer::SparseLoCo(s)) => {
+                s.apply_aggregate(model, &Update::from_bytes(bytes)?, outer_lr)
+            }
+            // A dense aggregate is the weighted mean: one update of weight 1.
+            (Step::Aggregate(bytes), outer) => outer.apply(model, inner, &[(bytes, 1.0)], outer_lr),
         }
     }
 

@@ -238,10 +238,7 @@ impl Follower<'_> {
 
     /// The outer step every replica takes with the round, from `before` (θ_r).
     fn apply(&mut self, result: &RoundResult, before: &[Vec<f32>]) -> Result<(), PeerError> {
-        let updates: Vec<(&[u8], f32)> = (result.entries.iter())
-            .map(|e| (e.bytes.as_slice(), e.weight))
-            .collect();
-        self.replica.apply(&updates)?;
+        self.replica.apply_round(result)?;
         let after = read(&self.replica.model)?;
         let accepted: Vec<(PeerId, &[u8])> = (result.entries.iter())
             .map(|e| (e.peer, e.bytes.as_slice()))

@@ -14,10 +14,10 @@ use crate::exchange::PeerId;
 use crate::exchange::Reason;
 use crate::exchange::client::{ClientError, ClientOptions, ExchangeClient, RoundResult};
 use crate::model::{InnerOptimizer, Llama, save_checkpoint};
-use crate::outer::{LocalUpdate, Outer, Round};
+use crate::outer::{LocalUpdate, Outer, Round, Step};
 use crate::roles::metrics::{PeerMetrics, RoundMeasured};
 use crate::run::{Algorithm, Run};
-use crate::scoring::adversary::{Adversaries, Cheater};
+use crate::scoring::adversary::{Adversaries, Cheater, Closed};
 use crate::scoring::evaluate::{probe_model, probe_positions};
 
 /// How this peer reaches the exchange and where it writes.
@@ -244,7 +244,7 @@ impl<'a> Peer<'a> {
             local: update.as_ref(),
             accepted_bytes: result.accepted_bytes,
             exchange: result.times,
-            received_bytes: result.entries.iter().map(|e| e.bytes.len() as u64).sum(),
+            received_bytes: result.downloaded_bytes(),
             outer_step: applying.elapsed(),
             dense_bytes,
         });
@@ -254,20 +254,14 @@ impl<'a> Peer<'a> {
     /// The outer step with `round`'s accepted updates (a cheater's way, if it cheats).
     fn apply(&mut self, round: Round, result: &RoundResult) -> Result<(), PeerError> {
         match &mut self.cheat {
-            None => {
-                let updates: Vec<(&[u8], f32)> = (result.entries.iter())
-                    .map(|e| (e.bytes.as_slice(), e.weight))
-                    .collect();
-                self.replica.apply(&updates)?;
-            }
+            None => self.replica.apply_round(result)?,
             Some(cheat) => {
                 let entries = (result.entries.iter())
+                    .filter(|e| !e.left_out)
                     .map(|e| (e.peer, e.bytes.clone(), e.weight))
                     .collect();
-                for closed in cheat.due(round, entries) {
-                    let refs: Vec<(&[u8], f32)> =
-                        closed.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
-                    self.replica.apply(&refs)?;
+                for closed in cheat.due(round, entries, result.aggregate.clone()) {
+                    self.replica.apply_closed(&closed)?;
                 }
             }
         }
@@ -368,8 +362,29 @@ impl<'a> Replica<'a> {
 
     /// The outer step with a round's accepted updates.
     pub fn apply(&mut self, updates: &[(&[u8], f32)]) -> Result<(), crate::outer::RoundError> {
+        self.apply_step(Step::Updates(updates))
+    }
+
+    /// The outer step of a closed round as the exchange streamed it.
+    pub fn apply_round(&mut self, result: &RoundResult) -> Result<(), crate::outer::RoundError> {
+        let updates = result.updates();
+        self.apply_step(result.step(&updates))
+    }
+
+    /// The outer step of a closed round kept to be applied later.
+    pub fn apply_closed(&mut self, closed: &Closed) -> Result<(), crate::outer::RoundError> {
+        let updates: Vec<(&[u8], f32)> = (closed.updates.iter())
+            .map(|(b, w)| (b.as_slice(), *w))
+            .collect();
+        match &closed.aggregate {
+            Some(bytes) => self.apply_step(Step::Aggregate(bytes)),
+            None => self.apply_step(Step::Updates(&updates)),
+        }
+    }
+
+    fn apply_step(&mut self, step: Step<'_>) -> Result<(), crate::outer::RoundError> {
         let lr = self.run.config.outer_lr;
         self.outer
-            .apply(&self.model, Some(&mut self.inner), updates, lr)
+            .apply_step(&self.model, Some(&mut self.inner), step, lr)
     }
 }

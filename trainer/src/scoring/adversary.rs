@@ -246,8 +246,12 @@ fn reencode(update: &Update, f: &mut dyn FnMut(&mut [f32])) -> Result<Update, Co
     Update::new(update.config(), tensors)
 }
 
-/// A closed round as a peer applies it: each accepted update and its weight.
-pub type Closed = Vec<(Vec<u8>, f32)>;
+/// A closed round as a peer applies it: each update of its step and its weight, or the
+/// exchange's aggregate of them.
+pub struct Closed {
+    pub updates: Vec<(Vec<u8>, f32)>,
+    pub aggregate: Option<Vec<u8>>,
+}
 
 /// A cheating peer's plan and what it keeps to carry it out: the train role's and the
 /// simulation's one adversary.
@@ -316,12 +320,20 @@ impl Cheater {
         sent
     }
 
-    /// `round` closed with `entries` (peer, update, weight): the closed rounds to apply
-    /// now, oldest first (this one, none, or an older one).
-    pub fn due(&mut self, round: Round, entries: Vec<(PeerId, Vec<u8>, f32)>) -> Vec<Closed> {
+    /// `round` closed with `entries` (peer, update, weight) and, when the run downloads
+    /// one, `aggregate`: the closed rounds to apply now, oldest first (this one, none, or
+    /// an older one). Only the updates a peer sees can be copied.
+    pub fn due(
+        &mut self,
+        round: Round,
+        entries: Vec<(PeerId, Vec<u8>, f32)>,
+        aggregate: Option<Vec<u8>>,
+    ) -> Vec<Closed> {
         self.previous = entries.iter().map(|(p, b, _)| (*p, b.clone())).collect();
-        self.late
-            .push_back(entries.into_iter().map(|(_, b, w)| (b, w)).collect());
+        self.late.push_back(Closed {
+            updates: entries.into_iter().map(|(_, b, w)| (b, w)).collect(),
+            aggregate,
+        });
         match self
             .active(round)
             .map_or(Applies::AtOnce, Adversary::applies)
@@ -403,16 +415,16 @@ mod tests {
     fn a_stale_peer_applies_rounds_two_late_and_a_frozen_one_never() {
         let mut stale = cheater("stale", 1);
         let applied: Vec<usize> = (0..5)
-            .map(|r| stale.due(Round(r), closed(r as u8)).len())
+            .map(|r| stale.due(Round(r), closed(r as u8), None).len())
             .collect();
         assert_eq!(applied, [1, 0, 0, 1, 1]);
         let mut frozen = cheater("frozen", 2);
         let applied: Vec<usize> = (0..4)
-            .map(|r| frozen.due(Round(r), closed(r as u8)).len())
+            .map(|r| frozen.due(Round(r), closed(r as u8), None).len())
             .collect();
         assert_eq!(applied, [1, 1, 0, 0]);
         let mut honest_until_late = cheater("signflip", 9);
-        assert_eq!(honest_until_late.due(Round(0), closed(0)).len(), 1);
+        assert_eq!(honest_until_late.due(Round(0), closed(0), None).len(), 1);
     }
 
     #[test]
@@ -424,7 +436,7 @@ mod tests {
         assert_eq!(sent, [vec![0], vec![1], vec![0], vec![1]]);
         let mut copy = cheater("copy:p1", 1);
         assert_eq!(copy.tamper(Round(0), vec![9]), [9]);
-        copy.due(Round(0), closed(7));
+        copy.due(Round(0), closed(7), None);
         assert_eq!(copy.tamper(Round(1), vec![9]), [7, 1]);
     }
 

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::ScoringSpec;
-use super::adversary::{Adversary, Cheater};
+use super::adversary::{Adversary, Cheater, Closed};
 use super::evaluate::{Evaluator, Submission, own_slice, probe, probe_positions, random_slice};
 use super::rules::{Change, Measured, RoundInput, Scoring, Standing, step};
 use crate::data::Batch;
@@ -232,14 +232,15 @@ impl<'a> Federation<'a> {
                     let entries = (accepted.iter().zip(&weighted))
                         .map(|(s, (bytes, w))| (s.peer, bytes.clone(), *w))
                         .collect();
-                    cheater.due(round, entries)
+                    cheater.due(round, entries, None)
                 }
-                None => vec![weighted.clone()],
+                None => vec![Closed {
+                    updates: weighted.clone(),
+                    aggregate: None,
+                }],
             };
             for closed in due {
-                let refs: Vec<(&[u8], f32)> =
-                    closed.iter().map(|(b, w)| (b.as_slice(), *w)).collect();
-                self.peers[p].apply(&refs)?;
+                self.peers[p].apply_closed(&closed)?;
             }
         }
         let after = read(&self.exchange.model)?;

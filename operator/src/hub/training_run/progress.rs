@@ -86,6 +86,7 @@ fn round_status(summary: &proto::RoundSummary) -> RoundStatus {
         updates: summary.contributors.len() as u32,
         waited_seconds: tenths(summary.waited_seconds),
         deadline_seconds: tenths(summary.deadline_seconds),
+        download_bytes: summary.download_bytes,
     }
 }
 

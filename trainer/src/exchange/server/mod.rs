@@ -33,7 +33,7 @@ use super::proto::{self, exchange_server::ExchangeServer};
 use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens, pacing};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama};
-use crate::outer::{Outer, Round};
+use crate::outer::{Aggregator, Download, Outer, Round};
 use crate::run::{Algorithm, Run};
 
 pub use auth::Authenticate;
@@ -124,6 +124,8 @@ struct Global {
     outer: Outer,
     /// Only DDP needs an optimiser here: its rounds are AdamW steps.
     inner: Option<InnerOptimizer>,
+    /// Makes each round's aggregate under `--download aggregate`.
+    aggregator: Option<Aggregator>,
     validation: Batch,
 }
 
@@ -280,11 +282,22 @@ impl Exchange {
         };
         let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
         let initial_validation_loss = validation_loss(&model, &validation);
+        let mut aggregator = match run.config.download {
+            Download::Aggregate => {
+                Some(Aggregator::new(&run.config, &model).map_err(|e| init(&e))?)
+            }
+            Download::Gather | Download::All => None,
+        };
         let (open, saved) = match &opts.state_dir {
-            Some(dir) => (
-                persist::resume(dir, &mut outer, &model)?,
-                persist::load_settings(dir)?,
-            ),
+            Some(dir) => {
+                if let Some(a) = aggregator.as_mut() {
+                    persist::resume_residual(dir, a, &model)?;
+                }
+                (
+                    persist::resume(dir, &mut outer, &model)?,
+                    persist::load_settings(dir)?,
+                )
+            }
             None => (Round(0), None),
         };
         let settings = saved.or(opts.settings);
@@ -299,6 +312,7 @@ impl Exchange {
             model,
             outer,
             inner,
+            aggregator,
             validation,
         };
         Ok(Self {

@@ -5,10 +5,12 @@ use std::path::Path;
 
 use super::{ExchangeError, Global, PeerId, Settings, Shared};
 use crate::model::{Llama, save_checkpoint};
-use crate::outer::{Outer, Round};
+use crate::outer::{Aggregator, Outer, Round};
 
 /// The persisted global state, inside `state_dir`.
 const STATE_FILE: &str = "state.safetensors";
+/// The exchange's aggregation residual (`--download aggregate`), inside `state_dir`.
+const RESIDUAL_FILE: &str = "aggregate-residual.safetensors";
 /// The operator's latest settings, inside `state_dir`.
 const SETTINGS_FILE: &str = "settings.json";
 
@@ -53,6 +55,31 @@ pub(super) fn resume(dir: &Path, outer: &mut Outer, model: &Llama) -> Result<Rou
 /// new one is complete.
 pub(super) fn save_state(dir: &Path, bytes: &[u8]) -> Result<(), String> {
     write_atomically(&dir.join(STATE_FILE), bytes)
+}
+
+/// Saves what the exchange's aggregates have left out so far (see
+/// [`crate::outer::Aggregator`]). Written after the state: a crash between the two costs
+/// at most one round's residual, never a replica's agreement.
+pub(super) fn save_residual(dir: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_atomically(&dir.join(RESIDUAL_FILE), bytes)
+}
+
+/// Loads the residual saved in `dir` into `aggregator`, if there is one.
+pub(super) fn resume_residual(
+    dir: &Path,
+    aggregator: &mut Aggregator,
+    model: &Llama,
+) -> Result<(), ExchangeError> {
+    let path = dir.join(RESIDUAL_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    aggregator
+        .import(model, &bytes)
+        .map_err(|e| ExchangeError::Resume {
+            path,
+            message: e.to_string(),
+        })
 }
 
 pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::codec::CodecError;
 use crate::exchange::CHUNK_BYTES;
-use crate::outer::{Round, RoundError};
+use crate::outer::{Download, Round, RoundError};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -248,14 +248,16 @@ impl Exchange {
         Ok(())
     }
 
-    /// The closed `round` as a stream: its header, then every entry and its bytes; an
-    /// evaluator also gets the roster and every peer's probe.
+    /// The closed `round` as a stream: its header, then its step (the aggregate, or the
+    /// updates it takes) with their bytes. An evaluator gets every accepted update, and
+    /// also the roster and every peer's probe.
     fn round_chunks(
         &self,
         round: Round,
         evaluator: bool,
     ) -> Result<Vec<proto::RoundChunk>, Status> {
         use proto::round_chunk::Item;
+        let download = self.shared.run.config.download;
         let mut state = self.state();
         let Some(closed) = state.closed.iter().find(|c| c.round == round) else {
             return Err(Refusal::new(
@@ -264,24 +266,39 @@ impl Exchange {
             )
             .into());
         };
+        let entries: Vec<_> = match (evaluator, download) {
+            (true, _) | (false, Download::All) => closed.entries.iter().collect(),
+            (false, Download::Gather) => closed.in_step().collect(),
+            (false, Download::Aggregate) => vec![],
+        };
+        let header = proto::RoundHeader {
+            round: round.0,
+            updates: entries.len() as u32,
+            rounds: closed.rounds.0,
+            roster: match evaluator {
+                true => (closed.scoring.roster.iter())
+                    .map(PeerId::to_string)
+                    .collect(),
+                false => vec![],
+            },
+        };
+        let data = |d| proto::RoundChunk {
+            item: Some(Item::Data(d)),
+        };
         let mut out = vec![proto::RoundChunk {
-            item: Some(Item::Round(proto::RoundHeader {
-                round: round.0,
-                updates: closed.entries.len() as u32,
-                rounds: closed.rounds.0,
-                roster: match evaluator {
-                    true => closed
-                        .scoring
-                        .roster
-                        .iter()
-                        .map(PeerId::to_string)
-                        .collect(),
-                    false => vec![],
-                },
-            })),
+            item: Some(Item::Round(header)),
         }];
         let mut sent = 0u64;
-        for (peer, weight, bytes) in &closed.entries {
+        if let Some(bytes) = &closed.aggregate {
+            out.push(proto::RoundChunk {
+                item: Some(Item::Aggregate(proto::AggregateHeader {
+                    size: bytes.len() as u64,
+                })),
+            });
+            out.extend(chunks(bytes, data));
+            sent += bytes.len() as u64;
+        }
+        for (peer, weight, bytes) in entries {
             out.push(proto::RoundChunk {
                 item: Some(Item::Entry(proto::EntryHeader {
                     peer: peer.to_string(),
@@ -291,11 +308,10 @@ impl Exchange {
                         true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
                         false => vec![],
                     },
+                    left_out: closed.left_out.contains(peer),
                 })),
             });
-            out.extend(chunks(bytes, |d| proto::RoundChunk {
-                item: Some(Item::Data(d)),
-            }));
+            out.extend(chunks(bytes, data));
             sent += bytes.len() as u64;
         }
         state.bytes_sent += sent;

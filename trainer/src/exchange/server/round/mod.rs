@@ -6,7 +6,7 @@
 //! close paced by [`crate::exchange::pacing`]); one task per exchange ([`close_rounds`])
 //! sleeps until the round is due or something happens, and closes it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,8 @@ use tracing::Instrument;
 
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
 use crate::exchange::pacing::{self, Close, Pace};
-use crate::outer::Round;
+use crate::outer::{Download, Round, Step, gathered};
+use crate::run::RunConfig;
 
 /// Recent round summaries kept for `GetRunState`.
 const SUMMARIES: usize = 64;
@@ -116,6 +117,8 @@ pub(super) fn due(o: &Observed, rules: &Rules, now: Instant) -> Due {
 pub(super) struct ClosingRound {
     round: Round,
     entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+    /// The accepted updates the round's step does not take.
+    left_out: BTreeSet<PeerId>,
     scoring: ForScoring,
     train_loss: f32,
     paced: Paced,
@@ -123,6 +126,15 @@ pub(super) struct ClosingRound {
     settings: Settings,
     /// Where the run stood before this round: what its checkpoint reports.
     so_far: persist::SoFar,
+}
+
+/// A round's step taken on the global state.
+struct Advanced {
+    /// The state after it, as peers fetch it.
+    state_bytes: Vec<u8>,
+    validation_loss: f32,
+    /// The step as one object, under [`Download::Aggregate`].
+    aggregate: Option<Vec<u8>>,
 }
 
 /// How a round came to close.
@@ -152,10 +164,15 @@ pub(super) struct ForScoring {
     pub probes: BTreeMap<PeerId, Vec<f32>>,
 }
 
-/// A closed round, kept for fetching: every update with its peer and weight.
+/// A closed round, kept for fetching: every update with its peer and weight, and the
+/// step the round made of them.
 pub(super) struct Closed {
     pub round: Round,
     pub entries: Vec<(PeerId, f32, Arc<Vec<u8>>)>,
+    /// The accepted updates the step does not take (beyond the gather limit).
+    pub left_out: BTreeSet<PeerId>,
+    /// The step as one object, under [`Download::Aggregate`].
+    pub aggregate: Option<Arc<Vec<u8>>>,
     /// The run's length when the round closed.
     pub rounds: Round,
     pub scoring: ForScoring,
@@ -202,9 +219,43 @@ pub(super) async fn close_rounds(shared: Weak<Shared>, wake: Arc<Notify>) {
     }
 }
 
-/// Tokens a closed round trained on: every contributing peer's inner steps.
-fn round_tokens(config: &crate::run::RunConfig, entries: &[(PeerId, f32, Arc<Vec<u8>>)]) -> u64 {
-    let contributing = entries.iter().filter(|(_, w, _)| *w > 0.0).count() as u64;
+impl Closed {
+    /// The updates the round's step takes, with their weights, in peer order.
+    pub(super) fn in_step(&self) -> impl Iterator<Item = &(PeerId, f32, Arc<Vec<u8>>)> {
+        in_step(&self.entries, &self.left_out)
+    }
+}
+
+fn in_step<'a>(
+    entries: &'a [(PeerId, f32, Arc<Vec<u8>>)],
+    left_out: &'a BTreeSet<PeerId>,
+) -> impl Iterator<Item = &'a (PeerId, f32, Arc<Vec<u8>>)> {
+    entries.iter().filter(|(p, _, _)| !left_out.contains(p))
+}
+
+/// Of a closing round's accepted updates, those its step leaves out: under
+/// [`Download::Gather`], all but the `gather` it takes (see [`gathered`]).
+fn left_out(
+    config: &RunConfig,
+    round: Round,
+    entries: &[(PeerId, f32, Arc<Vec<u8>>)],
+) -> BTreeSet<PeerId> {
+    if config.download != Download::Gather {
+        return BTreeSet::new();
+    }
+    let weighted: Vec<(PeerId, f32)> = entries.iter().map(|(p, w, _)| (*p, *w)).collect();
+    let taken = gathered(&weighted, config.gather, config.seed ^ u64::from(round.0));
+    (weighted.into_iter().map(|(p, _)| p))
+        .filter(|p| !taken.contains(p))
+        .collect()
+}
+
+/// Tokens a closed round trained on: the inner steps of every peer its step takes.
+fn round_tokens<'a>(
+    config: &RunConfig,
+    entries: impl Iterator<Item = &'a (PeerId, f32, Arc<Vec<u8>>)>,
+) -> u64 {
+    let contributing = entries.filter(|(_, w, _)| *w > 0.0).count() as u64;
     contributing
         * u64::from(config.steps_per_round())
         * u64::from(config.batch)
@@ -245,7 +296,7 @@ impl super::State {
 
     /// Takes the open round out of collection to be applied: its updates, what scoring
     /// needs of it, and where the run stood before it.
-    fn take_round(&mut self, paced: Paced, settings: Settings) -> ClosingRound {
+    fn take_round(&mut self, config: &RunConfig, paced: Paced, settings: Settings) -> ClosingRound {
         let state = self;
         let round = state.open;
         state.round_state = RoundState::Closing {
@@ -266,10 +317,11 @@ impl super::State {
                 .map(|s| s.train_loss)
                 .collect::<Vec<_>>(),
         );
-        let entries = submissions
+        let entries: Vec<_> = submissions
             .into_iter()
             .map(|(p, s)| (p, state.weights.get(&p).copied().unwrap_or(1.0), s.bytes))
             .collect();
+        let left_out = left_out(config, round, &entries);
         let so_far = persist::SoFar {
             tokens: state.tokens,
             validation: std::iter::once((0, state.initial_validation_loss))
@@ -285,6 +337,7 @@ impl super::State {
         ClosingRound {
             round,
             entries,
+            left_out,
             scoring,
             train_loss,
             paced,
@@ -331,7 +384,7 @@ impl Exchange {
             waited: first_at.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
             deadline: pace.deadline,
         };
-        Ok(state.take_round(paced, settings))
+        Ok(state.take_round(&self.shared.run.config, paced, settings))
     }
 
     /// Applies a closing round to the global state, then opens the next round.
@@ -339,6 +392,7 @@ impl Exchange {
         let ClosingRound {
             round,
             entries,
+            left_out,
             scoring,
             train_loss,
             paced,
@@ -352,15 +406,24 @@ impl Exchange {
             deadline,
         } = paced;
         let this = self.clone();
-        let to_apply = entries.clone();
+        let step: Vec<_> = in_step(&entries, &left_out).cloned().collect();
         let span = tracing::Span::current();
         let applied = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| this.advance(round, &to_apply, train_loss, settings, so_far))
+            span.in_scope(|| this.advance(round, &step, train_loss, settings, so_far))
         })
         .await
         .unwrap_or_else(|e| Err(format!("advancing the global state panicked: {e}")));
-        let (state_bytes, validation_loss) =
-            applied.map_err(|message| Failure { round, message })?;
+        let Advanced {
+            state_bytes,
+            validation_loss,
+            aggregate,
+        } = applied.map_err(|message| Failure { round, message })?;
+        let download_bytes = match &aggregate {
+            Some(a) => a.len() as u64,
+            None => in_step(&entries, &left_out)
+                .map(|(_, _, b)| b.len() as u64)
+                .sum(),
+        };
         let summary = proto::RoundSummary {
             round: round.0,
             contributors: entries.iter().map(|(p, _, _)| p.to_string()).collect(),
@@ -371,12 +434,15 @@ impl Exchange {
             closed_by: closed_by.as_str().to_owned(),
             waited_seconds: waited.as_secs_f64(),
             deadline_seconds: deadline.as_secs_f64(),
+            download_bytes,
         };
         tracing::info!(
             round = round.0,
             updates = entries.len(),
             contributors = ?summary.contributors,
             bytes = summary.bytes,
+            download_bytes,
+            left_out = left_out.len(),
             train_loss,
             validation_loss,
             closed_by = summary.closed_by,
@@ -389,6 +455,8 @@ impl Exchange {
             Closed {
                 round,
                 entries,
+                left_out,
+                aggregate: aggregate.map(Arc::new),
                 rounds,
                 scoring,
                 closed_at: Instant::now(),
@@ -406,7 +474,7 @@ impl Exchange {
         let next = closed.round.next();
         {
             let mut state = self.state();
-            state.tokens += round_tokens(config, &closed.entries);
+            state.tokens += round_tokens(config, closed.in_step());
             state.closed.push_back(closed);
             while state.closed.len() > self.shared.opts.keep_rounds.max(1) {
                 state.closed.pop_front();
@@ -424,8 +492,8 @@ impl Exchange {
         self.shared.open_tx.send_replace(next);
     }
 
-    /// Applies a closed round to the global state, persists it, writes a checkpoint when
-    /// due, and returns the new state's bytes and validation loss.
+    /// Takes a closed round's step (`entries`: the updates it takes) on the global state,
+    /// persists it, writes a checkpoint when due, and returns the new state.
     fn advance(
         &self,
         round: Round,
@@ -433,7 +501,7 @@ impl Exchange {
         train_loss: f32,
         settings: Settings,
         mut so_far: persist::SoFar,
-    ) -> Result<(Vec<u8>, f32), String> {
+    ) -> Result<Advanced, String> {
         let shared = &self.shared;
         let mut global = shared.global.lock().unwrap_or_else(|p| p.into_inner());
         let g = &mut *global;
@@ -442,22 +510,29 @@ impl Exchange {
         }
         let updates: Vec<(&[u8], f32)> =
             entries.iter().map(|(_, w, b)| (b.as_slice(), *w)).collect();
-        g.outer
-            .apply(
-                &g.model,
-                g.inner.as_mut(),
-                &updates,
-                shared.run.config.outer_lr,
-            )
+        let aggregate = match g.aggregator.as_mut() {
+            Some(a) => a.aggregate(&g.model, &updates).map_err(|e| e.to_string())?,
+            None => None,
+        };
+        let step = match &aggregate {
+            Some(bytes) => Step::Aggregate(bytes),
+            None => Step::Updates(&updates),
+        };
+        let lr = shared.run.config.outer_lr;
+        (g.outer)
+            .apply_step(&g.model, g.inner.as_mut(), step, lr)
             .map_err(|e| e.to_string())?;
         let next = round.next();
         let bytes = g.outer.export(&g.model, next).map_err(|e| e.to_string())?;
         if let Some(dir) = &shared.opts.state_dir {
             persist::save_state(dir, &bytes)?;
+            if let Some(a) = &g.aggregator {
+                persist::save_residual(dir, &a.export(&g.model))?;
+            }
         }
         let validation_loss = validation_loss(&g.model, &g.validation);
         let contributors: Vec<PeerId> = entries.iter().map(|(p, _, _)| *p).collect();
-        so_far.tokens += round_tokens(&shared.run.config, entries);
+        so_far.tokens += round_tokens(&shared.run.config, entries.iter());
         so_far.validation.push((next.0, validation_loss));
         let checkpoint = persist::Checkpoint {
             next,
@@ -468,7 +543,11 @@ impl Exchange {
             so_far,
         };
         persist::write_checkpoint(shared, g, checkpoint)?;
-        Ok((bytes, validation_loss))
+        Ok(Advanced {
+            state_bytes: bytes,
+            validation_loss,
+            aggregate,
+        })
     }
 }
 

@@ -16,6 +16,10 @@ use super::tls::{ClientTls, untrusted};
 use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
 use crate::outer::Round;
 
+mod round;
+
+pub use round::{Entry, ExchangeTimes, RoundResult};
+
 type Grpc = exchange_client::ExchangeClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds the bearer token to every call.
@@ -83,38 +87,6 @@ pub struct ExchangeClient {
     grpc: Grpc,
     opts: ClientOptions,
     round_trace: RoundTrace,
-}
-
-/// A closed round as a peer sees it.
-pub struct RoundResult {
-    /// The accepted updates, in peer order.
-    pub entries: Vec<Entry>,
-    /// The run's length when the round closed (it may change while the run goes on).
-    pub rounds: Round,
-    /// Bytes of this peer's update the exchange accepted; `None` if it was not counted.
-    pub accepted_bytes: Option<u64>,
-    /// Every peer the exchange knew when the round closed (evaluators only).
-    pub roster: Vec<PeerId>,
-    /// Where the exchange's part of the round went.
-    pub times: ExchangeTimes,
-}
-
-/// Where a peer's time with the exchange went in one round: sending its update, waiting
-/// for the round to close, and downloading the round's updates (retries included).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ExchangeTimes {
-    pub upload: Duration,
-    pub wait: Duration,
-    pub fetch: Duration,
-}
-
-/// One accepted update of a closed round.
-pub struct Entry {
-    pub peer: PeerId,
-    pub weight: f32,
-    pub bytes: Vec<u8>,
-    /// The peer's θ at the probe positions (evaluators only).
-    pub probe: Vec<f32>,
 }
 
 impl ExchangeClient {
@@ -412,57 +384,6 @@ impl ExchangeClient {
             .await;
         times.fetch += fetching.elapsed();
         result
-    }
-
-    /// The rest of a round's stream, from its `first` message.
-    async fn read_round(
-        &self,
-        round: Round,
-        first: Option<Result<proto::RoundChunk, Status>>,
-        stream: &mut tonic::Streaming<proto::RoundChunk>,
-    ) -> Result<RoundResult, Status> {
-        use proto::round_chunk::Item;
-        let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut expected = None;
-        let mut roster = vec![];
-        let mut next = first;
-        while let Some(chunk) = next {
-            match chunk?.item {
-                Some(Item::Round(h)) if h.round == round.0 => {
-                    expected = Some((h.updates, Round(h.rounds)));
-                    roster = (h.roster.iter())
-                        .map(|p| p.parse().map_err(|e: String| Status::internal(e)))
-                        .collect::<Result<_, _>>()?;
-                }
-                Some(Item::Entry(e)) => entries.push(Entry {
-                    peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
-                    weight: e.weight,
-                    bytes: Vec::with_capacity(e.size as usize),
-                    probe: e.probe,
-                }),
-                Some(Item::Data(d)) => {
-                    pacer.pace(d.len()).await;
-                    entries
-                        .last_mut()
-                        .ok_or_else(|| Status::internal("data before any entry"))?
-                        .bytes
-                        .extend_from_slice(&d);
-                }
-                _ => return Err(Status::internal("malformed round stream")),
-            }
-            next = stream.next().await;
-        }
-        match expected {
-            Some((n, rounds)) if n as usize == entries.len() => Ok(RoundResult {
-                entries,
-                rounds,
-                accepted_bytes: None,
-                roster,
-                times: ExchangeTimes::default(),
-            }),
-            _ => Err(Status::unavailable("the round stream ended early")),
-        }
     }
 
     /// Keeps the exchange's span of the round a reply names, for [`Self::round_trace`].

@@ -7,7 +7,6 @@
 //! federated row is compared with the DDP row of the same inner learning rate, because
 //! that is what an ML engineer weighs a federated run against.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
@@ -15,7 +14,11 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::local::LocalFederation;
-use crate::run::{Algorithm, tuned};
+
+mod table;
+
+use crate::run::{Algorithm, Download, tuned};
+pub use table::{convergence_table_header, convergence_table_row};
 
 /// The settings one run trains with: a point of the sweep's grid.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -33,6 +36,11 @@ pub struct Settings {
     /// Error-feedback decay β and values kept per chunk (SparseLoCo only).
     pub error_feedback: Option<f32>,
     pub k: Option<u32>,
+    /// What each peer downloads a round (SparseLoCo only: the dense algorithms'
+    /// aggregate is their exact mean, so every mode trains them alike).
+    pub download: Option<Download>,
+    /// Values per chunk of the compressed aggregate (`download: aggregate` only).
+    pub aggregate_k: Option<u32>,
 }
 
 /// One setting the sweep varies, and the values it takes (`lr=1e-3,3e-3`).
@@ -46,10 +54,13 @@ pub enum Axis {
     OuterMomentum(Vec<f32>),
     ErrorFeedback(Vec<f32>),
     K(Vec<u32>),
+    Download(Vec<Download>),
+    AggregateK(Vec<u32>),
 }
 
 /// The names `--sweep` accepts, as in `NAME=V1,V2`.
-const AXES: &str = "lr, warmup-steps, inner-steps, outer-lr, outer-momentum, error-feedback, k";
+const AXES: &str = "lr, warmup-steps, inner-steps, outer-lr, outer-momentum, error-feedback, \
+                    k, download, aggregate-k";
 
 impl FromStr for Axis {
     type Err = String;
@@ -72,6 +83,14 @@ impl FromStr for Axis {
             "outer-momentum" => Axis::OuterMomentum(values(name, list)?),
             "error-feedback" => Axis::ErrorFeedback(values(name, list)?),
             "k" => Axis::K(values(name, list)?),
+            "download" => Axis::Download(
+                (list.split(',').map(str::trim))
+                    .map(|v| {
+                        clap::ValueEnum::from_str(v, false).map_err(|e| format!("{name}: {e}"))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+            "aggregate-k" => Axis::AggregateK(values(name, list)?),
             other => return Err(format!("no sweep axis {other:?} (one of {AXES})")),
         };
         Ok(axis)
@@ -83,7 +102,8 @@ impl Axis {
         match self {
             Axis::Lr(v) => v.len(),
             Axis::WarmupSteps(v) => v.len(),
-            Axis::InnerSteps(v) | Axis::K(v) => v.len(),
+            Axis::InnerSteps(v) | Axis::K(v) | Axis::AggregateK(v) => v.len(),
+            Axis::Download(v) => v.len(),
             Axis::OuterLr(v) | Axis::OuterMomentum(v) | Axis::ErrorFeedback(v) => v.len(),
         }
     }
@@ -98,6 +118,8 @@ impl Axis {
             Axis::OuterMomentum(v) => base.outer_momentum = v[i],
             Axis::ErrorFeedback(v) => base.error_feedback = v[i],
             Axis::K(v) => base.k = v[i],
+            Axis::Download(v) => base.download = v[i],
+            Axis::AggregateK(v) => base.aggregate_k = Some(v[i]),
         }
     }
 }
@@ -113,6 +135,8 @@ struct Base {
     outer_momentum: f32,
     error_feedback: f32,
     k: u32,
+    download: Download,
+    aggregate_k: Option<u32>,
 }
 
 /// One algorithm's outcome in the convergence benchmark.
@@ -129,6 +153,13 @@ pub struct ConvergenceRow {
     /// `final / DDP's final − 1` against the DDP row of the same learning rate and
     /// warmup, when the benchmark ran one.
     pub vs_ddp: Option<f64>,
+    /// `final / final with download: all − 1` against the row of the same settings that
+    /// downloaded every update, when the benchmark ran one.
+    pub vs_all: Option<f64>,
+    /// Bytes one peer downloaded to take a round's step, mean over the last rounds.
+    pub download_per_round: u64,
+    /// That, over one peer's mean update: what the download bound is measured in.
+    pub download_vs_update: f64,
     /// Bytes of updates each peer sent (mean over peers).
     pub bytes_sent_per_peer: u64,
     /// The same updates as dense fp32: the baseline of the ratio.
@@ -185,6 +216,15 @@ pub struct ConvergenceBench {
     pub bits: u8,
     #[arg(long, default_value_t = 0.95)]
     pub error_feedback: f32,
+    /// What each peer downloads a round (`sparseloco`).
+    #[arg(long, value_enum, default_value_t = Download::Aggregate)]
+    pub download: Download,
+    /// Updates a round takes with `--download gather`.
+    #[arg(long, default_value_t = crate::run::DEFAULT_GATHER)]
+    pub gather: u32,
+    /// Values per chunk of the compressed aggregate; four times `--k` by default.
+    #[arg(long)]
+    pub aggregate_k: Option<u32>,
     #[arg(long, default_value_t = tuned::outer_lr(Algorithm::SparseLoCo))]
     pub sparseloco_outer_lr: f32,
     #[arg(long, default_value_t = tuned::outer_lr(Algorithm::DiLoCo))]
@@ -194,7 +234,8 @@ pub struct ConvergenceBench {
     /// Vary a setting, `NAME=V1,V2`; repeat it for a grid (every combination runs, each
     /// algorithm once per combination of the settings it uses). NAME: lr, warmup-steps,
     /// inner-steps (the rounds follow, so the tokens stay equal), outer-lr (every
-    /// federated algorithm's), outer-momentum, error-feedback, k.
+    /// federated algorithm's), outer-momentum, error-feedback, k, download (`all`,
+    /// `gather`, `aggregate`), aggregate-k.
     #[arg(long = "sweep", value_name = "NAME=V1,V2")]
     pub sweep: Vec<Axis>,
     /// Held-out sequences the validation loss is measured on.
@@ -223,6 +264,14 @@ impl ConvergenceBench {
                         && r.settings.warmup_steps == row.settings.warmup_steps
                 })
                 .map(|ddp| f64::from(row.final_validation_loss / ddp.final_validation_loss) - 1.0);
+            let all = Settings {
+                download: Some(Download::All),
+                aggregate_k: None,
+                ..row.settings.clone()
+            };
+            row.vs_all = (rows.iter())
+                .find(|r| r.algorithm == row.algorithm && r.settings == all)
+                .map(|r| f64::from(row.final_validation_loss / r.final_validation_loss) - 1.0);
             report(&row);
             rows.push(row);
         }
@@ -255,6 +304,8 @@ impl ConvergenceBench {
             outer_momentum: self.diloco_momentum,
             error_feedback: self.error_feedback,
             k: self.k,
+            download: self.download,
+            aggregate_k: self.aggregate_k,
         };
         self.sweep.iter().fold(vec![base], |points, axis| {
             (points.iter())
@@ -300,6 +351,16 @@ impl ConvergenceBench {
                 Some(point.k),
             ),
         };
+        let sparse = algorithm == Algorithm::SparseLoCo;
+        let download = sparse.then_some(point.download);
+        let aggregate_k = match download {
+            Some(Download::Aggregate) => Some(
+                (point.aggregate_k)
+                    .unwrap_or(crate::run::AGGREGATE_K_FACTOR * point.k)
+                    .min(self.chunk),
+            ),
+            _ => None,
+        };
         Ok(Settings {
             lr: point.lr,
             warmup_steps: point.warmup_steps,
@@ -309,6 +370,8 @@ impl ConvergenceBench {
             outer_momentum,
             error_feedback,
             k,
+            download,
+            aggregate_k,
         })
     }
 
@@ -337,6 +400,9 @@ impl ConvergenceBench {
             .max()
             .unwrap_or(0);
         let dense_bytes_per_peer = state.dense_update_bytes * u64::from(settings.rounds);
+        let downloads: Vec<u64> = state.recent.iter().map(|r| r.download_bytes).collect();
+        let download_per_round = downloads.iter().sum::<u64>() / downloads.len().max(1) as u64;
+        let update = bytes_sent_per_peer as f64 / f64::from(settings.rounds.max(1));
         Ok(ConvergenceRow {
             algorithm,
             peers: self.peers,
@@ -345,6 +411,9 @@ impl ConvergenceBench {
             initial_validation_loss: state.initial_validation_loss,
             final_validation_loss: last.validation_loss,
             vs_ddp: None,
+            vs_all: None,
+            download_per_round,
+            download_vs_update: download_per_round as f64 / update.max(1.0),
             bytes_sent_per_peer,
             dense_bytes_per_peer,
             ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
@@ -374,6 +443,11 @@ impl ConvergenceBench {
             ),
             ("--chunk", self.chunk.to_string()),
             ("--k", s.k.unwrap_or(self.k).to_string()),
+            (
+                "--download",
+                crate::run::value_name(&s.download.unwrap_or(self.download)),
+            ),
+            ("--gather", self.gather.to_string()),
             ("--bits", self.bits.to_string()),
             (
                 "--error-feedback",
@@ -381,6 +455,7 @@ impl ConvergenceBench {
             ),
         ]
         .into_iter()
+        .chain(s.aggregate_k.map(|k| ("--aggregate-k", k.to_string())))
         .flat_map(|(flag, value)| [flag.to_owned(), value])
         .collect()
     }
@@ -415,144 +490,5 @@ fn algorithm_name(algorithm: Algorithm) -> String {
     crate::run::value_name(&algorithm)
 }
 
-/// A setting the algorithm does not use prints as `-`.
-struct Opt<T>(Option<T>);
-
-impl<T: fmt::Display> fmt::Display for Opt<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => "-".fmt(f),
-        }
-    }
-}
-
-pub fn convergence_table_header() -> String {
-    format!(
-        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>7} {:>9} {:>9}",
-        "algorithm",
-        "H",
-        "rounds",
-        "lr",
-        "warm",
-        "α",
-        "mom",
-        "β",
-        "k",
-        "tokens",
-        "val0",
-        "val",
-        "vs ddp",
-        "sent/peer",
-        "vs dense",
-        "wall s",
-        "exch RSS",
-        "peer RSS"
-    )
-}
-
-pub fn convergence_table_row(r: &ConvergenceRow) -> String {
-    let s = &r.settings;
-    let vs_ddp = (r.vs_ddp).map_or("-".to_owned(), |v| format!("{:+.1}%", 100.0 * v));
-    format!(
-        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>7.4} {:>7.4} {:>7} {:>11} {:>8.1}x {:>7.1} {:>6} MB {:>6} MB",
-        algorithm_name(r.algorithm),
-        s.inner_steps,
-        s.rounds,
-        s.lr,
-        s.warmup_steps,
-        s.outer_lr,
-        Opt(s.outer_momentum),
-        Opt(s.error_feedback),
-        Opt(s.k),
-        r.tokens,
-        r.initial_validation_loss,
-        r.final_validation_loss,
-        vs_ddp,
-        r.bytes_sent_per_peer,
-        r.ratio_vs_dense,
-        r.wall_s,
-        r.exchange_peak_rss_bytes >> 20,
-        r.peer_peak_rss_bytes >> 20
-    )
-}
-
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        bench: ConvergenceBench,
-    }
-
-    fn bench(args: &[&str]) -> ConvergenceBench {
-        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
-            .unwrap()
-            .bench
-    }
-
-    #[test]
-    fn without_a_sweep_each_algorithm_runs_once_on_the_same_tokens() {
-        let flags = ["--rounds", "12", "--inner-steps", "20"];
-        let runs = bench(&[&flags[..], &["--algorithms", "sparseloco,ddp"]].concat())
-            .runs()
-            .unwrap();
-        let shape: Vec<_> = (runs.iter())
-            .map(|(a, s)| (*a, s.inner_steps, s.rounds, s.outer_lr))
-            .collect();
-        assert_eq!(
-            shape,
-            [
-                (Algorithm::Ddp, 1, 240, 1.0),
-                (Algorithm::SparseLoCo, 20, 12, 2.0)
-            ]
-        );
-        assert_eq!(runs[1].1.outer_momentum, None, "SparseLoCo has no momentum");
-    }
-
-    #[test]
-    fn a_grid_runs_every_combination_and_each_run_once() {
-        let b = bench(&[
-            "--rounds",
-            "12",
-            "--inner-steps",
-            "20",
-            "--sweep",
-            "inner-steps=10,20",
-            "--sweep",
-            "outer-momentum=0,0.9",
-        ]);
-        let runs = b.runs().unwrap();
-        let count = |a| runs.iter().filter(|(x, _)| *x == a).count();
-        // DDP uses neither setting; SparseLoCo not the momentum; DiLoCo both.
-        assert_eq!(count(Algorithm::Ddp), 1);
-        assert_eq!(count(Algorithm::SparseLoCo), 2);
-        assert_eq!(count(Algorithm::DiLoCo), 4);
-        for (_, s) in &runs {
-            assert_eq!(s.inner_steps * s.rounds, 240, "{s:?} trains other tokens");
-        }
-        let lrs = bench(&["--sweep", "lr=1e-3,3e-3", "--algorithms", "ddp"]).runs();
-        assert_eq!(lrs.unwrap().len(), 2, "DDP runs once per learning rate");
-    }
-
-    #[test]
-    fn sweep_values_that_break_the_token_budget_or_do_not_parse_are_refused() {
-        let err = bench(&["--rounds", "24", "--sweep", "inner-steps=7"])
-            .runs()
-            .unwrap_err();
-        assert!(
-            err.contains("does not divide the token budget's 240 steps"),
-            "{err}"
-        );
-        for bad in ["lr", "lr=fast", "momentum=0.9"] {
-            let err = Cli::try_parse_from(["bench", "--sweep", bad])
-                .err()
-                .unwrap();
-            assert!(err.to_string().contains("--sweep"), "{bad}: {err}");
-        }
-    }
-}
+mod tests;
