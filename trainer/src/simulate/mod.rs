@@ -143,6 +143,9 @@ impl std::fmt::Display for Download {
 pub struct Codec {
     /// Encoded bits per parameter (indices and values), measured at this shape.
     pub bits_per_param: f64,
+    /// The same for the exchange's compressed aggregate, measured at its k
+    /// ([`crate::run::AGGREGATE_K_FACTOR`] times the peers').
+    pub aggregate_bits_per_param: f64,
     /// fp32 bytes compressed per second by one core.
     pub compress_per_core: Bandwidth,
     /// fp32 bytes decoded (and added) per second by one core.
@@ -332,22 +335,25 @@ fn si(x: f64, unit: &str) -> String {
 const CODEC_REPEATS: usize = 15;
 
 /// Measures the codec `config` on this machine: bits per parameter of a `params`-long
-/// tensor of gradient-like values, and its compress, decode and check speeds per core.
+/// tensor of gradient-like values (and of the aggregate's), and its compress, decode
+/// and check speeds per core.
 pub fn measure_codec(config: CodecConfig, params: usize, repeats: usize) -> anyhow::Result<Codec> {
+    let aggregate_k = (crate::run::AGGREGATE_K_FACTOR * config.k()).min(config.chunk());
     let bench = crate::bench::CodecBench {
         params: vec![params],
         chunk: config.chunk(),
-        ks: vec![config.k()],
+        ks: vec![config.k(), aggregate_k],
         bits: config.value_bits(),
         repeats,
     };
     let rows = bench.run(|_| {})?;
-    let row = rows
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("the codec bench measured nothing"))?;
+    let (Some(row), Some(aggregate)) = (rows.first(), rows.last()) else {
+        anyhow::bail!("the codec bench measured nothing");
+    };
     let cores = row.threads.max(1) as f64;
     Ok(Codec {
         bits_per_param: row.bits_per_param,
+        aggregate_bits_per_param: aggregate.bits_per_param,
         compress_per_core: Bandwidth::bytes(row.compress_gbps * 1e9 / cores),
         decode_per_core: Bandwidth::bytes(row.decode_add_gbps * 1e9 / cores),
         // Checking is single-threaded (one update per core).

@@ -12,6 +12,7 @@ const RTT: f64 = 0.01;
 fn codec() -> Codec {
     Codec {
         bits_per_param: 1.0,
+        aggregate_bits_per_param: 2.5,
         compress_per_core: Bandwidth::bytes(1e9),
         decode_per_core: Bandwidth::bytes(2e9),
         check_per_core: Bandwidth::bytes(1e8),
@@ -115,7 +116,7 @@ fn with_object_storage_only_the_peers_own_links_limit_their_transfers() {
 }
 
 #[test]
-fn gathering_bounds_each_peers_download_and_the_aggregate_makes_it_one_update() {
+fn gathering_bounds_each_peers_download_and_the_aggregate_makes_it_one_object() {
     let mut gather = identical(Payloads::Storage, Download::Gather(2));
     gather.groups[0].count = 8;
     let row = gather.simulate(&codec());
@@ -129,10 +130,11 @@ fn gathering_bounds_each_peers_download_and_the_aggregate_makes_it_one_update() 
     let mut aggregate = identical(Payloads::Storage, Download::Aggregate);
     aggregate.groups[0].count = 8;
     let row = aggregate.simulate(&codec());
-    assert!(close(row.download_per_peer_bytes, U));
+    // One aggregate of 2.5 bits per parameter, whatever the number of peers.
+    assert!(close(row.download_per_peer_bytes, 2.5 * U));
     assert_eq!(row.aggregated, 8.0);
     // The exchange uploads the aggregate once; nothing else leaves it.
-    assert!(close(row.exchange_egress_bytes, U));
+    assert!(close(row.exchange_egress_bytes, 2.5 * U));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::fluid::{Shared, Transfers};
-use super::{Bandwidth, Codec, Link, Payloads, PowerCuts, Row, Scenario};
+use super::{Bandwidth, Codec, Download, Link, Payloads, PowerCuts, Row, Scenario};
 use crate::exchange::pacing::{Close, History};
 
 mod churn;
@@ -198,6 +198,8 @@ struct Sim<'a> {
     rng: StdRng,
     peers: Vec<Peer>,
     update_bytes: f64,
+    /// Bytes of the exchange's compressed aggregate.
+    aggregate_bytes: f64,
     /// The exchange's check of one update on arrival (parse, checksum, layout).
     check_s: f64,
     /// The exchange's decode of one accepted update into the global state at close.
@@ -267,6 +269,7 @@ impl<'a> Sim<'a> {
         }
         let exchange_cores = f64::from(s.exchange_cores.max(1));
         let update_bytes = s.params * codec.bits_per_param / 8.0;
+        let aggregate_bytes = s.params * codec.aggregate_bits_per_param / 8.0;
         Self {
             s,
             now: 0.0,
@@ -275,6 +278,7 @@ impl<'a> Sim<'a> {
             transfers: Transfers::new(s.exchange.down, s.exchange.up),
             rng,
             update_bytes,
+            aggregate_bytes,
             check_s: codec.check_per_core.seconds(update_bytes) / exchange_cores,
             apply_s: codec.decode_per_core.seconds(dense) / exchange_cores,
             aggregate_s: codec.compress_per_core.seconds(dense) / exchange_cores,
@@ -434,9 +438,16 @@ impl<'a> Sim<'a> {
             Transfer::Fetch { .. } => (u, Bandwidth::UNLIMITED, Some(Shared::Ingress)),
             Transfer::Download { peer, updates, .. } => {
                 let via = (!storage).then_some(Shared::Egress);
-                (u * f64::from(updates), self.peers[peer].link.down, via)
+                let each = match self.s.download {
+                    Download::Aggregate => self.aggregate_bytes,
+                    Download::All | Download::Gather(_) => u,
+                };
+                (each * f64::from(updates), self.peers[peer].link.down, via)
             }
-            Transfer::PutAggregate { .. } => (u, Bandwidth::UNLIMITED, Some(Shared::Egress)),
+            Transfer::PutAggregate { .. } => {
+                let a = self.aggregate_bytes;
+                (a, Bandwidth::UNLIMITED, Some(Shared::Egress))
+            }
             Transfer::State { peer, .. } => {
                 let via = (!storage).then_some(Shared::Egress);
                 let bytes = self.s.params * STATE_BYTES_PER_PARAM;
