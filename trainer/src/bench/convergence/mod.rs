@@ -222,7 +222,7 @@ pub struct ConvergenceBench {
     /// Updates a round takes with `--download gather`.
     #[arg(long, default_value_t = crate::run::DEFAULT_GATHER)]
     pub gather: u32,
-    /// Values per chunk of the compressed aggregate; four times `--k` by default.
+    /// Values per chunk of the compressed aggregate; three times `--k` by default.
     #[arg(long)]
     pub aggregate_k: Option<u32>,
     #[arg(long, default_value_t = tuned::outer_lr(Algorithm::SparseLoCo))]
