@@ -355,11 +355,13 @@ fn the_simulator_prints_one_json_object_per_scenario_with_its_round_time_and_egr
         assert!((0.0..1.0).contains(&field(r, "utilisation")));
         assert!(r["exchange_egress_bytes"].is_number() && r["storage_egress_bytes"].is_number());
     }
-    // The compressed aggregate is one update per peer instead of nineteen.
+    // The compressed aggregate is one object per peer instead of nineteen updates: at
+    // three times the peers' k it is two to three updates' bytes (measured in the run).
     let (all, aggregate) = (&rows[0], &rows[1]);
     let update = field(all, "update_bytes");
     assert!((field(all, "download_per_peer_bytes") / update - 19.0).abs() < 1e-6);
-    assert!((field(aggregate, "download_per_peer_bytes") / update - 1.0).abs() < 1e-6);
+    let aggregated = field(aggregate, "download_per_peer_bytes") / update;
+    assert!((1.0..3.0).contains(&aggregated), "{aggregated} updates");
     assert!(field(aggregate, "round_s") < field(all, "round_s"));
 }
 
