@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use super::dense::{DenseUpdate, parse_dense, weighted_mean};
-use super::{Finite, Llama, RoundError, read};
+use super::{Finite, Llama, RoundError, fits};
 use crate::codec::{AggregationRule, CodecConfig, Compressor, Update, aggregate};
 use crate::run::{Algorithm, RunConfig};
 
@@ -27,6 +27,16 @@ pub enum Step<'a> {
     Updates(&'a [(&'a [u8], f32)]),
     /// The exchange's aggregate of the round, applied as it is.
     Aggregate(&'a [u8]),
+}
+
+impl<'a> Step<'a> {
+    /// The step of a round that has `aggregate`, or else takes `updates`.
+    pub fn of(aggregate: Option<&'a [u8]>, updates: &'a [(&'a [u8], f32)]) -> Self {
+        match aggregate {
+            Some(bytes) => Step::Aggregate(bytes),
+            None => Step::Updates(updates),
+        }
+    }
 }
 
 /// Of a round's accepted updates (`(peer, weight)`), the ones its step takes under
@@ -74,7 +84,9 @@ impl Aggregator {
                 rule: run.aggregation(),
                 updates: run.codec().map_err(invalid)?.config(),
                 compressor: run.aggregate_codec().map_err(invalid)?,
-                error_feedback: read(model)?.iter().map(|p| vec![0.0; p.len()]).collect(),
+                error_feedback: (model.params().iter())
+                    .map(|(_, var)| vec![0.0; var.elem_count()])
+                    .collect(),
             },
             Algorithm::DiLoCo | Algorithm::Ddp => Kind::Mean,
         };
@@ -108,21 +120,20 @@ impl Aggregator {
                     .iter()
                     .map(|(b, w)| Ok((Update::from_bytes(b)?, *w)))
                     .collect::<Result<Vec<_>, RoundError>>()?;
-                let layout = super::RoundState::layout(model);
                 for (u, _) in &parsed {
-                    let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
-                    u.check_fits(*config, layout)?;
+                    fits(model, u, *config)?;
                 }
-                let mut tensors = Vec::with_capacity(layout.len());
+                let mut tensors = Vec::with_capacity(error_feedback.len());
                 let mut sum = Vec::new();
-                for ((name, shape), ef) in layout.iter().zip(error_feedback.iter_mut()) {
+                for ((name, var), ef) in model.params().iter().zip(error_feedback.iter_mut()) {
+                    let shape: Vec<u64> = var.dims().iter().map(|&d| d as u64).collect();
                     let inputs: Vec<_> = (parsed.iter())
                         .map(|(u, w)| (u.tensor(name).expect("layout checked"), *w))
                         .collect();
                     sum.resize(ef.len(), 0.0);
                     aggregate(*rule, &inputs, &mut sum)?;
                     let sum = Finite::new(&sum).map_err(|e| e.in_tensor(name))?;
-                    tensors.push(compressor.compress(name, shape, sum, ef)?);
+                    tensors.push(compressor.compress(name, &shape, sum, ef)?);
                 }
                 Ok(Some(Update::new(compressor.config(), tensors)?.to_bytes()))
             }

@@ -128,14 +128,20 @@ fn pseudo_gradients<'a>(
         .collect()
 }
 
+/// Whether `update` is encoded with `config` and has every tensor of `model` once, in
+/// its shape: the one check of a peer's update and of the exchange's aggregate.
+pub(crate) fn fits(model: &Llama, update: &Update, config: CodecConfig) -> Result<(), RoundError> {
+    let layout = RoundState::layout(model);
+    let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    Ok(update.check_fits(config, layout)?)
+}
+
 impl RoundState {
     /// Whether `update` is one this run applies: encoded with the run's chunk, k and value
     /// bits (a peer choosing its own could send a nearly dense update every peer then
     /// downloads), with every tensor of the model once, in its shape.
     fn check_update(&self, model: &Llama, update: &Update) -> Result<(), RoundError> {
-        let layout = Self::layout(model);
-        let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
-        Ok(update.check_fits(self.compressor.config(), layout)?)
+        fits(model, update, self.compressor.config())
     }
 
     /// Starts from the model's current parameters as the global θ.
@@ -173,13 +179,9 @@ impl RoundState {
         let config = self.aggregate.ok_or(RoundError::Dense(
             "this run's rounds carry updates, not an aggregate".into(),
         ))?;
-        let layout = Self::layout(model);
-        aggregate.check_fits(
-            config,
-            layout.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-        )?;
+        fits(model, aggregate, config)?;
         let mut step = Vec::new();
-        for (i, (name, _)) in layout.iter().enumerate() {
+        for (i, (name, _)) in model.params().iter().enumerate() {
             let input = [(aggregate.tensor(name).expect("layout checked"), 1.0)];
             let rule = AggregationRule::WeightedMean;
             outer_step(rule, &input, outer_lr, &mut self.global[i], &mut step)?;
@@ -188,7 +190,7 @@ impl RoundState {
     }
 
     /// The model's tensors as `(name, shape)`, for checking an update's layout.
-    pub fn layout(model: &Llama) -> Vec<(String, Vec<u64>)> {
+    fn layout(model: &Llama) -> Vec<(String, Vec<u64>)> {
         model
             .params()
             .iter()

@@ -376,10 +376,7 @@ impl<'a> Replica<'a> {
         let updates: Vec<(&[u8], f32)> = (closed.updates.iter())
             .map(|(b, w)| (b.as_slice(), *w))
             .collect();
-        match &closed.aggregate {
-            Some(bytes) => self.apply_step(Step::Aggregate(bytes)),
-            None => self.apply_step(Step::Updates(&updates)),
-        }
+        self.apply_step(Step::of(closed.aggregate.as_deref(), &updates))
     }
 
     fn apply_step(&mut self, step: Step<'_>) -> Result<(), crate::outer::RoundError> {

@@ -12,7 +12,7 @@ use crate::codec::{CodecConfig, Update, clip_factor, median};
 use crate::data::{Assignment, Batch};
 use crate::exchange::PeerId;
 use crate::model::Llama;
-use crate::outer::{Round, RoundError, RoundState, write};
+use crate::outer::{Round, RoundError, fits, write};
 
 /// Share of the outer learning rate an update is applied with when scored alone.
 const ALONE: f32 = 0.2;
@@ -195,11 +195,7 @@ impl Evaluator {
 
     fn parse(&self, bytes: &[u8]) -> Result<Update, String> {
         let update = Update::from_bytes(bytes).map_err(|e| e.to_string())?;
-        let layout = RoundState::layout(&self.model);
-        let layout = layout.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
-        update
-            .check_fits(self.config, layout)
-            .map_err(|e| e.to_string())?;
+        fits(&self.model, &update, self.config).map_err(|e| e.to_string())?;
         Ok(update)
     }
 

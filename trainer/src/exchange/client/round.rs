@@ -64,10 +64,7 @@ impl RoundResult {
 
     /// The round's step, given [`Self::updates`]: the aggregate when the round has one.
     pub fn step<'a>(&'a self, updates: &'a [(&'a [u8], f32)]) -> Step<'a> {
-        match &self.aggregate {
-            Some(bytes) => Step::Aggregate(bytes),
-            None => Step::Updates(updates),
-        }
+        Step::of(self.aggregate.as_deref(), updates)
     }
 }
 

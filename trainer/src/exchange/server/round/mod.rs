@@ -514,10 +514,7 @@ impl Exchange {
             Some(a) => a.aggregate(&g.model, &updates).map_err(|e| e.to_string())?,
             None => None,
         };
-        let step = match &aggregate {
-            Some(bytes) => Step::Aggregate(bytes),
-            None => Step::Updates(&updates),
-        };
+        let step = Step::of(aggregate.as_deref(), &updates);
         let lr = shared.run.config.outer_lr;
         (g.outer)
             .apply_step(&g.model, g.inner.as_mut(), step, lr)
