@@ -49,6 +49,13 @@ pub const TOKENS: &str = "STARLING_TOKENS";
 pub const TOKENS_FILE: &str = "STARLING_TOKENS_FILE";
 pub const AWAIT_SETTINGS: &str = "STARLING_AWAIT_SETTINGS";
 pub const STATE_DIR: &str = "STARLING_STATE_DIR";
+/// Object storage for payloads and the state: `s3://bucket/prefix`, `gs://…`, `az://…`.
+pub const STORAGE: &str = "STARLING_STORAGE";
+/// An S3-compatible server's URL (MinIO, R2, moto), for `STORAGE`.
+pub const STORAGE_ENDPOINT: &str = "STARLING_STORAGE_ENDPOINT";
+/// The storage's access key, as the AWS tools name it (read by the exchange only).
+pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+pub const AWS_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 pub const RUN: &str = "STARLING_RUN";
 
 // Read by the trainer but not set by the operator: defaults suit a pod.

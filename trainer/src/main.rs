@@ -12,6 +12,7 @@ use starling_trainer::data::Tokenizer;
 use starling_trainer::device::DeviceArgs;
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
+use starling_trainer::exchange::storage::Storage;
 use starling_trainer::exchange::tls::{TlsArgs, pem};
 use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::hub;
@@ -226,9 +227,17 @@ struct ExchangeArgs {
     keep_rounds: usize,
     #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]
     data_dir: PathBuf,
-    /// Where the global state is kept across restarts.
+    /// Where the global state is kept across restarts, without --storage.
     #[arg(long, env = env::STATE_DIR)]
     state_dir: Option<PathBuf>,
+    /// Object storage for the rounds' payloads and the global state (`s3://bucket/prefix`,
+    /// `gs://…`, `az://…`): peers put and get payloads there on URLs the exchange signs.
+    /// Credentials from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, …).
+    #[arg(long, env = env::STORAGE)]
+    storage: Option<String>,
+    /// The S3-compatible server to use for --storage (MinIO, R2, moto).
+    #[arg(long, env = env::STORAGE_ENDPOINT, requires = "storage")]
+    storage_endpoint: Option<String>,
     /// Where checkpoints are written (`round-NNNNNN/`).
     #[arg(long, env = env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
@@ -277,7 +286,12 @@ impl ExchangeArgs {
             self.settings.validate().map_err(anyhow::Error::msg)?;
             Some(self.settings)
         };
+        let storage = match &self.storage {
+            Some(url) => Some(Storage::open(url, self.storage_endpoint.as_deref(), None)?),
+            None => None,
+        };
         let opts = ExchangeOptions {
+            storage,
             tokens,
             settings,
             liveness: Duration::from_secs_f64(self.liveness),

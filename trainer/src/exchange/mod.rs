@@ -9,6 +9,7 @@ pub mod client;
 pub mod pacing;
 pub mod server;
 mod settings;
+pub mod storage;
 pub mod tls;
 
 pub use settings::{DEFAULT_DEADLINE_FLOOR, DEFAULT_QUORUM, Settings};
@@ -301,5 +302,7 @@ impl From<Refusal> for Status {
 mod download_tests;
 #[cfg(test)]
 mod scoring_tests;
+#[cfg(test)]
+mod storage_tests;
 #[cfg(test)]
 mod tests;

@@ -44,6 +44,7 @@ pub(super) fn options(dir: &std::path::Path) -> ExchangeOptions {
         max_update_bytes: None,
         keep_rounds: 2,
         state_dir: None,
+        storage: None,
         checkpoint_dir: Some(dir.join("exchange")),
         eval_rows: 4,
         run_name: "test".into(),
@@ -57,7 +58,7 @@ pub(super) async fn serve(run: Run, opts: ExchangeOptions) -> String {
 }
 
 /// Serves `exchange` on a free loopback port; its URL.
-async fn serve_exchange(exchange: Exchange) -> String {
+pub(super) async fn serve_exchange(exchange: Exchange) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(exchange.serve(listener, std::future::pending()));

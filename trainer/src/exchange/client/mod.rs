@@ -13,12 +13,17 @@ use tracing::Instrument;
 
 use super::proto::{self, exchange_client};
 use super::tls::{ClientTls, untrusted};
-use super::{CHUNK_BYTES, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
+use super::{MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings};
 use crate::outer::Round;
 
+mod direct;
 mod round;
+mod upload;
 
 pub use round::{Entry, ExchangeTimes, RoundResult};
+
+/// What moves payloads to and from object storage.
+type StorageHttp = reqwest::Client;
 
 type Grpc = exchange_client::ExchangeClient<InterceptedService<Channel, Bearer>>;
 
@@ -85,6 +90,7 @@ type RoundTrace = Arc<Mutex<Option<(Round, opentelemetry::Context)>>>;
 #[derive(Clone)]
 pub struct ExchangeClient {
     grpc: Grpc,
+    http: StorageHttp,
     opts: ClientOptions,
     round_trace: RoundTrace,
 }
@@ -117,8 +123,10 @@ impl ExchangeClient {
         let grpc = exchange_client::ExchangeClient::with_interceptor(channel, Bearer(header))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let http = direct::http().map_err(ClientError::Protocol)?;
         Ok(Self {
             grpc,
+            http,
             opts,
             round_trace: RoundTrace::default(),
         })
@@ -266,63 +274,6 @@ impl ExchangeClient {
         Ok(Round(reply.into_inner().open_round))
     }
 
-    /// Uploads this peer's update for `round`, paced to the bandwidth cap. Safe to
-    /// repeat: the exchange accepts the same update twice as once.
-    pub async fn put_update(
-        &self,
-        round: Round,
-        bytes: &[u8],
-        train_loss: f32,
-    ) -> Result<u64, ClientError> {
-        self.put_update_probed(round, bytes, train_loss, &[]).await
-    }
-
-    /// [`Self::put_update`] with the peer's θ at the run's probe positions.
-    pub async fn put_update_probed(
-        &self,
-        round: Round,
-        bytes: &[u8],
-        train_loss: f32,
-        probe: &[f32],
-    ) -> Result<u64, ClientError> {
-        let header = proto::UpdateHeader {
-            round: round.0,
-            size: bytes.len() as u64,
-            train_loss,
-            config_fingerprint: self.opts.fingerprint.clone(),
-            probe: probe.to_vec(),
-        };
-        let reply = self
-            .retrying(|mut g| {
-                let (tx, rx) = tokio::sync::mpsc::channel(2);
-                let header = header.clone();
-                let data: Vec<Vec<u8>> = bytes.chunks(CHUNK_BYTES).map(<[u8]>::to_vec).collect();
-                let mut pacer = Pacer::new(self.opts.bandwidth_mbps);
-                tokio::spawn(async move {
-                    use proto::update_chunk::Item;
-                    let first = proto::UpdateChunk {
-                        item: Some(Item::Header(header)),
-                    };
-                    if tx.send(first).await.is_err() {
-                        return;
-                    }
-                    for d in data {
-                        pacer.pace(d.len()).await;
-                        let chunk = proto::UpdateChunk {
-                            item: Some(Item::Data(d)),
-                        };
-                        if tx.send(chunk).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-                let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-                async move { g.put_update(stream).await.map(|r| r.into_inner()) }
-            })
-            .await?;
-        Ok(reply.accepted_bytes)
-    }
-
     /// Evaluator: waits for `round` to close and downloads it, with its roster and the
     /// peers' probes.
     pub async fn fetch_round(&self, round: Round) -> Result<RoundResult, ClientError> {
@@ -359,10 +310,32 @@ impl ExchangeClient {
         round: Round,
         times: &mut ExchangeTimes,
     ) -> Result<RoundResult, Status> {
+        match self.fetch_round_from(round, times, false).await {
+            Err(status) if status.code() == Code::DataLoss => {
+                tracing::warn!(round = round.0, %status,
+                    "a payload in storage is not what the exchange accepted; fetching the round through the exchange");
+                self.fetch_round_from(round, times, true).await
+            }
+            fetched => fetched,
+        }
+    }
+
+    /// [`Self::fetch_round_once`], with the payloads from storage where the exchange
+    /// keeps them there, or all through the exchange (`inline`).
+    async fn fetch_round_from(
+        &self,
+        round: Round,
+        times: &mut ExchangeTimes,
+        inline: bool,
+    ) -> Result<RoundResult, Status> {
         let asked = Instant::now();
         let wait = tracing::info_span!("wait", round = round.0);
+        let req = proto::FetchRoundRequest {
+            round: round.0,
+            inline,
+        };
         let reply = (self.grpc.clone())
-            .fetch_round(proto::FetchRoundRequest { round: round.0 })
+            .fetch_round(req)
             .instrument(wait.clone())
             .await;
         let reply = match reply {
@@ -537,13 +510,20 @@ impl Pacer {
     }
 
     async fn pace(&mut self, bytes: usize) {
-        let Some(bps) = self.bits_per_second else {
-            return;
-        };
-        self.bytes += bytes as u64;
-        let due = Duration::from_secs_f64(self.bytes as f64 * 8.0 / bps);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
-            tokio::time::sleep(wait).await;
+        self.pace_owned(bytes).await;
+    }
+
+    /// The wait before `bytes` more may go, as a future that holds nothing of the pacer.
+    fn pace_owned(&mut self, bytes: usize) -> impl Future<Output = ()> + Send + use<> {
+        let wait = self.bits_per_second.and_then(|bps| {
+            self.bytes += bytes as u64;
+            let due = Duration::from_secs_f64(self.bytes as f64 * 8.0 / bps);
+            due.checked_sub(self.start.elapsed())
+        });
+        async move {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }

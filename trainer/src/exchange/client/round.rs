@@ -69,6 +69,15 @@ impl RoundResult {
 }
 
 impl ExchangeClient {
+    /// A payload's bytes: downloaded from storage when the exchange gave a URL, else
+    /// empty, to be filled by the data that follows its header.
+    async fn payload(&self, url: &str, size: u64, sha256: &[u8]) -> Result<Vec<u8>, Status> {
+        if url.is_empty() {
+            return Ok(Vec::with_capacity(size as usize));
+        }
+        super::direct::get(&self.http, url, size, sha256, self.opts.bandwidth_mbps).await
+    }
+
     /// The rest of a round's stream, from its `first` message.
     pub(super) async fn read_round(
         &self,
@@ -92,12 +101,12 @@ impl ExchangeClient {
                         .collect::<Result<_, _>>()?;
                 }
                 Some(Item::Aggregate(a)) if entries.is_empty() && aggregate.is_none() => {
-                    aggregate = Some(Vec::with_capacity(a.size as usize));
+                    aggregate = Some(self.payload(&a.url, a.size, &a.sha256).await?);
                 }
                 Some(Item::Entry(e)) => entries.push(Entry {
                     peer: e.peer.parse().map_err(|e: String| Status::internal(e))?,
                     weight: e.weight,
-                    bytes: Vec::with_capacity(e.size as usize),
+                    bytes: self.payload(&e.url, e.size, &e.sha256).await?,
                     probe: e.probe,
                     left_out: e.left_out,
                 }),

@@ -4,15 +4,14 @@
 //! nothing, and written into every checkpoint beside its public key.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use super::persist::write_atomically;
 use super::{ExchangeError, proto};
+use crate::exchange::storage::Storage;
 use crate::exchange::{Reason, Refusal};
 use crate::outer::Round;
 use crate::scoring::ledger::{EvaluatorReport, GENESIS, Record, line_hash};
 
-/// The ledger, in `state_dir` and in every checkpoint: one signed record per line.
+/// The ledger, in the exchange's storage and in every checkpoint: one signed record per line.
 pub const LEDGER_FILE: &str = "ledger.jsonl";
 /// The key that verifies it, lowercase hex.
 pub const PUBLIC_KEY_FILE: &str = "ledger.pub";
@@ -32,17 +31,24 @@ fn bad(message: String) -> Refusal {
 }
 
 impl Ledger {
-    /// The ledger saved in `dir`, or an empty one.
-    pub(super) fn load(dir: Option<&Path>) -> Result<Self, ExchangeError> {
-        let Some(dir) = dir else {
+    /// The ledger saved in `store`, or an empty one.
+    pub(super) fn load(store: Option<&Storage>) -> Result<Self, ExchangeError> {
+        let Some(store) = store else {
             return Ok(Self::default());
         };
-        let path = dir.join(LEDGER_FILE);
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let from = format!("{store}/{LEDGER_FILE}");
+        let read = |key| {
+            store.get_blocking(key).map_err(|e| ExchangeError::Resume {
+                from: from.clone(),
+                message: e.to_string(),
+            })
+        };
+        let Some(text) = read(LEDGER_FILE)? else {
             return Ok(Self::default());
         };
-        let public_key = std::fs::read_to_string(dir.join(PUBLIC_KEY_FILE)).unwrap_or_default();
-        let public_key = public_key.trim().to_owned();
+        let text = String::from_utf8_lossy(&text);
+        let public_key = read(PUBLIC_KEY_FILE)?.unwrap_or_default();
+        let public_key = String::from_utf8_lossy(&public_key).trim().to_owned();
         let mut ledger = Self {
             public_key,
             ..Self::default()
@@ -50,7 +56,7 @@ impl Ledger {
         for line in text.lines().filter(|l| !l.is_empty()) {
             let record = Record::from_signed(line, &ledger.public_key).map_err(|message| {
                 ExchangeError::Resume {
-                    path: path.clone(),
+                    from: from.clone(),
                     message,
                 }
             })?;
@@ -94,12 +100,12 @@ impl Ledger {
     }
 
     /// Appends the operator's signed `line` (it must follow the last record) and drops
-    /// the measurements it covers; saved into `dir` before it counts.
+    /// the measurements it covers; saved into `store` before it counts.
     pub(super) fn append(
         &mut self,
         line: &str,
         public_key: &str,
-        dir: Option<&Path>,
+        store: Option<&Storage>,
     ) -> Result<(), Refusal> {
         if !self.public_key.is_empty() && public_key != self.public_key {
             return Err(bad("the ledger's public key cannot change".into()));
@@ -117,8 +123,8 @@ impl Ledger {
         }
         let mut lines = self.lines.clone();
         lines.push(line.to_owned());
-        if let Some(dir) = dir {
-            save(dir, &lines, public_key).map_err(|e| Refusal::new(Reason::BadRequest, e))?;
+        if let Some(store) = store {
+            save(store, &lines, public_key).map_err(|e| Refusal::new(Reason::BadRequest, e))?;
         }
         self.lines = lines;
         self.last = Some(record.round);
@@ -148,11 +154,9 @@ impl Ledger {
     }
 }
 
-/// Writes the ledger and its key into `dir`.
-pub(super) fn save(dir: &Path, lines: &[String], public_key: &str) -> Result<(), String> {
-    write_atomically(
-        &dir.join(PUBLIC_KEY_FILE),
-        format!("{public_key}\n").as_bytes(),
-    )?;
-    write_atomically(&dir.join(LEDGER_FILE), (lines.join("\n") + "\n").as_bytes())
+/// Writes the ledger and its key into `store`.
+fn save(store: &Storage, lines: &[String], public_key: &str) -> Result<(), String> {
+    let key = format!("{public_key}\n").into_bytes();
+    super::persist::write(store, PUBLIC_KEY_FILE, key)?;
+    super::persist::write(store, LEDGER_FILE, (lines.join("\n") + "\n").into_bytes())
 }

@@ -15,8 +15,10 @@
 
 mod auth;
 mod checkpoints;
+mod fetch;
 mod ledger;
 mod metrics;
+mod payloads;
 mod persist;
 mod round;
 mod service;
@@ -30,6 +32,7 @@ use tokio::sync::{Notify, watch};
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, exchange_server::ExchangeServer};
+use super::storage::Storage;
 use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens, pacing};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama};
@@ -55,8 +58,12 @@ pub struct ExchangeOptions {
     pub max_update_bytes: Option<u64>,
     /// Closed rounds kept for fetching; older ones are served as a state instead.
     pub keep_rounds: usize,
-    /// Where the global state is persisted after every round (and resumed from).
+    /// Where the global state is persisted after every round (and resumed from), when
+    /// `storage` is not set.
     pub state_dir: Option<PathBuf>,
+    /// Object storage for the global state and the rounds' payloads: peers put and get
+    /// payloads there with URLs the exchange signs.
+    pub storage: Option<Storage>,
     /// Where checkpoints go: `<dir>/round-<NNNNNN>/` in the Hugging Face layout.
     pub checkpoint_dir: Option<PathBuf>,
     /// Held-out sequences the validation loss is measured on after every round.
@@ -78,6 +85,8 @@ pub struct Exchange {
 struct Shared {
     run: Run,
     opts: ExchangeOptions,
+    /// Where the state is kept (`storage`, or a directory: `state_dir`).
+    store: Option<Storage>,
     state: Mutex<State>,
     global: Mutex<Global>,
     /// The open round; bumped when a round closes, waking fetchers.
@@ -251,8 +260,8 @@ struct Failure {
 pub enum ExchangeError {
     #[error("initialising the global state: {0}")]
     Init(String),
-    #[error("resuming from {path}: {message}")]
-    Resume { path: PathBuf, message: String },
+    #[error("resuming from {from}: {message}")]
+    Resume { from: String, message: String },
 }
 
 /// Why [`Exchange::serve`] stopped before its shutdown signal.
@@ -288,14 +297,19 @@ impl Exchange {
             }
             Download::Gather | Download::All => None,
         };
-        let (open, saved) = match &opts.state_dir {
-            Some(dir) => {
+        let store = match (&opts.storage, &opts.state_dir) {
+            (Some(storage), _) => Some(storage.clone()),
+            (None, Some(dir)) => Some(Storage::local(dir).map_err(|e| init(&e))?),
+            (None, None) => None,
+        };
+        let (open, saved) = match &store {
+            Some(store) => {
                 if let Some(a) = aggregator.as_mut() {
-                    persist::resume_residual(dir, a, &model)?;
+                    persist::resume_residual(store, a, &model)?;
                 }
                 (
-                    persist::resume(dir, &mut outer, &model)?,
-                    persist::load_settings(dir)?,
+                    persist::resume(store, &mut outer, &model)?,
+                    persist::load_settings(store)?,
                 )
             }
             None => (Round(0), None),
@@ -307,7 +321,7 @@ impl Exchange {
         let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
         let opened = (open, round_span(&opts.run_name, open));
         let mut state = State::new(opened, settings, state_bytes, initial_validation_loss);
-        state.ledger = ledger::Ledger::load(opts.state_dir.as_deref())?;
+        state.ledger = ledger::Ledger::load(store.as_ref())?;
         let global = Global {
             model,
             outer,
@@ -319,6 +333,7 @@ impl Exchange {
             shared: Arc::new(Shared {
                 run,
                 opts,
+                store,
                 state: Mutex::new(state),
                 global: Mutex::new(global),
                 open_tx: watch::channel(open).0,

@@ -1,85 +1,99 @@
-//! What the exchange keeps on disk: the global state after every round (so a restarted
-//! exchange resumes where the peers are) and the run's checkpoints.
+//! What the exchange keeps in its storage (a directory or a bucket): the global state
+//! after every round (so a restarted exchange, on this node or another, resumes where the
+//! peers are), the settings and the aggregation residual; and the run's checkpoints, on
+//! local disk for the publisher.
 
 use std::path::Path;
 
+use bytes::Bytes;
+
 use super::{ExchangeError, Global, PeerId, Settings, Shared};
+use crate::exchange::storage::Storage;
 use crate::model::{Llama, save_checkpoint};
 use crate::outer::{Aggregator, Outer, Round};
 
-/// The persisted global state, inside `state_dir`.
-const STATE_FILE: &str = "state.safetensors";
-/// The exchange's aggregation residual (`--download aggregate`), inside `state_dir`.
-const RESIDUAL_FILE: &str = "aggregate-residual.safetensors";
-/// The operator's latest settings, inside `state_dir`.
-const SETTINGS_FILE: &str = "settings.json";
+/// The persisted global state.
+const STATE_KEY: &str = "state.safetensors";
+/// The exchange's aggregation residual (`--download aggregate`).
+const RESIDUAL_KEY: &str = "aggregate-residual.safetensors";
+/// The operator's latest settings.
+const SETTINGS_KEY: &str = "settings.json";
 
-/// The settings saved in `dir`, if any.
-pub(super) fn load_settings(dir: &Path) -> Result<Option<Settings>, ExchangeError> {
-    let path = dir.join(SETTINGS_FILE);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+/// The object at `key`, if there is one; an error names where it was looked for.
+fn read(store: &Storage, key: &str) -> Result<Option<Bytes>, ExchangeError> {
+    store.get_blocking(key).map_err(|e| ExchangeError::Resume {
+        from: format!("{store}/{key}"),
+        message: e.to_string(),
+    })
+}
+
+fn resume_error(store: &Storage, key: &str, e: &dyn std::fmt::Display) -> ExchangeError {
+    ExchangeError::Resume {
+        from: format!("{store}/{key}"),
+        message: e.to_string(),
+    }
+}
+
+/// The settings saved in `store`, if any.
+pub(super) fn load_settings(store: &Storage) -> Result<Option<Settings>, ExchangeError> {
+    let Some(text) = read(store, SETTINGS_KEY)? else {
         return Ok(None);
     };
-    let settings: Settings = serde_json::from_str(&text).map_err(|e| ExchangeError::Resume {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    tracing::info!(?settings, path = %path.display(), "resumed the run's settings");
+    let settings: Settings =
+        serde_json::from_slice(&text).map_err(|e| resume_error(store, SETTINGS_KEY, &e))?;
+    tracing::info!(?settings, %store, "resumed the run's settings");
     Ok(Some(settings))
 }
 
-/// Saves the settings into `dir`, so that a restarted exchange keeps them.
-pub(super) fn save_settings(dir: &Path, settings: &Settings) -> Result<(), String> {
+/// Saves the settings, so that a restarted exchange keeps them.
+pub(super) fn save_settings(store: &Storage, settings: &Settings) -> Result<(), String> {
     let text = serde_json::to_vec_pretty(settings).map_err(|e| e.to_string())?;
-    write_atomically(&dir.join(SETTINGS_FILE), &text)
+    write(store, SETTINGS_KEY, text)
 }
 
-/// Loads the state saved in `dir` into `outer` and the model, returning the round it
+/// Loads the state saved in `store` into `outer` and the model, returning the round it
 /// belongs to; round 0 when nothing was saved yet.
-pub(super) fn resume(dir: &Path, outer: &mut Outer, model: &Llama) -> Result<Round, ExchangeError> {
-    let path = dir.join(STATE_FILE);
-    let Ok(bytes) = std::fs::read(&path) else {
+pub(super) fn resume(
+    store: &Storage,
+    outer: &mut Outer,
+    model: &Llama,
+) -> Result<Round, ExchangeError> {
+    let Some(bytes) = read(store, STATE_KEY)? else {
         return Ok(Round(0));
     };
-    let open = outer
-        .import(model, &bytes)
-        .map_err(|e| ExchangeError::Resume {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-    tracing::info!(round = open.0, path = %path.display(), "resumed the run's state");
+    let open = (outer.import(model, &bytes)).map_err(|e| resume_error(store, STATE_KEY, &e))?;
+    tracing::info!(round = open.0, %store, "resumed the run's state");
     Ok(open)
 }
 
-/// Saves the global state `bytes` into `dir`, replacing the previous one only once the
-/// new one is complete.
-pub(super) fn save_state(dir: &Path, bytes: &[u8]) -> Result<(), String> {
-    write_atomically(&dir.join(STATE_FILE), bytes)
+/// Saves the global state `bytes`, replacing the previous one only once the new one is
+/// complete.
+pub(super) fn save_state(store: &Storage, bytes: &[u8]) -> Result<(), String> {
+    write(store, STATE_KEY, bytes.to_vec())
 }
 
 /// Saves what the exchange's aggregates have left out so far (see
 /// [`crate::outer::Aggregator`]). Written after the state: a crash between the two costs
 /// at most one round's residual, never a replica's agreement.
-pub(super) fn save_residual(dir: &Path, bytes: &[u8]) -> Result<(), String> {
-    write_atomically(&dir.join(RESIDUAL_FILE), bytes)
+pub(super) fn save_residual(store: &Storage, bytes: Vec<u8>) -> Result<(), String> {
+    write(store, RESIDUAL_KEY, bytes)
 }
 
-/// Loads the residual saved in `dir` into `aggregator`, if there is one.
+/// Loads the residual saved in `store` into `aggregator`, if there is one.
 pub(super) fn resume_residual(
-    dir: &Path,
+    store: &Storage,
     aggregator: &mut Aggregator,
     model: &Llama,
 ) -> Result<(), ExchangeError> {
-    let path = dir.join(RESIDUAL_FILE);
-    let Ok(bytes) = std::fs::read(&path) else {
+    let Some(bytes) = read(store, RESIDUAL_KEY)? else {
         return Ok(());
     };
-    aggregator
-        .import(model, &bytes)
-        .map_err(|e| ExchangeError::Resume {
-            path,
-            message: e.to_string(),
-        })
+    (aggregator.import(model, &bytes)).map_err(|e| resume_error(store, RESIDUAL_KEY, &e))
+}
+
+/// Writes `bytes` at `key`; the object is replaced only once all of it is written.
+pub(super) fn write(store: &Storage, key: &str, bytes: Vec<u8>) -> Result<(), String> {
+    (store.put_blocking(key, Bytes::from(bytes))).map_err(|e| e.to_string())
 }
 
 pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {

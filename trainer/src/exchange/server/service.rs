@@ -10,21 +10,22 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::payloads::UpdateError;
 use super::round::{RoundState, Submission};
 use super::{
     Exchange, Follower, Identity, PeerId, PeerRecord, Reason, Refusal, Settings, persist, proto,
 };
 use crate::codec::CodecError;
 use crate::exchange::CHUNK_BYTES;
-use crate::outer::{Download, Round, RoundError};
+use crate::outer::{Round, RoundError};
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn bad(message: &str) -> Refusal {
     Refusal::new(Reason::BadRequest, message)
 }
 
-fn chunks<T>(bytes: &[u8], wrap: impl Fn(Vec<u8>) -> T) -> impl Iterator<Item = T> {
+pub(super) fn chunks<T>(bytes: &[u8], wrap: impl Fn(Vec<u8>) -> T) -> impl Iterator<Item = T> {
     bytes.chunks(CHUNK_BYTES).map(move |c| wrap(c.to_vec()))
 }
 
@@ -83,7 +84,7 @@ impl Exchange {
         &self,
         peer: PeerId,
         mut stream: Streaming<proto::UpdateChunk>,
-    ) -> Result<proto::PutUpdateReply, Refusal> {
+    ) -> Result<proto::PutUpdateReply, UpdateError> {
         let header = read_header(&mut stream).await?;
         self.check_fingerprint(&header.config_fingerprint)?;
         let round = Round(header.round);
@@ -96,16 +97,21 @@ impl Exchange {
                     "an update of {} bytes exceeds the limit of {limit}",
                     header.size
                 ),
-            ));
+            )
+            .into());
         }
         self.check_probe(&header.probe)?;
-        let bytes = read_body(&mut stream, header.size).await?;
+        let bytes = match header.stored {
+            true => self.read_stored(peer, round, header.size).await?,
+            false => read_body(&mut stream, header.size).await?,
+        };
         if let Some(held) = held {
             // A retry after a lost reply: the same bytes are fine, other bytes are not.
             if *held != bytes {
                 return Err(bad(&format!(
                     "{peer} already submitted a different update for round {round}"
-                )));
+                ))
+                .into());
             }
             return Ok(proto::PutUpdateReply {
                 round: round.0,
@@ -188,7 +194,7 @@ impl Exchange {
 
     /// Whether `peer` may submit for `round` now; `Ok(Some(bytes))` when the exchange
     /// already holds its update for that round (a retry after a lost reply).
-    fn check_round(&self, peer: PeerId, round: Round) -> Result<Option<Held>, Refusal> {
+    pub(super) fn check_round(&self, peer: PeerId, round: Round) -> Result<Option<Held>, Refusal> {
         let mut state = self.state();
         if state.done() {
             return Err(Refusal::new(
@@ -247,112 +253,7 @@ impl Exchange {
         }
         Ok(())
     }
-
-    /// The closed `round` as a stream: its header, then its step (the aggregate, or the
-    /// updates it takes) with their bytes. An evaluator gets every accepted update, and
-    /// also the roster and every peer's probe.
-    fn round_chunks(
-        &self,
-        round: Round,
-        evaluator: bool,
-    ) -> Result<Vec<proto::RoundChunk>, Status> {
-        use proto::round_chunk::Item;
-        let download = self.shared.run.config.download;
-        let mut state = self.state();
-        let Some(closed) = state.closed.iter().find(|c| c.round == round) else {
-            return Err(Refusal::new(
-                Reason::Resync,
-                format!("round {round} is no longer kept; fetch the state"),
-            )
-            .into());
-        };
-        let entries: Vec<_> = match (evaluator, download) {
-            (true, _) | (false, Download::All) => closed.entries.iter().collect(),
-            (false, Download::Gather) => closed.in_step().collect(),
-            (false, Download::Aggregate) => vec![],
-        };
-        let header = proto::RoundHeader {
-            round: round.0,
-            updates: entries.len() as u32,
-            rounds: closed.rounds.0,
-            roster: match evaluator {
-                true => (closed.scoring.roster.iter())
-                    .map(PeerId::to_string)
-                    .collect(),
-                false => vec![],
-            },
-        };
-        let data = |d| proto::RoundChunk {
-            item: Some(Item::Data(d)),
-        };
-        let mut out = vec![proto::RoundChunk {
-            item: Some(Item::Round(header)),
-        }];
-        let mut sent = 0u64;
-        if let Some(bytes) = &closed.aggregate {
-            out.push(proto::RoundChunk {
-                item: Some(Item::Aggregate(proto::AggregateHeader {
-                    size: bytes.len() as u64,
-                })),
-            });
-            out.extend(chunks(bytes, data));
-            sent += bytes.len() as u64;
-        }
-        for (peer, weight, bytes) in entries {
-            out.push(proto::RoundChunk {
-                item: Some(Item::Entry(proto::EntryHeader {
-                    peer: peer.to_string(),
-                    weight: *weight,
-                    size: bytes.len() as u64,
-                    probe: match evaluator {
-                        true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
-                        false => vec![],
-                    },
-                    left_out: closed.left_out.contains(peer),
-                })),
-            });
-            out.extend(chunks(bytes, data));
-            sent += bytes.len() as u64;
-        }
-        state.bytes_sent += sent;
-        Ok(out)
-    }
 }
-
-impl Exchange {
-    /// `round`'s updates for `follower`, once the round has closed; refused for a round
-    /// the run does not have or has not opened yet.
-    async fn answer_fetch(
-        &self,
-        follower: Follower,
-        round: Round,
-    ) -> Result<Response<ResponseStream<proto::RoundChunk>>, Status> {
-        if round.0 >= self.state().settings()?.rounds {
-            return Err(
-                Refusal::new(Reason::RunDone, format!("the run has no round {round}")).into(),
-            );
-        }
-        let mut open = self.shared.open_tx.subscribe();
-        let current = *open.borrow();
-        if round > current {
-            return Err(Refusal::new(
-                Reason::Resync,
-                format!("round {round} is not open yet (the exchange is at round {current})"),
-            )
-            .into());
-        }
-        // Wait for the round to close; a dropped connection cancels the wait.
-        open.wait_for(|open| *open > round)
-            .await
-            .map_err(|_| Status::unavailable("the exchange is shutting down"))?;
-        let evaluator = matches!(follower, Follower::Evaluator(_));
-        let out = self.round_chunks(round, evaluator)?;
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            out.into_iter().map(Ok),
-        ))))
-    }
-}
-
 #[tonic::async_trait]
 impl proto::exchange_server::Exchange for Exchange {
     async fn join(
@@ -396,13 +297,30 @@ impl proto::exchange_server::Exchange for Exchange {
             .await
         {
             Ok(reply) => Ok(Response::new(reply)),
-            Err(refusal) => {
+            Err(UpdateError::Refused(refusal)) => {
                 if refusal.reason != Reason::RoundClosed {
                     self.record_rejection(peer, &refusal);
                 }
                 Err(refusal.into())
             }
+            Err(UpdateError::Storage(message)) => {
+                tracing::warn!(%peer, error = %message, "could not read an update from storage");
+                Err(Status::unavailable(format!(
+                    "reading the update from storage: {message}"
+                )))
+            }
         }
+    }
+
+    async fn upload_url(
+        &self,
+        req: Request<proto::UploadUrlRequest>,
+    ) -> Result<Response<proto::UploadUrlReply>, Status> {
+        let peer = self.peer(&req)?;
+        let round = Round(req.get_ref().round);
+        let url = self.upload_url(peer, round).await;
+        let url = url.inspect_err(|s| tracing::debug!(%peer, status = %s, "no upload URL"))?;
+        Ok(Response::new(proto::UploadUrlReply { url }))
     }
 
     type FetchRoundStream = ResponseStream<proto::RoundChunk>;
@@ -413,9 +331,11 @@ impl proto::exchange_server::Exchange for Exchange {
     ) -> Result<Response<Self::FetchRoundStream>, Status> {
         let follower = self.follower(&req)?;
         let round = Round(req.get_ref().round);
-        let span = tracing::info_span!("FetchRound", %follower, round = round.0);
+        let inline = req.get_ref().inline;
+        let span = tracing::info_span!("FetchRound", %follower, round = round.0, inline);
         crate::trace::follow(&span, req.metadata());
-        let reply = self.answer_fetch(follower, round).instrument(span).await?;
+        let reply = self.answer_fetch(follower, round, inline);
+        let reply = reply.instrument(span).await?;
         Ok(self.name_round(reply))
     }
 
@@ -470,9 +390,9 @@ impl proto::exchange_server::Exchange for Exchange {
         let req = req.get_ref();
         let mut state = self.state();
         if !req.ledger_record.is_empty() {
-            let dir = self.shared.opts.state_dir.as_deref();
+            let store = self.shared.store.as_ref();
             (state.ledger)
-                .append(&req.ledger_record, &req.ledger_public_key, dir)
+                .append(&req.ledger_record, &req.ledger_public_key, store)
                 .inspect_err(|r| tracing::warn!(refusal = %r, "refused a ledger record"))?;
         }
         state.weights.extend(parsed);
@@ -559,8 +479,8 @@ impl Exchange {
             ))
             .into());
         }
-        if let Some(dir) = &self.shared.opts.state_dir {
-            persist::save_settings(dir, &settings)
+        if let Some(store) = &self.shared.store {
+            persist::save_settings(store, &settings)
                 .map_err(|e| Status::internal(format!("saving the settings: {e}")))?;
         }
         tracing::info!(?settings, previous = ?state.settings, "settings changed");

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
+use super::payloads::Stored;
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
 use crate::exchange::pacing::{self, Close, Pace};
 use crate::outer::{Download, Round, Step, gathered};
@@ -173,6 +174,8 @@ pub(super) struct Closed {
     pub left_out: BTreeSet<PeerId>,
     /// The step as one object, under [`Download::Aggregate`].
     pub aggregate: Option<Arc<Vec<u8>>>,
+    /// Its payloads' digests, when they are in object storage.
+    pub stored: Option<Stored>,
     /// The run's length when the round closed.
     pub rounds: Round,
     pub scoring: ForScoring,
@@ -451,12 +454,16 @@ impl Exchange {
             "round closed"
         );
         let rounds = Round(settings.rounds);
+        let stored = self
+            .store_round(round, &entries, aggregate.as_deref())
+            .await;
         self.open_next(
             Closed {
                 round,
                 entries,
                 left_out,
                 aggregate: aggregate.map(Arc::new),
+                stored,
                 rounds,
                 scoring,
                 closed_at: Instant::now(),
@@ -472,12 +479,13 @@ impl Exchange {
     fn open_next(&self, closed: Closed, summary: proto::RoundSummary, state_bytes: Vec<u8>) {
         let config = &self.shared.run.config;
         let next = closed.round.next();
+        let mut forgotten = vec![];
         {
             let mut state = self.state();
             state.tokens += round_tokens(config, closed.in_step());
             state.closed.push_back(closed);
             while state.closed.len() > self.shared.opts.keep_rounds.max(1) {
-                state.closed.pop_front();
+                forgotten.extend(state.closed.pop_front().map(|c| c.round));
             }
             state.summaries.push_back(summary);
             while state.summaries.len() > SUMMARIES {
@@ -490,6 +498,7 @@ impl Exchange {
             state.round_state = RoundState::Open;
         }
         self.shared.open_tx.send_replace(next);
+        self.forget_rounds(forgotten);
     }
 
     /// Takes a closed round's step (`entries`: the updates it takes) on the global state,
@@ -521,10 +530,10 @@ impl Exchange {
             .map_err(|e| e.to_string())?;
         let next = round.next();
         let bytes = g.outer.export(&g.model, next).map_err(|e| e.to_string())?;
-        if let Some(dir) = &shared.opts.state_dir {
-            persist::save_state(dir, &bytes)?;
+        if let Some(store) = &shared.store {
+            persist::save_state(store, &bytes)?;
             if let Some(a) = &g.aggregator {
-                persist::save_residual(dir, &a.export(&g.model))?;
+                persist::save_residual(store, a.export(&g.model))?;
             }
         }
         let validation_loss = validation_loss(&g.model, &g.validation);

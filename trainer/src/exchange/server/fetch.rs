@@ -1,0 +1,142 @@
+//! A closed round as the exchange sends it: to a peer its step (the aggregate, or the
+//! updates it takes), to an evaluator every update with the roster and probes; each
+//! payload streamed, or with a bucket, as a signed URL and the digest it must match.
+
+use tonic::{Response, Status};
+
+use super::payloads::{aggregate_key, update_key};
+use super::service::{ResponseStream, chunks};
+use super::{Exchange, Follower, PeerId, Reason, Refusal, proto};
+use crate::outer::{Download, Round};
+
+/// Payloads a round's stream leaves to storage: their index in the stream and their key.
+type StoredAt = Vec<(usize, String)>;
+
+impl Exchange {
+    /// The closed `round` as a stream: its header, then its step (the aggregate, or the
+    /// updates it takes) with their bytes. An evaluator gets every accepted update, and
+    /// also the roster and every peer's probe. A payload in storage goes as its header
+    /// alone, with its digest; its storage key is returned with its index in the
+    /// stream, for a signed URL (unless `inline`).
+    fn round_chunks(
+        &self,
+        round: Round,
+        evaluator: bool,
+        inline: bool,
+    ) -> Result<(Vec<proto::RoundChunk>, StoredAt), Status> {
+        use proto::round_chunk::Item;
+        let download = self.shared.run.config.download;
+        let mut state = self.state();
+        let Some(closed) = state.closed.iter().find(|c| c.round == round) else {
+            return Err(Refusal::new(
+                Reason::Resync,
+                format!("round {round} is no longer kept; fetch the state"),
+            )
+            .into());
+        };
+        let entries: Vec<_> = match (evaluator, download) {
+            (true, _) | (false, Download::All) => closed.entries.iter().collect(),
+            (false, Download::Gather) => closed.in_step().collect(),
+            (false, Download::Aggregate) => vec![],
+        };
+        let header = proto::RoundHeader {
+            round: round.0,
+            updates: entries.len() as u32,
+            rounds: closed.rounds.0,
+            roster: match evaluator {
+                true => (closed.scoring.roster.iter())
+                    .map(PeerId::to_string)
+                    .collect(),
+                false => vec![],
+            },
+        };
+        let data = |d| proto::RoundChunk {
+            item: Some(Item::Data(d)),
+        };
+        let mut out = vec![proto::RoundChunk {
+            item: Some(Item::Round(header)),
+        }];
+        let mut sent = 0u64;
+        let mut keys = vec![];
+        let stored = closed.stored.as_ref().filter(|_| !inline);
+        if let Some(bytes) = &closed.aggregate {
+            let sha256 = stored.and_then(|s| s.aggregate);
+            out.push(proto::RoundChunk {
+                item: Some(Item::Aggregate(proto::AggregateHeader {
+                    size: bytes.len() as u64,
+                    url: String::new(),
+                    sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
+                })),
+            });
+            match sha256 {
+                Some(_) => keys.push((out.len() - 1, aggregate_key(round))),
+                None => {
+                    out.extend(chunks(bytes, data));
+                    sent += bytes.len() as u64;
+                }
+            }
+        }
+        for (peer, weight, bytes) in entries {
+            let sha256 = stored.and_then(|s| s.updates.get(peer).copied());
+            out.push(proto::RoundChunk {
+                item: Some(Item::Entry(proto::EntryHeader {
+                    peer: peer.to_string(),
+                    weight: *weight,
+                    size: bytes.len() as u64,
+                    probe: match evaluator {
+                        true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
+                        false => vec![],
+                    },
+                    left_out: closed.left_out.contains(peer),
+                    url: String::new(),
+                    sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
+                })),
+            });
+            match sha256 {
+                Some(_) => keys.push((out.len() - 1, update_key(round, *peer))),
+                None => {
+                    out.extend(chunks(bytes, data));
+                    sent += bytes.len() as u64;
+                }
+            }
+        }
+        state.bytes_sent += sent;
+        Ok((out, keys))
+    }
+}
+
+impl Exchange {
+    /// `round`'s updates for `follower`, once the round has closed; refused for a round
+    /// the run does not have or has not opened yet.
+    pub(super) async fn answer_fetch(
+        &self,
+        follower: Follower,
+        round: Round,
+        inline: bool,
+    ) -> Result<Response<ResponseStream<proto::RoundChunk>>, Status> {
+        if round.0 >= self.state().settings()?.rounds {
+            return Err(
+                Refusal::new(Reason::RunDone, format!("the run has no round {round}")).into(),
+            );
+        }
+        let mut open = self.shared.open_tx.subscribe();
+        let current = *open.borrow();
+        if round > current {
+            return Err(Refusal::new(
+                Reason::Resync,
+                format!("round {round} is not open yet (the exchange is at round {current})"),
+            )
+            .into());
+        }
+        // Wait for the round to close; a dropped connection cancels the wait.
+        open.wait_for(|open| *open > round)
+            .await
+            .map_err(|_| Status::unavailable("the exchange is shutting down"))?;
+        let evaluator = matches!(follower, Follower::Evaluator(_));
+        let (mut out, keys) = self.round_chunks(round, evaluator, inline)?;
+        self.sign_downloads(&mut out, keys).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            out.into_iter().map(Ok),
+        ))))
+    }
+}

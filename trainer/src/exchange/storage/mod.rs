@@ -1,0 +1,345 @@
+//! Where the exchange keeps what must outlive its pod — the global state, its settings,
+//! the aggregation residual, the ledger — and, with a bucket, the rounds' payloads.
+//!
+//! One code path: a local directory and an S3, GCS or Azure bucket are both an
+//! [`ObjectStore`]. Only a bucket signs URLs, so only with one do peers move payloads
+//! without the exchange (`PUT` and `GET` on URLs that expire, never the credentials);
+//! with a directory the exchange streams payloads itself, as it always has.
+//!
+//! Every operation runs on a small runtime of its own, so the exchange's synchronous code
+//! (a round's close persists its state under the global lock) can wait for one without
+//! blocking the runtime that serves gRPC on it.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
+
+pub mod s3_server;
+
+/// How long a signed URL handed to a peer stays valid.
+pub const URL_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage {url:?}: {message}")]
+    Open { url: String, message: String },
+    #[error("{op} {key} in {storage}: {source}")]
+    Op {
+        op: &'static str,
+        key: String,
+        storage: String,
+        source: Box<object_store::Error>,
+    },
+    #[error("storage {0}: the operation was cancelled")]
+    Cancelled(String),
+}
+
+/// An access key for a bucket; without one, the cloud's own environment variables.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <secret>)", self.access_key_id)
+    }
+}
+
+/// A directory or a bucket (with a prefix inside it), and a signer when it is a bucket.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    signer: Option<Arc<dyn Signer>>,
+    prefix: Path,
+    /// The URL or directory, for messages.
+    name: String,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// The runtime every storage operation runs on; never dropped, so a `Storage` may be
+/// dropped anywhere.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("storage")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("starting the storage runtime: {e}"))
+    })
+}
+
+/// Storage answers within a minute or is retried (5xx, timeouts, resets) for up to two.
+fn client_options() -> (ClientOptions, RetryConfig) {
+    let client = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(60))
+        .with_allow_http(true);
+    let retry = RetryConfig {
+        max_retries: 8,
+        retry_timeout: Duration::from_secs(120),
+        ..RetryConfig::default()
+    };
+    (client, retry)
+}
+
+impl Storage {
+    /// The directory `dir`, created if missing.
+    pub fn local(dir: &std::path::Path) -> Result<Self, StorageError> {
+        let open = |e: &dyn std::fmt::Display| StorageError::Open {
+            url: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open(&e))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| open(&e))?
+            .with_automatic_cleanup(true);
+        Ok(Self {
+            store: Arc::new(store),
+            signer: None,
+            prefix: Path::default(),
+            name: dir.display().to_string(),
+        })
+    }
+
+    /// The bucket `url` (`s3://bucket/prefix`, `gs://…`, `az://…`), credentials from the
+    /// environment as each cloud's own tools read them (`AWS_ACCESS_KEY_ID`, …), and
+    /// `endpoint` for an S3-compatible server (MinIO, R2, moto). `credentials`, when
+    /// given, are an S3 access key and win over the environment's.
+    pub fn open(
+        url: &str,
+        endpoint: Option<&str>,
+        credentials: Option<&Credentials>,
+    ) -> Result<Self, StorageError> {
+        let open = |message: String| StorageError::Open {
+            url: url.to_string(),
+            message,
+        };
+        let parsed = reqwest::Url::parse(url).map_err(|e| open(e.to_string()))?;
+        let prefix =
+            Path::parse(parsed.path().trim_matches('/')).map_err(|e| open(e.to_string()))?;
+        let (client, retry) = client_options();
+        let (store, signer): (Arc<dyn ObjectStore>, Arc<dyn Signer>) = match parsed.scheme() {
+            "s3" | "s3a" => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry);
+                if let Some(endpoint) = endpoint {
+                    // An S3-compatible server names buckets in the path, not the host.
+                    b = b
+                        .with_endpoint(endpoint)
+                        .with_virtual_hosted_style_request(false);
+                }
+                if let Some(c) = credentials {
+                    b = (b.with_access_key_id(&c.access_key_id))
+                        .with_secret_access_key(&c.secret_access_key);
+                }
+                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
+                (s.clone(), s)
+            }
+            "gs" => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry);
+                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
+                (s.clone(), s)
+            }
+            "az" | "abfs" | "abfss" => {
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .with_client_options(client)
+                    .with_retry(retry);
+                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
+                (s.clone(), s)
+            }
+            other => {
+                return Err(open(format!(
+                    "unknown scheme {other:?}: use s3://, gs:// or az://"
+                )));
+            }
+        };
+        Ok(Self {
+            store,
+            signer: Some(signer),
+            prefix,
+            name: url.to_string(),
+        })
+    }
+
+    /// Whether peers can move payloads here themselves (a bucket, not a directory).
+    pub fn signs_urls(&self) -> bool {
+        self.signer.is_some()
+    }
+
+    fn path(&self, key: &str) -> Path {
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.child(part))
+    }
+
+    fn op_error(
+        &self,
+        op: &'static str,
+        key: &str,
+    ) -> impl Fn(object_store::Error) -> StorageError + use<> {
+        let (key, storage) = (key.to_string(), self.name.clone());
+        move |source| StorageError::Op {
+            op,
+            key: key.clone(),
+            storage: storage.clone(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Runs `work` on the storage runtime and waits for it.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        (runtime().spawn(work).await).map_err(|_| StorageError::Cancelled(self.name.clone()))?
+    }
+
+    /// Writes `bytes` at `key`, replacing what was there only once all of it is written.
+    pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let (store, path, err) = (
+            self.store.clone(),
+            self.path(key),
+            self.op_error("writing", key),
+        );
+        self.run(async move {
+            store
+                .put(&path, PutPayload::from_bytes(bytes))
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The object at `key`; `None` when there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        let (store, path, err) = (
+            self.store.clone(),
+            self.path(key),
+            self.op_error("reading", key),
+        );
+        self.run(async move {
+            match store.get(&path).await {
+                Ok(got) => Ok(Some(got.bytes().await.map_err(err)?)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(err(e)),
+            }
+        })
+        .await
+    }
+
+    /// Deletes every object under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StorageError> {
+        let (store, path) = (self.store.clone(), self.path(prefix));
+        let err = self.op_error("deleting", prefix);
+        self.run(async move {
+            let listed = store
+                .list(Some(&path))
+                .map(|meta| meta.map(|m| m.location))
+                .boxed();
+            let mut deleted = store.delete_stream(listed);
+            while let Some(done) = deleted.next().await {
+                match done {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A URL that lets its holder `method` (`PUT` or `GET`) the object at `key` for
+    /// [`URL_EXPIRY`]; `None` for a directory.
+    pub async fn signed_url(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+    ) -> Result<Option<String>, StorageError> {
+        let Some(signer) = self.signer.clone() else {
+            return Ok(None);
+        };
+        let (path, err) = (self.path(key), self.op_error("signing a URL for", key));
+        self.run(async move {
+            let url = signer
+                .signed_url(method, &path, URL_EXPIRY)
+                .await
+                .map_err(err)?;
+            Ok(Some(url.to_string()))
+        })
+        .await
+    }
+
+    /// Writes, reads back and deletes a small object: whether the credentials and the
+    /// bucket work, with the storage's own answer when they do not.
+    pub async fn check(&self) -> Result<(), StorageError> {
+        const KEY: &str = "starling-check";
+        let bytes = Bytes::from_static(b"starling");
+        self.put(KEY, bytes.clone()).await?;
+        match self.get(KEY).await? {
+            Some(read) if read == bytes => {}
+            _ => {
+                return Err(StorageError::Open {
+                    url: self.name.clone(),
+                    message: "an object written could not be read back".into(),
+                });
+            }
+        }
+        self.delete(KEY).await
+    }
+
+    /// Deletes the object at `key`, if there is one.
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let (store, path, err) = (
+            self.store.clone(),
+            self.path(key),
+            self.op_error("deleting", key),
+        );
+        self.run(async move {
+            match store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(err(e)),
+            }
+        })
+        .await
+    }
+
+    /// [`Storage::put`] for synchronous code.
+    pub fn put_blocking(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
+        futures::executor::block_on(self.put(key, bytes))
+    }
+
+    /// [`Storage::get`] for synchronous code.
+    pub fn get_blocking(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        futures::executor::block_on(self.get(key))
+    }
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests;
