@@ -53,6 +53,8 @@ pub const STATE_DIR: &str = "STARLING_STATE_DIR";
 pub const STORAGE: &str = "STARLING_STORAGE";
 /// An S3-compatible server's URL (MinIO, R2, moto), for `STORAGE`.
 pub const STORAGE_ENDPOINT: &str = "STARLING_STORAGE_ENDPOINT";
+/// A directory of the storage's credentials, one file per setting (a mounted Secret).
+pub const STORAGE_CREDENTIALS: &str = "STARLING_STORAGE_CREDENTIALS";
 /// The storage's access key, as the AWS tools name it (read by the exchange only).
 pub const AWS_ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
 pub const AWS_SECRET_ACCESS_KEY: &str = "AWS_SECRET_ACCESS_KEY";

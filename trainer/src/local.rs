@@ -25,8 +25,6 @@ pub struct LocalFederation {
     dir: PathBuf,
     run_args: Vec<String>,
     exchange: Option<Child>,
-    /// Environment of the exchange alone (its storage credentials).
-    exchange_env: Vec<(String, String)>,
     port: u16,
     rt: tokio::runtime::Runtime,
     memory: MemoryWatch,
@@ -104,7 +102,6 @@ impl LocalFederation {
             dir: dir.to_owned(),
             run_args,
             exchange: None,
-            exchange_env: Vec::new(),
             port: 0,
             rt: tokio::runtime::Runtime::new()?,
             memory: MemoryWatch::start(),
@@ -140,7 +137,6 @@ impl LocalFederation {
             .arg(self.path("exchange"))
             .args(["--checkpoint-every", "1000000"])
             .args(extra)
-            .envs(self.exchange_env.iter().cloned())
             .stdout(Stdio::piped())
             .spawn()?;
         let mut line = String::new();
@@ -161,12 +157,6 @@ impl LocalFederation {
         self.memory.watch("exchange", &child);
         self.exchange = Some(child);
         Ok(())
-    }
-
-    /// Sets `key` in the environment of the exchange (from its next start), and of no
-    /// peer.
-    pub fn set_exchange_env(&mut self, key: &str, value: &str) {
-        self.exchange_env.push((key.to_owned(), value.to_owned()));
     }
 
     /// Kills the exchange as a power cut would.

@@ -12,7 +12,7 @@ use starling_trainer::data::Tokenizer;
 use starling_trainer::device::DeviceArgs;
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
-use starling_trainer::exchange::storage::Storage;
+use starling_trainer::exchange::storage::{Credentials, StorageSource};
 use starling_trainer::exchange::tls::{TlsArgs, pem};
 use starling_trainer::exchange::{Settings, Tokens};
 use starling_trainer::hub;
@@ -238,6 +238,11 @@ struct ExchangeArgs {
     /// The S3-compatible server to use for --storage (MinIO, R2, moto).
     #[arg(long, env = env::STORAGE_ENDPOINT, requires = "storage")]
     storage_endpoint: Option<String>,
+    /// A directory of files named by the storage settings they hold (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, …; a mounted Secret), read again whenever the exchange
+    /// retries its storage; without it, the environment's.
+    #[arg(long, env = env::STORAGE_CREDENTIALS, requires = "storage")]
+    storage_credentials: Option<PathBuf>,
     /// Where checkpoints are written (`round-NNNNNN/`).
     #[arg(long, env = env::CHECKPOINT_DIR)]
     checkpoint_dir: Option<PathBuf>,
@@ -286,10 +291,14 @@ impl ExchangeArgs {
             self.settings.validate().map_err(anyhow::Error::msg)?;
             Some(self.settings)
         };
-        let storage = match &self.storage {
-            Some(url) => Some(Storage::open(url, self.storage_endpoint.as_deref(), None)?),
-            None => None,
-        };
+        let storage = self.storage.map(|url| StorageSource {
+            url,
+            endpoint: self.storage_endpoint,
+            credentials: match self.storage_credentials {
+                Some(dir) => Credentials::Dir(dir),
+                None => Credentials::Environment,
+            },
+        });
         let opts = ExchangeOptions {
             storage,
             tokens,

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{python_check, trainer};
 
-use starling_trainer::env;
 use starling_trainer::exchange::proto::RunState;
+use starling_trainer::exchange::storage::Credentials;
 use starling_trainer::exchange::storage::s3_server::S3Server;
 use starling_trainer::local::LocalFederation;
 
@@ -270,18 +270,22 @@ fn peers_reconnect_to_a_restarted_exchange_and_continue() {
 
 #[test]
 fn with_payloads_in_a_bucket_peers_train_through_an_exchange_restarted_on_a_fresh_disk() {
-    // A real S3 server on loopback; its access key goes to the exchange alone.
+    // A real S3 server on loopback; its access key goes to the exchange alone, as files
+    // (a mounted Secret).
     let Some(server) = S3Server::start() else {
         return;
     };
     server.create_bucket("federation");
     let rounds = 6;
     let mut f = Federation::new(rounds);
-    let credentials = server.credentials();
-    f.local
-        .set_exchange_env(env::AWS_ACCESS_KEY_ID, &credentials.access_key_id);
-    let secret = &credentials.secret_access_key;
-    f.local.set_exchange_env(env::AWS_SECRET_ACCESS_KEY, secret);
+    let Credentials::Given(credentials) = server.credentials() else {
+        unreachable!("the test server's key is given")
+    };
+    let secret = f.local.path("storage-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    for (name, value) in credentials {
+        std::fs::write(secret.join(name), value).unwrap();
+    }
     let endpoint = server.endpoint();
     let args = [
         "--min-peers",
@@ -292,6 +296,8 @@ fn with_payloads_in_a_bucket_peers_train_through_an_exchange_restarted_on_a_fres
         "s3://federation/run",
         "--storage-endpoint",
         &endpoint,
+        "--storage-credentials",
+        secret.to_str().unwrap(),
     ];
     f.start_exchange(&args);
     let peers = f.start_peers(0..3);

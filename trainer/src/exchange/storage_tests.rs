@@ -2,16 +2,14 @@
 //! loopback): peers put and get payloads there on signed URLs, and storage's faults cost
 //! time, never an update.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::client::RoundResult;
 use super::server::Exchange;
-use super::storage::Storage;
-use super::storage::s3_server::S3Server;
+use super::storage::s3_server::{Fault, S3Server};
+use super::storage::{Credentials, StorageSource};
 use super::tests::{OPERATOR, client, options, serve, token, update};
 use super::{Identity, proto};
 use crate::outer::Round;
@@ -27,17 +25,21 @@ fn bucket() -> Option<(S3Server, String)> {
     Some((server, "s3://run/exchange".to_string()))
 }
 
-fn storage(server: &S3Server, endpoint: &str, url: &str) -> Storage {
-    Storage::open(url, Some(endpoint), Some(&server.credentials())).unwrap()
+fn source(server: &S3Server, url: &str) -> StorageSource {
+    StorageSource {
+        url: url.into(),
+        endpoint: Some(server.endpoint()),
+        credentials: server.credentials(),
+    }
 }
 
-/// An exchange of `run` keeping its payloads and state in `store`, three peers and an
-/// evaluator; its URL.
-async fn exchange(run: Run, dir: &std::path::Path, store: Storage) -> String {
+/// An exchange of `run` keeping its payloads and state in `storage`, three peers and
+/// an evaluator; its URL.
+async fn exchange(run: Run, dir: &std::path::Path, storage: StorageSource) -> String {
     let mut opts = options(dir);
     opts.settings.as_mut().unwrap().min_peers = 3;
     opts.tokens.insert(EVALUATOR, Identity::Evaluator(0));
-    opts.storage = Some(store);
+    opts.storage = Some(storage);
     serve(run, opts).await
 }
 
@@ -64,13 +66,9 @@ async fn with_a_bucket_payloads_move_through_storage_and_the_exchange_sends_none
     let dir = tempfile::tempdir().unwrap();
     let run = small_run(dir.path(), &[]);
     let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = storage(&server, &server.endpoint(), &url);
-    let exchange = exchange(
-        small_run(&dir.path().join("served"), &[]),
-        dir.path(),
-        store.clone(),
-    )
-    .await;
+    let store = source(&server, &url).open().unwrap();
+    let served = small_run(&dir.path().join("served"), &[]);
+    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
     let results = round(&exchange, &run, &updates, Round(0)).await;
     let aggregate = results[0].aggregate.clone().expect("no aggregate");
     assert!(
@@ -107,13 +105,9 @@ async fn an_exchange_started_on_a_fresh_node_resumes_from_the_state_in_storage()
     let dir = tempfile::tempdir().unwrap();
     let run = small_run(dir.path(), &[]);
     let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = storage(&server, &server.endpoint(), &url);
-    let first = exchange(
-        small_run(&dir.path().join("served"), &[]),
-        dir.path(),
-        store.clone(),
-    )
-    .await;
+    let store = source(&server, &url).open().unwrap();
+    let served = small_run(&dir.path().join("served"), &[]);
+    let first = exchange(served, dir.path(), source(&server, &url)).await;
     for r in 0..3 {
         round(&first, &run, &updates, Round(r)).await;
     }
@@ -125,7 +119,7 @@ async fn an_exchange_started_on_a_fresh_node_resumes_from_the_state_in_storage()
     // Another exchange, nothing on its disk, the same bucket: where the first one was.
     let elsewhere = tempfile::tempdir().unwrap();
     let mut opts = options(elsewhere.path());
-    opts.storage = Some(store.clone());
+    opts.storage = Some(source(&server, &url));
     let again = Exchange::new(small_run(elsewhere.path(), &[]), opts).unwrap();
     let resumed = super::tests::serve_exchange(again).await;
     let (open_again, state_again) = client(&resumed, &token(0), &run.fingerprint)
@@ -155,13 +149,9 @@ async fn a_payload_changed_in_storage_after_acceptance_is_refused_and_fetched_th
     let dir = tempfile::tempdir().unwrap();
     let run = small_run(dir.path(), &[]);
     let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = storage(&server, &server.endpoint(), &url);
-    let exchange = exchange(
-        small_run(&dir.path().join("served"), &[]),
-        dir.path(),
-        store.clone(),
-    )
-    .await;
+    let store = source(&server, &url).open().unwrap();
+    let served = small_run(&dir.path().join("served"), &[]);
+    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
     round(&exchange, &run, &updates, Round(0)).await;
     // p1 rewrites its object with its still valid upload URL, after the round closed.
     let mut forged = updates[1].clone();
@@ -182,63 +172,22 @@ async fn a_payload_changed_in_storage_after_acceptance_is_refused_and_fetched_th
     assert_eq!(sent, expected as u64);
 }
 
-/// A front for the HTTP server `upstream` that passes connections through, except that
-/// while its counter (returned) is above zero each new connection takes one off it and
-/// is answered 500 and closed.
-async fn flaky_front(upstream: String) -> (String, Arc<AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let front = format!("http://{}", listener.local_addr().unwrap());
-    let failing = Arc::new(AtomicUsize::new(0));
-    let count = failing.clone();
-    let upstream = upstream.trim_start_matches("http://").to_string();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let fail = count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-            if fail.is_ok() {
-                let mut head = [0u8; 1024];
-                let _ = conn.read(&mut head).await;
-                let reply = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\
-                             Connection: close\r\n\r\n";
-                let _ = conn.write_all(reply.as_bytes()).await;
-                continue;
-            }
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
-                }
-            });
-        }
-    });
-    (front, failing)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_answering_500_for_a_while_delays_the_round_and_loses_nothing() {
+/// Three peers' round 0 while storage fails the next `failures` connections with
+/// `fault`: every update counts once, and every peer takes the same step.
+async fn round_through_faults(fault: Fault, failures: usize) {
     let Some((server, url)) = bucket() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let run = small_run(dir.path(), &[]);
     let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    // Everything, the exchange's reads and writes and the peers' transfers, goes through
-    // a front that fails the next 12 connections once the exchange is up.
-    let (front, failing) = flaky_front(server.endpoint()).await;
-    let store = storage(&server, &front, &url);
-    let exchange = exchange(
-        small_run(&dir.path().join("served"), &[]),
-        dir.path(),
-        store,
-    )
-    .await;
-    failing.store(12, Ordering::SeqCst);
+    let served = small_run(&dir.path().join("served"), &[]);
+    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
+    // Everything goes through the faults: the exchange's reads and writes and the peers'
+    // transfers.
+    server.fail_next(failures, fault);
     let results = round(&exchange, &run, &updates, Round(0)).await;
-    assert_eq!(
-        failing.load(Ordering::SeqCst),
-        0,
-        "fewer connections than failures"
-    );
+    assert_eq!(server.failures_left(), 0, "fewer connections than faults");
     assert!(results.iter().all(|r| r.accepted_bytes.is_some()));
     assert!(results.iter().all(|r| r.aggregate == results[0].aggregate));
     let state = run_state(&exchange).await;
@@ -247,4 +196,59 @@ async fn storage_answering_500_for_a_while_delays_the_round_and_loses_nothing() 
     let sent: usize = updates.iter().map(Vec::len).sum();
     assert_eq!(state.recent[0].bytes, sent as u64);
     assert!(state.peers.iter().all(|p| p.updates_accepted == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_answering_500_for_a_while_delays_the_round_and_loses_nothing() {
+    round_through_faults(Fault::Error500, 12).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_not_answering_for_a_while_delays_the_round_and_loses_nothing() {
+    round_through_faults(Fault::Stall(Duration::from_secs(2)), 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_whose_key_is_refused_says_why_admits_no_peer_and_resumes_once_it_is_fixed() {
+    let Some((server, url)) = bucket() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = small_run(dir.path(), &[]);
+    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
+    // The credentials as a mounted Secret would hold them, with a key S3 does not know.
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("AWS_ACCESS_KEY_ID"), "a-revoked-key").unwrap();
+    std::fs::write(secret.join("AWS_SECRET_ACCESS_KEY"), "whatever").unwrap();
+    let storage = StorageSource {
+        url: url.clone(),
+        endpoint: Some(server.endpoint()),
+        credentials: Credentials::Dir(secret.clone()),
+    };
+    let served = small_run(&dir.path().join("served"), &[]);
+    let exchange = exchange(served, dir.path(), storage).await;
+    let state = run_state(&exchange).await;
+    assert!(
+        state.storage_error.contains("InvalidAccessKeyId"),
+        "{state:?}"
+    );
+    assert_eq!(state.storage, url);
+    let refused = client(&exchange, &token(0), &run.fingerprint).join().await;
+    let refused = refused.expect_err("a peer was admitted").to_string();
+    assert!(refused.contains("waiting for its storage"), "{refused}");
+    // The Secret fixed: the exchange picks the key up on its next try and goes on.
+    let Credentials::Given(right) = server.credentials() else {
+        unreachable!()
+    };
+    for (name, value) in right {
+        std::fs::write(secret.join(name), value).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !run_state(&exchange).await.storage_error.is_empty() {
+        assert!(Instant::now() < deadline, "the exchange never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let results = round(&exchange, &run, &updates, Round(0)).await;
+    assert!(results.iter().all(|r| r.accepted_bytes.is_some()));
 }

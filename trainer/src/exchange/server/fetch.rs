@@ -12,6 +12,34 @@ use crate::outer::{Download, Round};
 /// Payloads a round's stream leaves to storage: their index in the stream and their key.
 type StoredAt = Vec<(usize, String)>;
 
+/// A round's stream as it is built: its messages, the payloads it leaves to storage, and
+/// the bytes the exchange sends itself.
+#[derive(Default)]
+struct Building {
+    out: Vec<proto::RoundChunk>,
+    keys: StoredAt,
+    sent: u64,
+}
+
+impl Building {
+    /// A payload's header, then its bytes; or, when it is in storage at `key`, nothing
+    /// more: the fetcher gets a URL instead.
+    fn payload(&mut self, header: proto::round_chunk::Item, bytes: &[u8], key: Option<String>) {
+        use proto::round_chunk::Item;
+        self.out.push(proto::RoundChunk { item: Some(header) });
+        match key {
+            Some(key) => self.keys.push((self.out.len() - 1, key)),
+            None => {
+                let data = |d| proto::RoundChunk {
+                    item: Some(Item::Data(d)),
+                };
+                self.out.extend(chunks(bytes, data));
+                self.sent += bytes.len() as u64;
+            }
+        }
+    }
+}
+
 impl Exchange {
     /// The closed `round` as a stream: its header, then its step (the aggregate, or the
     /// updates it takes) with their bytes. An evaluator gets every accepted update, and
@@ -50,58 +78,38 @@ impl Exchange {
                 false => vec![],
             },
         };
-        let data = |d| proto::RoundChunk {
-            item: Some(Item::Data(d)),
-        };
-        let mut out = vec![proto::RoundChunk {
+        let mut b = Building::default();
+        b.out.push(proto::RoundChunk {
             item: Some(Item::Round(header)),
-        }];
-        let mut sent = 0u64;
-        let mut keys = vec![];
+        });
         let stored = closed.stored.as_ref().filter(|_| !inline);
         if let Some(bytes) = &closed.aggregate {
             let sha256 = stored.and_then(|s| s.aggregate);
-            out.push(proto::RoundChunk {
-                item: Some(Item::Aggregate(proto::AggregateHeader {
-                    size: bytes.len() as u64,
-                    url: String::new(),
-                    sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
-                })),
+            let header = Item::Aggregate(proto::AggregateHeader {
+                size: bytes.len() as u64,
+                url: String::new(),
+                sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
             });
-            match sha256 {
-                Some(_) => keys.push((out.len() - 1, aggregate_key(round))),
-                None => {
-                    out.extend(chunks(bytes, data));
-                    sent += bytes.len() as u64;
-                }
-            }
+            b.payload(header, bytes, sha256.map(|_| aggregate_key(round)));
         }
         for (peer, weight, bytes) in entries {
             let sha256 = stored.and_then(|s| s.updates.get(peer).copied());
-            out.push(proto::RoundChunk {
-                item: Some(Item::Entry(proto::EntryHeader {
-                    peer: peer.to_string(),
-                    weight: *weight,
-                    size: bytes.len() as u64,
-                    probe: match evaluator {
-                        true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
-                        false => vec![],
-                    },
-                    left_out: closed.left_out.contains(peer),
-                    url: String::new(),
-                    sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
-                })),
+            let header = Item::Entry(proto::EntryHeader {
+                peer: peer.to_string(),
+                weight: *weight,
+                size: bytes.len() as u64,
+                probe: match evaluator {
+                    true => closed.scoring.probes.get(peer).cloned().unwrap_or_default(),
+                    false => vec![],
+                },
+                left_out: closed.left_out.contains(peer),
+                url: String::new(),
+                sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
             });
-            match sha256 {
-                Some(_) => keys.push((out.len() - 1, update_key(round, *peer))),
-                None => {
-                    out.extend(chunks(bytes, data));
-                    sent += bytes.len() as u64;
-                }
-            }
+            b.payload(header, bytes, sha256.map(|_| update_key(round, *peer)));
         }
-        state.bytes_sent += sent;
-        Ok((out, keys))
+        state.bytes_sent += b.sent;
+        Ok((b.out, b.keys))
     }
 }
 

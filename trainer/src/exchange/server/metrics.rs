@@ -51,6 +51,10 @@ impl Exchange {
             ledger_head: state.ledger.head().0.to_owned(),
             ledger_records: state.ledger.head().1,
             evaluators: state.evaluators.values().cloned().collect(),
+            storage: (self.shared.opts.storage.as_ref())
+                .map(|s| s.url.clone())
+                .unwrap_or_default(),
+            storage_error: state.storage_error.clone().unwrap_or_default(),
         }
     }
 }

@@ -20,19 +20,20 @@ mod ledger;
 mod metrics;
 mod payloads;
 mod persist;
+mod resume;
 mod round;
 mod service;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tonic::{Request, Response, Status};
 
 use super::proto::{self, exchange_server::ExchangeServer};
-use super::storage::Storage;
+use super::storage::{Storage, StorageSource};
 use super::{Identity, MAX_MESSAGE_BYTES, PeerId, Reason, Refusal, Settings, Tokens, pacing};
 use crate::data::Batch;
 use crate::model::{InnerOptimizer, Llama};
@@ -63,7 +64,7 @@ pub struct ExchangeOptions {
     pub state_dir: Option<PathBuf>,
     /// Object storage for the global state and the rounds' payloads: peers put and get
     /// payloads there with URLs the exchange signs.
-    pub storage: Option<Storage>,
+    pub storage: Option<StorageSource>,
     /// Where checkpoints go: `<dir>/round-<NNNNNN>/` in the Hugging Face layout.
     pub checkpoint_dir: Option<PathBuf>,
     /// Held-out sequences the validation loss is measured on after every round.
@@ -85,8 +86,9 @@ pub struct Exchange {
 struct Shared {
     run: Run,
     opts: ExchangeOptions,
-    /// Where the state is kept (`storage`, or a directory: `state_dir`).
-    store: Option<Storage>,
+    /// Where the state is kept (`storage`, or a directory: `state_dir`); `None` also
+    /// while a bucket cannot be used yet.
+    store: RwLock<Option<Storage>>,
     state: Mutex<State>,
     global: Mutex<Global>,
     /// The open round; bumped when a round closes, waking fetchers.
@@ -128,6 +130,37 @@ impl Drop for Shared {
     }
 }
 
+impl Global {
+    /// The run's initial model and outer loop.
+    fn new(run: &Run, opts: &ExchangeOptions) -> Result<Self, ExchangeError> {
+        let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
+        let model = run.initial_model().map_err(|e| init(&e))?;
+        let outer = Outer::new(&run.config, &model).map_err(|e| init(&e))?;
+        // DDP's schedule is set from the settings before every step.
+        let inner = match run.config.algorithm {
+            Algorithm::Ddp => Some(
+                InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(Round(1)))
+                    .map_err(|e| init(&e))?,
+            ),
+            _ => None,
+        };
+        let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
+        let aggregator = match run.config.download {
+            Download::Aggregate => {
+                Some(Aggregator::new(&run.config, &model).map_err(|e| init(&e))?)
+            }
+            Download::Gather | Download::All => None,
+        };
+        Ok(Self {
+            model,
+            outer,
+            inner,
+            aggregator,
+            validation,
+        })
+    }
+}
+
 struct Global {
     model: Llama,
     outer: Outer,
@@ -166,6 +199,8 @@ struct State {
     evaluators: BTreeMap<String, proto::EvaluatorState>,
     /// When recent rounds' updates arrived: what paces the open round.
     pacing: pacing::History<PeerId>,
+    /// Why the exchange's bucket cannot be used yet; `None` once it can.
+    storage_error: Option<String>,
 }
 
 impl State {
@@ -194,6 +229,7 @@ impl State {
             ledger: ledger::Ledger::default(),
             evaluators: BTreeMap::new(),
             pacing: pacing::History::default(),
+            storage_error: None,
         }
     }
 
@@ -279,61 +315,36 @@ impl Exchange {
     /// Sets up the run's global state, resuming from `state_dir` when it holds one.
     pub fn new(run: Run, opts: ExchangeOptions) -> Result<Self, ExchangeError> {
         let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
-        let model = run.initial_model().map_err(|e| init(&e))?;
-        let mut outer = Outer::new(&run.config, &model).map_err(|e| init(&e))?;
-        // DDP's schedule is set from the settings before every step.
-        let inner = match run.config.algorithm {
-            Algorithm::Ddp => Some(
-                InnerOptimizer::new(&model, run.config.adamw(), run.config.schedule(Round(1)))
-                    .map_err(|e| init(&e))?,
-            ),
-            _ => None,
+        let mut global = Global::new(&run, &opts)?;
+        let initial_validation_loss = validation_loss(&global.model, &global.validation);
+        let (store, waiting) = match resume::open(&opts)? {
+            resume::Opened::Nothing => (None, None),
+            resume::Opened::Ready(store) => (Some(store), None),
+            resume::Opened::Waiting(why) => (None, Some(why)),
         };
-        let validation = run.validation_batch(opts.eval_rows).map_err(|e| init(&e))?;
-        let initial_validation_loss = validation_loss(&model, &validation);
-        let mut aggregator = match run.config.download {
-            Download::Aggregate => {
-                Some(Aggregator::new(&run.config, &model).map_err(|e| init(&e))?)
-            }
-            Download::Gather | Download::All => None,
+        let resumed = match &store {
+            Some(store) => resume::resume(store, &mut global)?,
+            None => resume::Resumed {
+                open: Round(0),
+                settings: None,
+                ledger: ledger::Ledger::default(),
+            },
         };
-        let store = match (&opts.storage, &opts.state_dir) {
-            (Some(storage), _) => Some(storage.clone()),
-            (None, Some(dir)) => Some(Storage::local(dir).map_err(|e| init(&e))?),
-            (None, None) => None,
-        };
-        let (open, saved) = match &store {
-            Some(store) => {
-                if let Some(a) = aggregator.as_mut() {
-                    persist::resume_residual(store, a, &model)?;
-                }
-                (
-                    persist::resume(store, &mut outer, &model)?,
-                    persist::load_settings(store)?,
-                )
-            }
-            None => (Round(0), None),
-        };
-        let settings = saved.or(opts.settings);
-        let state_bytes = outer.export(&model, open).map_err(|e| init(&e))?;
-        let dense_bytes = 4 * model.parameter_count() as u64;
-        let tensors = model.params().len();
+        let open = resumed.open;
+        let settings = resumed.settings.or(opts.settings);
+        let state_bytes = (global.outer.export(&global.model, open)).map_err(|e| init(&e))?;
+        let dense_bytes = 4 * global.model.parameter_count() as u64;
+        let tensors = global.model.params().len();
         let max_update = opts.max_update_bytes.unwrap_or(dense_bytes + 64 * 1024);
         let opened = (open, round_span(&opts.run_name, open));
         let mut state = State::new(opened, settings, state_bytes, initial_validation_loss);
-        state.ledger = ledger::Ledger::load(store.as_ref())?;
-        let global = Global {
-            model,
-            outer,
-            inner,
-            aggregator,
-            validation,
-        };
+        state.ledger = resumed.ledger;
+        state.storage_error = waiting;
         Ok(Self {
             shared: Arc::new(Shared {
                 run,
                 opts,
-                store,
+                store: RwLock::new(store),
                 state: Mutex::new(state),
                 global: Mutex::new(global),
                 open_tx: watch::channel(open).0,
@@ -353,6 +364,9 @@ impl Exchange {
             Arc::downgrade(&self.shared),
             self.shared.wake.clone(),
         ));
+        if self.state().storage_error.is_some() {
+            tokio::spawn(resume::await_storage(Arc::downgrade(&self.shared)));
+        }
         let check = Authenticate(self.shared.opts.tokens.clone());
         let server = ExchangeServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -403,8 +417,10 @@ impl Exchange {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The calling peer, seen now; refuses the operator's token.
+    /// The calling peer, seen now; refuses the operator's token, and every peer while
+    /// the exchange waits for its storage.
     fn peer<T>(&self, req: &Request<T>) -> Result<PeerId, Status> {
+        self.usable()?;
         match req.extensions().get::<Identity>() {
             Some(Identity::Peer(p)) => {
                 let p = *p;
@@ -429,11 +445,17 @@ impl Exchange {
     /// The calling peer or evaluator: those who follow the rounds.
     fn follower<T>(&self, req: &Request<T>) -> Result<Follower, Status> {
         match req.extensions().get::<Identity>() {
-            Some(Identity::Evaluator(e)) => Ok(Follower::Evaluator(*e)),
-            _ => self.peer(req).map(Follower::Peer).map_err(|_| {
-                Refusal::new(Reason::Forbidden, "only peers and evaluators may call this").into()
-            }),
+            Some(Identity::Evaluator(e)) => self.usable().map(|()| Follower::Evaluator(*e)),
+            Some(Identity::Peer(_)) => self.peer(req).map(Follower::Peer),
+            _ => Err(
+                Refusal::new(Reason::Forbidden, "only peers and evaluators may call this").into(),
+            ),
         }
+    }
+
+    /// Where the state is kept now.
+    fn store(&self) -> Option<Storage> {
+        (self.shared.store.read().unwrap_or_else(|p| p.into_inner())).clone()
     }
 
     fn operator<T>(req: &Request<T>) -> Result<(), Status> {

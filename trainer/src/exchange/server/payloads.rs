@@ -65,8 +65,8 @@ impl From<Refusal> for UpdateError {
 
 impl Exchange {
     /// The bucket peers move payloads through, if the run has one.
-    pub(super) fn payloads(&self) -> Option<&Storage> {
-        self.shared.store.as_ref().filter(|s| s.signs_urls())
+    pub(super) fn payloads(&self) -> Option<Storage> {
+        self.store().filter(Storage::signs_urls)
     }
 
     /// A URL `peer` may PUT its update for `round` to; empty without a bucket.
@@ -178,7 +178,7 @@ impl Exchange {
 
     /// Deletes the objects of rounds the exchange no longer keeps, in the background.
     pub(super) fn forget_rounds(&self, rounds: Vec<Round>) {
-        let Some(store) = self.payloads().cloned() else {
+        let Some(store) = self.payloads() else {
             return;
         };
         tokio::spawn(async move {

@@ -373,6 +373,7 @@ impl proto::exchange_server::Exchange for Exchange {
         req: Request<proto::SetWeightsRequest>,
     ) -> Result<Response<proto::SetWeightsReply>, Status> {
         Self::operator(&req)?;
+        self.usable()?;
         let mut parsed = HashMap::new();
         for (peer, weight) in &req.get_ref().weights {
             let peer: PeerId = peer
@@ -390,9 +391,9 @@ impl proto::exchange_server::Exchange for Exchange {
         let req = req.get_ref();
         let mut state = self.state();
         if !req.ledger_record.is_empty() {
-            let store = self.shared.store.as_ref();
+            let store = self.store();
             (state.ledger)
-                .append(&req.ledger_record, &req.ledger_public_key, store)
+                .append(&req.ledger_record, &req.ledger_public_key, store.as_ref())
                 .inspect_err(|r| tracing::warn!(refusal = %r, "refused a ledger record"))?;
         }
         state.weights.extend(parsed);
@@ -457,6 +458,7 @@ impl proto::exchange_server::Exchange for Exchange {
         req: Request<proto::Settings>,
     ) -> Result<Response<proto::Settings>, Status> {
         Self::operator(&req)?;
+        self.usable()?;
         let settings = Settings::try_from(req.into_inner()).map_err(|e| bad(&e))?;
         Ok(Response::new(self.configure_settings(settings)?.into()))
     }
@@ -479,7 +481,7 @@ impl Exchange {
             ))
             .into());
         }
-        if let Some(store) = &self.shared.store {
+        if let Some(store) = &self.store() {
             persist::save_settings(store, &settings)
                 .map_err(|e| Status::internal(format!("saving the settings: {e}")))?;
         }

@@ -39,16 +39,82 @@ pub enum StorageError {
     Cancelled(String),
 }
 
-/// An access key for a bucket; without one, the cloud's own environment variables.
+/// Where a run's bucket is and how to sign in to it. Opened again on every retry, so
+/// credentials fixed while the exchange waits for its storage are picked up.
+#[derive(Clone, Debug)]
+pub struct StorageSource {
+    /// `s3://bucket/prefix`, `gs://…` or `az://…`.
+    pub url: String,
+    /// An S3-compatible server (MinIO, R2, moto) instead of AWS.
+    pub endpoint: Option<String>,
+    pub credentials: Credentials,
+}
+
+/// How the exchange signs in to its bucket.
 #[derive(Clone)]
-pub struct Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
+pub enum Credentials {
+    /// The cloud's own environment variables (`AWS_ACCESS_KEY_ID`, …) or the node's
+    /// identity.
+    Environment,
+    /// A directory of files each named by the setting it holds (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`,
+    /// …): a mounted Secret, read again on every open.
+    Dir(std::path::PathBuf),
+    /// These settings, named as in the directory.
+    Given(Vec<(String, String)>),
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <secret>)", self.access_key_id)
+        match self {
+            Self::Environment => f.write_str("Environment"),
+            Self::Dir(dir) => write!(f, "Dir({})", dir.display()),
+            Self::Given(settings) => {
+                let names: Vec<_> = settings.iter().map(|(k, _)| k.as_str()).collect();
+                write!(f, "Given({names:?})")
+            }
+        }
+    }
+}
+
+impl Credentials {
+    /// The settings they give, lowercase as `object_store` names its configuration keys.
+    fn settings(&self) -> Result<Vec<(String, String)>, String> {
+        let given = match self {
+            Self::Environment => vec![],
+            Self::Given(settings) => settings.clone(),
+            Self::Dir(dir) => {
+                let entries =
+                    std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let mut settings = vec![];
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    // A mounted Secret's own bookkeeping (`..data`, timestamped dirs).
+                    if name.starts_with('.') || !entry.path().is_file() {
+                        continue;
+                    }
+                    let value = std::fs::read_to_string(entry.path())
+                        .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+                    settings.push((name, value.trim().to_owned()));
+                }
+                settings
+            }
+        };
+        Ok(given
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect())
+    }
+}
+
+impl StorageSource {
+    /// The storage, signed in with the credentials as they are now.
+    pub fn open(&self) -> Result<Storage, StorageError> {
+        let settings = (self.credentials.settings()).map_err(|message| StorageError::Open {
+            url: self.url.clone(),
+            message,
+        })?;
+        Storage::open(&self.url, self.endpoint.as_deref(), &settings)
     }
 }
 
@@ -116,13 +182,13 @@ impl Storage {
     }
 
     /// The bucket `url` (`s3://bucket/prefix`, `gs://…`, `az://…`), credentials from the
-    /// environment as each cloud's own tools read them (`AWS_ACCESS_KEY_ID`, …), and
-    /// `endpoint` for an S3-compatible server (MinIO, R2, moto). `credentials`, when
-    /// given, are an S3 access key and win over the environment's.
-    pub fn open(
+    /// environment as each cloud's own tools read them (`AWS_ACCESS_KEY_ID`, …) unless
+    /// `settings` (`object_store`'s lowercase configuration keys: `aws_access_key_id`, …)
+    /// say otherwise, and `endpoint` for an S3-compatible server (MinIO, R2, moto).
+    fn open(
         url: &str,
         endpoint: Option<&str>,
-        credentials: Option<&Credentials>,
+        settings: &[(String, String)],
     ) -> Result<Self, StorageError> {
         let open = |message: String| StorageError::Open {
             url: url.to_string(),
@@ -132,6 +198,7 @@ impl Storage {
         let prefix =
             Path::parse(parsed.path().trim_matches('/')).map_err(|e| open(e.to_string()))?;
         let (client, retry) = client_options();
+        let unknown = |key: &str| open(format!("{key:?} is not a setting of this storage"));
         let (store, signer): (Arc<dyn ObjectStore>, Arc<dyn Signer>) = match parsed.scheme() {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -144,26 +211,34 @@ impl Storage {
                         .with_endpoint(endpoint)
                         .with_virtual_hosted_style_request(false);
                 }
-                if let Some(c) = credentials {
-                    b = (b.with_access_key_id(&c.access_key_id))
-                        .with_secret_access_key(&c.secret_access_key);
+                for (key, value) in settings {
+                    let key = key.parse().map_err(|_| unknown(key))?;
+                    b = b.with_config(key, value);
                 }
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }
             "gs" => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(url)
                     .with_client_options(client)
                     .with_retry(retry);
+                for (key, value) in settings {
+                    let key = key.parse().map_err(|_| unknown(key))?;
+                    b = b.with_config(key, value);
+                }
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }
             "az" | "abfs" | "abfss" => {
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url)
                     .with_client_options(client)
                     .with_retry(retry);
+                for (key, value) in settings {
+                    let key = key.parse().map_err(|_| unknown(key))?;
+                    b = b.with_config(key, value);
+                }
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }

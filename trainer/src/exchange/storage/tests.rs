@@ -1,16 +1,20 @@
 use bytes::Bytes;
 use reqwest::Method;
 
-use super::Storage;
 use super::s3_server::S3Server;
+use super::{Credentials, Storage, StorageSource};
 
 /// A bucket on a fresh S3 server, or `None` where none is installed (outside CI).
 fn bucket(name: &str) -> Option<(S3Server, Storage)> {
     let server = S3Server::start()?;
     server.create_bucket(name);
-    let url = format!("s3://{name}/runs/r1");
-    let storage = Storage::open(&url, Some(&server.endpoint()), Some(&server.credentials()));
-    Some((server, storage.unwrap()))
+    let source = StorageSource {
+        url: format!("s3://{name}/runs/r1"),
+        endpoint: Some(server.endpoint()),
+        credentials: server.credentials(),
+    };
+    let storage = source.open().unwrap();
+    Some((server, storage))
 }
 
 #[tokio::test]
@@ -82,6 +86,56 @@ fn a_directory_is_storage_too_but_signs_no_urls() {
 
 #[test]
 fn an_unknown_scheme_is_refused_by_name() {
-    let e = Storage::open("ftp://bucket/x", None, None).unwrap_err();
+    let source = StorageSource {
+        url: "ftp://bucket/x".into(),
+        endpoint: None,
+        credentials: Credentials::Environment,
+    };
+    let e = source.open().unwrap_err();
     assert!(e.to_string().contains("unknown scheme \"ftp\""), "{e}");
+}
+
+#[tokio::test]
+async fn a_wrong_access_key_is_refused_with_the_storage_s_own_words() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    server.create_bucket("keys");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("AWS_ACCESS_KEY_ID"), "someone-else\n").unwrap();
+    std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "wrong").unwrap();
+    // A mounted Secret's own entries are not settings.
+    std::fs::create_dir(dir.path().join("..2026_12_07")).unwrap();
+    let source = StorageSource {
+        url: "s3://keys/run".into(),
+        endpoint: Some(server.endpoint()),
+        credentials: Credentials::Dir(dir.path().to_owned()),
+    };
+    let e = source
+        .open()
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("InvalidAccessKeyId"), "{e}");
+    // The Secret fixed: the same source opens with the new key.
+    let Credentials::Given(right) = server.credentials() else {
+        unreachable!()
+    };
+    for (name, value) in right {
+        std::fs::write(dir.path().join(name), value).unwrap();
+    }
+    source.open().unwrap().check().await.unwrap();
+}
+
+#[test]
+fn an_unknown_setting_in_the_credentials_is_named() {
+    let source = StorageSource {
+        url: "s3://bucket/x".into(),
+        endpoint: None,
+        credentials: Credentials::Given(vec![("AWS_ACCES_KEY".into(), "k".into())]),
+    };
+    let e = source.open().unwrap_err().to_string();
+    assert!(e.contains("\"aws_acces_key\" is not a setting"), "{e}");
 }

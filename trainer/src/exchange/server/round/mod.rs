@@ -165,6 +165,46 @@ pub(super) struct ForScoring {
     pub probes: BTreeMap<PeerId, Vec<f32>>,
 }
 
+/// A closed round's updates and what its step took of them.
+struct Taken<'a> {
+    entries: &'a [(PeerId, f32, Arc<Vec<u8>>)],
+    left_out: &'a BTreeSet<PeerId>,
+    aggregate: Option<&'a [u8]>,
+}
+
+/// What `GetRunState` reports of a closed round.
+fn summarize(
+    round: Round,
+    taken: Taken<'_>,
+    train_loss: f32,
+    validation_loss: f32,
+    paced: &Paced,
+) -> proto::RoundSummary {
+    let Taken {
+        entries,
+        left_out,
+        aggregate,
+    } = taken;
+    let download_bytes = match aggregate {
+        Some(a) => a.len() as u64,
+        None => in_step(entries, left_out)
+            .map(|(_, _, b)| b.len() as u64)
+            .sum(),
+    };
+    proto::RoundSummary {
+        round: round.0,
+        contributors: entries.iter().map(|(p, _, _)| p.to_string()).collect(),
+        train_loss,
+        validation_loss,
+        bytes: entries.iter().map(|(_, _, b)| b.len() as u64).sum(),
+        closed_at_deadline: paced.closed_by == Close::Deadline,
+        closed_by: paced.closed_by.as_str().to_owned(),
+        waited_seconds: paced.waited.as_secs_f64(),
+        deadline_seconds: paced.deadline.as_secs_f64(),
+        download_bytes,
+    }
+}
+
 /// A closed round, kept for fetching: every update with its peer and weight, and the
 /// step the round made of them.
 pub(super) struct Closed {
@@ -402,12 +442,6 @@ impl Exchange {
             settings,
             so_far,
         } = closing;
-        let Paced {
-            closed_by,
-            first_at,
-            waited,
-            deadline,
-        } = paced;
         let this = self.clone();
         let step: Vec<_> = in_step(&entries, &left_out).cloned().collect();
         let span = tracing::Span::current();
@@ -421,30 +455,18 @@ impl Exchange {
             validation_loss,
             aggregate,
         } = applied.map_err(|message| Failure { round, message })?;
-        let download_bytes = match &aggregate {
-            Some(a) => a.len() as u64,
-            None => in_step(&entries, &left_out)
-                .map(|(_, _, b)| b.len() as u64)
-                .sum(),
+        let taken = Taken {
+            entries: &entries,
+            left_out: &left_out,
+            aggregate: aggregate.as_deref(),
         };
-        let summary = proto::RoundSummary {
-            round: round.0,
-            contributors: entries.iter().map(|(p, _, _)| p.to_string()).collect(),
-            train_loss,
-            validation_loss,
-            bytes: entries.iter().map(|(_, _, b)| b.len() as u64).sum(),
-            closed_at_deadline: closed_by == Close::Deadline,
-            closed_by: closed_by.as_str().to_owned(),
-            waited_seconds: waited.as_secs_f64(),
-            deadline_seconds: deadline.as_secs_f64(),
-            download_bytes,
-        };
+        let summary = summarize(round, taken, train_loss, validation_loss, &paced);
         tracing::info!(
             round = round.0,
             updates = entries.len(),
             contributors = ?summary.contributors,
             bytes = summary.bytes,
-            download_bytes,
+            download_bytes = summary.download_bytes,
             left_out = left_out.len(),
             train_loss,
             validation_loss,
@@ -467,7 +489,7 @@ impl Exchange {
                 rounds,
                 scoring,
                 closed_at: Instant::now(),
-                first_at,
+                first_at: paced.first_at,
             },
             summary,
             state_bytes,
@@ -530,7 +552,7 @@ impl Exchange {
             .map_err(|e| e.to_string())?;
         let next = round.next();
         let bytes = g.outer.export(&g.model, next).map_err(|e| e.to_string())?;
-        if let Some(store) = &shared.store {
+        if let Some(store) = &self.store() {
             persist::save_state(store, &bytes)?;
             if let Some(a) = &g.aggregator {
                 persist::save_residual(store, a.export(&g.model))?;
