@@ -9,7 +9,9 @@ use starling_trainer::env as names;
 use starling_trainer::exchange::Settings;
 use starling_trainer::run::RunConfig;
 
-use crate::api::{PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation};
+use crate::api::{
+    ExchangeStorageSpec, PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation,
+};
 use crate::hub::children::{
     LEDGER_KEY, OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, SCORING_KEY, TOKENS_KEY,
 };
@@ -142,17 +144,32 @@ fn supported(spec: &TrainingRunSpec) -> Result<(), validation::FieldError> {
     Ok(())
 }
 
-/// The exchange's own environment, on top of the run configuration. Nothing here comes
-/// from a field that may change mid-run: those reach the exchange as [`settings`], so
-/// editing them never replaces its pod.
-pub fn exchange_env(run_name: &str) -> Vec<EnvVar> {
-    vec![
+/// Where the exchange pod mounts its storage credentials Secret.
+pub const STORAGE_CREDENTIALS_DIR: &str = "/var/run/starling/storage";
+
+/// The exchange's own environment, on top of the run configuration: its state in
+/// `storage` when the spec names a bucket, else in its working directory. Nothing here
+/// comes from a field that may change mid-run: those reach the exchange as
+/// [`settings`], so editing them never replaces its pod.
+pub fn exchange_env(run_name: &str, storage: Option<&ExchangeStorageSpec>) -> Vec<EnvVar> {
+    let mut vars = vec![
         env(names::AWAIT_SETTINGS, true),
-        env(names::STATE_DIR, "state"),
         env(names::DATA_DIR, "data"),
         env(names::CHECKPOINT_DIR, "checkpoints"),
         env(names::RUN, run_name),
-    ]
+    ];
+    let Some(storage) = storage else {
+        vars.push(env(names::STATE_DIR, "state"));
+        return vars;
+    };
+    vars.push(env(names::STORAGE, &storage.url));
+    if let Some(endpoint) = &storage.endpoint {
+        vars.push(env(names::STORAGE_ENDPOINT, endpoint));
+    }
+    if storage.credentials_secret.is_some() {
+        vars.push(env(names::STORAGE_CREDENTIALS, STORAGE_CREDENTIALS_DIR));
+    }
+    vars
 }
 
 /// The publisher Job's environment: what `starling-trainer publish` reads

@@ -62,6 +62,9 @@ pub mod condition {
     pub const CREDENTIALS: &str = "Credentials";
     /// Whether the run's exchange speaks TLS, verified with the run's own CA.
     pub const EXCHANGE_TLS: &str = "ExchangeTLS";
+    /// Whether the exchange can use the run's bucket (only for runs with
+    /// `spec.exchange.storage`).
+    pub const EXCHANGE_STORAGE: &str = "ExchangeStorage";
 }
 
 /// Condition reasons, which double as Event reasons.
@@ -104,6 +107,8 @@ pub mod reason {
     pub const RUN_CA: &str = "RunCA";
     pub const NO_CERTIFICATE: &str = "NoCertificate";
     pub const TLS_DISABLED: &str = "TLSDisabled";
+    pub const STORAGE_READY: &str = "StorageReady";
+    pub const STORAGE_UNAVAILABLE: &str = "StorageUnavailable";
 }
 
 /// The hub namespace holding one member's TrainerGroups and credentials.

@@ -1,5 +1,6 @@
 //! How a run's exchange is reached: through a Service of the type the spec says (a load
-//! balancer by default), over TLS verified with the run's own CA.
+//! balancer by default), over TLS verified with the run's own CA; and where it keeps the
+//! rounds' payloads and its state (its pod, or a bucket).
 
 use kube::KubeSchema;
 use schemars::JsonSchema;
@@ -13,6 +14,39 @@ pub struct ExchangeSpec {
     pub tls: ExchangeTlsSpec,
     #[serde(default)]
     pub service: ExchangeServiceSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<ExchangeStorageSpec>,
+}
+
+/// Object storage for the rounds' update payloads and the exchange's state. Without it
+/// the exchange pod carries every payload itself (each peer's upload and every peer's
+/// download) and keeps its state on its node, so a pod moved to another node starts the
+/// run over from the peers' state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExchangeStorageSpec {
+    /// `s3://bucket/prefix`, `gs://bucket/prefix` or `az://container/prefix`. Peers PUT
+    /// their updates and GET the rounds' results there on URLs the exchange signs (valid
+    /// 15 minutes; peers never hold the credentials), the exchange checks each update
+    /// once and records its SHA-256, deletes a round's objects once no peer can need them,
+    /// and keeps its state there: rescheduled to another node, it resumes where it was.
+    /// Fixed once the run is Running.
+    #[schemars(regex(pattern = r"^(s3|s3a|gs|az|abfs|abfss)://[^/]+(/.*)?$"))]
+    pub url: String,
+    /// An S3-compatible server to use instead of AWS: MinIO, Cloudflare R2, …
+    /// (`https://host[:port]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://[^/\s]+/?$"))]
+    pub endpoint: Option<String>,
+    /// A Secret in the run's namespace with the credentials, one key per setting as the
+    /// cloud's own tools name it: `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and
+    /// `AWS_REGION`, `AWS_SESSION_TOKEN` if needed), `GOOGLE_SERVICE_ACCOUNT_KEY`, or
+    /// `AZURE_STORAGE_ACCOUNT_NAME` and `AZURE_STORAGE_ACCOUNT_KEY`. Mounted into the
+    /// exchange pod alone; an edit is picked up while the exchange waits for its storage
+    /// (the `ExchangeStorage` condition says why it waits). Without it: the exchange
+    /// pod's own cloud identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 /// TLS on the exchange's port.

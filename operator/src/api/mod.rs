@@ -19,7 +19,9 @@ pub mod validation;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-pub use exchange::{ExchangeServiceSpec, ExchangeSpec, ExchangeTlsSpec, ServiceType};
+pub use exchange::{
+    ExchangeServiceSpec, ExchangeSpec, ExchangeStorageSpec, ExchangeTlsSpec, ServiceType,
+};
 pub use member_cluster::{
     Bandwidth, GpuCapacity, MemberCluster, MemberClusterSpec, MemberClusterStatus, Tier,
 };

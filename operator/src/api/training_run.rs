@@ -23,6 +23,10 @@ const TRAINING_FIELDS_FIXED_ONCE_RUNNING: &str = "!has(oldSelf.status) || !has(o
     || (self.spec.model == oldSelf.spec.model && self.spec.data == oldSelf.spec.data \
     && self.spec.compression == oldSelf.spec.compression && self.spec.seed == oldSelf.spec.seed \
     && self.spec.peers.max == oldSelf.spec.peers.max \
+    && (has(self.spec.exchange) && has(self.spec.exchange.storage)) \
+    == (has(oldSelf.spec.exchange) && has(oldSelf.spec.exchange.storage)) \
+    && (!has(self.spec.exchange) || !has(self.spec.exchange.storage) \
+    || self.spec.exchange.storage == oldSelf.spec.exchange.storage) \
     && self.spec.schedule.innerSteps == oldSelf.spec.schedule.innerSteps \
     && self.spec.schedule.batchSize == oldSelf.spec.schedule.batchSize \
     && self.spec.schedule.innerOptimizer == oldSelf.spec.schedule.innerOptimizer \
@@ -32,7 +36,8 @@ const TRAINING_FIELDS_FIXED_ONCE_RUNNING: &str = "!has(oldSelf.status) || !has(o
     && has(self.spec.schedule.microBatchSize) == has(oldSelf.spec.schedule.microBatchSize) \
     && (!has(self.spec.schedule.microBatchSize) \
     || self.spec.schedule.microBatchSize == oldSelf.spec.schedule.microBatchSize))";
-const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max and the \
+const TRAINING_FIELDS_MESSAGE: &str = "model, data, compression, seed, peers.max, \
+    exchange.storage and the \
     schedule's innerSteps, batchSize, microBatchSize, innerOptimizer, outerLr and outerMomentum \
     cannot change \
     once the run has started: they change what is being trained. Create a new TrainingRun \

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
+    Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec, SecretVolumeSource, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -17,7 +18,7 @@ use super::{
     TOKENS_KEY, credentials_name, exchange_name, hub_pod_requests, meta, owned_by, run_labels,
 };
 use crate::api::{ServiceType, TrainingRun};
-use crate::contract::PEER_METRICS_PORT;
+use crate::contract::{PEER_METRICS_PORT, STORAGE_CREDENTIALS_DIR};
 use crate::hub::run_tls::{CA_KEY, CERT_KEY, KEY_KEY};
 use crate::k8s::{
     COMPONENT_EXCHANGE, LABEL_COMPONENT, LABEL_RUN_UID, env, locked_down, pod_ip_env, secret_env,
@@ -74,8 +75,31 @@ impl ExchangeEndpoint {
 pub const EXCHANGE_WORKDIR: &str = crate::k8s::WORKDIR;
 
 fn exchange_pod(run: &TrainingRun, settings: &ExchangeSettings) -> PodSpec {
+    let mut container = exchange_container(run, settings);
+    let storage = run.spec.exchange.storage.as_ref();
+    // The storage credentials as files, which the kubelet updates when the Secret is
+    // edited; the exchange reads them again each time it retries its bucket.
+    let volumes = storage
+        .and_then(|s| s.credentials_secret.as_ref())
+        .map(|secret| {
+            container.volume_mounts = Some(vec![VolumeMount {
+                name: STORAGE_CREDENTIALS_VOLUME.into(),
+                mount_path: STORAGE_CREDENTIALS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }]);
+            vec![Volume {
+                name: STORAGE_CREDENTIALS_VOLUME.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]
+        });
     let mut pod = PodSpec {
-        containers: vec![exchange_container(run, settings)],
+        containers: vec![container],
+        volumes,
         // The exchange serves peers and the operator; it never calls the Kubernetes
         // API, so it holds no token for it.
         automount_service_account_token: Some(false),
@@ -84,6 +108,9 @@ fn exchange_pod(run: &TrainingRun, settings: &ExchangeSettings) -> PodSpec {
     locked_down(&mut pod);
     pod
 }
+
+/// The exchange pod's volume of storage credentials.
+const STORAGE_CREDENTIALS_VOLUME: &str = "storage-credentials";
 
 /// What the exchange pod needs besides the run's shared configuration.
 pub struct ExchangeSettings<'a> {

@@ -302,7 +302,7 @@ pub fn decide(o: &Observed) -> Decision {
             image,
             run_env: &run_env,
             exchange_env: [
-                contract::exchange_env(&o.run.name_any()),
+                contract::exchange_env(&o.run.name_any(), o.run.spec.exchange.storage.as_ref()),
                 o.trace_env.to_vec(),
             ]
             .concat(),
@@ -312,6 +312,7 @@ pub fn decide(o: &Observed) -> Decision {
     if let Some(why) = exchange_failure(o.exchange.pod.as_ref()) {
         return d.fail(reason::EXCHANGE_FAILED, why);
     }
+    exchange_storage(&mut d);
     let Some(address) = &o.exchange.address else {
         let waiting = match o.run.spec.exchange.service.type_ {
             ServiceType::NodePort => "waiting for the exchange Service's node port",
@@ -367,6 +368,41 @@ fn exchange_tls(d: &mut Draft, tokens: &BTreeMap<String, String>) -> bool {
     };
     d.condition(condition::EXCHANGE_TLS, tls, reason, message);
     tls
+}
+
+/// Whether the exchange can use the run's bucket, once it answers, said in the
+/// `ExchangeStorage` condition (with an Event when it cannot).
+fn exchange_storage(d: &mut Draft) {
+    let o = d.o;
+    let (Some(storage), Some(state)) = (&o.run.spec.exchange.storage, &o.exchange.state) else {
+        return;
+    };
+    if state.storage_error.is_empty() {
+        let message = format!("payloads and the exchange's state are in {}", storage.url);
+        d.condition(
+            condition::EXCHANGE_STORAGE,
+            true,
+            reason::STORAGE_READY,
+            message,
+        );
+        return;
+    }
+    let secret = match &storage.credentials_secret {
+        Some(secret) => format!("Secret {secret}"),
+        None => "the exchange pod's cloud identity".to_owned(),
+    };
+    let message = format!(
+        "the exchange cannot use {}: {}. It admits no peer and tries again every few \
+         seconds; check spec.exchange.storage and {secret}",
+        storage.url, state.storage_error
+    );
+    let unavailable = reason::STORAGE_UNAVAILABLE;
+    let previous =
+        crate::k8s::condition_reason(&d.previous.conditions, condition::EXCHANGE_STORAGE);
+    if previous != Some(unavailable) {
+        d.note(true, unavailable, message.clone());
+    }
+    d.condition(condition::EXCHANGE_STORAGE, false, unavailable, message);
 }
 
 /// Ready=False while the exchange comes up.

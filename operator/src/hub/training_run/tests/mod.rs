@@ -1020,3 +1020,4 @@ fn a_run_read_before_its_last_status_write_is_decided_on_that_status() {
 
 mod publishing;
 mod scoring;
+mod storage;
