@@ -24,6 +24,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use starling_trainer::exchange::Settings;
+use starling_trainer::exchange::client::ClientError;
 
 use super::children::{
     ExchangeEndpoint, OPERATOR_TOKEN_KEY, advertised_address, credentials_name, credentials_secret,
@@ -414,12 +415,11 @@ async fn configure_exchange(ctx: &Context, uid: &str, settings: Settings) -> Res
     };
     let answer = tokio::time::timeout(Duration::from_secs(3), client.configure(settings));
     match answer.await {
-        Ok(result) => {
-            result?;
-            Ok(())
-        }
-        // Looked at again soon: the decision asks until the exchange reports them.
-        Err(_) => Ok(()),
+        // Looked at again soon: the decision asks until the exchange reports them. An
+        // exchange that is up but cannot take them yet (it waits for its storage) says
+        // why in its state, not as a failed reconcile.
+        Err(_) | Ok(Err(ClientError::Unreachable { .. })) => Ok(()),
+        Ok(result) => result.map(drop).map_err(Error::from),
     }
 }
 
