@@ -311,7 +311,8 @@ fn with_payloads_in_a_bucket_peers_train_through_an_exchange_restarted_on_a_fres
         .find(|l| l.contains("resumed the run's state"))
         .unwrap_or_else(|| panic!("the exchange did not resume:\n{log}"));
     assert!(resumed.contains("s3://federation/run"), "{resumed}");
-    for out in f.finish(peers) {
+    let outputs = f.finish(peers);
+    for out in &outputs {
         assert!(out.contains(&format!("{rounds} updates accepted")), "{out}");
     }
     let state = f.run_state();
@@ -319,14 +320,29 @@ fn with_payloads_in_a_bucket_peers_train_through_an_exchange_restarted_on_a_fres
     for summary in &state.recent {
         assert_eq!(summary.contributors, ["p0", "p1", "p2"], "{summary:?}");
     }
-    // The restarted exchange sent no payload itself: at most a state to a peer that
-    // missed a round while it was down.
+    // The restarted exchange sent no payload itself: only a state for each resync of a
+    // peer that missed a round while it was down, all of one size.
+    let resyncs: u64 = (outputs.iter())
+        .filter_map(|o| {
+            o.split(" resyncs")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
     eprintln!(
-        "the restarted exchange sent {} bytes; received {} ({} dense per update)",
-        state.bytes_sent, state.bytes_received, state.dense_update_bytes
+        "the restarted exchange sent {} bytes ({resyncs} resyncs); received {}",
+        state.bytes_sent, state.bytes_received
     );
-    let states = state.bytes_sent / (4 * state.dense_update_bytes / 3).max(1);
-    assert!(states <= 3, "the exchange sent {} bytes", state.bytes_sent);
+    match resyncs {
+        0 => assert_eq!(state.bytes_sent, 0),
+        n => assert!(
+            state.bytes_sent > 0 && state.bytes_sent.is_multiple_of(n),
+            "{state:?}"
+        ),
+    }
     f.assert_identical(&[0, 1, 2], rounds);
 }
 

@@ -92,6 +92,9 @@ fn exchange_pod(run: &TrainingRun, settings: &ExchangeSettings) -> PodSpec {
                 name: STORAGE_CREDENTIALS_VOLUME.into(),
                 secret: Some(SecretVolumeSource {
                     secret_name: Some(secret.clone()),
+                    // A missing Secret starts the pod all the same, so that the exchange
+                    // can say so (`ExchangeStorage`) instead of the pod waiting unseen.
+                    optional: Some(true),
                     ..SecretVolumeSource::default()
                 }),
                 ..Volume::default()

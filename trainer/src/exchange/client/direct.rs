@@ -3,8 +3,8 @@
 //!
 //! A transfer that fails is UNAVAILABLE, which the caller's retry loop tries again (with
 //! fresh URLs, since it asks the exchange again); a download whose bytes do not hash to
-//! the digest the exchange accepted is DATA_LOSS, and the round is then fetched through
-//! the exchange.
+//! the digest the exchange accepted, or that storage refuses (4xx), is DATA_LOSS, and the
+//! round is then fetched through the exchange.
 
 use std::time::Duration;
 
@@ -80,8 +80,12 @@ pub(super) async fn get(
     mbps: Option<f64>,
 ) -> Result<Vec<u8>, Status> {
     let got = (http.get(url).send().await).map_err(|e| unavailable("downloading", url, &e))?;
-    if !got.status().is_success() {
-        let status = got.status();
+    let status = got.status();
+    if status.is_client_error() {
+        // Gone, expired or refused: asking again brings the same answer.
+        return Err(changed(url, &format!("storage answered {status}")));
+    }
+    if !status.is_success() {
         return Err(unavailable("downloading", url, &status));
     }
     let mut pacer = Pacer::new(mbps);
@@ -110,10 +114,10 @@ pub(super) async fn get(
     Ok(bytes)
 }
 
-/// A payload that is not what the exchange accepted.
+/// A payload that is not (or no longer) in storage as the exchange accepted it.
 fn changed(url: &str, what: &dyn std::fmt::Display) -> Status {
     Status::data_loss(format!(
-        "{} changed in storage after the exchange accepted it: {what}",
+        "{} is not in storage as the exchange accepted it: {what}",
         shown(url)
     ))
 }

@@ -4,7 +4,7 @@
 
 use tonic::{Response, Status};
 
-use super::payloads::{aggregate_key, update_key};
+use super::payloads::{accepted_key, aggregate_key};
 use super::service::{ResponseStream, chunks};
 use super::{Exchange, Follower, PeerId, Reason, Refusal, proto};
 use crate::outer::{Download, Round};
@@ -106,7 +106,7 @@ impl Exchange {
                 url: String::new(),
                 sha256: sha256.map(|d| d.to_vec()).unwrap_or_default(),
             });
-            b.payload(header, bytes, sha256.map(|_| update_key(round, *peer)));
+            b.payload(header, bytes, sha256.map(|_| accepted_key(round, *peer)));
         }
         state.bytes_sent += b.sent;
         Ok((b.out, b.keys))

@@ -317,18 +317,26 @@ impl Exchange {
         let init = |e: &dyn std::fmt::Display| ExchangeError::Init(e.to_string());
         let mut global = Global::new(&run, &opts)?;
         let initial_validation_loss = validation_loss(&global.model, &global.validation);
-        let (store, waiting) = match resume::open(&opts)? {
+        let (mut store, mut waiting) = match resume::open(&opts)? {
             resume::Opened::Nothing => (None, None),
             resume::Opened::Ready(store) => (Some(store), None),
             resume::Opened::Waiting(why) => (None, Some(why)),
         };
-        let resumed = match &store {
-            Some(store) => resume::resume(store, &mut global)?,
-            None => resume::Resumed {
-                open: Round(0),
-                settings: None,
-                ledger: ledger::Ledger::default(),
-            },
+        let fresh = || resume::Resumed {
+            open: Round(0),
+            settings: None,
+            ledger: ledger::Ledger::default(),
+        };
+        let resumed = match store.as_ref().map(|s| resume::resume(s, &mut global)) {
+            Some(Ok(resumed)) => resumed,
+            // A bucket that failed while read is tried again, as one that failed its check.
+            Some(Err(e)) if opts.storage.is_some() => {
+                tracing::warn!(error = %e, "could not resume from storage yet; retrying");
+                (store, waiting) = (None, Some(e.to_string()));
+                fresh()
+            }
+            Some(Err(e)) => return Err(e),
+            None => fresh(),
         };
         let open = resumed.open;
         let settings = resumed.settings.or(opts.settings);
@@ -364,8 +372,15 @@ impl Exchange {
             Arc::downgrade(&self.shared),
             self.shared.wake.clone(),
         ));
-        if self.state().storage_error.is_some() {
-            tokio::spawn(resume::await_storage(Arc::downgrade(&self.shared)));
+        let (waiting, open) = {
+            let state = self.state();
+            (state.storage_error.is_some(), state.open)
+        };
+        match waiting {
+            true => drop(tokio::spawn(resume::await_storage(Arc::downgrade(
+                &self.shared,
+            )))),
+            false => self.forget_rounds_before(open),
         }
         let check = Authenticate(self.shared.opts.tokens.clone());
         let server = ExchangeServer::new(self)

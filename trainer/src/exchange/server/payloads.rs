@@ -27,6 +27,9 @@ pub(super) fn digest(bytes: &[u8]) -> Sha256Digest {
     Sha256::digest(bytes).into()
 }
 
+/// How long a round's close waits for storage to take its aggregate.
+const AGGREGATE_WRITE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Where a round's objects live.
 fn round_prefix(round: Round) -> String {
     format!("rounds/{:06}", round.0)
@@ -35,6 +38,12 @@ fn round_prefix(round: Round) -> String {
 /// Where `peer` puts its update for `round`.
 pub(super) fn update_key(round: Round, peer: PeerId) -> String {
     format!("{}/{peer}", round_prefix(round))
+}
+
+/// Where the exchange keeps `peer`'s update for `round` as it accepted it: peers
+/// cannot write there.
+pub(super) fn accepted_key(round: Round, peer: PeerId) -> String {
+    format!("{}/accepted/{peer}", round_prefix(round))
 }
 
 /// Where the exchange puts `round`'s aggregate.
@@ -97,33 +106,35 @@ impl Exchange {
             .into());
         };
         let key = update_key(round, peer);
-        let bytes = match store.get(&key).await {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => {
-                return Err(Refusal::new(
-                    Reason::BadRequest,
-                    format!("no update at {key} in storage: PUT it to the URL UploadUrl gave"),
-                )
-                .into());
+        let limit = self.shared.max_update;
+        // First copied, inside the storage, to where only the exchange writes: what
+        // fetchers download is what is checked here, whatever the peer's URL does next.
+        let accepted = accepted_key(round, peer);
+        match store.copy(&key, &accepted).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {
+                let message =
+                    format!("no update at {key} in storage: PUT it to the URL UploadUrl gave");
+                return Err(Refusal::new(Reason::BadRequest, message).into());
             }
             Err(e) => return Err(UpdateError::Storage(e.to_string())),
-        };
-        if bytes.len() as u64 > self.shared.max_update {
-            let limit = self.shared.max_update;
-            let message = format!(
-                "an update of {} bytes exceeds the limit of {limit}",
-                bytes.len()
-            );
-            return Err(Refusal::new(Reason::TooLarge, message).into());
         }
-        if bytes.len() as u64 != size {
-            let message = format!(
-                "{key} holds {} bytes, not the {size} announced",
-                bytes.len()
-            );
-            return Err(Refusal::new(Reason::BadRequest, message).into());
+        // Read no more than announced (the header's size is within the limit).
+        let read = store.get_sized(&accepted, size).await;
+        match read.map_err(|e| UpdateError::Storage(e.to_string()))? {
+            Ok(Some(bytes)) => Ok(bytes.to_vec()),
+            Ok(None) => Err(UpdateError::Storage(format!(
+                "{accepted} vanished after its copy"
+            ))),
+            Err(actual) if actual > limit => {
+                let message = format!("an update of {actual} bytes exceeds the limit of {limit}");
+                Err(Refusal::new(Reason::TooLarge, message).into())
+            }
+            Err(actual) => {
+                let message = format!("{key} holds {actual} bytes, not the {size} announced");
+                Err(Refusal::new(Reason::BadRequest, message).into())
+            }
         }
-        Ok(bytes.to_vec())
     }
 
     /// Writes a closed round's aggregate beside its updates and notes every payload's
@@ -143,10 +154,15 @@ impl Exchange {
         };
         if let Some(bytes) = aggregate {
             let key = aggregate_key(round);
-            match store.put(&key, Bytes::copy_from_slice(bytes)).await {
-                Ok(()) => stored.aggregate = Some(digest(bytes)),
-                Err(e) => tracing::warn!(round = round.0, error = %e,
+            // Peers wait for the round meanwhile: storage gets a while, not its retries'
+            // whole patience.
+            let put = store.put(&key, Bytes::copy_from_slice(bytes));
+            match tokio::time::timeout(AGGREGATE_WRITE, put).await {
+                Ok(Ok(())) => stored.aggregate = Some(digest(bytes)),
+                Ok(Err(e)) => tracing::warn!(round = round.0, error = %e,
                     "could not write the round's aggregate to storage; peers get it from the exchange"),
+                Err(_) => tracing::warn!(round = round.0, timeout = ?AGGREGATE_WRITE,
+                    "storage did not take the round's aggregate in time; peers get it from the exchange"),
             }
         }
         Some(stored)
@@ -174,6 +190,28 @@ impl Exchange {
             }
         }
         Ok(())
+    }
+
+    /// Deletes, in the background, the objects of the rounds before `open` a previous
+    /// exchange left: this one keeps none of them.
+    pub(super) fn forget_rounds_before(&self, open: Round) {
+        let Some(store) = self.payloads() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let rounds = match store.list_dirs("rounds").await {
+                Ok(rounds) => rounds,
+                Err(e) => return tracing::warn!(error = %e, "could not list the rounds in storage"),
+            };
+            let old = (rounds.iter())
+                .filter(|r| r.parse::<u32>().is_ok_and(|r| r < open.0))
+                .map(|r| format!("rounds/{r}"));
+            for prefix in old {
+                if let Err(e) = store.delete_prefix(&prefix).await {
+                    tracing::warn!(%prefix, error = %e, "could not delete a round's payloads");
+                }
+            }
+        });
     }
 
     /// Deletes the objects of rounds the exchange no longer keeps, in the background.

@@ -69,14 +69,14 @@ pub(super) fn resume(
 /// Saves the global state `bytes`, replacing the previous one only once the new one is
 /// complete.
 pub(super) fn save_state(store: &Storage, bytes: &[u8]) -> Result<(), String> {
-    write(store, STATE_KEY, bytes.to_vec())
+    write_closing(store, STATE_KEY, bytes.to_vec())
 }
 
 /// Saves what the exchange's aggregates have left out so far (see
 /// [`crate::outer::Aggregator`]). Written after the state: a crash between the two costs
 /// at most one round's residual, never a replica's agreement.
 pub(super) fn save_residual(store: &Storage, bytes: Vec<u8>) -> Result<(), String> {
-    write(store, RESIDUAL_KEY, bytes)
+    write_closing(store, RESIDUAL_KEY, bytes)
 }
 
 /// Loads the residual saved in `store` into `aggregator`, if there is one.
@@ -89,6 +89,26 @@ pub(super) fn resume_residual(
         return Ok(());
     };
     (aggregator.import(model, &bytes)).map_err(|e| resume_error(store, RESIDUAL_KEY, &e))
+}
+
+/// [`write`] for a closing round. A directory that cannot be written is a full disk, and
+/// the exchange stops; a bucket that cannot be written now (after its client's own
+/// retries) is waited for: the round stays closing, peers wait for its result, and
+/// nothing is lost.
+fn write_closing(store: &Storage, key: &str, bytes: Vec<u8>) -> Result<(), String> {
+    let bytes = Bytes::from(bytes);
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match store.put_blocking(key, bytes.clone()) {
+            Ok(()) => return Ok(()),
+            Err(e) if store.signs_urls() => {
+                tracing::warn!(error = %e, ?wait, "could not save the round's state; retrying");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(60));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Writes `bytes` at `key`; the object is replaced only once all of it is written.

@@ -104,6 +104,7 @@ impl Exchange {
         state.storage_error = None;
         drop(state);
         tracing::info!(round = open.0, "storage usable; resumed");
+        self.forget_rounds_before(open);
         shared.open_tx.send_replace(open);
         shared.wake.notify_one();
         Ok(())

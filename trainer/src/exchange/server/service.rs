@@ -101,9 +101,15 @@ impl Exchange {
             .into());
         }
         self.check_probe(&header.probe)?;
-        let bytes = match header.stored {
-            true => self.read_stored(peer, round, header.size).await?,
-            false => read_body(&mut stream, header.size).await?,
+        let bytes = match (header.stored, self.payloads().is_some()) {
+            (true, _) => self.read_stored(peer, round, header.size).await?,
+            (false, false) => read_body(&mut stream, header.size).await?,
+            // Fetchers get every update of the round from the bucket.
+            (false, true) => {
+                let message = "this exchange takes updates through its storage: PUT the \
+                               update to the URL UploadUrl gives, then send its header";
+                return Err(bad(message).into());
+            }
         };
         if let Some(held) = held {
             // A retry after a lost reply: the same bytes are fine, other bytes are not.

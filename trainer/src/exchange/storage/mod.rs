@@ -17,9 +17,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::signer::Signer;
-use object_store::{ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig, WriteMultipart,
+};
 
 pub mod s3_server;
+
+/// Objects above this size are written in parts of it.
+const PART_BYTES: usize = 64 << 20;
 
 /// How long a signed URL handed to a peer stays valid.
 pub const URL_EXPIRY: Duration = Duration::from_secs(15 * 60);
@@ -118,6 +123,13 @@ impl StorageSource {
     }
 }
 
+impl StorageError {
+    /// Whether the object the operation needed is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Self::Op { source, .. } if matches!(**source, object_store::Error::NotFound { .. }))
+    }
+}
+
 /// A directory or a bucket (with a prefix inside it), and a signer when it is a bucket.
 #[derive(Clone)]
 pub struct Storage {
@@ -148,11 +160,25 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// `builder` with `settings` applied by its own `with_config` (`set`); an unknown
+/// setting is named.
+fn configured<B, K: std::str::FromStr>(
+    builder: B,
+    settings: &[(String, String)],
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B, String> {
+    settings.iter().try_fold(builder, |b, (key, value)| {
+        let key = (key.parse()).map_err(|_| format!("{key:?} is not a setting of this storage"))?;
+        Ok(set(b, key, value))
+    })
+}
+
 /// Storage answers within a minute or is retried (5xx, timeouts, resets) for up to two.
 fn client_options() -> (ClientOptions, RetryConfig) {
     let client = ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(60))
+        // A whole request, body included: a part of PART_BYTES on a slow link.
+        .with_timeout(Duration::from_secs(600))
         .with_allow_http(true);
     let retry = RetryConfig {
         max_retries: 8,
@@ -198,7 +224,6 @@ impl Storage {
         let prefix =
             Path::parse(parsed.path().trim_matches('/')).map_err(|e| open(e.to_string()))?;
         let (client, retry) = client_options();
-        let unknown = |key: &str| open(format!("{key:?} is not a setting of this storage"));
         let (store, signer): (Arc<dyn ObjectStore>, Arc<dyn Signer>) = match parsed.scheme() {
             "s3" | "s3a" => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
@@ -211,34 +236,25 @@ impl Storage {
                         .with_endpoint(endpoint)
                         .with_virtual_hosted_style_request(false);
                 }
-                for (key, value) in settings {
-                    let key = key.parse().map_err(|_| unknown(key))?;
-                    b = b.with_config(key, value);
-                }
+                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }
             "gs" => {
-                let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_url(url)
                     .with_client_options(client)
                     .with_retry(retry);
-                for (key, value) in settings {
-                    let key = key.parse().map_err(|_| unknown(key))?;
-                    b = b.with_config(key, value);
-                }
+                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }
             "az" | "abfs" | "abfss" => {
-                let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_url(url)
                     .with_client_options(client)
                     .with_retry(retry);
-                for (key, value) in settings {
-                    let key = key.parse().map_err(|_| unknown(key))?;
-                    b = b.with_config(key, value);
-                }
+                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
                 let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
                 (s.clone(), s)
             }
@@ -289,7 +305,8 @@ impl Storage {
         (runtime().spawn(work).await).map_err(|_| StorageError::Cancelled(self.name.clone()))?
     }
 
-    /// Writes `bytes` at `key`, replacing what was there only once all of it is written.
+    /// Writes `bytes` at `key`, replacing what was there only once all of it is written;
+    /// in parts above [`PART_BYTES`], as S3 takes no single PUT above 5 GB.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         let (store, path, err) = (
             self.store.clone(),
@@ -297,13 +314,61 @@ impl Storage {
             self.op_error("writing", key),
         );
         self.run(async move {
-            store
-                .put(&path, PutPayload::from_bytes(bytes))
-                .await
-                .map_err(err)?;
+            if bytes.len() <= PART_BYTES {
+                store
+                    .put(&path, PutPayload::from_bytes(bytes))
+                    .await
+                    .map_err(err)?;
+                return Ok(());
+            }
+            let upload = store.put_multipart(&path).await.map_err(&err)?;
+            let mut parts = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+            for part in bytes.chunks(PART_BYTES) {
+                parts.wait_for_capacity(4).await.map_err(&err)?;
+                parts.write(part);
+            }
+            parts.finish().await.map_err(err)?;
             Ok(())
         })
         .await
+    }
+
+    /// The object at `key` if it is exactly `size` bytes long, reading no more than that;
+    /// `Ok(Err(its size))` when it is not, `Ok(Ok(None))` when there is none.
+    pub async fn get_sized(
+        &self,
+        key: &str,
+        size: u64,
+    ) -> Result<Result<Option<Bytes>, u64>, StorageError> {
+        let (store, path, err) = (
+            self.store.clone(),
+            self.path(key),
+            self.op_error("reading", key),
+        );
+        self.run(async move {
+            let options = GetOptions {
+                range: (size > 0).then_some(GetRange::Bounded(0..size)),
+                ..GetOptions::default()
+            };
+            let got = match store.get_opts(&path, options).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(Ok(None)),
+                Err(e) => return Err(err(e)),
+            };
+            if got.meta.size != size {
+                return Ok(Err(got.meta.size));
+            }
+            Ok(Ok(Some(got.bytes().await.map_err(err)?)))
+        })
+        .await
+    }
+
+    /// Copies the object at `from` to `to`, inside the storage.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StorageError> {
+        let (store, from_path, to_path) = (self.store.clone(), self.path(from), self.path(to));
+        let err = self.op_error("copying", from);
+        self.run(async move { store.copy(&from_path, &to_path).await.map_err(err) })
+            .await
     }
 
     /// The object at `key`; `None` when there is none.
@@ -344,6 +409,20 @@ impl Storage {
         .await
     }
 
+    /// The names of the "directories" right under `prefix`.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let (store, path) = (self.store.clone(), self.path(prefix));
+        let err = self.op_error("listing", prefix);
+        self.run(async move {
+            let listed = store.list_with_delimiter(Some(&path)).await.map_err(err)?;
+            let names = (listed.common_prefixes.iter())
+                .filter_map(|p| p.filename().map(str::to_owned))
+                .collect();
+            Ok(names)
+        })
+        .await
+    }
+
     /// A URL that lets its holder `method` (`PUT` or `GET`) the object at `key` for
     /// [`URL_EXPIRY`]; `None` for a directory.
     pub async fn signed_url(
@@ -365,10 +444,11 @@ impl Storage {
         .await
     }
 
-    /// Writes, reads back and deletes a small object: whether the credentials and the
-    /// bucket work, with the storage's own answer when they do not.
+    /// Writes, reads back and deletes a small object, and signs a URL: whether the
+    /// credentials and the bucket work, with the storage's own answer when they do not.
     pub async fn check(&self) -> Result<(), StorageError> {
         const KEY: &str = "starling-check";
+        self.signed_url(reqwest::Method::PUT, KEY).await?;
         let bytes = Bytes::from_static(b"starling");
         self.put(KEY, bytes.clone()).await?;
         match self.get(KEY).await? {
