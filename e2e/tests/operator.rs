@@ -15,6 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use starling_e2e::federation::{MemberSpec, Timing};
 use starling_operator::api::{MemberCluster, Phase, Tier, TrainerGroup, TrainingRun};
+use starling_operator::hub::run_tls;
 
 #[path = "common/runs.rs"]
 mod runs;
@@ -311,7 +312,26 @@ async fn the_operator_restarts_mid_run_and_deleting_the_run_cleans_every_member(
     let (mut fed, _dir) = federation(&three_members()).await;
     let hub = fed.clusters.hub.client.clone();
     let runs: Api<TrainingRun> = Api::namespaced(hub.clone(), "default");
-    let before = start_run(&runs, run("restart", 40)).await;
+    // It brings its own exchange certificate, as cert-manager would write it.
+    let own = run_tls::mint_for("acme CA", vec!["exchange.example.org".into()]).unwrap();
+    let certificate: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "restart-cert", "namespace": "default"},
+        "stringData": {"tls.crt": own.cert, "tls.key": own.key, "ca.crt": own.ca},
+    }))
+    .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), "default");
+    secrets
+        .create(&PostParams::default(), &certificate)
+        .await
+        .unwrap();
+    let mut restart = run("restart", 40);
+    restart.spec.exchange.tls = serde_json::from_value(json!({
+        "secretName": "restart-cert", "serverName": "exchange.example.org"}))
+    .unwrap();
+    let before = start_run(&runs, restart).await;
+    let (tls, reason, _) = condition(&before, "ExchangeTLS").unwrap();
+    assert_eq!((tls, reason), ("True", "CertificateSecret"));
     let uids = |items: Vec<TrainerGroup>| {
         let mut v: Vec<String> = items.iter().filter_map(|g| g.uid()).collect();
         v.sort();

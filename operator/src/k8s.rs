@@ -107,6 +107,7 @@ pub mod reason {
     pub const RUN_CA: &str = "RunCA";
     pub const NO_CERTIFICATE: &str = "NoCertificate";
     pub const TLS_DISABLED: &str = "TLSDisabled";
+    pub const CERTIFICATE_SECRET: &str = "CertificateSecret";
     pub const STORAGE_READY: &str = "StorageReady";
     pub const STORAGE_UNAVAILABLE: &str = "StorageUnavailable";
 }

@@ -65,10 +65,12 @@ pub const HUB: &[Grant] = &[
         resources: &["trainergroups/status"],
         verbs: &["patch"],
     },
+    // `get`: only the certificate Secret a run names (`spec.exchange.tls.secretName`),
+    // once; every other Secret it reads is one it made, from its cache.
     Grant {
         group: "",
         resources: &["secrets"],
-        verbs: &["list", "watch", "create", "patch", "delete"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
     Grant {
         group: "",

@@ -50,8 +50,9 @@ pub struct ExchangeStorageSpec {
 }
 
 /// TLS on the exchange's port.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.secretName) || (self.enabled && has(self.serverName))").message("a certificate Secret needs enabled: true and serverName, the name on its certificate that peers verify"))]
 pub struct ExchangeTlsSpec {
     /// On (the default), the operator mints a CA for the run and a certificate for its
     /// exchange, and every pod of the run (peers, evaluators, the publisher) and the
@@ -59,6 +60,17 @@ pub struct ExchangeTlsSpec {
     /// cross the network in plain text, and the run's `ExchangeTLS` condition says so.
     #[serde(default = "enabled")]
     pub enabled: bool,
+    /// Your own certificate instead of the run's: a Secret in the run's namespace with
+    /// `tls.crt`, `tls.key` and `ca.crt` (what cert-manager writes for a Certificate).
+    /// The operator copies it into the run's credentials when the run starts, so
+    /// renewing it later does not reach a running run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// The DNS name on that certificate: what peers, evaluators, the publisher and the
+    /// operator verify, whatever address they dial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"))]
+    pub server_name: Option<String>,
 }
 
 fn enabled() -> bool {
@@ -67,7 +79,11 @@ fn enabled() -> bool {
 
 impl Default for ExchangeTlsSpec {
     fn default() -> Self {
-        Self { enabled: enabled() }
+        Self {
+            enabled: enabled(),
+            secret_name: None,
+            server_name: None,
+        }
     }
 }
 

@@ -335,7 +335,7 @@ mod tests {
             (CA_KEY.to_string(), "the run's CA".to_string()),
             (KEY_KEY.to_string(), "the exchange's key".to_string()),
         ]);
-        let plain = ExchangeEndpoint::new("x:7070", false);
+        let plain = ExchangeEndpoint::new("x:7070", false, EXCHANGE_SERVER_NAME);
         let mut settings = GroupSettings {
             image: "img",
             run_env: &[],
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(children.group.spec.exchange_endpoint, "http://x:7070");
         // Over TLS the run's CA goes with the tokens, and peers learn the name to verify;
         // the exchange's key never leaves the hub.
-        let tls = ExchangeEndpoint::new("x:7070", true);
+        let tls = ExchangeEndpoint::new("x:7070", true, EXCHANGE_SERVER_NAME);
         settings.endpoint = &tls;
         let secured = trainer_group(&sample(), &home(), &[PeerId::new(1)], &tokens, &settings);
         let data = secured.secret.data.unwrap();

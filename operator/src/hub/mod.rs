@@ -84,6 +84,9 @@ pub enum Error {
     CredentialsTaken(String),
     #[error("minting the run's TLS certificates: {0}")]
     Certificate(#[from] rcgen::Error),
+    /// `spec.exchange.tls.secretName` names a Secret the exchange cannot serve with.
+    #[error("certificate Secret {name} (spec.exchange.tls.secretName): {message}")]
+    CertificateSecret { name: String, message: String },
 }
 
 /// What the controllers read instead of listing: one reflector per kind, kept current by

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use starling_trainer::env as names;
-use starling_trainer::exchange::tls::{ClientTls, EXCHANGE_SERVER_NAME};
+use starling_trainer::exchange::tls::ClientTls;
 
 use super::{
     TOKENS_KEY, credentials_name, exchange_name, hub_pod_requests, meta, owned_by, run_labels,
@@ -33,16 +33,19 @@ pub const EXCHANGE_PORT: u16 = 7070;
 pub struct ExchangeEndpoint {
     pub url: String,
     pub tls: bool,
+    /// The name on the exchange's certificate (see [`crate::hub::run_tls::server_name`]).
+    pub server_name: String,
 }
 
 impl ExchangeEndpoint {
     /// The exchange at `address` (`host:port`, see [`advertised_address`]), over TLS
-    /// when the run's credentials hold its certificate.
-    pub fn new(address: &str, tls: bool) -> Self {
+    /// when the run's credentials hold its certificate, verified as `server_name`.
+    pub fn new(address: &str, tls: bool, server_name: &str) -> Self {
         let scheme = if tls { "https" } else { "http" };
         Self {
             url: format!("{scheme}://{address}"),
             tls,
+            server_name: server_name.to_owned(),
         }
     }
 
@@ -57,7 +60,7 @@ impl ExchangeEndpoint {
     /// The name the exchange's certificate carries, for a pod to verify it against;
     /// nothing for a plain-text exchange.
     pub fn server_name_env(&self) -> Option<EnvVar> {
-        (self.tls).then(|| env(names::TLS_SERVER_NAME, EXCHANGE_SERVER_NAME))
+        (self.tls).then(|| env(names::TLS_SERVER_NAME, &self.server_name))
     }
 
     /// How the operator itself verifies the exchange: the run's CA (`ca`, from its
@@ -65,7 +68,7 @@ impl ExchangeEndpoint {
     pub fn client_tls(&self, ca: Option<&String>) -> Option<ClientTls> {
         Some(ClientTls {
             ca: ca.filter(|_| self.tls)?.clone().into_bytes(),
-            server_name: Some(EXCHANGE_SERVER_NAME.into()),
+            server_name: Some(self.server_name.clone()),
         })
     }
 }

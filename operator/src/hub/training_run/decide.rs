@@ -321,7 +321,7 @@ pub fn decide(o: &Observed) -> Decision {
         starting(&mut d, waiting);
         return d.finish(Some(RESYNC));
     };
-    let endpoint = ExchangeEndpoint::new(address, tls);
+    let endpoint = ExchangeEndpoint::new(address, tls, run_tls::server_name(o.run));
     let peer_env = contract::peer_env(o.run.annotations(), &run_env);
     let settings = GroupSettings {
         image,
@@ -349,21 +349,33 @@ pub fn decide(o: &Observed) -> Decision {
 /// in the `ExchangeTLS` condition.
 fn exchange_tls(d: &mut Draft, tokens: &BTreeMap<String, String>) -> bool {
     let tls = tokens.contains_key(run_tls::CA_KEY);
-    let (reason, message) = match (tls, d.o.run.spec.exchange.tls.enabled) {
-        (true, _) => (
+    let spec = &d.o.run.spec.exchange.tls;
+    let (reason, message) = match (tls, spec.enabled, &spec.secret_name) {
+        (true, _, Some(secret)) => (
+            reason::CERTIFICATE_SECRET,
+            format!(
+                "peers, evaluators, the publisher and the operator verify the exchange as \
+                 {} with the CA of Secret {secret}",
+                run_tls::server_name(d.o.run)
+            ),
+        ),
+        (true, _, None) => (
             reason::RUN_CA,
             "peers, evaluators, the publisher and the operator verify the exchange with \
-             the run's own CA",
+             the run's own CA"
+                .to_owned(),
         ),
-        (false, true) => (
+        (false, true, _) => (
             reason::NO_CERTIFICATE,
             "the run's credentials were minted without a certificate: its exchange speaks \
-             plain text",
+             plain text"
+                .to_owned(),
         ),
-        (false, false) => (
+        (false, false, _) => (
             reason::TLS_DISABLED,
             "spec.exchange.tls.enabled is false: peers' tokens and updates cross the \
-             network in plain text",
+             network in plain text"
+                .to_owned(),
         ),
     };
     d.condition(condition::EXCHANGE_TLS, tls, reason, message);

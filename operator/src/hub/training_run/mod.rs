@@ -30,6 +30,7 @@ use super::children::{
     ExchangeEndpoint, OPERATOR_TOKEN_KEY, advertised_address, credentials_name, credentials_secret,
     exchange_name,
 };
+use super::run_tls::RunTls;
 use super::{Context, Error, publish};
 use crate::api::{MemberCluster, TrainerGroup, TrainingRun, TrainingRunStatus};
 use crate::contract;
@@ -221,7 +222,11 @@ async fn mint_credentials(
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
     let mut tokens = contract::mint_credentials(run.spec.peers.max, run.spec.scoring.evaluators);
-    super::run_tls::add_to(&mut tokens, run)?;
+    let provided = match &run.spec.exchange.tls.secret_name {
+        Some(name) => Some(provided_certificate(&secrets, name).await?),
+        None => None,
+    };
+    super::run_tls::add_to(&mut tokens, run, provided)?;
     let secret = credentials_secret(run, &tokens);
     match secrets.create(&PostParams::default(), &secret).await {
         Ok(_) => Ok(tokens),
@@ -230,6 +235,18 @@ async fn mint_credentials(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The user's certificate Secret `name` (`spec.exchange.tls.secretName`), read once
+/// when the run's credentials are minted.
+async fn provided_certificate(secrets: &Api<Secret>, name: &str) -> Result<RunTls, Error> {
+    let invalid = |message: String| Error::CertificateSecret {
+        name: name.to_owned(),
+        message,
+    };
+    let secret = secrets.get_opt(name).await?;
+    let secret = secret.ok_or_else(|| invalid("there is no such Secret".into()))?;
+    super::run_tls::from_secret(&secret).map_err(invalid)
 }
 
 fn tokens_of(secret: &Secret) -> BTreeMap<String, String> {
@@ -285,7 +302,8 @@ fn observe_exchange(
     let ca = credentials.and_then(|c| c.get(super::run_tls::CA_KEY));
     let state = match (&address, token) {
         (Some(host), Some(token)) if !finished => {
-            let endpoint = ExchangeEndpoint::new(host, ca.is_some());
+            let name = super::run_tls::server_name(run);
+            let endpoint = ExchangeEndpoint::new(host, ca.is_some(), name);
             let tls = endpoint.client_tls(ca);
             ctx.exchanges.state(run, &endpoint.url, token, tls)
         }

@@ -90,7 +90,7 @@ fn group(
     phase: Option<&str>,
 ) -> Arc<TrainerGroup> {
     // The cases' credentials hold the run's certificate: its exchange speaks TLS.
-    let endpoint = ExchangeEndpoint::new("10.0.0.1:7070", true);
+    let endpoint = ExchangeEndpoint::new("10.0.0.1:7070", true, "exchange.starling.internal");
     let settings = GroupSettings {
         image: "img",
         run_env: &[],
@@ -199,7 +199,7 @@ impl Case {
             credentials: self.credentials.then(|| {
                 let mut tokens = mint_credentials(self.run.spec.peers.max, 1);
                 tokens.insert(LEDGER_KEY.into(), self.ledger_key.clone());
-                crate::hub::run_tls::add_to(&mut tokens, &self.run).unwrap();
+                crate::hub::run_tls::add_to(&mut tokens, &self.run, None).unwrap();
                 tokens
             }),
             exchange: self.exchange.clone(),
@@ -322,7 +322,7 @@ fn the_exchange_speaks_tls_with_the_runs_own_ca_unless_the_spec_turns_it_off() {
     // Off: minted without a certificate, plain text, and the condition says so.
     case.run.spec.exchange.tls.enabled = false;
     let mut tokens = mint_credentials(case.run.spec.peers.max, 1);
-    crate::hub::run_tls::add_to(&mut tokens, &case.run).unwrap();
+    crate::hub::run_tls::add_to(&mut tokens, &case.run, None).unwrap();
     assert!(!tokens.contains_key("ca.crt"), "no certificate is minted");
     let d = case.decide();
     let (ok, reason, message) = condition(&d, "ExchangeTLS");
@@ -1021,3 +1021,4 @@ fn a_run_read_before_its_last_status_write_is_decided_on_that_status() {
 mod publishing;
 mod scoring;
 mod storage;
+mod tls;
