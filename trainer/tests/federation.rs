@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{python_check, trainer};
 
 use starling_trainer::exchange::proto::RunState;
-use starling_trainer::exchange::storage::Credentials;
 use starling_trainer::exchange::storage::s3_server::S3Server;
 use starling_trainer::local::LocalFederation;
 
@@ -278,14 +277,8 @@ fn with_payloads_in_a_bucket_peers_train_through_an_exchange_restarted_on_a_fres
     server.create_bucket("federation");
     let rounds = 6;
     let mut f = Federation::new(rounds);
-    let Credentials::Given(credentials) = server.credentials() else {
-        unreachable!("the test server's key is given")
-    };
     let secret = f.local.path("storage-secret");
-    std::fs::create_dir_all(&secret).unwrap();
-    for (name, value) in credentials {
-        std::fs::write(secret.join(name), value).unwrap();
-    }
+    server.write_credentials(&secret);
     let endpoint = server.endpoint();
     let args = [
         "--min-peers",

@@ -18,29 +18,57 @@ use crate::testing::small_run;
 
 const EVALUATOR: &str = "evaluator-token-0000";
 
-/// A fresh bucket on its own S3 server; `None` where none is installed (outside CI).
-fn bucket() -> Option<(S3Server, String)> {
-    let server = S3Server::start()?;
-    server.create_bucket("run");
-    Some((server, "s3://run/exchange".to_string()))
+/// A bucket on a fresh S3 server, a run, and three peers' round-0 updates of it.
+struct Setup {
+    server: S3Server,
+    url: String,
+    dir: tempfile::TempDir,
+    run: Run,
+    updates: Vec<Vec<u8>>,
 }
 
-fn source(server: &S3Server, url: &str) -> StorageSource {
-    StorageSource {
-        url: url.into(),
-        endpoint: Some(server.endpoint()),
-        credentials: server.credentials(),
+impl Setup {
+    /// `None` where no S3 server is installed (outside CI).
+    fn new() -> Option<Self> {
+        let server = S3Server::start()?;
+        server.create_bucket("run");
+        let dir = tempfile::tempdir().unwrap();
+        let run = small_run(dir.path(), &[]);
+        let updates = (0..3).map(|p| update(&run, p)).collect();
+        let url = "s3://run/exchange".to_string();
+        Some(Self {
+            server,
+            url,
+            dir,
+            run,
+            updates,
+        })
     }
-}
 
-/// An exchange of `run` keeping its payloads and state in `storage`, three peers and
-/// an evaluator; its URL.
-async fn exchange(run: Run, dir: &std::path::Path, storage: StorageSource) -> String {
-    let mut opts = options(dir);
-    opts.settings.as_mut().unwrap().min_peers = 3;
-    opts.tokens.insert(EVALUATOR, Identity::Evaluator(0));
-    opts.storage = Some(storage);
-    serve(run, opts).await
+    /// The bucket, signed in with `credentials`.
+    fn source_with(&self, credentials: Credentials) -> StorageSource {
+        StorageSource {
+            url: self.url.clone(),
+            endpoint: Some(self.server.endpoint()),
+            credentials,
+        }
+    }
+
+    /// The bucket, signed in with the server's key.
+    fn source(&self) -> StorageSource {
+        self.source_with(self.server.credentials())
+    }
+
+    /// An exchange of the run keeping its payloads and state in `storage`, three peers
+    /// and an evaluator; its URL.
+    async fn exchange(&self, storage: StorageSource) -> String {
+        let served = small_run(&self.dir.path().join("served"), &[]);
+        let mut opts = options(self.dir.path());
+        opts.settings.as_mut().unwrap().min_peers = 3;
+        opts.tokens.insert(EVALUATOR, Identity::Evaluator(0));
+        opts.storage = Some(storage);
+        serve(served, opts).await
+    }
 }
 
 /// Every peer sends its update for `round` and downloads the round's step.
@@ -60,16 +88,13 @@ async fn run_state(url: &str) -> proto::RunState {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_bucket_payloads_move_through_storage_and_the_exchange_sends_none() {
-    let Some((server, url)) = bucket() else {
+    let Some(setup) = Setup::new() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
-    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = source(&server, &url).open().unwrap();
-    let served = small_run(&dir.path().join("served"), &[]);
-    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
-    let results = round(&exchange, &run, &updates, Round(0)).await;
+    let (run, updates) = (&setup.run, setup.updates.as_slice());
+    let store = setup.source().open().unwrap();
+    let exchange = setup.exchange(setup.source()).await;
+    let results = round(&exchange, run, updates, Round(0)).await;
     let aggregate = results[0].aggregate.clone().expect("no aggregate");
     assert!(
         results
@@ -99,17 +124,14 @@ async fn with_a_bucket_payloads_move_through_storage_and_the_exchange_sends_none
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_started_on_a_fresh_node_resumes_from_the_state_in_storage() {
-    let Some((server, url)) = bucket() else {
+    let Some(setup) = Setup::new() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
-    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = source(&server, &url).open().unwrap();
-    let served = small_run(&dir.path().join("served"), &[]);
-    let first = exchange(served, dir.path(), source(&server, &url)).await;
+    let (run, updates) = (&setup.run, setup.updates.as_slice());
+    let store = setup.source().open().unwrap();
+    let first = setup.exchange(setup.source()).await;
     for r in 0..3 {
-        round(&first, &run, &updates, Round(r)).await;
+        round(&first, run, updates, Round(r)).await;
     }
     let (open, state) = client(&first, &token(0), &run.fingerprint)
         .fetch_state()
@@ -119,7 +141,7 @@ async fn an_exchange_started_on_a_fresh_node_resumes_from_the_state_in_storage()
     // Another exchange, nothing on its disk, the same bucket: where the first one was.
     let elsewhere = tempfile::tempdir().unwrap();
     let mut opts = options(elsewhere.path());
-    opts.storage = Some(source(&server, &url));
+    opts.storage = Some(setup.source());
     let again = Exchange::new(small_run(elsewhere.path(), &[]), opts).unwrap();
     let resumed = super::tests::serve_exchange(again).await;
     let (open_again, state_again) = client(&resumed, &token(0), &run.fingerprint)
@@ -155,16 +177,13 @@ async fn an_exchange_started_on_a_fresh_node_resumes_from_the_state_in_storage()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_changed_after_acceptance_never_reaches_a_fetcher() {
-    let Some((server, url)) = bucket() else {
+    let Some(setup) = Setup::new() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
-    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let store = source(&server, &url).open().unwrap();
-    let served = small_run(&dir.path().join("served"), &[]);
-    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
-    round(&exchange, &run, &updates, Round(0)).await;
+    let (run, updates) = (&setup.run, setup.updates.as_slice());
+    let store = setup.source().open().unwrap();
+    let exchange = setup.exchange(setup.source()).await;
+    round(&exchange, run, updates, Round(0)).await;
     let evaluator = client(&exchange, EVALUATOR, "");
     let mut forged = updates[1].clone();
     let last = forged.len() - 1;
@@ -196,19 +215,20 @@ async fn a_payload_changed_after_acceptance_never_reaches_a_fetcher() {
 /// Three peers' round 0 while storage fails the next `failures` connections with
 /// `fault`: every update counts once, and every peer takes the same step.
 async fn round_through_faults(fault: Fault, failures: usize) {
-    let Some((server, url)) = bucket() else {
+    let Some(setup) = Setup::new() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
-    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
-    let served = small_run(&dir.path().join("served"), &[]);
-    let exchange = exchange(served, dir.path(), source(&server, &url)).await;
+    let (run, updates) = (&setup.run, setup.updates.as_slice());
+    let exchange = setup.exchange(setup.source()).await;
     // Everything goes through the faults: the exchange's reads and writes and the peers'
     // transfers.
-    server.fail_next(failures, fault);
-    let results = round(&exchange, &run, &updates, Round(0)).await;
-    assert_eq!(server.failures_left(), 0, "fewer connections than faults");
+    setup.server.fail_next(failures, fault);
+    let results = round(&exchange, run, updates, Round(0)).await;
+    assert_eq!(
+        setup.server.failures_left(),
+        0,
+        "fewer connections than faults"
+    );
     assert!(results.iter().all(|r| r.accepted_bytes.is_some()));
     assert!(results.iter().all(|r| r.aggregate == results[0].aggregate));
     let state = run_state(&exchange).await;
@@ -232,45 +252,33 @@ async fn storage_not_answering_for_a_while_delays_the_round_and_loses_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_whose_key_is_refused_says_why_admits_no_peer_and_resumes_once_it_is_fixed() {
-    let Some((server, url)) = bucket() else {
+    let Some(setup) = Setup::new() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let run = small_run(dir.path(), &[]);
-    let updates: Vec<Vec<u8>> = (0..3).map(|p| update(&run, p)).collect();
+    let (run, updates) = (&setup.run, setup.updates.as_slice());
     // The credentials as a mounted Secret would hold them, with a key S3 does not know.
-    let secret = dir.path().join("secret");
+    let secret = setup.dir.path().join("secret");
     std::fs::create_dir_all(&secret).unwrap();
     std::fs::write(secret.join("AWS_ACCESS_KEY_ID"), "a-revoked-key").unwrap();
     std::fs::write(secret.join("AWS_SECRET_ACCESS_KEY"), "whatever").unwrap();
-    let storage = StorageSource {
-        url: url.clone(),
-        endpoint: Some(server.endpoint()),
-        credentials: Credentials::Dir(secret.clone()),
-    };
-    let served = small_run(&dir.path().join("served"), &[]);
-    let exchange = exchange(served, dir.path(), storage).await;
+    let storage = setup.source_with(Credentials::Dir(secret.clone()));
+    let exchange = setup.exchange(storage).await;
     let state = run_state(&exchange).await;
     assert!(
         state.storage_error.contains("InvalidAccessKeyId"),
         "{state:?}"
     );
-    assert_eq!(state.storage, url);
+    assert_eq!(state.storage, setup.url);
     let refused = client(&exchange, &token(0), &run.fingerprint).join().await;
     let refused = refused.expect_err("a peer was admitted").to_string();
     assert!(refused.contains("waiting for its storage"), "{refused}");
     // The Secret fixed: the exchange picks the key up on its next try and goes on.
-    let Credentials::Given(right) = server.credentials() else {
-        unreachable!()
-    };
-    for (name, value) in right {
-        std::fs::write(secret.join(name), value).unwrap();
-    }
+    setup.server.write_credentials(&secret);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run_state(&exchange).await.storage_error.is_empty() {
         assert!(Instant::now() < deadline, "the exchange never resumed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let results = round(&exchange, &run, &updates, Round(0)).await;
+    let results = round(&exchange, run, updates, Round(0)).await;
     assert!(results.iter().all(|r| r.accepted_bytes.is_some()));
 }

@@ -208,14 +208,7 @@ impl<'a> Draft<'a> {
         reason: &'static str,
         message: &str,
     ) {
-        let known = self
-            .previous
-            .conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.reason == reason && c.status == "True");
-        let known = known
-            || (type_ == condition::READY
-                && crate::k8s::condition_reason(&self.previous.conditions, type_) == Some(reason));
+        let known = crate::k8s::condition_reason(&self.previous.conditions, type_) == Some(reason);
         if !known {
             self.note(warning, reason, message);
         }
@@ -409,11 +402,7 @@ fn exchange_storage(d: &mut Draft) {
         storage.url, state.storage_error
     );
     let unavailable = reason::STORAGE_UNAVAILABLE;
-    let previous =
-        crate::k8s::condition_reason(&d.previous.conditions, condition::EXCHANGE_STORAGE);
-    if previous != Some(unavailable) {
-        d.note(true, unavailable, message.clone());
-    }
+    d.note_once(condition::EXCHANGE_STORAGE, true, unavailable, &message);
     d.condition(condition::EXCHANGE_STORAGE, false, unavailable, message);
 }
 

@@ -93,6 +93,9 @@ pub struct ExchangeClient {
     http: StorageHttp,
     opts: ClientOptions,
     round_trace: RoundTrace,
+    /// The exchange said it keeps payloads itself (no bucket): updates are streamed to
+    /// it without asking for an upload URL.
+    streams_payloads: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ExchangeClient {
@@ -129,6 +132,7 @@ impl ExchangeClient {
             http,
             opts,
             round_trace: RoundTrace::default(),
+            streams_payloads: Arc::default(),
         })
     }
 

@@ -1,7 +1,7 @@
 //! A peer's update on its way to the exchange: streamed to it, or with a bucket, PUT on
 //! the URL it signed and then announced.
 
-use super::{ClientError, ExchangeClient, Pacer, direct};
+use super::{ClientError, ExchangeClient, Grpc, Pacer, direct};
 use crate::exchange::{CHUNK_BYTES, proto};
 use crate::outer::Round;
 
@@ -37,8 +37,7 @@ impl ExchangeClient {
             .retrying(|mut g| {
                 let header = header.clone();
                 async move {
-                    let req = proto::UploadUrlRequest { round: round.0 };
-                    let url = g.upload_url(req).await?.into_inner().url;
+                    let url = self.upload_url(&mut g, round).await?;
                     let stream = match url.is_empty() {
                         true => self.update_stream(header, bytes),
                         false => {
@@ -56,6 +55,20 @@ impl ExchangeClient {
             })
             .await?;
         Ok(reply.accepted_bytes)
+    }
+
+    /// Where to PUT this peer's update for `round`; empty when the exchange keeps
+    /// payloads itself, which is asked once: a run's exchange keeps them one way.
+    async fn upload_url(&self, g: &mut Grpc, round: Round) -> Result<String, tonic::Status> {
+        use std::sync::atomic::Ordering;
+        if self.streams_payloads.load(Ordering::Relaxed) {
+            return Ok(String::new());
+        }
+        let req = proto::UploadUrlRequest { round: round.0 };
+        let url = g.upload_url(req).await?.into_inner().url;
+        self.streams_payloads
+            .store(url.is_empty(), Ordering::Relaxed);
+        Ok(url)
     }
 
     /// An update as PutUpdate streams it: `header`, then `bytes` in chunks, no faster

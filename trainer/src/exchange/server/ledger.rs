@@ -36,13 +36,7 @@ impl Ledger {
         let Some(store) = store else {
             return Ok(Self::default());
         };
-        let from = format!("{store}/{LEDGER_FILE}");
-        let read = |key| {
-            store.get_blocking(key).map_err(|e| ExchangeError::Resume {
-                from: from.clone(),
-                message: e.to_string(),
-            })
-        };
+        let read = |key| super::persist::read(store, key);
         let Some(text) = read(LEDGER_FILE)? else {
             return Ok(Self::default());
         };
@@ -54,12 +48,8 @@ impl Ledger {
             ..Self::default()
         };
         for line in text.lines().filter(|l| !l.is_empty()) {
-            let record = Record::from_signed(line, &ledger.public_key).map_err(|message| {
-                ExchangeError::Resume {
-                    from: from.clone(),
-                    message,
-                }
-            })?;
+            let record = Record::from_signed(line, &ledger.public_key)
+                .map_err(|message| super::persist::resume_error(store, LEDGER_FILE, &message))?;
             ledger.last = Some(record.round);
             ledger.lines.push(line.to_owned());
         }

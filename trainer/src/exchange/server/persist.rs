@@ -20,14 +20,13 @@ const RESIDUAL_KEY: &str = "aggregate-residual.safetensors";
 const SETTINGS_KEY: &str = "settings.json";
 
 /// The object at `key`, if there is one; an error names where it was looked for.
-fn read(store: &Storage, key: &str) -> Result<Option<Bytes>, ExchangeError> {
-    store.get_blocking(key).map_err(|e| ExchangeError::Resume {
-        from: format!("{store}/{key}"),
-        message: e.to_string(),
-    })
+pub(super) fn read(store: &Storage, key: &str) -> Result<Option<Bytes>, ExchangeError> {
+    store
+        .get_blocking(key)
+        .map_err(|e| resume_error(store, key, &e))
 }
 
-fn resume_error(store: &Storage, key: &str, e: &dyn std::fmt::Display) -> ExchangeError {
+pub(super) fn resume_error(store: &Storage, key: &str, e: &dyn std::fmt::Display) -> ExchangeError {
     ExchangeError::Resume {
         from: format!("{store}/{key}"),
         message: e.to_string(),

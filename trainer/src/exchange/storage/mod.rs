@@ -224,39 +224,27 @@ impl Storage {
         let prefix =
             Path::parse(parsed.path().trim_matches('/')).map_err(|e| open(e.to_string()))?;
         let (client, retry) = client_options();
-        let (store, signer): (Arc<dyn ObjectStore>, Arc<dyn Signer>) = match parsed.scheme() {
+        // Each cloud's builder, with the same options, settings and result.
+        macro_rules! bucket {
+            ($builder:expr) => {{
+                let b = ($builder).with_client_options(client).with_retry(retry);
+                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
+                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
+                (s.clone() as Arc<dyn ObjectStore>, s as Arc<dyn Signer>)
+            }};
+        }
+        let (store, signer) = match parsed.scheme() {
             "s3" | "s3a" => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .with_client_options(client)
-                    .with_retry(retry);
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
                 if let Some(endpoint) = endpoint {
                     // An S3-compatible server names buckets in the path, not the host.
-                    b = b
-                        .with_endpoint(endpoint)
-                        .with_virtual_hosted_style_request(false);
+                    b = (b.with_endpoint(endpoint)).with_virtual_hosted_style_request(false);
                 }
-                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
-                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
-                (s.clone(), s)
+                bucket!(b)
             }
-            "gs" => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .with_client_options(client)
-                    .with_retry(retry);
-                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
-                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
-                (s.clone(), s)
-            }
+            "gs" => bucket!(object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url)),
             "az" | "abfs" | "abfss" => {
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .with_client_options(client)
-                    .with_retry(retry);
-                let b = configured(b, settings, |b, k, v| b.with_config(k, v)).map_err(open)?;
-                let s = Arc::new(b.build().map_err(|e| open(e.to_string()))?);
-                (s.clone(), s)
+                bucket!(object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url))
             }
             other => {
                 return Err(open(format!(

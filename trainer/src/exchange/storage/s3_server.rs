@@ -102,12 +102,26 @@ impl S3Server {
         format!("http://{}", self.front)
     }
 
-    /// Credentials it accepts (any other access key is refused).
-    pub fn credentials(&self) -> Credentials {
-        Credentials::Given(vec![
+    /// The access key it accepts (any other is refused), named as a Secret holds it.
+    pub fn key(&self) -> Vec<(String, String)> {
+        vec![
             (AWS_ACCESS_KEY_ID.into(), KEY_ID.into()),
             (AWS_SECRET_ACCESS_KEY.into(), SECRET.into()),
-        ])
+        ]
+    }
+
+    /// Credentials it accepts.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::Given(self.key())
+    }
+
+    /// Writes [`Self::credentials`] into `dir` as a mounted Secret holds them: a file per
+    /// setting.
+    pub fn write_credentials(&self, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir).expect("creating the credentials directory");
+        for (name, value) in self.key() {
+            std::fs::write(dir.join(name), value).expect("writing a credential");
+        }
     }
 
     /// Creates the bucket `name`.

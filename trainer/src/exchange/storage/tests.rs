@@ -119,12 +119,7 @@ async fn a_wrong_access_key_is_refused_with_the_storage_s_own_words() {
         .to_string();
     assert!(e.contains("InvalidAccessKeyId"), "{e}");
     // The Secret fixed: the same source opens with the new key.
-    let Credentials::Given(right) = server.credentials() else {
-        unreachable!()
-    };
-    for (name, value) in right {
-        std::fs::write(dir.path().join(name), value).unwrap();
-    }
+    server.write_credentials(dir.path());
     source.open().unwrap().check().await.unwrap();
 }
 
