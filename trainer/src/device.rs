@@ -4,8 +4,14 @@
 //! and one answers, and the CPU otherwise, and says which and why: a pod that asked for a
 //! GPU and trains on the CPU must be visible in its log, not only in its speed. Asking for
 //! `cuda` where there is none is an error naming the reason, never a fallback.
+//!
+//! `--precision f32|bf16|auto` (env `STARLING_PRECISION`) picks the dtype of the model's
+//! matrix products ([`Precision`]); `auto` is bf16 on a GPU, whose tensor cores run it
+//! many times faster than f32, and f32 on the CPU, which has no bf16 kernel to gain from.
 
 use candle_core::Device;
+
+use crate::model::Precision;
 
 /// The device a role was asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,20 +63,82 @@ pub enum DeviceError {
     },
 }
 
-/// The `--device` flag every tensor-holding role takes.
+/// The precision a role was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionChoice {
+    /// bf16 products on a GPU, f32 on the CPU.
+    Auto,
+    Fixed(Precision),
+}
+
+impl std::str::FromStr for PrecisionChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::Fixed(Precision::F32)),
+            "bf16" => Ok(Self::Fixed(Precision::Bf16)),
+            other => Err(format!("precision {other:?}: expected f32, bf16 or auto")),
+        }
+    }
+}
+
+impl std::fmt::Display for PrecisionChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(precision) => precision.fmt(f),
+        }
+    }
+}
+
+impl PrecisionChoice {
+    /// The precision on `device`.
+    pub fn on(self, device: &Device) -> Precision {
+        match self {
+            Self::Fixed(precision) => precision,
+            Self::Auto if device.is_cpu() => Precision::F32,
+            Self::Auto => Precision::Bf16,
+        }
+    }
+}
+
+/// The `--device` and `--precision` flags every tensor-holding role takes.
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArgs {
     /// cpu, cuda, cuda:N, or auto (CUDA when this binary has it and a GPU answers).
     #[arg(long, env = crate::env::DEVICE, default_value = "auto")]
     pub device: DeviceChoice,
+    /// The dtype of the model's matrix products: f32, bf16 (autocast: weights, gradients
+    /// and optimiser state stay f32), or auto (bf16 on a GPU, f32 on the CPU).
+    #[arg(long, env = crate::env::PRECISION, default_value = "auto")]
+    pub precision: PrecisionChoice,
+}
+
+/// Where a role's model lives and the dtype its products run in.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub device: Device,
+    pub precision: Precision,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            precision: Precision::F32,
+        }
+    }
 }
 
 impl DeviceArgs {
-    /// Opens the device, logging which one and why.
-    pub fn open(&self) -> Result<Device, DeviceError> {
+    /// Opens the device and resolves the precision on it, logging which and why.
+    pub fn open(&self) -> Result<Placement, DeviceError> {
         let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
-        tracing::info!(device = %describe(&device), "{why}");
-        Ok(device)
+        let precision = self.precision.on(&device);
+        tracing::info!(device = %describe(&device), %precision, "{why}");
+        Ok(Placement { device, precision })
     }
 }
 
@@ -128,6 +196,25 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
             let e = bad.parse::<DeviceChoice>().unwrap_err();
             assert!(e.contains("cpu, cuda, cuda:N or auto"), "{e}");
+        }
+    }
+
+    #[test]
+    fn auto_precision_is_bf16_on_a_gpu_and_f32_on_the_cpu_and_a_fixed_one_is_kept() {
+        assert_eq!("auto".parse(), Ok(PrecisionChoice::Auto));
+        assert_eq!(PrecisionChoice::Auto.to_string(), "auto");
+        assert_eq!(PrecisionChoice::Auto.on(&Device::Cpu), Precision::F32);
+        for (name, precision) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+            let choice: PrecisionChoice = name.parse().unwrap();
+            assert_eq!(choice.on(&Device::Cpu), precision);
+            assert_eq!(choice.to_string(), name);
+            assert_eq!(precision.to_string(), name);
+        }
+        let e = "fp16".parse::<PrecisionChoice>().unwrap_err();
+        assert!(e.contains("f32, bf16 or auto"), "{e}");
+        // A GPU, where this machine has one.
+        if let Ok(gpu) = Device::new_cuda(0) {
+            assert_eq!(PrecisionChoice::Auto.on(&gpu), Precision::Bf16);
         }
     }
 

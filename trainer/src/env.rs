@@ -63,6 +63,8 @@ pub const RUN: &str = "STARLING_RUN";
 // Read by the trainer but not set by the operator: defaults suit a pod.
 /// `cpu`, `cuda`, `cuda:N` or `auto` (see [`crate::device`]).
 pub const DEVICE: &str = "STARLING_DEVICE";
+/// `f32`, `bf16` or `auto`: the dtype of the model's matrix products.
+pub const PRECISION: &str = "STARLING_PRECISION";
 /// Threads that train (see [`crate::cpu`]); by default the CPUs the pod may use.
 pub const THREADS: &str = "STARLING_THREADS";
 pub const LIVENESS: &str = "STARLING_LIVENESS";

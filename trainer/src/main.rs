@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
-use starling_trainer::device::DeviceArgs;
+use starling_trainer::device::{DeviceArgs, DeviceChoice};
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::exchange::storage::{Credentials, StorageSource};
@@ -95,7 +95,7 @@ impl TrainArgs {
     /// The loaded run and how this peer reaches the exchange.
     fn into_options(self) -> anyhow::Result<(Run, PeerOptions)> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.device = self.device.open()?;
+        run.placement = self.device.open()?;
         let opts = PeerOptions {
             exchange: self.exchange,
             token: self.token,
@@ -162,7 +162,7 @@ struct EvaluateArgs {
 impl EvaluateArgs {
     fn run(self) -> anyhow::Result<()> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.device = self.device.open()?;
+        run.placement = self.device.open()?;
         let secret = hex_bytes(&self.scoring_key)
             .ok_or_else(|| anyhow::anyhow!("--scoring-key must be hex, at least 16 bytes"))?;
         let opts = EvaluatorOptions {
@@ -271,7 +271,7 @@ impl ExchangeArgs {
     /// The loaded run and how the exchange serves it.
     fn into_options(self) -> anyhow::Result<(Run, ExchangeOptions)> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.device = self.device.open()?;
+        run.placement = self.device.open()?;
         let tokens = match (self.tokens, self.tokens_file) {
             (Some(text), _) => Tokens::parse(&text),
             (None, Some(path)) => Tokens::read(&path),
@@ -405,7 +405,9 @@ struct SampleArgs {
 
 impl SampleArgs {
     fn run(self) -> anyhow::Result<()> {
-        let (model, _) = load_checkpoint(&self.checkpoint, &self.device.open()?)?;
+        let placement = self.device.open()?;
+        let (model, _) = load_checkpoint(&self.checkpoint, &placement.device)?;
+        let model = model.with_precision(placement.precision);
         let tokenizer = Tokenizer::of_checkpoint(&self.checkpoint)?;
         let prompt = tokenizer.encode(&self.prompt)?;
         let out = model.generate(&prompt, self.tokens, self.temperature, self.seed)?;
@@ -436,6 +438,15 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// One model's loss on one batch on the CPU in f32 and on --device in f32 and bf16:
+    /// whether a GPU computes what the CPU does, to its precision's tolerance.
+    Agreement {
+        #[command(flatten)]
+        bench: bench::AgreementBench,
+        /// One JSON object per device and precision instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A scored federation with four honest peers and one adversary of each kind in
     /// turn: when scoring excluded it, and its cost to the model.
     Adversaries {
@@ -463,6 +474,9 @@ struct CodecArgs {
     /// Timed repetitions per measurement (the best is kept).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Where the compressed tensors live: on a GPU the copy to the host is measured too.
+    #[arg(long, env = starling_trainer::env::DEVICE, default_value = "cpu")]
+    device: DeviceChoice,
     /// One JSON object per configuration instead of a table.
     #[arg(long)]
     json: bool,
@@ -476,6 +490,11 @@ impl CodecArgs {
             ks: self.k,
             bits: ValueBits::try_from(self.bits)?,
             repeats: self.repeats,
+            device: starling_trainer::device::open(
+                self.device,
+                candle_core::utils::cuda_is_available(),
+            )?
+            .0,
         })
     }
 }
@@ -492,6 +511,10 @@ impl Bench {
                 bench.binary = std::env::current_exe()?;
                 let header = bench::throughput_table_header();
                 bench.run(bench::printer(json, header, bench::throughput_table_row))?;
+            }
+            Bench::Agreement { bench, json } => {
+                let header = bench::agreement_table_header();
+                bench.run(bench::printer(json, header, bench::agreement_table_row))?;
             }
             Bench::Adversaries { bench, json } => {
                 use starling_trainer::scoring::bench::{

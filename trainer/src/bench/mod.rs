@@ -2,9 +2,11 @@
 //! measured in the same run on the same buffers, because the machines are shared and
 //! absolute numbers drift.
 
+mod agreement;
 mod convergence;
 mod throughput;
 
+pub use agreement::{AgreementBench, AgreementRow, agreement_table_header, agreement_table_row};
 pub use convergence::{
     Axis, ConvergenceBench, ConvergenceRow, Settings, convergence_table_header,
     convergence_table_row,
@@ -44,6 +46,9 @@ pub struct CodecRow {
     /// The same copy split over all threads: a stricter baseline on machines where one
     /// core cannot saturate memory.
     pub memcpy_parallel_gbps: f64,
+    /// GB/s of copying the same f32 tensor from the GPU to the host, as a peer on a GPU
+    /// does with θ before compressing its pseudo-gradient on the host (none on the CPU).
+    pub device_to_host_gbps: Option<f64>,
     pub threads: usize,
 }
 
@@ -54,6 +59,8 @@ pub struct CodecBench {
     pub ks: Vec<u32>,
     pub bits: ValueBits,
     pub repeats: usize,
+    /// Where the tensors a peer compresses live: a GPU adds the copy to the host.
+    pub device: candle_core::Device,
 }
 
 impl Default for CodecBench {
@@ -64,6 +71,7 @@ impl Default for CodecBench {
             ks: vec![32, 64, 128],
             bits: ValueBits::Two,
             repeats: 3,
+            device: candle_core::Device::Cpu,
         }
     }
 }
@@ -124,6 +132,7 @@ impl CodecBench {
             });
             let (memcpy_gbps, memcpy_parallel_gbps) = (gbps(bytes, serial), gbps(bytes, parallel));
             drop(copy);
+            let device_to_host_gbps = self.device_to_host_gbps(&delta)?;
 
             for &k in &self.ks {
                 let config = CodecConfig::new(self.chunk, k, self.bits)?;
@@ -181,6 +190,7 @@ impl CodecBench {
                     check_gbps: gbps(bytes_encoded, check),
                     memcpy_gbps,
                     memcpy_parallel_gbps,
+                    device_to_host_gbps,
                     threads: rayon::current_num_threads(),
                 };
                 report(&row);
@@ -191,10 +201,31 @@ impl CodecBench {
     }
 }
 
+impl CodecBench {
+    /// The GB/s of copying `values` back from the bench's GPU (none on the CPU).
+    fn device_to_host_gbps(&self, values: &[f32]) -> anyhow::Result<Option<f64>> {
+        if self.device.is_cpu() {
+            return Ok(None);
+        }
+        let tensor = candle_core::Tensor::from_slice(values, values.len(), &self.device)?;
+        self.device.synchronize()?;
+        let mut failure = None;
+        let copy = best_of(self.repeats, || {
+            if let Err(e) = tensor.to_vec1::<f32>() {
+                failure = Some(e);
+            }
+        });
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(Some(gbps(values.len() * 4, copy))),
+        }
+    }
+}
+
 /// Human-readable table header and rows.
 pub fn codec_table_header() -> String {
     format!(
-        "{:>10} {:>6} {:>4} {:>4} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7}",
+        "{:>10} {:>6} {:>4} {:>4} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>7} {:>9}",
         "params",
         "chunk",
         "k",
@@ -209,13 +240,14 @@ pub fn codec_table_header() -> String {
         "comp/copy",
         "pcopy GB/s",
         "comp/pcopy",
-        "threads"
+        "threads",
+        "d2h GB/s"
     )
 }
 
 pub fn codec_table_row(r: &CodecRow) -> String {
     format!(
-        "{:>10} {:>6} {:>4} {:>4} {:>12} {:>8.4} {:>8.1} {:>9.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>7}",
+        "{:>10} {:>6} {:>4} {:>4} {:>12} {:>8.4} {:>8.1} {:>9.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>7} {:>9}",
         human(r.params),
         r.chunk,
         r.k,
@@ -230,7 +262,10 @@ pub fn codec_table_row(r: &CodecRow) -> String {
         r.compress_gbps / r.memcpy_gbps,
         r.memcpy_parallel_gbps,
         r.compress_gbps / r.memcpy_parallel_gbps,
-        r.threads
+        r.threads,
+        r.device_to_host_gbps
+            .map(|g| format!("{g:.2}"))
+            .unwrap_or_else(|| "-".into())
     )
 }
 

@@ -5,18 +5,23 @@
 //! Each row runs in a process of its own with `STARLING_THREADS` set (see
 //! [`crate::cpu`]: the thread count is fixed when a process starts), so a row's peak RSS
 //! is its own too.
+//!
+//! On a GPU (`--device cuda`) the peak is a large matmul on that GPU in the row's
+//! precision (bf16 by default there), the same kernels the model's products call, and
+//! the thread count only sizes the host's side.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batch;
-use crate::model::{AdamWConfig, InnerOptimizer, Llama, LrSchedule, Preset};
+use crate::device::{DeviceArgs, describe};
+use crate::model::{AdamWConfig, InnerOptimizer, Llama, LrSchedule, Precision, Preset};
 
 /// A batch shape: `rows` sequences of `seq` tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +66,8 @@ pub struct ThroughputBench {
     /// Vocabulary size; by default 256 (bytes) for tiny and 32000 for the others.
     #[arg(long)]
     pub vocab: Option<usize>,
+    #[command(flatten)]
+    pub placement: DeviceArgs,
     /// Measure the first preset, shape and thread count in this process and print one
     /// JSON row (what each row's process runs).
     #[arg(long, hide = true)]
@@ -74,11 +81,16 @@ pub struct ThroughputRow {
     pub rows: usize,
     pub seq: usize,
     pub threads: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// The dtype of the model's products.
+    pub precision: String,
     pub params: u64,
     pub tokens_per_s: f64,
     /// Model GFLOP/s achieved (see `ModelConfig::train_flops_per_token`).
     pub gflops: f64,
-    /// GFLOP/s of a large f32 matmul in the same process, with the same threads.
+    /// GFLOP/s of a large matmul in the same process: f32 with the same threads on the
+    /// CPU, the row's precision on a GPU.
     pub peak_gflops: f64,
     /// `gflops / peak_gflops`.
     pub mfu: f64,
@@ -117,6 +129,8 @@ impl ThroughputBench {
             .args(["--shapes", &format!("{}x{}", shape.rows, shape.seq)])
             .args(["--threads", &threads.to_string()])
             .args(["--steps", &self.steps.to_string()])
+            .args(["--device", &self.placement.device.to_string()])
+            .args(["--precision", &self.placement.precision.to_string()])
             .env(crate::env::THREADS, threads.to_string());
         if let Some(vocab) = self.vocab {
             cmd.args(["--vocab", &vocab.to_string()]);
@@ -142,13 +156,12 @@ impl ThroughputBench {
         let preset = *self.presets.first().context("no preset")?;
         let shape = *self.shapes.first().context("no batch shape")?;
         let threads = crate::cpu::threads();
-        let vocab = self.vocab.unwrap_or(match preset {
-            Preset::Tiny => 256,
-            _ => 32_000,
-        });
+        let vocab = self.vocab.unwrap_or(preset.default_vocab());
         let mut config = preset.config(vocab);
         config.max_position_embeddings = config.max_position_embeddings.max(shape.seq);
-        let model = Llama::new(config.clone(), 0, &Device::Cpu)?;
+        let placement = self.placement.open()?;
+        let device = &placement.device;
+        let model = Llama::new(config.clone(), 0, device)?.with_precision(placement.precision);
         let schedule = LrSchedule {
             peak: 1e-3,
             warmup: 0,
@@ -163,6 +176,8 @@ impl ThroughputBench {
             let (grads, _) = optimizer.gradients(&model, &batch, shape.rows)?;
             let mid = Instant::now();
             optimizer.apply(grads)?;
+            // A GPU queues kernels: the step has ended when they have run.
+            device.synchronize()?;
             if step >= 2 {
                 gradients += mid - start;
                 apply += mid.elapsed();
@@ -170,7 +185,11 @@ impl ThroughputBench {
         }
         // Measured twice, the better kept: one disturbed
         // measurement on a shared machine would otherwise inflate the MFU.
-        let peak_gflops = matmul_peak_gflops(threads)?.max(matmul_peak_gflops(threads)?);
+        let peak = || match device {
+            Device::Cpu => matmul_peak_gflops(threads),
+            gpu => device_peak_gflops(gpu, placement.precision),
+        };
+        let peak_gflops = peak()?.max(peak()?);
         let total = (gradients + apply).as_secs_f64();
         let tokens_per_s = (self.steps * shape.rows * shape.seq) as f64 / total;
         let gflops = tokens_per_s * config.train_flops_per_token(shape.seq) as f64 / 1e9;
@@ -179,6 +198,8 @@ impl ThroughputBench {
             rows: shape.rows,
             seq: shape.seq,
             threads,
+            device: describe(device),
+            precision: placement.precision.to_string(),
             params: config.parameter_count(),
             tokens_per_s,
             gflops,
@@ -210,8 +231,30 @@ fn matmul_peak_gflops(threads: usize) -> anyhow::Result<f64> {
     Ok(2.0 * (N * N * N * threads) as f64 / best.as_secs_f64() / 1e9)
 }
 
+/// The matmul peak of a GPU in `precision`, GFLOP/s: the best of several 8192² products
+/// (large enough that cuBLAS runs at its best), each timed to its synchronisation.
+fn device_peak_gflops(device: &Device, precision: Precision) -> anyhow::Result<f64> {
+    const N: usize = 8192;
+    let dtype = match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    };
+    let a = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
+    a.matmul(&b)?;
+    device.synchronize()?;
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(start.elapsed());
+    }
+    Ok(2.0 * (N * N * N) as f64 / best.as_secs_f64() / 1e9)
+}
+
 /// Uniform random tokens: throughput does not depend on what the text says.
-fn random_batch(shape: Shape, vocab: usize, seed: u64) -> Batch {
+pub(super) fn random_batch(shape: Shape, vocab: usize, seed: u64) -> Batch {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = shape.rows * shape.seq;
     let mut draw = || (0..n).map(|_| rng.random_range(0..vocab as u32)).collect();
@@ -225,10 +268,12 @@ fn random_batch(shape: Shape, vocab: usize, seed: u64) -> Batch {
 
 pub fn throughput_table_header() -> String {
     format!(
-        "{:<11} {:>9} {:>7} {:>10} {:>9} {:>8} {:>9} {:>6} {:>7} {:>9}",
+        "{:<11} {:>9} {:>7} {:>7} {:>5} {:>10} {:>9} {:>8} {:>9} {:>6} {:>7} {:>9}",
         "preset",
         "batch",
         "threads",
+        "device",
+        "dtype",
         "params",
         "tokens/s",
         "GFLOP/s",
@@ -241,10 +286,12 @@ pub fn throughput_table_header() -> String {
 
 pub fn throughput_table_row(r: &ThroughputRow) -> String {
     format!(
-        "{:<11} {:>9} {:>7} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>5.1}% {:>6.1}% {:>9}",
+        "{:<11} {:>9} {:>7} {:>7} {:>5} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>5.1}% {:>6.1}% {:>9}",
         r.preset.to_string(),
         format!("{}x{}", r.rows, r.seq),
         r.threads,
+        r.device,
+        r.precision,
         r.params,
         r.tokens_per_s,
         r.gflops,
@@ -281,11 +328,19 @@ mod tests {
             threads: vec![1],
             steps: 1,
             vocab: None,
+            placement: DeviceArgs {
+                device: crate::device::DeviceChoice::Cpu,
+                precision: crate::device::PrecisionChoice::Auto,
+            },
             worker: true,
         };
         let row = bench.measure().unwrap();
         assert!(row.tokens_per_s > 0.0 && row.peak_gflops > 0.0);
         assert!(row.mfu > 0.0 && row.mfu < 1.0, "MFU {}", row.mfu);
         assert!(row.peak_rss_bytes.unwrap() > 1 << 20);
+        assert_eq!(
+            (row.device.as_str(), row.precision.as_str()),
+            ("cpu", "f32")
+        );
     }
 }

@@ -298,6 +298,15 @@ impl std::str::FromStr for Preset {
 }
 
 impl Preset {
+    /// The vocabulary benchmarks give it: bytes (256) for tiny, LLaMA's 32000 for the
+    /// others.
+    pub fn default_vocab(self) -> usize {
+        match self {
+            Preset::Tiny => 256,
+            _ => 32_000,
+        }
+    }
+
     pub fn config(self, vocab_size: usize) -> ModelConfig {
         let (hidden, layers, heads, kv, inter, positions, theta, tied) = match self {
             Preset::Tiny => (128, 4, 4, 2, 384, 512, DEFAULT_ROPE_THETA, true),

@@ -20,6 +20,31 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    precision: Precision,
+}
+
+/// The dtype the model's matrix products run in.
+///
+/// Parameters, gradients and the optimiser's state are f32 whatever it is. `Bf16` is
+/// autocast as PyTorch does it: each product's operands are cast down and its result cast
+/// back up, so the norms, the softmax and the loss stay in f32, and the backward pass's
+/// products run in bf16 too (the gradient of a cast is the gradient cast back). Tensor
+/// cores run bf16 at many times their f32 rate; a CPU has no bf16 kernel here and widens
+/// the operands again, so there it only checks the numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
 }
 
 /// Standard deviation of the initial weights (Hugging Face's `initializer_range`).
@@ -93,7 +118,18 @@ impl Llama {
             cos,
             sin,
             device: device.clone(),
+            precision: Precision::F32,
         })
+    }
+
+    /// The model with its matrix products in `precision` (f32 when not set).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -122,6 +158,28 @@ impl Llama {
         }
     }
 
+    /// `x @ wᵀ` for a weight stored `[out, in]`, as PyTorch's `Linear` stores it, in the
+    /// model's precision. The weight is cast before it is transposed, so the product
+    /// reads it in place.
+    fn linear(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        self.down(x)?
+            .matmul(&self.down(w)?.t()?)?
+            .to_dtype(DType::F32)
+    }
+
+    /// `a @ b` in the model's precision, the result in f32.
+    fn product(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        self.down(a)?.matmul(&self.down(b)?)?.to_dtype(DType::F32)
+    }
+
+    /// `t` as a product's operand: itself in f32, cast in bf16.
+    fn down(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        match self.precision {
+            Precision::F32 => Ok(t.clone()),
+            Precision::Bf16 => t.to_dtype(DType::BF16),
+        }
+    }
+
     /// Logits `[batch·seq, vocab]` for `tokens` (`[batch, seq]`, u32), recording the
     /// graph for a backward pass.
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor, ModelError> {
@@ -147,10 +205,10 @@ impl Llama {
             let attn = self.attention(&layers, &h, i, (b, t), graph)?;
             x = (x + attn)?;
             let h = layers.rms_norm(&x, &p(&at("post_attention_layernorm.weight")))?;
-            let gate = linear(&h, &p(&at("mlp.gate_proj.weight")))?;
-            let up = linear(&h, &p(&at("mlp.up_proj.weight")))?;
+            let gate = self.linear(&h, &p(&at("mlp.gate_proj.weight")))?;
+            let up = self.linear(&h, &p(&at("mlp.up_proj.weight")))?;
             let mlp = layers.swiglu(&gate, &up)?;
-            x = (x + linear(&mlp, &p(&at("mlp.down_proj.weight")))?)?;
+            x = (x + self.linear(&mlp, &p(&at("mlp.down_proj.weight")))?)?;
         }
         let x = layers.rms_norm(&x, &p("model.norm.weight"))?;
         let head = if c.tie_word_embeddings {
@@ -158,7 +216,7 @@ impl Llama {
         } else {
             p("lm_head.weight")
         };
-        Ok(linear(&x, &head)?)
+        Ok(self.linear(&x, &head)?)
     }
 
     fn attention(
@@ -176,21 +234,21 @@ impl Llama {
             x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
         };
         let p = |name: &str| self.p(&at(name), graph);
-        let q = split(linear(h, &p("q_proj"))?, heads)?;
-        let k = split(linear(h, &p("k_proj"))?, kv_heads)?;
-        let v = split(linear(h, &p("v_proj"))?, kv_heads)?;
+        let q = split(self.linear(h, &p("q_proj"))?, heads)?;
+        let k = split(self.linear(h, &p("k_proj"))?, kv_heads)?;
+        let v = split(self.linear(h, &p("v_proj"))?, kv_heads)?;
         let (q, k) = (layers.rope(&q)?, layers.rope(&k)?);
         let (k, v) = (
             repeat_kv(k, heads / kv_heads)?,
             repeat_kv(v, heads / kv_heads)?,
         );
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let scores = self.product(&q, &self.down(&k)?.t()?.contiguous()?)?;
         let probs = layers.causal_softmax(&scores, 1.0 / (d as f64).sqrt())?;
-        let out = probs
-            .matmul(&v)?
+        let out = self
+            .product(&probs, &v)?
             .transpose(1, 2)?
             .reshape((b * t, heads * d))?;
-        Ok(linear(&out, &p("o_proj"))?)
+        Ok(self.linear(&out, &p("o_proj"))?)
     }
 
     /// Continues `prompt` by `count` tokens, sampling at `temperature` (0 = greedy) from a
@@ -323,11 +381,6 @@ fn normal(rng: &mut StdRng) -> f32 {
     let u1: f64 = rng.random_range(f64::EPSILON..1.0);
     let u2: f64 = rng.random();
     ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-/// `x @ wᵀ` for a weight stored `[out, in]`, as PyTorch's `Linear` stores it.
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
 }
 
 /// The model's elementwise layers at one sequence length: the fused CPU kernels, or

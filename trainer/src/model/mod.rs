@@ -12,7 +12,7 @@ pub use checkpoint::{load_checkpoint, save_checkpoint};
 pub use config::{
     ConfigError, DEFAULT_RMS_NORM_EPS, DEFAULT_ROPE_THETA, HfConfigError, ModelConfig, Preset,
 };
-pub use llama::{Llama, parameter_shapes};
+pub use llama::{Llama, Precision, parameter_shapes};
 pub use optim::{AdamWConfig, InnerOptimizer, LrSchedule};
 
 use std::path::PathBuf;

@@ -96,7 +96,13 @@ impl InnerOptimizer {
             config,
             schedule,
             step: 0,
-            threads: crate::cpu::threads(),
+            // A GPU takes a batch as one stream of kernels: splitting it over host
+            // threads would only shrink its products.
+            threads: if model.device().is_cpu() {
+                crate::cpu::threads()
+            } else {
+                1
+            },
         })
     }
 

@@ -88,12 +88,18 @@ fn an_untrained_model_predicts_uniformly_and_attention_is_causal() {
 /// Trains `steps` inner steps on Shakespeare; returns (initial, final) validation loss and
 /// the model.
 fn train_shakespeare(steps: u64, seed: u64) -> (f32, f32, Llama) {
+    train_shakespeare_in(steps, seed, Precision::F32)
+}
+
+fn train_shakespeare_in(steps: u64, seed: u64, precision: Precision) -> (f32, f32, Llama) {
     let seq = 64;
     let batch_rows = 16;
     let (train, val) = shakespeare(seq);
     let a = Assignment::new(seed, 1, batch_rows as u64 * steps, seq, train.len()).unwrap();
     let windows = a.peer_round(0, 0);
-    let m = Llama::new(small(), seed, &Device::Cpu).unwrap();
+    let m = Llama::new(small(), seed, &Device::Cpu)
+        .unwrap()
+        .with_precision(precision);
     let before = loss_on(&m, &val);
     let schedule = LrSchedule {
         peak: 3e-3,
@@ -190,6 +196,82 @@ fn training_lowers_held_out_loss_and_is_deterministic() {
         greedy,
         m1.generate(&tok.encode("ROMEO:\n").unwrap(), 20, 0.0, 2)
             .unwrap()
+    );
+}
+
+/// The gradient of every parameter, flattened in order, and the loss, at `precision`.
+fn gradients_at(precision: Precision, seed: u64) -> (Vec<f32>, f32) {
+    let m = Llama::new(small(), seed, &Device::Cpu)
+        .unwrap()
+        .with_precision(precision);
+    let (train, _) = shakespeare(64);
+    let a = Assignment::new(seed, 1, 8, 64, train.len()).unwrap();
+    let batch = a.batch(&train, &a.peer_round(0, 0));
+    let schedule = LrSchedule {
+        peak: 1e-3,
+        warmup: 0,
+        total: 10,
+        floor: 1.0,
+    };
+    let opt = InnerOptimizer::new(&m, AdamWConfig::default(), schedule).unwrap();
+    let (g, loss) = opt.gradients(&m, &batch, 8).unwrap();
+    let flat = m
+        .params()
+        .iter()
+        .flat_map(|(name, v)| {
+            let t = g
+                .get(v.as_tensor())
+                .expect("every parameter has a gradient");
+            assert_eq!(t.dtype(), candle_core::DType::F32, "{name}: gradient dtype");
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        })
+        .collect();
+    (flat, loss)
+}
+
+#[test]
+fn bf16_products_give_the_f32_loss_and_gradients_to_bf16_tolerance_in_f32() {
+    // A model that has trained a little, so gradients are not noise around uniform.
+    let (f32_grads, f32_loss) = gradients_at(Precision::F32, 4);
+    let (bf16_grads, bf16_loss) = gradients_at(Precision::Bf16, 4);
+    // bf16 keeps 8 bits of mantissa: products of 64-long rows agree to about 1%.
+    assert!(
+        (f32_loss - bf16_loss).abs() < 1e-2 * f32_loss,
+        "loss {f32_loss} in f32, {bf16_loss} in bf16"
+    );
+    assert_ne!(f32_loss.to_bits(), bf16_loss.to_bits(), "bf16 was not used");
+    let dot: f64 = f32_grads
+        .iter()
+        .zip(&bf16_grads)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum();
+    let norm = |g: &[f32]| g.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&f32_grads) * norm(&bf16_grads));
+    assert!(cosine > 0.99, "gradient cosine {cosine}");
+    let ratio = norm(&bf16_grads) / norm(&f32_grads);
+    assert!((ratio - 1.0).abs() < 0.02, "gradient norm ratio {ratio}");
+}
+
+#[test]
+fn training_with_bf16_products_keeps_f32_weights_and_follows_the_f32_curve() {
+    let (before, f32_after, _) = train_shakespeare_in(100, 6, Precision::F32);
+    let (bf16_before, bf16_after, m) = train_shakespeare_in(100, 6, Precision::Bf16);
+    eprintln!(
+        "validation loss {before} -> {f32_after} (f32), {bf16_before} -> {bf16_after} (bf16)"
+    );
+    assert!(
+        m.params()
+            .iter()
+            .all(|(_, v)| v.dtype() == candle_core::DType::F32),
+        "master weights must stay f32"
+    );
+    assert!(
+        bf16_after < before - 1.5,
+        "bf16 training did not learn: {bf16_after}"
+    );
+    assert!(
+        (bf16_after - f32_after).abs() < 0.03 * f32_after,
+        "bf16 {bf16_after} against f32 {f32_after}"
     );
 }
 

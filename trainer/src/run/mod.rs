@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{AggregationRule, CodecConfig, Compressor, ValueBits};
 use crate::data::{Assignment, Batch, Corpus, Shards, Tokenizer};
-use candle_core::Device;
+use crate::device::Placement;
 use schemars::JsonSchema;
 
 use crate::env;
@@ -296,9 +296,9 @@ pub struct Run {
     pub assignment: Assignment,
     /// Hash of everything peers must agree on.
     pub fingerprint: String,
-    /// Where this process holds the model (the CPU unless a role opened another; not
-    /// part of what peers agree on).
-    pub device: Device,
+    /// Where this process holds the model and the dtype of its products (the CPU in
+    /// f32 unless a role opened another; not part of what peers agree on).
+    pub placement: Placement,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -369,7 +369,7 @@ impl RunConfig {
             shards,
             assignment,
             fingerprint,
-            device: Device::Cpu,
+            placement: Placement::default(),
         })
     }
 
@@ -478,10 +478,11 @@ impl Run {
     /// random weights from the run's seed. Every peer and the exchange get the same.
     pub fn initial_model(&self) -> Result<Llama, RunError> {
         let Some(dir) = &self.config.init_from else {
-            return Llama::new(self.model.clone(), self.config.seed, &self.device)
+            return Llama::new(self.model.clone(), self.config.seed, &self.placement.device)
+                .map(|m| m.with_precision(self.placement.precision))
                 .map_err(|e| RunError::Invalid(e.to_string()));
         };
-        let (model, _) = load_checkpoint(dir, &self.device)
+        let (model, _) = load_checkpoint(dir, &self.placement.device)
             .map_err(|e| RunError::Invalid(format!("initial checkpoint: {e}")))?;
         if model.config() != &self.model {
             return Err(RunError::Invalid(format!(
@@ -489,7 +490,7 @@ impl Run {
                 dir.display()
             )));
         }
-        Ok(model)
+        Ok(model.with_precision(self.placement.precision))
     }
 
     /// The batches peer `peer` trains on in `round`, one per inner step.

@@ -345,6 +345,7 @@ pub fn measure_codec(config: CodecConfig, params: usize, repeats: usize) -> anyh
         ks: vec![config.k(), aggregate_k],
         bits: config.value_bits(),
         repeats,
+        device: candle_core::Device::Cpu,
     };
     let rows = bench.run(|_| {})?;
     let (Some(row), Some(aggregate)) = (rows.first(), rows.last()) else {
