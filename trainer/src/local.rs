@@ -20,6 +20,17 @@ pub fn token(p: u32) -> String {
     format!("peer-token-local-{p:08}")
 }
 
+/// The token of evaluator `e` in a local federation.
+pub fn evaluator_token(e: u32) -> String {
+    format!("evaluator-token-local-{e:04}")
+}
+
+/// Evaluators a local federation has tokens for.
+pub const MAX_EVALUATORS: u32 = 2;
+
+/// The scoring key (hex) of every local federation: what seeds the evaluators' slices.
+const SCORING_KEY: &str = "6c6f63616c2d73636f72696e672d6b6579";
+
 pub struct LocalFederation {
     binary: PathBuf,
     dir: PathBuf,
@@ -94,6 +105,7 @@ impl LocalFederation {
         std::fs::create_dir_all(dir)?;
         let tokens: String = (0..max_peers)
             .map(|p| format!("p{p} {}\n", token(p)))
+            .chain((0..MAX_EVALUATORS).map(|e| format!("e{e} {}\n", evaluator_token(e))))
             .chain([format!("operator {OPERATOR}\n")])
             .collect();
         std::fs::write(dir.join("tokens"), tokens)?;
@@ -182,31 +194,65 @@ impl LocalFederation {
         Ok(child)
     }
 
+    /// Starts evaluator `e` (below [`MAX_EVALUATORS`]): it scores every round's updates
+    /// and reports to the exchange until the run ends.
+    pub fn start_evaluator(&self, e: u32) -> std::io::Result<Child> {
+        let name = format!("e{e}");
+        let child = self
+            .command("evaluate", &name)?
+            .args(["--exchange", &format!("http://127.0.0.1:{}", self.port)])
+            .args(["--token", &evaluator_token(e)])
+            .args(["--scoring-key", SCORING_KEY])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        self.memory.watch(&name, &child);
+        Ok(child)
+    }
+
     /// The peak resident memory of every process started so far, by name (`exchange`,
-    /// `p0`, ...), bytes.
+    /// `p0`, `e0`, ...), bytes.
     pub fn peak_rss(&self) -> BTreeMap<String, u64> {
         self.memory.peaks()
     }
 
     /// Waits for peer `p` to exit; its output, or its log when it failed.
     pub fn finish(&self, p: u32, child: Child) -> Result<String, String> {
+        self.finish_named(&format!("p{p}"), child)
+    }
+
+    /// Waits for the process `name` to exit; its output, or its log when it failed.
+    fn finish_named(&self, name: &str, child: Child) -> Result<String, String> {
         let Output { status, stdout, .. } = child.wait_with_output().map_err(|e| e.to_string())?;
         let stdout = String::from_utf8_lossy(&stdout).into_owned();
         if status.success() {
             Ok(stdout)
         } else {
             Err(format!(
-                "p{p} failed ({status}):\n{stdout}\n{}",
-                self.log(&format!("p{p}"))
+                "{name} failed ({status}):\n{stdout}\n{}",
+                self.log(name)
             ))
         }
     }
 
     /// [`finish`](Self::finish), but a peer still running after `timeout` is killed and
     /// reported with its log, so a hung run fails instead of hanging.
-    pub fn finish_within(
+    pub fn finish_within(&self, p: u32, child: Child, timeout: Duration) -> Result<String, String> {
+        self.finish_named_within(&format!("p{p}"), child, timeout)
+    }
+
+    /// [`finish_within`](Self::finish_within) for evaluator `e`.
+    pub fn finish_evaluator_within(
         &self,
-        p: u32,
+        e: u32,
+        child: Child,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        self.finish_named_within(&format!("e{e}"), child, timeout)
+    }
+
+    fn finish_named_within(
+        &self,
+        name: &str,
         mut child: Child,
         timeout: Duration,
     ) -> Result<String, String> {
@@ -216,14 +262,14 @@ impl LocalFederation {
                 let _ = child.kill();
                 let out = child.wait_with_output().map_err(|e| e.to_string())?;
                 return Err(format!(
-                    "p{p} still running after {timeout:?}, killed:\n{}\n{}",
+                    "{name} still running after {timeout:?}, killed:\n{}\n{}",
                     String::from_utf8_lossy(&out.stdout),
-                    self.log(&format!("p{p}"))
+                    self.log(name)
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.finish(p, child)
+        self.finish_named(name, child)
     }
 
     pub fn log(&self, name: &str) -> String {

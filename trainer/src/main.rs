@@ -540,6 +540,9 @@ impl Bench {
 fn main() -> anyhow::Result<ExitCode> {
     starling_trainer::cpu::init();
     let command = Cli::parse().command;
+    if matches!(command, Command::Exchange(_) | Command::Evaluate(_)) {
+        starling_trainer::cpu::few_heaps();
+    }
     let service = match command {
         Command::Exchange(_) => "starling-exchange",
         Command::Evaluate(_) => "starling-evaluator",

@@ -101,6 +101,20 @@ fn synthetic(n: usize, seed: u64) -> Vec<f32> {
     v
 }
 
+/// GB/s of copying `values` on one thread, and split over all of them: the baselines
+/// the codec's speeds are read against.
+fn memcpy_gbps(values: &[f32], repeats: usize) -> (f64, f64) {
+    let mut copy = vec![0.0f32; values.len()];
+    let serial = best_of(repeats, || copy.copy_from_slice(values));
+    let parallel = best_of(repeats, || {
+        copy.par_chunks_mut(1 << 20)
+            .zip(values.par_chunks(1 << 20))
+            .for_each(|(d, s)| d.copy_from_slice(s))
+    });
+    let bytes = values.len() * 4;
+    (gbps(bytes, serial), gbps(bytes, parallel))
+}
+
 fn best_of(repeats: usize, mut f: impl FnMut()) -> Duration {
     (0..repeats.max(1))
         .map(|_| {
@@ -123,15 +137,7 @@ impl CodecBench {
         for &params in &self.params {
             let delta = synthetic(params, params as u64);
             let bytes = params * 4;
-            let mut copy = vec![0.0f32; params];
-            let serial = best_of(self.repeats, || copy.copy_from_slice(&delta));
-            let parallel = best_of(self.repeats, || {
-                copy.par_chunks_mut(1 << 20)
-                    .zip(delta.par_chunks(1 << 20))
-                    .for_each(|(d, s)| d.copy_from_slice(s))
-            });
-            let (memcpy_gbps, memcpy_parallel_gbps) = (gbps(bytes, serial), gbps(bytes, parallel));
-            drop(copy);
+            let (memcpy_gbps, memcpy_parallel_gbps) = memcpy_gbps(&delta, self.repeats);
             let device_to_host_gbps = self.device_to_host_gbps(&delta)?;
 
             for &k in &self.ks {

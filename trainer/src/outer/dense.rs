@@ -1,15 +1,44 @@
 //! The dense baseline: fp32 pseudo-gradients (DiLoCo) and gradients (DDP), carried as
 //! safetensors files.
 
+use std::borrow::Cow;
+
 use super::{Finite, Llama, OuterLoop, RoundError, global_and_zeros, pseudo_gradients, write};
 
 /// A dense pseudo-gradient: every tensor in fp32, carried as a safetensors file.
+///
+/// Its values are borrowed where they can be: from the file it was read from (a
+/// safetensors file aligns its tensors, so on a little-endian machine they are f32 in
+/// place), or from the state it exports. An exchange reading four peers' dense updates,
+/// or writing its state, then holds no second copy of them.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DenseUpdate {
-    pub(super) tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+pub struct DenseUpdate<'a> {
+    pub(super) tensors: Vec<(String, Vec<usize>, Cow<'a, [f32]>)>,
 }
 
-impl DenseUpdate {
+/// `values` as little-endian bytes: themselves on a little-endian machine.
+fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// Little-endian bytes as f32: borrowed where they are aligned on a little-endian
+/// machine, copied otherwise.
+fn le_floats(bytes: &[u8]) -> Cow<'_, [f32]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) if cfg!(target_endian = "little") => Cow::Borrowed(values),
+        _ => Cow::Owned(
+            (bytes.chunks_exact(4))
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        ),
+    }
+}
+
+impl<'a> DenseUpdate<'a> {
     pub fn to_bytes(&self) -> Vec<u8> {
         self.to_bytes_with(None)
     }
@@ -18,11 +47,7 @@ impl DenseUpdate {
         &self,
         meta: Option<std::collections::HashMap<String, String>>,
     ) -> Vec<u8> {
-        let bytes: Vec<Vec<u8>> = self
-            .tensors
-            .iter()
-            .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
+        let bytes: Vec<Cow<[u8]>> = self.tensors.iter().map(|(_, _, v)| le_bytes(v)).collect();
         let views = self
             .tensors
             .iter()
@@ -37,7 +62,7 @@ impl DenseUpdate {
     }
 
     /// Parses and checks an update: fp32 only, every value finite.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, RoundError> {
+    pub fn from_bytes(bytes: &'a [u8]) -> Result<Self, RoundError> {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| RoundError::Dense(e.to_string()))?;
         let mut tensors = vec![];
@@ -45,11 +70,7 @@ impl DenseUpdate {
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(RoundError::Dense(format!("{name}: not float32")));
             }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
+            let values = le_floats(view.data());
             Finite::new(&values).map_err(|e| e.in_tensor(&name))?;
             tensors.push((name, view.shape().to_vec(), values));
         }
@@ -89,16 +110,16 @@ impl DilocoState {
 }
 
 impl OuterLoop for DilocoState {
-    type Update = DenseUpdate;
+    type Update<'a> = DenseUpdate<'a>;
 
-    fn make_update(&mut self, model: &Llama) -> Result<DenseUpdate, RoundError> {
+    fn make_update(&mut self, model: &Llama) -> Result<DenseUpdate<'static>, RoundError> {
         let mut deltas = Vec::new();
         pseudo_gradients(model, &self.global, &mut deltas)?;
         let tensors = model
             .params()
             .iter()
             .zip(deltas)
-            .map(|((name, var), d)| (name.clone(), var.dims().to_vec(), d))
+            .map(|((name, var), d)| (name.clone(), var.dims().to_vec(), d.into()))
             .collect();
         Ok(DenseUpdate { tensors })
     }
@@ -106,7 +127,7 @@ impl OuterLoop for DilocoState {
     fn apply(
         &mut self,
         model: &Llama,
-        updates: &[(&DenseUpdate, f32)],
+        updates: &[(&DenseUpdate<'_>, f32)],
         outer_lr: f32,
     ) -> Result<(), RoundError> {
         let Some(mean) = weighted_mean(model, updates)? else {
@@ -124,7 +145,9 @@ impl OuterLoop for DilocoState {
     }
 }
 
-pub(super) fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, f32)>, RoundError> {
+pub(super) fn parse_dense<'a>(
+    updates: &[(&'a [u8], f32)],
+) -> Result<Vec<(DenseUpdate<'a>, f32)>, RoundError> {
     updates
         .iter()
         .map(|(b, w)| Ok((DenseUpdate::from_bytes(b)?, *w)))
@@ -136,8 +159,8 @@ pub(super) fn parse_dense(updates: &[(&[u8], f32)]) -> Result<Vec<(DenseUpdate, 
 /// aggregate the exchange sends in their place.
 pub(super) fn weighted_mean(
     model: &Llama,
-    updates: &[(&DenseUpdate, f32)],
-) -> Result<Option<DenseUpdate>, RoundError> {
+    updates: &[(&DenseUpdate<'_>, f32)],
+) -> Result<Option<DenseUpdate<'static>>, RoundError> {
     let total: f32 = updates.iter().map(|(_, w)| w).sum();
     if total <= 0.0 {
         return Ok(None);
@@ -150,7 +173,7 @@ pub(super) fn weighted_mean(
                 *m += w / total * d;
             }
         }
-        tensors.push((name.clone(), var.dims().to_vec(), mean));
+        tensors.push((name.clone(), var.dims().to_vec(), mean.into()));
     }
     Ok(Some(DenseUpdate { tensors }))
 }

@@ -154,7 +154,7 @@ impl Aggregator {
         let tensors = match &self.kind {
             Kind::Compressed { error_feedback, .. } => (model.params().iter())
                 .zip(error_feedback)
-                .map(|((name, var), e)| (name.clone(), var.dims().to_vec(), e.clone()))
+                .map(|((name, var), e)| (name.clone(), var.dims().to_vec(), e.as_slice().into()))
                 .collect(),
             Kind::Mean => vec![],
         };

@@ -7,6 +7,7 @@
 //! and sets θ ← θ − α·aggregate(Δ) on the model. Peers that apply the same updates, with
 //! the same weights, in the same order, end the round with bit-identical θ.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -29,15 +30,16 @@ pub use download::{Aggregator, Download, Step, gathered};
 
 /// What a peer does at the end of its inner steps, and when a round closes.
 pub trait OuterLoop {
-    type Update;
+    /// An update, which may borrow the bytes it was read from.
+    type Update<'a>;
     /// This peer's update for the round, from the model after its inner steps.
-    fn make_update(&mut self, model: &Llama) -> Result<Self::Update, RoundError>;
+    fn make_update(&mut self, model: &Llama) -> Result<Self::Update<'static>, RoundError>;
     /// Applies the round's accepted updates (same order on every peer) to the global θ
     /// and writes it to the model.
     fn apply(
         &mut self,
         model: &Llama,
-        updates: &[(&Self::Update, f32)],
+        updates: &[(&Self::Update<'_>, f32)],
         outer_lr: f32,
     ) -> Result<(), RoundError>;
 }
@@ -200,7 +202,7 @@ impl RoundState {
 }
 
 impl OuterLoop for RoundState {
-    type Update = Update;
+    type Update<'a> = Update;
 
     /// Compresses this peer's pseudo-gradient θ − θᵢ with its error feedback. A diverged
     /// model (non-finite Δ anywhere) is refused and leaves error feedback as it was.
@@ -325,7 +327,7 @@ impl Outer {
                     source,
                 })?;
                 Finite::new(&g).map_err(|e| e.in_tensor(name))?;
-                tensors.push((name.clone(), var.dims().to_vec(), g));
+                tensors.push((name.clone(), var.dims().to_vec(), g.into()));
             }
             let bytes = DenseUpdate { tensors }.to_bytes();
             return Ok(LocalUpdate::timed(bytes, loss, started, inner_steps));
@@ -439,18 +441,24 @@ impl Outer {
     /// The global state at the start of `round` as a safetensors file: the parameters
     /// under their model names, outer momentum under `outer.velocity.<name>`.
     pub fn export(&self, model: &Llama, round: Round) -> Result<Vec<u8>, RoundError> {
-        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        // Borrowed, not cloned: the state's bytes are the one copy this makes.
+        let read_global;
         let global = match self {
-            Outer::SparseLoCo(s) => s.global.clone(),
-            Outer::DiLoCo(s) => s.global.clone(),
-            Outer::Ddp => read(model)?,
+            Outer::SparseLoCo(s) => &s.global,
+            Outer::DiLoCo(s) => &s.global,
+            Outer::Ddp => {
+                read_global = read(model)?;
+                &read_global
+            }
         };
+        let mut tensors: Vec<(String, Vec<usize>, Cow<[f32]>)> = Vec::new();
         for ((name, var), g) in model.params().iter().zip(global) {
-            tensors.push((name.clone(), var.dims().to_vec(), g));
+            tensors.push((name.clone(), var.dims().to_vec(), g.as_slice().into()));
         }
         if let Outer::DiLoCo(s) = self {
             for ((name, var), v) in model.params().iter().zip(&s.velocity) {
-                tensors.push((format!("{VELOCITY}{name}"), var.dims().to_vec(), v.clone()));
+                let velocity = format!("{VELOCITY}{name}");
+                tensors.push((velocity, var.dims().to_vec(), v.as_slice().into()));
             }
         }
         let meta = [("round".to_owned(), round.0.to_string())].into();

@@ -28,7 +28,7 @@ struct Outcome {
 fn federate<S: OuterLoop>(
     outer: impl Fn(&Llama) -> S,
     outer_lr: f32,
-    bytes: impl Fn(&S::Update) -> usize,
+    bytes: impl Fn(&S::Update<'static>) -> usize,
 ) -> Outcome {
     let (peers, rounds, inner, rows, seq) = (3usize, 6u32, 15usize, 16usize, 64usize);
     let (train, val) = shakespeare(seq);
@@ -154,6 +154,16 @@ fn dense_updates_round_trip_and_bad_ones_are_refused() {
         parsed.tensor("model.embed_tokens.weight", &embed).unwrap(),
         update.tensor("model.embed_tokens.weight", &embed).unwrap()
     );
+    // Read in place, not copied: an exchange holds each dense update once.
+    if cfg!(target_endian = "little") {
+        let in_place = |v: &std::borrow::Cow<[f32]>| matches!(v, std::borrow::Cow::Borrowed(_));
+        assert!(parsed.tensors.iter().all(|(_, _, v)| in_place(v)));
+    }
+    // Moved by one byte, the values are copied out and read the same.
+    let mut shifted = vec![0u8; bytes.len() + 1];
+    shifted[1..].copy_from_slice(&bytes);
+    let moved = DenseUpdate::from_bytes(&shifted[1..]).unwrap();
+    assert_eq!(moved, parsed);
     assert!(DenseUpdate::from_bytes(&bytes[..bytes.len() / 2]).is_err());
     assert!(DenseUpdate::from_bytes(b"not safetensors").is_err());
     // A NaN smuggled into the payload is caught on parse.
@@ -164,7 +174,7 @@ fn dense_updates_round_trip_and_bad_ones_are_refused() {
     assert!(err.to_string().contains("non-finite"), "{err}");
     // Applying an update for another model names the problem.
     let wrong = DenseUpdate {
-        tensors: vec![("model.norm.weight".into(), vec![3], vec![0.0; 3])],
+        tensors: vec![("model.norm.weight".into(), vec![3], vec![0.0; 3].into())],
     };
     let err = state.apply(&m, &[(&wrong, 1.0)], 0.7).unwrap_err();
     assert!(

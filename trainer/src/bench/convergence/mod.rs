@@ -166,9 +166,11 @@ pub struct ConvergenceRow {
     pub dense_bytes_per_peer: u64,
     pub ratio_vs_dense: f64,
     pub wall_s: f64,
-    /// Peak resident memory of the exchange, and of the largest peer, bytes.
+    /// Peak resident memory of the exchange, of the largest peer, and of the largest
+    /// evaluator (none without `--evaluators`), bytes.
     pub exchange_peak_rss_bytes: u64,
     pub peer_peak_rss_bytes: u64,
+    pub evaluator_peak_rss_bytes: Option<u64>,
 }
 
 /// The convergence benchmark's flags: the base settings, and the axes to sweep.
@@ -194,6 +196,10 @@ pub struct ConvergenceBench {
     pub algorithms: Vec<Algorithm>,
     #[arg(long, default_value_t = 4)]
     pub peers: u32,
+    /// Evaluators scoring every round beside the peers (at most 2), for their memory
+    /// and their cost to the round; none by default.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::local::MAX_EVALUATORS)))]
+    pub evaluators: u32,
     /// Rounds of `--inner-steps` steps: with the batch, every row's token budget. The
     /// defaults here are the tuned ones, which the TrainingRun's defaults follow.
     #[arg(long, default_value_t = 96)]
@@ -394,11 +400,15 @@ impl ConvergenceBench {
             .ok_or_else(|| anyhow::anyhow!("{}: no round closed", algorithm_name(algorithm)))?;
         let bytes_sent_per_peer = state.bytes_received / u64::from(self.peers);
         let peaks = federation.peak_rss();
-        let peer_peak = (peaks.iter())
-            .filter(|(name, _)| name.starts_with('p'))
-            .map(|(_, &b)| b)
-            .max()
-            .unwrap_or(0);
+        // Processes are named `p0`, `e0`, ...: a role's letter and a number.
+        let largest = |role: char| {
+            (peaks.iter())
+                .filter(|(name, _)| {
+                    (name.strip_prefix(role)).is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .map(|(_, &b)| b)
+                .max()
+        };
         let dense_bytes_per_peer = state.dense_update_bytes * u64::from(settings.rounds);
         let downloads: Vec<u64> = state.recent.iter().map(|r| r.download_bytes).collect();
         let download_per_round = downloads.iter().sum::<u64>() / downloads.len().max(1) as u64;
@@ -419,7 +429,8 @@ impl ConvergenceBench {
             ratio_vs_dense: dense_bytes_per_peer as f64 / bytes_sent_per_peer.max(1) as f64,
             wall_s,
             exchange_peak_rss_bytes: peaks.get("exchange").copied().unwrap_or(0),
-            peer_peak_rss_bytes: peer_peak,
+            peer_peak_rss_bytes: largest('p').unwrap_or(0),
+            evaluator_peak_rss_bytes: largest('e'),
         })
     }
 
@@ -476,9 +487,18 @@ impl ConvergenceBench {
         let children = (0..self.peers)
             .map(|p| federation.start_peer(p))
             .collect::<Result<Vec<_>, _>>()?;
+        let evaluators = (0..self.evaluators)
+            .map(|e| federation.start_evaluator(e))
+            .collect::<Result<Vec<_>, _>>()?;
         for (p, child) in children.into_iter().enumerate() {
             federation
                 .finish(p as u32, child)
+                .map_err(anyhow::Error::msg)?;
+        }
+        // An evaluator scores the last rounds after the peers have sent them.
+        for (e, child) in evaluators.into_iter().enumerate() {
+            federation
+                .finish_evaluator_within(e as u32, child, std::time::Duration::from_secs(600))
                 .map_err(anyhow::Error::msg)?;
         }
         Ok(())

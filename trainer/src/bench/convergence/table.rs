@@ -18,7 +18,7 @@ impl<T: fmt::Display> fmt::Display for Opt<T> {
 
 pub fn convergence_table_header() -> String {
     format!(
-        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>4} {:>9} {:>7} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9}",
+        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>4} {:>9} {:>7} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9}",
         "algorithm",
         "H",
         "rounds",
@@ -41,7 +41,8 @@ pub fn convergence_table_header() -> String {
         "vs upd",
         "wall s",
         "exch RSS",
-        "peer RSS"
+        "peer RSS",
+        "eval RSS"
     )
 }
 
@@ -49,7 +50,7 @@ pub fn convergence_table_row(r: &ConvergenceRow) -> String {
     let s = &r.settings;
     let percent = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:+.1}%", 100.0 * v));
     format!(
-        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>4} {:>9} {:>7.4} {:>7.4} {:>7} {:>7} {:>11} {:>8.1}x {:>9} {:>6.2}x {:>7.1} {:>6} MB {:>6} MB",
+        "{:<11} {:>3} {:>6} {:>7} {:>5} {:>5} {:>5} {:>5} {:>4} {:>9} {:>4} {:>9} {:>7.4} {:>7.4} {:>7} {:>7} {:>11} {:>8.1}x {:>9} {:>6.2}x {:>7.1} {:>6} MB {:>6} MB {:>9}",
         algorithm_name(r.algorithm),
         s.inner_steps,
         s.rounds,
@@ -72,6 +73,9 @@ pub fn convergence_table_row(r: &ConvergenceRow) -> String {
         r.download_vs_update,
         r.wall_s,
         r.exchange_peak_rss_bytes >> 20,
-        r.peer_peak_rss_bytes >> 20
+        r.peer_peak_rss_bytes >> 20,
+        Opt(r
+            .evaluator_peak_rss_bytes
+            .map(|b| format!("{} MB", b >> 20)))
     )
 }

@@ -2,6 +2,8 @@
 //! updates it takes), to an evaluator every update with the roster and probes; each
 //! payload streamed, or with a bucket, as a signed URL and the digest it must match.
 
+use std::sync::Arc;
+
 use tonic::{Response, Status};
 
 use super::payloads::{accepted_key, aggregate_key};
@@ -12,28 +14,54 @@ use crate::outer::{Download, Round};
 /// Payloads a round's stream leaves to storage: their index in the stream and their key.
 type StoredAt = Vec<(usize, String)>;
 
-/// A round's stream as it is built: its messages, the payloads it leaves to storage, and
+/// A piece of a round's stream: a message, or a payload that becomes data messages only
+/// as the stream is read (see [`chunks`]).
+pub(super) enum Part {
+    Message(proto::RoundChunk),
+    Payload(Arc<Vec<u8>>),
+}
+
+impl Part {
+    /// The messages it stands for, made as they are read.
+    fn messages(self) -> Box<dyn Iterator<Item = proto::RoundChunk> + Send> {
+        use proto::round_chunk::Item;
+        match self {
+            Part::Message(m) => Box::new(std::iter::once(m)),
+            Part::Payload(bytes) => Box::new(chunks(bytes, |d| proto::RoundChunk {
+                item: Some(Item::Data(d)),
+            })),
+        }
+    }
+}
+
+/// A round's stream as it is built: its parts, the payloads it leaves to storage, and
 /// the bytes the exchange sends itself.
 #[derive(Default)]
 struct Building {
-    out: Vec<proto::RoundChunk>,
+    out: Vec<Part>,
     keys: StoredAt,
     sent: u64,
 }
 
 impl Building {
+    fn message(&mut self, item: proto::round_chunk::Item) {
+        self.out
+            .push(Part::Message(proto::RoundChunk { item: Some(item) }));
+    }
+
     /// A payload's header, then its bytes; or, when it is in storage at `key`, nothing
     /// more: the fetcher gets a URL instead.
-    fn payload(&mut self, header: proto::round_chunk::Item, bytes: &[u8], key: Option<String>) {
-        use proto::round_chunk::Item;
-        self.out.push(proto::RoundChunk { item: Some(header) });
+    fn payload(
+        &mut self,
+        header: proto::round_chunk::Item,
+        bytes: &Arc<Vec<u8>>,
+        key: Option<String>,
+    ) {
+        self.message(header);
         match key {
             Some(key) => self.keys.push((self.out.len() - 1, key)),
             None => {
-                let data = |d| proto::RoundChunk {
-                    item: Some(Item::Data(d)),
-                };
-                self.out.extend(chunks(bytes, data));
+                self.out.push(Part::Payload(bytes.clone()));
                 self.sent += bytes.len() as u64;
             }
         }
@@ -51,7 +79,7 @@ impl Exchange {
         round: Round,
         evaluator: bool,
         inline: bool,
-    ) -> Result<(Vec<proto::RoundChunk>, StoredAt), Status> {
+    ) -> Result<(Vec<Part>, StoredAt), Status> {
         use proto::round_chunk::Item;
         let download = self.shared.run.config.download;
         let mut state = self.state();
@@ -79,9 +107,7 @@ impl Exchange {
             },
         };
         let mut b = Building::default();
-        b.out.push(proto::RoundChunk {
-            item: Some(Item::Round(header)),
-        });
+        b.message(Item::Round(header));
         let stored = closed.stored.as_ref().filter(|_| !inline);
         if let Some(bytes) = &closed.aggregate {
             let sha256 = stored.and_then(|s| s.aggregate);
@@ -144,7 +170,7 @@ impl Exchange {
         let (mut out, keys) = self.round_chunks(round, evaluator, inline)?;
         self.sign_downloads(&mut out, keys).await?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
-            out.into_iter().map(Ok),
+            out.into_iter().flat_map(Part::messages).map(Ok),
         ))))
     }
 }

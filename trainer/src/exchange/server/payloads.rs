@@ -16,6 +16,7 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
+use super::fetch::Part;
 use super::{Exchange, PeerId, Reason, Refusal, proto};
 use crate::exchange::storage::Storage;
 use crate::outer::Round;
@@ -172,7 +173,7 @@ impl Exchange {
     /// [`super::service`]'s `round_chunks`).
     pub(super) async fn sign_downloads(
         &self,
-        out: &mut [proto::RoundChunk],
+        out: &mut [Part],
         keys: Vec<(usize, String)>,
     ) -> Result<(), Status> {
         use proto::round_chunk::Item;
@@ -183,9 +184,13 @@ impl Exchange {
             let url = (store.signed_url(reqwest::Method::GET, &key).await)
                 .map_err(|e| Status::unavailable(e.to_string()))?
                 .unwrap_or_default();
-            match &mut out[i].item {
-                Some(Item::Entry(e)) => e.url = url,
-                Some(Item::Aggregate(a)) => a.url = url,
+            match &mut out[i] {
+                Part::Message(proto::RoundChunk {
+                    item: Some(Item::Entry(e)),
+                }) => e.url = url,
+                Part::Message(proto::RoundChunk {
+                    item: Some(Item::Aggregate(a)),
+                }) => a.url = url,
                 _ => {}
             }
         }

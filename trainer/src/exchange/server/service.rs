@@ -25,8 +25,17 @@ fn bad(message: &str) -> Refusal {
     Refusal::new(Reason::BadRequest, message)
 }
 
-pub(super) fn chunks<T>(bytes: &[u8], wrap: impl Fn(Vec<u8>) -> T) -> impl Iterator<Item = T> {
-    bytes.chunks(CHUNK_BYTES).map(move |c| wrap(c.to_vec()))
+/// `bytes` as data messages of at most [`CHUNK_BYTES`], each copied out only when the
+/// stream is read. A reply stream is read as fast as the connection takes it, so every
+/// fetcher of a dense round holds the chunks in flight, not a copy of the round.
+pub(super) fn chunks<T>(
+    bytes: Arc<Vec<u8>>,
+    wrap: impl Fn(Vec<u8>) -> T,
+) -> impl Iterator<Item = T> {
+    (0..bytes.len().div_ceil(CHUNK_BYTES)).map(move |i| {
+        let start = i * CHUNK_BYTES;
+        wrap(bytes[start..(start + CHUNK_BYTES).min(bytes.len())].to_vec())
+    })
 }
 
 /// The header every update starts with.
@@ -365,12 +374,11 @@ impl proto::exchange_server::Exchange for Exchange {
                 size: bytes.len() as u64,
             })),
         };
-        let out: Vec<_> = std::iter::once(header)
-            .chain(chunks(&bytes, |d| proto::StateChunk {
+        let out = std::iter::once(header)
+            .chain(chunks(bytes, |d| proto::StateChunk {
                 item: Some(Item::Data(d)),
             }))
-            .map(Ok)
-            .collect();
+            .map(Ok);
         Ok(Response::new(Box::pin(tokio_stream::iter(out))))
     }
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
+mod keep;
+
 use super::payloads::Stored;
 use super::{Exchange, Failure, PeerId, Settings, Shared, mean, persist, proto, validation_loss};
 use crate::exchange::pacing::{self, Close, Pace};
@@ -267,6 +269,12 @@ impl Closed {
     pub(super) fn in_step(&self) -> impl Iterator<Item = &(PeerId, f32, Arc<Vec<u8>>)> {
         in_step(&self.entries, &self.left_out)
     }
+
+    /// The bytes of payload it holds: its updates and its aggregate.
+    fn payload_bytes(&self) -> u64 {
+        let entries: usize = self.entries.iter().map(|(_, _, b)| b.len()).sum();
+        (entries + self.aggregate.as_ref().map_or(0, |a| a.len())) as u64
+    }
 }
 
 fn in_step<'a>(
@@ -506,7 +514,13 @@ impl Exchange {
             let mut state = self.state();
             state.tokens += round_tokens(config, closed.in_step());
             state.closed.push_back(closed);
-            while state.closed.len() > self.shared.opts.keep_rounds.max(1) {
+            let payloads: Vec<u64> = state.closed.iter().map(Closed::payload_bytes).collect();
+            let keep = keep::rounds_to_keep(
+                &payloads,
+                self.shared.opts.keep_rounds,
+                state_bytes.len() as u64,
+            );
+            while state.closed.len() > keep {
                 forgotten.extend(state.closed.pop_front().map(|c| c.round));
             }
             state.summaries.push_back(summary);
