@@ -12,6 +12,9 @@ use k8s_openapi::api::rbac::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
+use starling_trainer::run::memory;
+
+use crate::api::validation::resolved_model;
 
 use crate::api::{
     MemberCluster, PeerId, RunReference, Tier, TrainerGroup, TrainerGroupSpec, TrainerPodTemplate,
@@ -48,14 +51,24 @@ pub const LEDGER_KEY: &str = "ledger-key";
 /// Key of the run's scoring secret (hex): only evaluators read it.
 pub const SCORING_KEY: &str = "scoring-key";
 
-/// What the run's own pods on the hub (the exchange, evaluators) ask for: half a core
-/// and 512 MiB, enough for the models a CPU hub serves (the tiny model's exchange peaks
-/// at about 230 MB in `bench convergence`, DDP's 240 rounds included).
-fn hub_pod_requests() -> ResourceRequirements {
+/// What the exchange and the evaluators ask for: half a core, and the memory they peak
+/// at with this run's model, algorithm and peers ([`memory::peak_bytes`], measured by
+/// `bench convergence`) and a quarter more. Never under 512 MiB, which the tiny model's
+/// roles fit several times over; a model the spec alone does not fix (a tokenizer read
+/// at run time) gets that.
+fn hub_pod_requests(run: &TrainingRun, role: memory::Role) -> ResourceRequirements {
+    const FLOOR: u64 = 512 << 20;
+    let spec = &run.spec;
+    let peak = resolved_model(spec)
+        .map(|model| memory::peak_bytes(role, &model, spec.compression.algorithm, spec.peers.max));
+    let request = peak.map_or(FLOOR, |bytes| (bytes + bytes / 4).max(FLOOR));
     ResourceRequirements {
         requests: Some(BTreeMap::from([
             ("cpu".into(), Quantity("500m".into())),
-            ("memory".into(), Quantity("512Mi".into())),
+            (
+                "memory".into(),
+                Quantity(format!("{}Mi", request.div_ceil(1 << 20))),
+            ),
         ])),
         ..ResourceRequirements::default()
     }
@@ -324,6 +337,41 @@ mod tests {
         let mut m: MemberCluster = serde_yaml::from_str(yaml).unwrap();
         m.metadata.uid = Some("uid-m".into());
         m
+    }
+
+    #[test]
+    fn the_exchange_and_evaluators_ask_for_the_memory_their_model_needs() {
+        use crate::api::{Algorithm, ModelPreset};
+        use memory::Role::{Evaluator, Exchange};
+        let mib = |run: &TrainingRun, role| {
+            let requests = hub_pod_requests(run, role).requests.unwrap();
+            let text = requests["memory"].0.clone();
+            text.strip_suffix("Mi").unwrap().parse::<u64>().unwrap()
+        };
+        // The tiny sample fits the floor.
+        let tiny = sample();
+        assert_eq!((mib(&tiny, Exchange), mib(&tiny, Evaluator)), (512, 512));
+        // A 1B model: gigabytes, each above the estimate by a quarter.
+        let mut big = sample();
+        big.spec.model.preset = Some(ModelPreset::Llama1B);
+        let model = resolved_model(&big.spec).unwrap();
+        let theta_mib = (model.parameter_count() * 4) >> 20;
+        let sparse = mib(&big, Exchange);
+        let estimate = memory::peak_bytes(Exchange, &model, Algorithm::SparseLoCo, 3) >> 20;
+        assert!(
+            sparse >= estimate + estimate / 4,
+            "{sparse} MiB for {estimate}"
+        );
+        assert!(
+            sparse > 7 * theta_mib,
+            "{sparse} MiB for θ of {theta_mib} MiB"
+        );
+        // Dense updates: every peer's in memory, so more peers ask for more.
+        big.spec.compression.algorithm = Algorithm::DiLoCo;
+        let dense = mib(&big, Exchange);
+        big.spec.peers.max = 8;
+        assert!(mib(&big, Exchange) > dense && dense > sparse);
+        assert!(mib(&big, Evaluator) > 512);
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct RunConfig {
     pub init_from: Option<PathBuf>,
 }
 
+pub mod memory;
+
 /// Whether an AdamW setting is at its default (and so left out of the fingerprint).
 mod adamw_default {
     use crate::model::AdamWConfig;

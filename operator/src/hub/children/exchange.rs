@@ -171,7 +171,10 @@ fn exchange_container(run: &TrainingRun, settings: &ExchangeSettings) -> Contain
                 ..ContainerPort::default()
             },
         ]),
-        resources: Some(hub_pod_requests()),
+        resources: Some(hub_pod_requests(
+            run,
+            starling_trainer::run::memory::Role::Exchange,
+        )),
         ..Container::default()
     }
 }

@@ -133,7 +133,10 @@ pub fn evaluator_job(run: &TrainingRun, settings: &EvaluatorSettings, index: u32
         args: Some(vec!["evaluate".into()]),
         env: Some(vars),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        resources: Some(hub_pod_requests()),
+        resources: Some(hub_pod_requests(
+            run,
+            starling_trainer::run::memory::Role::Evaluator,
+        )),
         ..Container::default()
     };
     let job = evaluator_job_name(run, index);
