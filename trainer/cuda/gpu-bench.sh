@@ -34,14 +34,19 @@ log="$out/log.txt"
 export RUST_LOG="${RUST_LOG:-warn}"
 
 if [[ "$bin" == *.gz ]]; then
-    gunzip -c "$bin" >/tmp/starling-trainer && chmod +x /tmp/starling-trainer
-    bin=/tmp/starling-trainer
+    unpacked="$(mktemp -d)/starling-trainer"
+    gunzip -c "$bin" >"$unpacked" && chmod +x "$unpacked"
+    bin="$unpacked"
 fi
-if ldd "$bin" 2>/dev/null | grep -q "not found"; then
-    wheels="$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)"
+libraries="$(ldd "$bin" 2>&1)"
+wheels="$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)"
+if [[ "$libraries" == *"not found"* && -n "$wheels" ]]; then
     for lib in libcublas.so.13 libcudart.so.13 libcurand.so.10; do
+        # shellcheck disable=SC2086 # several site-packages directories
         found="$(find $wheels -name "$lib" 2>/dev/null | head -1)"
-        [ -n "$found" ] && LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
+        if [ -n "$found" ]; then
+            LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        fi
     done
     export LD_LIBRARY_PATH
 fi
@@ -56,13 +61,14 @@ shapes() {
     esac
 }
 
-# Runs one measurement, appending its JSON rows to $1 and its errors to the log.
+# Runs one measurement, appending its JSON rows to $1 and its errors to the log; one that
+# runs past LIMIT seconds (default 240) is stopped, so the others still get their turn.
 measure() {
     local into="$1"
     shift
     echo "== $*" >>"$log"
     local started=$SECONDS
-    if "$bin" "$@" --json >>"$out/$into" 2>>"$log"; then
+    if timeout "${LIMIT:-240}" "$bin" "$@" --json >>"$out/$into" 2>>"$log"; then
         echo "   ok in $((SECONDS - started)) s" >>"$log"
     else
         echo "   FAILED (exit $?) after $((SECONDS - started)) s" >>"$log"
@@ -73,14 +79,14 @@ measure() {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>&1
     nvidia-smi 2>&1 | head -5
-    echo "-- libraries the binary needs:"
+    echo "-- libraries the binary needs (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}):"
     ldd "$bin" 2>&1
     nproc
 } >"$out/gpu.txt"
 
 # Agreement first: if the GPU computes something else, the speeds mean nothing.
 for preset in $presets; do
-    measure agreement.jsonl bench agreement --device "$device" --preset "$preset" --shape 4x256
+    measure agreement.jsonl bench agreement --device "$device" --preset "$preset" --shape 2x256
 done
 if [ -n "${CHECKPOINT:-}" ]; then
     measure agreement.jsonl bench agreement --device "$device" --checkpoint "$CHECKPOINT" --shape 8x128
@@ -99,10 +105,13 @@ done
 # PyTorch eager on the same presets and shapes, where this machine has it.
 if [ "$device" != cpu ] && python3 -c 'import torch, transformers' 2>/dev/null; then
     for preset in $presets; do
-        for shape in $(shapes "$preset"); do
-            echo "== torch_reference.py --preset $preset --shape $shape" >>"$log"
-            python3 "$here/torch_reference.py" --preset "$preset" --shape "$shape" \
-                >>"$out/reference.jsonl" 2>>"$log" || echo "   FAILED" >>"$log"
+        for precision in bf16 f32; do
+            for shape in $(shapes "$preset"); do
+                echo "== torch_reference.py --preset $preset --shape $shape --precision $precision" >>"$log"
+                timeout "${LIMIT:-240}" python3 "$here/torch_reference.py" --preset "$preset" \
+                    --shape "$shape" --precision "$precision" \
+                    >>"$out/reference.jsonl" 2>>"$log" || echo "   FAILED" >>"$log"
+            done
         done
     done
 fi

@@ -1,6 +1,8 @@
 """The reference a GPU row of `bench throughput` is read against: the same LLaMA preset
 trained by PyTorch eager with transformers' LlamaForCausalLM, bf16 autocast, f32 weights
-and AdamW, on the same batch shape, on the same GPU, in the same script run.
+and AdamW, on the same batch shape, on the same GPU, in the same script run. Its
+attention is PyTorch's fused scaled-dot-product attention (transformers' default, what
+a user of PyTorch gets); Starling's is unfused, and the row says which it was.
 
     python3 trainer/cuda/torch_reference.py --preset llama-125m --shape 8x512 [--precision bf16]
 
@@ -53,6 +55,7 @@ def main() -> None:
     c = config(a.preset, vocab)
     c.max_position_embeddings = max(c.max_position_embeddings, seq)
     torch.manual_seed(0)
+    c._attn_implementation = "sdpa"
     model = LlamaForCausalLM(c).cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     tokens = torch.randint(0, vocab, (rows, seq + 1), device="cuda")
@@ -83,6 +86,7 @@ def main() -> None:
         json.dumps(
             {
                 "reference": "pytorch-eager",
+                "attention": c._attn_implementation,
                 "torch": torch.__version__,
                 "gpu": torch.cuda.get_device_name(),
                 "preset": a.preset,

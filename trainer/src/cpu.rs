@@ -87,7 +87,9 @@ fn keep_freed_memory() {
 /// the exchange's gRPC threads each take in and send out whole updates, so a dense run's
 /// exchange held a third more memory than with one heap (`bench convergence`, a 9.5M
 /// parameter model with 4 peers: 1242 MiB at its peak, 865 MiB with one heap). Call it
-/// first thing, before the threads start, in roles that serve rather than train.
+/// first thing, before any thread starts (before [`init`], whose pool starts threads
+/// that allocate): once threads have made more than eight heaps, glibc no longer
+/// lowers its limit. For roles that serve rather than train.
 pub fn few_heaps() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

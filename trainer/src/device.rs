@@ -6,8 +6,11 @@
 //! `cuda` where there is none is an error naming the reason, never a fallback.
 //!
 //! `--precision f32|bf16|auto` (env `STARLING_PRECISION`) picks the dtype of the model's
-//! matrix products ([`Precision`]); `auto` is bf16 on a GPU, whose tensor cores run it
-//! many times faster than f32, and f32 on the CPU, which has no bf16 kernel to gain from.
+//! matrix products ([`Precision`]); `auto` is bf16 where a peer trains on a GPU, whose
+//! tensor cores run it many times faster than f32, and f32 on the CPU, which has no
+//! bf16 kernel to gain from, and in the roles that measure rather than train (the
+//! exchange's validation loss, evaluators' scores): their numbers are compared with
+//! thresholds and with each other, and stay exact.
 
 use candle_core::Device;
 
@@ -93,12 +96,20 @@ impl std::fmt::Display for PrecisionChoice {
     }
 }
 
+/// What a role does with its model: `auto` precision depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    Train,
+    /// Losses that are reported, compared or scored.
+    Measure,
+}
+
 impl PrecisionChoice {
-    /// The precision on `device`.
-    pub fn on(self, device: &Device) -> Precision {
+    /// The precision on `device` for a role that does `work`.
+    pub fn on(self, device: &Device, work: Use) -> Precision {
         match self {
             Self::Fixed(precision) => precision,
-            Self::Auto if device.is_cpu() => Precision::F32,
+            Self::Auto if device.is_cpu() || work == Use::Measure => Precision::F32,
             Self::Auto => Precision::Bf16,
         }
     }
@@ -111,7 +122,7 @@ pub struct DeviceArgs {
     #[arg(long, env = crate::env::DEVICE, default_value = "auto")]
     pub device: DeviceChoice,
     /// The dtype of the model's matrix products: f32, bf16 (autocast: weights, gradients
-    /// and optimiser state stay f32), or auto (bf16 on a GPU, f32 on the CPU).
+    /// and optimiser state stay f32), or auto (bf16 to train on a GPU, f32 otherwise).
     #[arg(long, env = crate::env::PRECISION, default_value = "auto")]
     pub precision: PrecisionChoice,
 }
@@ -133,10 +144,11 @@ impl Default for Placement {
 }
 
 impl DeviceArgs {
-    /// Opens the device and resolves the precision on it, logging which and why.
-    pub fn open(&self) -> Result<Placement, DeviceError> {
+    /// Opens the device and resolves the precision on it for `work`, logging which and
+    /// why.
+    pub fn open(&self, work: Use) -> Result<Placement, DeviceError> {
         let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
-        let precision = self.precision.on(&device);
+        let precision = self.precision.on(&device, work);
         tracing::info!(device = %describe(&device), %precision, "{why}");
         Ok(Placement { device, precision })
     }
@@ -200,13 +212,17 @@ mod tests {
     }
 
     #[test]
-    fn auto_precision_is_bf16_on_a_gpu_and_f32_on_the_cpu_and_a_fixed_one_is_kept() {
+    fn auto_precision_is_bf16_to_train_on_a_gpu_and_f32_otherwise_and_a_fixed_one_is_kept() {
         assert_eq!("auto".parse(), Ok(PrecisionChoice::Auto));
         assert_eq!(PrecisionChoice::Auto.to_string(), "auto");
-        assert_eq!(PrecisionChoice::Auto.on(&Device::Cpu), Precision::F32);
+        assert_eq!(
+            PrecisionChoice::Auto.on(&Device::Cpu, Use::Train),
+            Precision::F32
+        );
         for (name, precision) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
             let choice: PrecisionChoice = name.parse().unwrap();
-            assert_eq!(choice.on(&Device::Cpu), precision);
+            assert_eq!(choice.on(&Device::Cpu, Use::Train), precision);
+            assert_eq!(choice.on(&Device::Cpu, Use::Measure), precision);
             assert_eq!(choice.to_string(), name);
             assert_eq!(precision.to_string(), name);
         }
@@ -214,7 +230,8 @@ mod tests {
         assert!(e.contains("f32, bf16 or auto"), "{e}");
         // A GPU, where this machine has one.
         if let Ok(gpu) = Device::new_cuda(0) {
-            assert_eq!(PrecisionChoice::Auto.on(&gpu), Precision::Bf16);
+            assert_eq!(PrecisionChoice::Auto.on(&gpu, Use::Train), Precision::Bf16);
+            assert_eq!(PrecisionChoice::Auto.on(&gpu, Use::Measure), Precision::F32);
         }
     }
 

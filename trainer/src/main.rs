@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use starling_trainer::bench::{self, CodecBench, ConvergenceBench};
 use starling_trainer::codec::ValueBits;
 use starling_trainer::data::Tokenizer;
-use starling_trainer::device::{DeviceArgs, DeviceChoice};
+use starling_trainer::device::{DeviceArgs, DeviceChoice, Use};
 use starling_trainer::env;
 use starling_trainer::exchange::server::{Exchange, ExchangeOptions, ServeError};
 use starling_trainer::exchange::storage::{Credentials, StorageSource};
@@ -95,7 +95,7 @@ impl TrainArgs {
     /// The loaded run and how this peer reaches the exchange.
     fn into_options(self) -> anyhow::Result<(Run, PeerOptions)> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.placement = self.device.open()?;
+        run.placement = self.device.open(Use::Train)?;
         let opts = PeerOptions {
             exchange: self.exchange,
             token: self.token,
@@ -162,7 +162,7 @@ struct EvaluateArgs {
 impl EvaluateArgs {
     fn run(self) -> anyhow::Result<()> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.placement = self.device.open()?;
+        run.placement = self.device.open(Use::Measure)?;
         let secret = hex_bytes(&self.scoring_key)
             .ok_or_else(|| anyhow::anyhow!("--scoring-key must be hex, at least 16 bytes"))?;
         let opts = EvaluatorOptions {
@@ -271,7 +271,7 @@ impl ExchangeArgs {
     /// The loaded run and how the exchange serves it.
     fn into_options(self) -> anyhow::Result<(Run, ExchangeOptions)> {
         let mut run = self.run.load(&self.data_dir)?;
-        run.placement = self.device.open()?;
+        run.placement = self.device.open(Use::Measure)?;
         let tokens = match (self.tokens, self.tokens_file) {
             (Some(text), _) => Tokens::parse(&text),
             (None, Some(path)) => Tokens::read(&path),
@@ -405,7 +405,7 @@ struct SampleArgs {
 
 impl SampleArgs {
     fn run(self) -> anyhow::Result<()> {
-        let placement = self.device.open()?;
+        let placement = self.device.open(Use::Measure)?;
         let (model, _) = load_checkpoint(&self.checkpoint, &placement.device)?;
         let model = model.with_precision(placement.precision);
         let tokenizer = Tokenizer::of_checkpoint(&self.checkpoint)?;
@@ -538,11 +538,16 @@ impl Bench {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    starling_trainer::cpu::init();
-    let command = Cli::parse().command;
-    if matches!(command, Command::Exchange(_) | Command::Evaluate(_)) {
+    // Before any thread starts (rayon's, in `init`): glibc fixes its heap limit once
+    // threads have made their own heaps. The role is the first argument.
+    if matches!(
+        std::env::args().nth(1).as_deref(),
+        Some("exchange" | "evaluate")
+    ) {
         starling_trainer::cpu::few_heaps();
     }
+    starling_trainer::cpu::init();
+    let command = Cli::parse().command;
     let service = match command {
         Command::Exchange(_) => "starling-exchange",
         Command::Evaluate(_) => "starling-evaluator",

@@ -54,12 +54,15 @@ pub const SCORING_KEY: &str = "scoring-key";
 /// What the exchange and the evaluators ask for: half a core, and the memory they peak
 /// at with this run's model, algorithm and peers ([`memory::peak_bytes`], measured by
 /// `bench convergence`) and a quarter more. Never under 512 MiB, which the tiny model's
-/// roles fit several times over; a model the spec alone does not fix (a tokenizer read
-/// at run time) gets that.
+/// roles fit several times over. A preset whose vocabulary comes from a tokenizer read
+/// at run time is counted at its usual vocabulary (LLaMA's 32000); a model the spec
+/// does not fix at all gets the floor.
 fn hub_pod_requests(run: &TrainingRun, role: memory::Role) -> ResourceRequirements {
     const FLOOR: u64 = 512 << 20;
     let spec = &run.spec;
-    let peak = resolved_model(spec)
+    let model = resolved_model(spec)
+        .or_else(|| (spec.model.preset).map(|preset| preset.config(preset.default_vocab())));
+    let peak = model
         .map(|model| memory::peak_bytes(role, &model, spec.compression.algorithm, spec.peers.max));
     let request = peak.map_or(FLOOR, |bytes| (bytes + bytes / 4).max(FLOOR));
     ResourceRequirements {
@@ -372,6 +375,10 @@ mod tests {
         big.spec.peers.max = 8;
         assert!(mib(&big, Exchange) > dense && dense > sparse);
         assert!(mib(&big, Evaluator) > 512);
+        // A tokenizer read at run time: the preset is counted at LLaMA's vocabulary.
+        big.spec.data.tokenizer = "hf:meta-llama/Llama-2-7b-hf".into();
+        assert!(resolved_model(&big.spec).is_none());
+        assert!(mib(&big, Exchange) > mib(&tiny, Exchange) * 10);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `bench agreement`: one model's loss on one batch, on the CPU in f32 (the reference)
-//! and on `--device` in f32 and in bf16. A GPU must compute what the CPU computes, to its
+//! and on `--device` in f32 and in bf16 (on the CPU in bf16, when the device is the CPU). A GPU must compute what the CPU computes, to its
 //! precision's tolerance; a peer on a GPU and a peer on a CPU train the same run.
 
 use std::path::PathBuf;
@@ -8,7 +8,6 @@ use candle_core::Device;
 use serde::Serialize;
 
 use super::{Shape, throughput::random_batch};
-use crate::data::Batch;
 use crate::device::{DeviceChoice, describe, open};
 use crate::model::{Llama, Precision, Preset, load_checkpoint};
 
@@ -42,47 +41,58 @@ pub struct AgreementRow {
 }
 
 impl AgreementBench {
-    /// The CPU's f32 row first, then the CPU's bf16, then the device's f32 and bf16
-    /// (when it is not the CPU).
+    /// The CPU's f32 row first, then the device's f32 and bf16 rows (the CPU's bf16
+    /// when the device is the CPU). The model is built once, on the CPU, and copied.
     pub fn run(&self, mut report: impl FnMut(&AgreementRow)) -> anyhow::Result<()> {
         let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
         tracing::info!(device = %describe(&device), "{why}");
-        let mut devices = vec![Device::Cpu];
-        if !device.is_cpu() {
-            devices.push(device);
-        }
+        let model = self.load()?;
+        let batch = random_batch(self.shape, model.config().vocab_size, 0);
+        let rows = [
+            (Device::Cpu, Precision::F32),
+            (device.clone(), Precision::F32),
+            (device.clone(), Precision::Bf16),
+        ];
         let mut reference = None;
-        for device in &devices {
-            for precision in [Precision::F32, Precision::Bf16] {
-                let (model, batch) = self.load(device)?;
-                let loss = f64::from(model.with_precision(precision).batch_loss(&batch)?);
-                let reference = *reference.get_or_insert(loss);
-                let abs_diff = (loss - reference).abs();
-                report(&AgreementRow {
-                    device: describe(device),
-                    precision: precision.to_string(),
-                    loss,
-                    abs_diff,
-                    rel_diff: abs_diff / reference,
-                });
-            }
+        for (device, precision) in rows.into_iter().skip(usize::from(device.is_cpu())) {
+            let on_device = copy_to(&model, &device)?.with_precision(precision);
+            let loss = f64::from(on_device.batch_loss(&batch)?);
+            let reference = *reference.get_or_insert(loss);
+            let abs_diff = (loss - reference).abs();
+            report(&AgreementRow {
+                device: describe(&device),
+                precision: precision.to_string(),
+                loss,
+                abs_diff,
+                rel_diff: abs_diff / reference,
+            });
         }
         Ok(())
     }
 
-    /// The model on `device` and the batch for it.
-    fn load(&self, device: &Device) -> anyhow::Result<(Llama, Batch)> {
-        let model = match &self.checkpoint {
-            Some(dir) => load_checkpoint(dir, device)?.0,
+    /// The model, on the CPU.
+    fn load(&self) -> anyhow::Result<Llama> {
+        Ok(match &self.checkpoint {
+            Some(dir) => load_checkpoint(dir, &Device::Cpu)?.0,
             None => {
                 let mut config = self.preset.config(self.preset.default_vocab());
                 config.max_position_embeddings = config.max_position_embeddings.max(self.shape.seq);
-                Llama::new(config, 0, device)?
+                Llama::new(config, 0, &Device::Cpu)?
             }
-        };
-        let vocab = model.config().vocab_size;
-        Ok((model, random_batch(self.shape, vocab, 0)))
+        })
     }
+}
+
+/// A copy of `model` on `device` (a fresh one on the CPU too: precision is set by value).
+fn copy_to(model: &Llama, device: &Device) -> anyhow::Result<Llama> {
+    let tensors = (model.params().iter())
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_device(device)?)))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Llama::from_tensors(
+        model.config().clone(),
+        tensors,
+        device,
+    )?)
 }
 
 pub fn agreement_table_header() -> String {

@@ -46,8 +46,9 @@ pub struct CodecRow {
     /// The same copy split over all threads: a stricter baseline on machines where one
     /// core cannot saturate memory.
     pub memcpy_parallel_gbps: f64,
-    /// GB/s of copying the same f32 tensor from the GPU to the host, as a peer on a GPU
-    /// does with θ before compressing its pseudo-gradient on the host (none on the CPU).
+    /// GB/s of copying the same f32 tensor from the GPU into a new host buffer, as a
+    /// peer on a GPU reads θ before compressing its pseudo-gradient on the host (the
+    /// buffer's first touch included, as there; none on the CPU).
     pub device_to_host_gbps: Option<f64>,
     pub threads: usize,
 }

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
@@ -159,7 +159,7 @@ impl ThroughputBench {
         let vocab = self.vocab.unwrap_or(preset.default_vocab());
         let mut config = preset.config(vocab);
         config.max_position_embeddings = config.max_position_embeddings.max(shape.seq);
-        let placement = self.placement.open()?;
+        let placement = self.placement.open(crate::device::Use::Train)?;
         let device = &placement.device;
         let model = Llama::new(config.clone(), 0, device)?.with_precision(placement.precision);
         let schedule = LrSchedule {
@@ -174,6 +174,7 @@ impl ThroughputBench {
         for step in 0..self.steps + 2 {
             let start = Instant::now();
             let (grads, _) = optimizer.gradients(&model, &batch, shape.rows)?;
+            device.synchronize()?;
             let mid = Instant::now();
             optimizer.apply(grads)?;
             // A GPU queues kernels: the step has ended when they have run.
@@ -235,12 +236,8 @@ fn matmul_peak_gflops(threads: usize) -> anyhow::Result<f64> {
 /// (large enough that cuBLAS runs at its best), each timed to its synchronisation.
 fn device_peak_gflops(device: &Device, precision: Precision) -> anyhow::Result<f64> {
     const N: usize = 8192;
-    let dtype = match precision {
-        Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::BF16,
-    };
-    let a = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
-    let b = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(dtype)?;
+    let a = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(precision.dtype())?;
+    let b = Tensor::randn(0f32, 1.0, (N, N), device)?.to_dtype(precision.dtype())?;
     a.matmul(&b)?;
     device.synchronize()?;
     let mut best = Duration::MAX;

@@ -272,6 +272,12 @@ async fn an_exchange_whose_key_is_refused_says_why_admits_no_peer_and_resumes_on
     let refused = client(&exchange, &token(0), &run.fingerprint).join().await;
     let refused = refused.expect_err("a peer was admitted").to_string();
     assert!(refused.contains("waiting for its storage"), "{refused}");
+    // An evaluator's measurements wait too: the ledger they go to is in the bucket.
+    let evaluator = client(&exchange, EVALUATOR, &run.fingerprint);
+    let refused = (evaluator.put_measurements(Round(0), "{}").await)
+        .expect_err("measurements were taken")
+        .to_string();
+    assert!(refused.contains("waiting for its storage"), "{refused}");
     // The Secret fixed: the exchange picks the key up on its next try and goes on.
     setup.server.write_credentials(&secret);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -38,6 +38,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The dtype products run in.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -172,12 +182,10 @@ impl Llama {
         self.down(a)?.matmul(&self.down(b)?)?.to_dtype(DType::F32)
     }
 
-    /// `t` as a product's operand: itself in f32, cast in bf16.
+    /// `t` as a product's operand: itself in f32 (`to_dtype` to the same dtype is a
+    /// clone, so f32 results are bit for bit those without autocast), cast in bf16.
     fn down(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        match self.precision {
-            Precision::F32 => Ok(t.clone()),
-            Precision::Bf16 => t.to_dtype(DType::BF16),
-        }
+        t.to_dtype(self.precision.dtype())
     }
 
     /// Logits `[batch·seq, vocab]` for `tokens` (`[batch, seq]`, u32), recording the

@@ -90,17 +90,38 @@ impl Ledger {
     }
 
     /// Appends the operator's signed `line` (it must follow the last record) and drops
-    /// the measurements it covers; saved into `store` before it counts.
+    /// the measurements it covers; saved into `store` before it counts. A record that
+    /// does not follow is refused (bad-request); one that cannot be saved is
+    /// UNAVAILABLE, which the operator's client retries: the record was right, the
+    /// storage was not there.
     pub(super) fn append(
         &mut self,
         line: &str,
         public_key: &str,
         store: Option<&Storage>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(), tonic::Status> {
         if !self.public_key.is_empty() && public_key != self.public_key {
-            return Err(bad("the ledger's public key cannot change".into()));
+            return Err(bad("the ledger's public key cannot change".into()).into());
         }
         let record = Record::from_signed(line, public_key).map_err(bad)?;
+        self.follows(&record)?;
+        let mut lines = self.lines.clone();
+        lines.push(line.to_owned());
+        if let Some(store) = store {
+            save(store, &lines, public_key).map_err(|e| {
+                tonic::Status::unavailable(format!("the ledger could not be saved: {e}"))
+            })?;
+        }
+        self.lines = lines;
+        self.last = Some(record.round);
+        self.public_key = public_key.to_owned();
+        self.pending.retain(|(round, _), _| *round > record.round);
+        Ok(())
+    }
+
+    /// Pending measurements, oldest round first.
+    /// Whether `record` chains onto the last record.
+    fn follows(&self, record: &Record) -> Result<(), Refusal> {
         let expected = self
             .lines
             .last()
@@ -111,19 +132,9 @@ impl Ledger {
                 record.round
             )));
         }
-        let mut lines = self.lines.clone();
-        lines.push(line.to_owned());
-        if let Some(store) = store {
-            save(store, &lines, public_key).map_err(|e| Refusal::new(Reason::BadRequest, e))?;
-        }
-        self.lines = lines;
-        self.last = Some(record.round);
-        self.public_key = public_key.to_owned();
-        self.pending.retain(|(round, _), _| *round > record.round);
         Ok(())
     }
 
-    /// Pending measurements, oldest round first.
     pub(super) fn measurements(&self) -> Vec<proto::Measurements> {
         (self.pending.iter())
             .map(|((round, _), report)| proto::Measurements {
@@ -149,4 +160,41 @@ fn save(store: &Storage, lines: &[String], public_key: &str) -> Result<(), Strin
     let key = format!("{public_key}\n").into_bytes();
     super::persist::write(store, PUBLIC_KEY_FILE, key)?;
     super::persist::write(store, LEDGER_FILE, (lines.join("\n") + "\n").into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoring::ledger::Signer;
+    use crate::scoring::{ScoringSpec, recorder};
+
+    #[test]
+    fn a_record_that_cannot_be_saved_is_unavailable_and_taken_once_storage_is_back() {
+        let signer = Signer::from_pkcs8(&Signer::generate().unwrap()).unwrap();
+        let key = signer.public_key();
+        let spec = ScoringSpec::default();
+        let line = recorder::record("ns/run", &spec, "", Round(0), vec![], &signer)
+            .unwrap()
+            .line;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = Storage::local(&state).unwrap();
+        // The state directory is gone and a file stands in its place: nothing saves.
+        std::fs::remove_dir_all(&state).unwrap();
+        std::fs::write(&state, "").unwrap();
+        let mut ledger = Ledger::default();
+        let e = ledger.append(&line, &key, Some(&store)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+        assert!(e.message().contains("could not be saved"), "{e}");
+        assert_eq!(ledger.head().1, 0, "nothing counts until it is saved");
+        // The storage back, the same record is taken.
+        std::fs::remove_file(&state).unwrap();
+        let store = Storage::local(&state).unwrap();
+        ledger.append(&line, &key, Some(&store)).unwrap();
+        assert_eq!(ledger.head().1, 1);
+        // A record that does not follow is still refused as a bad request.
+        let e = ledger.append(&line, &key, Some(&store)).unwrap_err();
+        let refusal = Refusal::from_status(&e).unwrap();
+        assert_eq!(refusal.reason, Reason::BadRequest, "{e}");
+    }
 }

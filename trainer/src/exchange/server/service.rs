@@ -421,6 +421,7 @@ impl proto::exchange_server::Exchange for Exchange {
         let Some(Identity::Evaluator(e)) = req.extensions().get::<Identity>().copied() else {
             return Err(Refusal::new(Reason::Forbidden, "only evaluators may call this").into());
         };
+        self.usable()?;
         let evaluator = Follower::Evaluator(e).to_string();
         let mut state = self.state();
         let open = state.open;

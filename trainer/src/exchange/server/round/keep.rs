@@ -2,22 +2,27 @@
 //! count, so that a dense run's exchange holds no more than a few copies of the model.
 
 /// How many of the newest closed rounds to keep, given the payload bytes of each (oldest
-/// first): the newest always, older ones up to `keep_rounds` in all and only while the
-/// kept rounds hold no more than the state (`state_bytes`).
+/// first): the newest two always (up to `keep_rounds`), older ones up to `keep_rounds`
+/// in all only while the kept rounds hold no more than the state (`state_bytes`).
 ///
-/// A peer (or evaluator) that far behind is sent the state instead of the rounds it
-/// missed, which is no more to download, so nothing is lost by forgetting them; and the
-/// exchange's memory stays within the state plus a round. Dense updates are each as
-/// large as the state, so a dense run keeps only its newest round, where keeping four
-/// rounds of four peers would hold sixteen copies of the model; a compressed run's
-/// rounds are hundreds of times smaller and all `keep_rounds` stay.
+/// Two, so that a peer or evaluator one round behind (left out of a round by its
+/// deadline, or slower than the peers it scores) still fetches the round it missed: a
+/// resync would cost a DDP peer its optimiser's moments and an evaluator a round's
+/// scores. Beyond that, memory wins: a peer further behind is sent the state instead.
+/// For a dense run that is less to download than the rounds it missed, and the
+/// exchange holds two rounds where four rounds of four peers were sixteen copies of the
+/// model; a compressed run's rounds are hundreds of times smaller than the state and
+/// all `keep_rounds` stay, unless it has hundreds of peers.
 pub(super) fn rounds_to_keep(payloads: &[u64], keep_rounds: usize, state_bytes: u64) -> usize {
+    const ALWAYS: usize = 2;
+    let keep_rounds = keep_rounds.max(1);
     let mut held = 0u64;
     let kept = (payloads.iter().rev())
-        .take(keep_rounds.max(1))
-        .take_while(|&&bytes| {
+        .take(keep_rounds)
+        .enumerate()
+        .take_while(|&(i, &bytes)| {
             held += bytes;
-            held <= state_bytes
+            i < ALWAYS || held <= state_bytes
         })
         .count();
     kept.max(1)
@@ -34,9 +39,9 @@ mod tests {
     }
 
     #[test]
-    fn dense_rounds_as_large_as_the_state_keep_only_the_newest() {
+    fn dense_rounds_as_large_as_the_state_keep_the_newest_two() {
         // Four peers' dense updates: four states a round.
-        assert_eq!(rounds_to_keep(&[400; 4], 4, 100), 1);
+        assert_eq!(rounds_to_keep(&[400; 4], 4, 100), 2);
     }
 
     #[test]
@@ -45,11 +50,15 @@ mod tests {
         assert_eq!(rounds_to_keep(&[30, 30, 30, 30, 30], 8, 100), 3);
         assert_eq!(rounds_to_keep(&[30, 30, 30, 30, 30], 8, 90), 3);
         assert_eq!(rounds_to_keep(&[30, 30, 30, 30, 30], 8, 89), 2);
+        // Past the two always kept, a round too large stops the count.
+        assert_eq!(rounds_to_keep(&[1, 500, 1, 1], 8, 100), 2);
     }
 
     #[test]
-    fn the_newest_round_is_kept_whatever_its_size_or_the_count() {
-        assert_eq!(rounds_to_keep(&[1, 1_000_000], 4, 10), 1);
+    fn the_newest_two_are_kept_whatever_their_size_and_the_count_caps_them() {
+        assert_eq!(rounds_to_keep(&[1, 1_000_000], 4, 10), 2);
+        assert_eq!(rounds_to_keep(&[1_000_000], 4, 10), 1);
+        assert_eq!(rounds_to_keep(&[1, 1], 1, 10), 1);
         assert_eq!(rounds_to_keep(&[1, 1], 0, 10), 1);
     }
 }
