@@ -116,6 +116,27 @@ fn train_shakespeare_in(steps: u64, seed: u64, precision: Precision) -> (f32, f3
     (before, loss_on(&m, &val), m)
 }
 
+/// A learning rate of 1e-3 throughout.
+const CONSTANT: LrSchedule = LrSchedule {
+    peak: 1e-3,
+    warmup: 0,
+    total: 10,
+    floor: 1.0,
+};
+
+/// Every parameter's gradient in `g`, flattened in parameter order; each is f32.
+fn flat_gradients(m: &Llama, g: &candle_core::backprop::GradStore) -> Vec<f32> {
+    (m.params().iter())
+        .flat_map(|(name, v)| {
+            let t = g
+                .get(v.as_tensor())
+                .expect("every parameter has a gradient");
+            assert_eq!(t.dtype(), candle_core::DType::F32, "{name}: gradient dtype");
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn gradients_split_over_threads_match_one_pass_and_repeat_bit_for_bit() {
     let m = Llama::new(small(), 3, &Device::Cpu).unwrap();
@@ -123,26 +144,10 @@ fn gradients_split_over_threads_match_one_pass_and_repeat_bit_for_bit() {
     // 7 rows over 3 threads: uneven groups, micro-batches cut to fit.
     let a = Assignment::new(0, 1, 7, 32, train.len()).unwrap();
     let batch = a.batch(&train, &a.peer_round(0, 0));
-    let schedule = LrSchedule {
-        peak: 1e-3,
-        warmup: 0,
-        total: 10,
-        floor: 1.0,
-    };
-    let mut opt = InnerOptimizer::new(&m, AdamWConfig::default(), schedule).unwrap();
+    let mut opt = InnerOptimizer::new(&m, AdamWConfig::default(), CONSTANT).unwrap();
     let gradients = |opt: &InnerOptimizer| {
         let (g, loss) = opt.gradients(&m, &batch, 8).unwrap();
-        let flat: Vec<f32> = m
-            .params()
-            .iter()
-            .flat_map(|(_, v)| {
-                let t = g
-                    .get(v.as_tensor())
-                    .expect("every parameter has a gradient");
-                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            })
-            .collect();
-        (flat, loss)
+        (flat_gradients(&m, &g), loss)
     };
     let (one, loss_one) = gradients(&opt);
     opt.set_threads(3);
@@ -207,26 +212,9 @@ fn gradients_at(precision: Precision, seed: u64) -> (Vec<f32>, f32) {
     let (train, _) = shakespeare(64);
     let a = Assignment::new(seed, 1, 8, 64, train.len()).unwrap();
     let batch = a.batch(&train, &a.peer_round(0, 0));
-    let schedule = LrSchedule {
-        peak: 1e-3,
-        warmup: 0,
-        total: 10,
-        floor: 1.0,
-    };
-    let opt = InnerOptimizer::new(&m, AdamWConfig::default(), schedule).unwrap();
+    let opt = InnerOptimizer::new(&m, AdamWConfig::default(), CONSTANT).unwrap();
     let (g, loss) = opt.gradients(&m, &batch, 8).unwrap();
-    let flat = m
-        .params()
-        .iter()
-        .flat_map(|(name, v)| {
-            let t = g
-                .get(v.as_tensor())
-                .expect("every parameter has a gradient");
-            assert_eq!(t.dtype(), candle_core::DType::F32, "{name}: gradient dtype");
-            t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        })
-        .collect();
-    (flat, loss)
+    (flat_gradients(&m, &g), loss)
 }
 
 #[test]
