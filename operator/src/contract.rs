@@ -10,7 +10,7 @@ use starling_trainer::exchange::Settings;
 use starling_trainer::run::RunConfig;
 
 use crate::api::{
-    ExchangeStorageSpec, PeerId, PublishSpec, RevisionStyle, TrainingRunSpec, validation,
+    ExchangeStorageSpec, PeerId, Precision, PublishSpec, RevisionStyle, TrainingRunSpec, validation,
 };
 use crate::hub::children::{
     LEDGER_KEY, OPERATOR_TOKEN_KEY, PUBLISHER_TOKEN_KEY, SCORING_KEY, TOKENS_KEY,
@@ -76,9 +76,17 @@ pub const ADVERSARY_ANNOTATION: &str = "starling.dev/test-adversary";
 /// The round the adversaries start cheating in (`STARLING_ADVERSARY_FROM`).
 pub const ADVERSARY_FROM_ANNOTATION: &str = "starling.dev/test-adversary-from";
 
-/// A peer pod's environment: the run's, and the testing aid's if the run carries it.
-pub fn peer_env(annotations: &BTreeMap<String, String>, run_env: &[EnvVar]) -> Vec<EnvVar> {
+/// A peer pod's environment: the run's, its precision if the spec sets one, and the
+/// testing aid's if the run carries it.
+pub fn peer_env(
+    annotations: &BTreeMap<String, String>,
+    precision: Option<Precision>,
+    run_env: &[EnvVar],
+) -> Vec<EnvVar> {
     let mut vars = run_env.to_vec();
+    if let Some(precision) = precision {
+        vars.push(env(names::PRECISION, precision));
+    }
     for (annotation, name) in [
         (ADVERSARY_ANNOTATION, names::ADVERSARY),
         (ADVERSARY_FROM_ANNOTATION, names::ADVERSARY_FROM),
@@ -310,6 +318,32 @@ mod tests {
         // The CRD's defaults are the trainer's.
         let defaults = run_config(&sample().spec).unwrap().adamw();
         assert_eq!(defaults, starling_trainer::model::AdamWConfig::DEFAULT);
+    }
+
+    #[test]
+    fn a_peers_precision_reaches_the_trainer_only_when_the_spec_sets_one() {
+        use starling_trainer::device::PrecisionChoice;
+        let run = sample();
+        let run_env = run_env(&run.spec).unwrap();
+        let precision = |vars: &[EnvVar]| {
+            (vars.iter().find(|e| e.name == names::PRECISION)).and_then(|e| e.value.clone())
+        };
+        assert_eq!(precision(&peer_env(&BTreeMap::new(), None, &run_env)), None);
+        for (set, choice) in [
+            (Precision::F32, PrecisionChoice::Fixed(Precision::F32)),
+            (Precision::Bf16, PrecisionChoice::Fixed(Precision::Bf16)),
+        ] {
+            let value = precision(&peer_env(&BTreeMap::new(), Some(set), &run_env)).unwrap();
+            assert_eq!(value.parse::<PrecisionChoice>(), Ok(choice), "{value}");
+        }
+        // The spec's spelling is the trainer's.
+        let peers: crate::api::PeersSpec =
+            serde_yaml::from_str("{min: 1, max: 2, precision: f32}").unwrap();
+        assert_eq!(peers.precision, Some(Precision::F32));
+        assert!(
+            serde_yaml::from_str::<crate::api::PeersSpec>("{min: 1, max: 2, precision: fp16}")
+                .is_err()
+        );
     }
 
     #[test]

@@ -32,9 +32,9 @@ pub use trainer_group::{
 pub use training_run::{
     AdamWSpec, Algorithm, BuiltinCorpus, CheckpointRecord, CheckpointSpec, CompressionSpec,
     CopySpec, CorpusSource, DataSpec, HubRef, LossPoint, ModelSpec, OpenSkillSpec, PeerState,
-    PeerStatus, PeersSpec, Phase, PlacementSpec, PublishSpec, PublishedRecord, RevisionStyle,
-    RoundStatus, ScheduleSpec, ScoringSpec, ScoringStatus, Standing, TokenSecretRef, TrainingRun,
-    TrainingRunSpec, TrainingRunStatus, ValueBits,
+    PeerStatus, PeersSpec, Phase, PlacementSpec, Precision, PublishSpec, PublishedRecord,
+    RevisionStyle, RoundStatus, ScheduleSpec, ScoringSpec, ScoringStatus, Standing, TokenSecretRef,
+    TrainingRun, TrainingRunSpec, TrainingRunStatus, ValueBits,
 };
 
 /// API group of every Starling resource.

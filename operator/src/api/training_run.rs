@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{LlamaConfig, ModelPreset, PeerId, Tier};
 /// The trainer's own types: what the operator asks for is what the trainer reads.
 pub use starling_trainer::codec::ValueBits;
+pub use starling_trainer::model::Precision;
 use starling_trainer::run::tuned;
 pub use starling_trainer::run::{Aggregation, Algorithm, DEFAULT_GATHER, Download};
 pub use starling_trainer::scoring::rules::Standing;
@@ -451,6 +452,13 @@ pub struct PeersSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
     pub image: Option<String>,
+    /// The dtype of peers' matrix products: `bf16` (autocast: weights, gradients and
+    /// the optimiser's state stay f32) or `f32`. Unset, peers on GPUs use bf16, which
+    /// their tensor cores run many times faster, and peers on CPUs f32 (no faster in
+    /// bf16). Losses on the same checkpoint and batch agree within 1%
+    /// (`starling-trainer bench agreement`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 /// Where peers may run.

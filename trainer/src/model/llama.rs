@@ -31,7 +31,18 @@ pub struct Llama {
 /// products run in bf16 too (the gradient of a cast is the gradient cast back). Tensor
 /// cores run bf16 at many times their f32 rate; a CPU has no bf16 kernel here and widens
 /// the operands again, so there it only checks the numbers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     F32,

@@ -315,7 +315,8 @@ pub fn decide(o: &Observed) -> Decision {
         return d.finish(Some(RESYNC));
     };
     let endpoint = ExchangeEndpoint::new(address, tls, run_tls::server_name(o.run));
-    let peer_env = contract::peer_env(o.run.annotations(), &run_env);
+    let precision = o.run.spec.peers.precision;
+    let peer_env = contract::peer_env(o.run.annotations(), precision, &run_env);
     let settings = GroupSettings {
         image,
         run_env: &peer_env,
