@@ -222,7 +222,8 @@ struct ExchangeArgs {
     /// 64 KiB for the container's names and shapes, so dense DiLoCo and DDP updates fit).
     #[arg(long, env = env::MAX_UPDATE_BYTES)]
     max_update_bytes: Option<u64>,
-    /// Closed rounds kept for fetching.
+    /// Closed rounds kept for fetching, at most: the newest two always, older ones
+    /// while all kept hold no more than the state (a peer further behind fetches that).
     #[arg(long, env = env::KEEP_ROUNDS, default_value_t = 4)]
     keep_rounds: usize,
     #[arg(long, env = env::DATA_DIR, default_value = ".starling/data")]

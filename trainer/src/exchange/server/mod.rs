@@ -57,7 +57,8 @@ pub struct ExchangeOptions {
     /// Largest update accepted; by default the dense fp32 size of the model plus 64 KiB
     /// for the container's names and shapes (dense DiLoCo and DDP updates fit).
     pub max_update_bytes: Option<u64>,
-    /// Closed rounds kept for fetching; older ones are served as a state instead.
+    /// Closed rounds kept for fetching, at most (see `round::keep`); older ones are
+    /// served as a state instead.
     pub keep_rounds: usize,
     /// Where the global state is persisted after every round (and resumed from), when
     /// `storage` is not set.
