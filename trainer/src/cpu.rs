@@ -28,9 +28,9 @@ pub fn threads() -> usize {
 
 /// Sets the allocator and the threads up. The thread count is `STARLING_THREADS`,
 /// otherwise `RAYON_NUM_THREADS`, otherwise the CPUs this process may use (its affinity
-/// mask and cgroup quota: the pod's CPU limit). The binary's `main` calls it before anything
-/// else, while it is the only thread: it writes the process environment. Returns the
-/// thread count.
+/// mask and cgroup quota: the pod's CPU limit). The binary's `main` calls it once it has
+/// parsed its arguments and before anything else, while it is the only thread: it writes
+/// the process environment. Returns the thread count.
 pub fn init() -> usize {
     keep_freed_memory();
     let threads = thread_count(

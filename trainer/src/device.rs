@@ -80,9 +80,10 @@ impl std::str::FromStr for PrecisionChoice {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "auto" => Ok(Self::Auto),
-            "f32" => Ok(Self::Fixed(Precision::F32)),
-            "bf16" => Ok(Self::Fixed(Precision::Bf16)),
-            other => Err(format!("precision {other:?}: expected f32, bf16 or auto")),
+            // The spellings of the CRD's `spec.peers.precision`.
+            other => serde_json::from_value(serde_json::Value::from(other))
+                .map(Self::Fixed)
+                .map_err(|_| format!("precision {other:?}: expected f32, bf16 or auto")),
         }
     }
 }
@@ -143,13 +144,22 @@ impl Default for Placement {
     }
 }
 
+impl DeviceChoice {
+    /// Opens the device on this machine, logging which and why.
+    pub fn open(self) -> Result<Device, DeviceError> {
+        let (device, why) = open(self, candle_core::utils::cuda_is_available())?;
+        tracing::info!(device = %describe(&device), "{why}");
+        Ok(device)
+    }
+}
+
 impl DeviceArgs {
     /// Opens the device and resolves the precision on it for `work`, logging which and
     /// why.
     pub fn open(&self, work: Use) -> Result<Placement, DeviceError> {
-        let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
+        let device = self.device.open()?;
         let precision = self.precision.on(&device, work);
-        tracing::info!(device = %describe(&device), %precision, "{why}");
+        tracing::info!(%precision, "matrix products in {precision}");
         Ok(Placement { device, precision })
     }
 }

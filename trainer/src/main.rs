@@ -491,11 +491,7 @@ impl CodecArgs {
             ks: self.k,
             bits: ValueBits::try_from(self.bits)?,
             repeats: self.repeats,
-            device: starling_trainer::device::open(
-                self.device,
-                candle_core::utils::cuda_is_available(),
-            )?
-            .0,
+            device: self.device.open()?,
         })
     }
 }
@@ -539,16 +535,14 @@ impl Bench {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    // Before any thread starts (rayon's, in `init`): glibc fixes its heap limit once
-    // threads have made their own heaps. The role is the first argument.
-    if matches!(
-        std::env::args().nth(1).as_deref(),
-        Some("exchange" | "evaluate")
-    ) {
+    // Parsing starts no thread and reads no variable `init` writes, so the role is known
+    // before rayon's threads start in `init`: glibc fixes its heap limit once threads
+    // have made their own heaps.
+    let command = Cli::parse().command;
+    if matches!(command, Command::Exchange(_) | Command::Evaluate(_)) {
         starling_trainer::cpu::few_heaps();
     }
     starling_trainer::cpu::init();
-    let command = Cli::parse().command;
     let service = match command {
         Command::Exchange(_) => "starling-exchange",
         Command::Evaluate(_) => "starling-evaluator",

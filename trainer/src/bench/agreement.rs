@@ -8,7 +8,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use super::{Shape, throughput::random_batch};
-use crate::device::{DeviceChoice, describe, open};
+use crate::device::{DeviceChoice, describe};
 use crate::model::{Llama, Precision, Preset, load_checkpoint};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -44,8 +44,7 @@ impl AgreementBench {
     /// The CPU's f32 row first, then the device's f32 and bf16 rows (the CPU's bf16
     /// when the device is the CPU). The model is built once, on the CPU, and copied.
     pub fn run(&self, mut report: impl FnMut(&AgreementRow)) -> anyhow::Result<()> {
-        let (device, why) = open(self.device, candle_core::utils::cuda_is_available())?;
-        tracing::info!(device = %describe(&device), "{why}");
+        let device = self.device.open()?;
         let model = self.load()?;
         let batch = random_batch(self.shape, model.config().vocab_size, 0);
         let rows = [

@@ -60,11 +60,11 @@ impl Precision {
 }
 
 impl std::fmt::Display for Precision {
+    /// The name as the CRD and `--precision` spell it: the serde name, so they cannot
+    /// differ.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        })
+        let name = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(name.as_str().ok_or(std::fmt::Error)?)
     }
 }
 
@@ -183,9 +183,7 @@ impl Llama {
     /// model's precision. The weight is cast before it is transposed, so the product
     /// reads it in place.
     fn linear(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-        self.down(x)?
-            .matmul(&self.down(w)?.t()?)?
-            .to_dtype(DType::F32)
+        self.product(x, &self.down(w)?.t()?)
     }
 
     /// `a @ b` in the model's precision, the result in f32.
